@@ -1,0 +1,182 @@
+"""Index generation for regrouping routed rows expert-major, on the device.
+
+Rows arrive as S blocks per source (one source per EP rank; S = 1 on a single rank),
+each source's rows already sorted by local expert: block (s, e) holds counts[s, e] rows,
+blocks in s-major order. The grouped matmul wants them expert-major instead, every
+expert's group padded to a multiple of `align` rows so that group starts stay aligned:
+
+    received:  [s0e0 | s0e1 | ... | s1e0 | s1e1 | ...]
+    grouped:   [s0e0 s1e0 .. pad | s0e1 s1e1 .. pad | ... | tail]
+
+`expert_group_indices` says, for every received row, where it goes (`dst_idx`), which
+grouped rows are padding or tail (`fill_idx`, to be zeroed), and the cumulative padded
+group ends (`offs`, the `offs` of torch._grouped_mm). Everything is computed on the
+device from the device counts: no host synchronisation. The caller knows the row counts
+on the host (`n_rows`, `n_out`), either exactly or as an upper bound for `n_out`; rows
+past the last group end are "tail" and belong to no group.
+
+Two implementations with the same results: a Triton kernel (one launch) and a torch
+reference; `backend="auto"` takes the kernel on CUDA and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BACKENDS = ("auto", "triton", "torch")
+# The kernel holds every (source, expert) block in registers; past this many blocks the
+# torch reference is used instead (no model in sight has more than a few hundred).
+_MAX_KERNEL_BLOCKS = 4096
+
+
+def expert_group_indices(
+    counts_SE: torch.Tensor,
+    n_rows: int,
+    n_out: int,
+    *,
+    align: int = 16,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Destination of every received row in the expert-major, padded layout.
+
+    Args:
+        counts_SE: (S, E) int32/int64 rows from source s for expert e, on the device.
+            Must sum to `n_rows` (not checked: checking would read the device).
+        n_rows: number of received rows (sum of counts_SE).
+        n_out: rows of the grouped buffer, at least the padded total
+            sum_e roundup(sum_s counts[s, e], align); extra rows form the tail.
+        align: group sizes are padded to a multiple of this.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        dst_idx: (n_rows,) int64, grouped row of received row i (a permutation into
+            [0, n_out) that skips padding).
+        fill_idx: (n_out - n_rows,) int64, the grouped rows no received row lands in:
+            each group's padding (ascending), then the tail.
+        offs: (E,) int32 cumulative padded group ends.
+
+    Raises:
+        TypeError: counts_SE not an integer tensor.
+        ValueError: bad shape, negative sizes, n_out < n_rows, align < 1, unknown backend.
+    """
+    if not isinstance(counts_SE, torch.Tensor) or counts_SE.dtype not in (torch.int32, torch.int64):
+        got = counts_SE.dtype if isinstance(counts_SE, torch.Tensor) else type(counts_SE).__name__
+        raise TypeError(f"counts_SE must be an int32 or int64 tensor, got {got}")
+    if counts_SE.dim() != 2:
+        raise ValueError(f"counts_SE must be 2-D (sources, experts), got shape {tuple(counts_SE.shape)}")
+    if n_rows < 0 or n_out < n_rows:
+        raise ValueError(f"need 0 <= n_rows <= n_out, got n_rows={n_rows}, n_out={n_out}")
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    S, E = counts_SE.shape
+    if backend == "auto":
+        backend = "triton" if counts_SE.is_cuda and S * E <= _MAX_KERNEL_BLOCKS else "torch"
+    if backend == "torch":
+        return expert_group_indices_reference(counts_SE, n_rows, n_out, align=align)
+    return _expert_group_indices_triton(counts_SE, n_rows, n_out, align)
+
+
+def expert_group_indices_reference(
+    counts_SE: torch.Tensor, n_rows: int, n_out: int, *, align: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch `expert_group_indices` (same arguments and results, no validation).
+
+    Sync-free on CUDA too: every repeat_interleave is given its output size.
+    """
+    dev = counts_SE.device
+    c_SE = counts_SE.to(torch.int64)
+    S, E = c_SE.shape
+    c_B = c_SE.flatten()  # (S*E,) blocks in received (s-major) order
+    recv_start_B = c_B.cumsum(0) - c_B
+    exp_tot_E = c_SE.sum(0)
+    exp_pad_E = (exp_tot_E + align - 1) // align * align
+    grp_end_E = exp_pad_E.cumsum(0)
+    grp_start_E = grp_end_E - exp_pad_E
+    # A block's first grouped row: its expert's group start plus the rows of that expert
+    # from earlier sources.
+    blk_dst_B = (grp_start_E[None, :] + c_SE.cumsum(0) - c_SE).flatten()
+
+    blk_R = torch.repeat_interleave(torch.arange(S * E, device=dev), c_B, output_size=n_rows)
+    rows_R = torch.arange(n_rows, device=dev)
+    dst_idx = blk_dst_B[blk_R] + rows_R - recv_start_B[blk_R]
+
+    # Fill rows: segment e < E is expert e's padding, segment E is the tail.
+    n_fill = n_out - n_rows
+    n_pad_E = exp_pad_E - exp_tot_E
+    padded_total = grp_end_E[-1:] if E > 0 else torch.zeros(1, dtype=torch.int64, device=dev)
+    seg_len = torch.cat([n_pad_E, n_fill - n_pad_E.sum().reshape(1)])
+    seg_row0 = torch.cat([grp_start_E + exp_tot_E, padded_total])
+    seg_F = torch.repeat_interleave(torch.arange(E + 1, device=dev), seg_len, output_size=n_fill)
+    seg_start = seg_len.cumsum(0) - seg_len
+    fill_idx = seg_row0[seg_F] + torch.arange(n_fill, device=dev) - seg_start[seg_F]
+    return dst_idx, fill_idx, grp_end_E.to(torch.int32)
+
+
+def _expert_group_indices_triton(counts_SE, n_rows, n_out, align):
+    S, E = counts_SE.shape
+    dev = counts_SE.device
+    n_fill = n_out - n_rows
+    dst_idx = torch.empty(n_rows, dtype=torch.int64, device=dev)
+    fill_idx = torch.empty(n_fill, dtype=torch.int64, device=dev)
+    offs = torch.empty(E, dtype=torch.int32, device=dev)
+    S_P = triton.next_power_of_2(max(S, 1))
+    E_P = triton.next_power_of_2(max(E, 1))
+    # Each program compares BLOCK rows with every block: keep BLOCK x blocks bounded.
+    BLOCK = max(16, min(256, 8192 // (S_P * E_P)))
+    n_dst_progs = triton.cdiv(n_rows, BLOCK)
+    grid = (max(1, n_dst_progs + triton.cdiv(n_fill, BLOCK)),)
+    _group_indices_kernel[grid](
+        counts_SE.contiguous(), dst_idx, fill_idx, offs, n_rows, n_fill, n_dst_progs, S, E,
+        ALIGN=align, S_P=S_P, E_P=E_P, BLOCK=BLOCK,
+    )
+    return dst_idx, fill_idx, offs
+
+
+@triton.jit
+def _group_indices_kernel(
+    counts_ptr, dst_ptr, fill_ptr, offs_ptr, n_rows, n_fill, n_dst_progs, S, E,
+    ALIGN: tl.constexpr, S_P: tl.constexpr, E_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Every program recomputes the block layout from the (small) counts matrix: cheaper
+    # than a second launch and a round trip through memory.
+    pid = tl.program_id(0)
+    s = tl.arange(0, S_P)
+    e = tl.arange(0, E_P)
+    in_range = (s[:, None] < S) & (e[None, :] < E)
+    c = tl.load(counts_ptr + s[:, None] * E + e[None, :], mask=in_range, other=0).to(tl.int32)
+
+    src_tot = tl.sum(c, axis=1)  # (S_P,)
+    recv_start = (tl.cumsum(src_tot, 0) - src_tot)[:, None] + tl.cumsum(c, 1) - c
+    exp_tot = tl.sum(c, axis=0)  # (E_P,)
+    exp_pad = (exp_tot + ALIGN - 1) // ALIGN * ALIGN
+    grp_end = tl.cumsum(exp_pad, 0)
+    grp_start = grp_end - exp_pad
+    blk_dst = grp_start[None, :] + tl.cumsum(c, 0) - c
+
+    if pid == 0:
+        tl.store(offs_ptr + e, grp_end, mask=e < E)
+
+    if pid < n_dst_progs:
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        # Flattened blocks; padded (s, e) entries have zero rows, so no row matches them.
+        rs = tl.reshape(recv_start, (S_P * E_P,))
+        cnt = tl.reshape(c, (S_P * E_P,))
+        shift = tl.reshape(blk_dst - recv_start, (S_P * E_P,))
+        hit = (rows[:, None] >= rs[None, :]) & (rows[:, None] < rs[None, :] + cnt[None, :])
+        dst = rows + tl.sum(tl.where(hit, shift[None, :], 0), axis=1)
+        tl.store(dst_ptr + rows, dst.to(tl.int64), mask=rows < n_rows)
+    else:
+        p = (pid - n_dst_progs) * BLOCK + tl.arange(0, BLOCK)
+        n_pad = exp_pad - exp_tot
+        pad_start = tl.cumsum(n_pad, 0) - n_pad  # position of expert e's padding in the fill list
+        hit = (p[:, None] >= pad_start[None, :]) & (p[:, None] < pad_start[None, :] + n_pad[None, :])
+        shift = grp_start + exp_tot - pad_start
+        in_group = p + tl.sum(tl.where(hit, shift[None, :], 0), axis=1)
+        is_pad = tl.sum(hit.to(tl.int32), axis=1) > 0
+        tail = tl.sum(exp_pad, 0) + p - tl.sum(n_pad, 0)
+        row = tl.where(is_pad, in_group, tail)
+        tl.store(fill_ptr + p, row.to(tl.int64), mask=p < n_fill)
