@@ -1,0 +1,11 @@
+"""The MoE transformer and its named presets (no parallelism here: see ep_fp8.parallel)."""
+
+from ep_fp8.model.args import PRESETS, ModelArgs
+from ep_fp8.model.counts import flops_per_token, param_counts
+from ep_fp8.model.layers import Attention, FeedForward, RMSNorm
+from ep_fp8.model.transformer import Transformer, TransformerBlock
+
+__all__ = [
+    "PRESETS", "ModelArgs", "Transformer", "TransformerBlock", "Attention", "FeedForward",
+    "RMSNorm", "param_counts", "flops_per_token",
+]

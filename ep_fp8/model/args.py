@@ -1,0 +1,127 @@
+"""Model hyper-parameters (`ModelArgs`) and the named presets.
+
+A preset is a plain `ModelArgs`; change a field with `dataclasses.replace(PRESETS[name],
+field=value)`, which validates again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+_SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelArgs:
+    """Sizes of a decoder-only MoE transformer (DeepSeek-V3 / Qwen3-MoE family).
+
+    Layers `[0, n_dense_layers)` use a dense SwiGLU of hidden size `dense_hidden_dim`; the
+    others a MoE layer with `n_experts` routed experts (top `top_k` per token) of hidden
+    size `expert_hidden_dim` plus `n_shared_experts` always-on experts of the same size.
+    Attention: `n_heads` query heads of size `dim // n_heads`, `n_kv_heads` key/value heads
+    (grouped-query attention), rotary positions with base `rope_theta`.
+    The router fields (`score_func` ... `load_balance_bias`) go to `ep_fp8.moe.MoE`
+    unchanged.
+
+    Raises ValueError (naming the field) on inconsistent sizes.
+    """
+
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    n_dense_layers: int = 1
+    dense_hidden_dim: int = 192
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden_dim: int = 64
+    n_shared_experts: int = 1
+    score_func: str = "softmax"
+    route_norm: bool = True
+    route_scale: float = 1.0
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    aux_loss_coef: float = 0.0
+    load_balance_bias: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
+            # bool is an int subclass: reject it where a count is expected.
+            if not isinstance(value, expected) or (f.type != "bool" and isinstance(value, bool)):
+                raise TypeError(f"model.{f.name} must be {f.type}, got {type(value).__name__}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+                     "n_expert_groups", "n_limited_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_dense_layers", "n_shared_experts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.dim ({self.dim})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"model.dim // model.n_heads must be even for rotary embeddings, "
+                             f"got {self.dim // self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_kv_heads ({self.n_kv_heads}) must divide "
+                             f"model.n_heads ({self.n_heads})")
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError(f"model.n_dense_layers ({self.n_dense_layers}) must be <= "
+                             f"model.n_layers ({self.n_layers})")
+        if self.n_dense_layers > 0 and self.dense_hidden_dim < 1:
+            raise ValueError(f"model.dense_hidden_dim must be >= 1, got {self.dense_hidden_dim}")
+        if self.n_moe_layers > 0:
+            if self.n_experts < 1 or self.expert_hidden_dim < 1:
+                raise ValueError("model.n_experts and model.expert_hidden_dim must be >= 1 "
+                                 f"when there are MoE layers, got {self.n_experts} and "
+                                 f"{self.expert_hidden_dim}")
+            if not 1 <= self.top_k <= self.n_experts:
+                raise ValueError(f"model.top_k must be in [1, n_experts={self.n_experts}], "
+                                 f"got {self.top_k}")
+            if self.score_func not in _SCORE_FUNCS:
+                raise ValueError(f"model.score_func must be one of {_SCORE_FUNCS}, "
+                                 f"got {self.score_func!r}")
+            if self.n_experts % self.n_expert_groups:
+                raise ValueError(f"model.n_expert_groups ({self.n_expert_groups}) must divide "
+                                 f"model.n_experts ({self.n_experts})")
+            if self.n_limited_groups > self.n_expert_groups:
+                raise ValueError(f"model.n_limited_groups ({self.n_limited_groups}) must be <= "
+                                 f"model.n_expert_groups ({self.n_expert_groups})")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError("model.rope_theta and model.norm_eps must be > 0, got "
+                             f"{self.rope_theta} and {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+
+PRESETS: dict[str, ModelArgs] = {
+    # Tiny and CPU-friendly: a 2-rank gloo training step takes milliseconds.
+    "debug": ModelArgs(),
+    # ~1.1B total, ~0.40B active: trains on one H200 with a useful batch. dim 2048 and
+    # expert hidden 1408 keep each expert GEMM large enough for float8 to pay.
+    "moe_1b": ModelArgs(
+        vocab_size=32768, dim=2048, n_layers=7, n_heads=16, n_kv_heads=4, n_dense_layers=1,
+        dense_hidden_dim=5632, n_experts=16, top_k=2, expert_hidden_dim=1408,
+        n_shared_experts=1, aux_loss_coef=1e-4, rope_theta=500000.0, max_seq_len=4096,
+    ),
+    # DeepSeek-V2-Lite sizes (~15.8B total, ~2.7B active) with grouped-query attention in
+    # place of MLA: for 8 or more GPUs.
+    "moe_16b": ModelArgs(
+        vocab_size=102400, dim=2048, n_layers=27, n_heads=16, n_kv_heads=16, n_dense_layers=1,
+        dense_hidden_dim=10944, n_experts=64, top_k=6, expert_hidden_dim=1408,
+        n_shared_experts=2, aux_loss_coef=1e-4, rope_theta=10000.0, max_seq_len=4096,
+    ),
+}

@@ -1,0 +1,82 @@
+"""Building blocks of the transformer: RMSNorm, rotary embeddings, attention, dense SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics: bf16 sums over thousands of channels lose the small terms.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for positions [0, seq_len): cos, sin each (S, head_dim // 2) float32.
+
+    Computed on every forward (a few kFLOPs) rather than kept in a buffer, so a cast of the
+    model to bf16 or a meta-device construction cannot degrade or lose them.
+    """
+    inv_freq_F = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device,
+                                              dtype=torch.float32) / head_dim)
+    pos_S = torch.arange(seq_len, device=device, dtype=torch.float32)
+    angle_SF = torch.outer(pos_S, inv_freq_F)
+    return angle_SF.cos(), angle_SF.sin()
+
+
+def apply_rope(x_BSHd: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + head_dim/2) of x (B, S, H, head_dim) by position."""
+    x1, x2 = x_BSHd.float().chunk(2, dim=-1)
+    cos, sin = cos_SF[:, None, :], sin_SF[:, None, :]      # broadcast over heads
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x_BSHd)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions, no biases."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor,
+                sin_SF: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
+        # SDPA wants (B, H, S, head_dim); enable_gqa lets it share each kv head across
+        # n_heads / n_kv_heads query heads without materialising repeated k and v.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

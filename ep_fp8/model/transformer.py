@@ -1,0 +1,99 @@
+"""The decoder-only MoE transformer: embedding, blocks (attention + dense FFN or MoE), head.
+
+Free of parallelism: `ep_fp8.parallel.parallelize_model` shards it from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ep_fp8.model.args import ModelArgs
+from ep_fp8.model.init import init_weights_
+from ep_fp8.model.layers import Attention, FeedForward, RMSNorm, rope_cos_sin
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)).
+
+    The feed-forward is `self.feed_forward` (dense SwiGLU) for the first
+    `args.n_dense_layers` blocks and `self.moe` (ep_fp8.moe.MoE) for the rest; the other
+    attribute is None.
+    """
+
+    def __init__(self, layer_id: int, args: ModelArgs, *, float8: bool = False,
+                 float8_backend: str = "auto", exact_scales: bool = False) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: FeedForward | None = None
+        self.moe: nn.Module | None = None
+        if layer_id < args.n_dense_layers:
+            self.feed_forward = FeedForward(args.dim, args.dense_hidden_dim)
+        else:
+            from ep_fp8.moe import MoE  # the MoE layer lives one package down
+
+            self.moe = MoE(
+                args.dim, args.expert_hidden_dim, args.n_experts, args.top_k,
+                n_shared_experts=args.n_shared_experts, score_func=args.score_func,
+                route_norm=args.route_norm, route_scale=args.route_scale,
+                n_expert_groups=args.n_expert_groups, n_limited_groups=args.n_limited_groups,
+                aux_loss_coef=args.aux_loss_coef, load_balance_bias=args.load_balance_bias,
+                float8=float8, float8_backend=float8_backend, exact_scales=exact_scales)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor,
+                sin_SF: torch.Tensor) -> torch.Tensor:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SF, sin_SF)
+        ffn = self.moe if self.moe is not None else self.feed_forward
+        return h + ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer in the DeepSeek-V3 / Qwen3-MoE family.
+
+    forward(tokens (B, S) int64) -> logits (B, S, vocab_size) float32.
+    `float8`, `float8_backend`, `exact_scales` go to every MoE layer's experts.
+    Weights are initialised by `init_weights(0)` at construction unless the parameters are
+    on the meta device; call `init_weights(seed)` for another seed or after `to_empty`.
+    """
+
+    def __init__(self, args: ModelArgs, *, float8: bool = False, float8_backend: str = "auto",
+                 exact_scales: bool = False) -> None:
+        super().__init__()
+        if not isinstance(args, ModelArgs):
+            raise TypeError(f"args must be ModelArgs, got {type(args).__name__}")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(i, args, float8=float8, float8_backend=float8_backend,
+                             exact_scales=exact_scales)
+            for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if not self.tok_embeddings.weight.is_meta:
+            self.init_weights(0)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Deterministic init from `seed` (None means 0), the same for any sharding.
+
+        See `ep_fp8.model.init.init_weights_`. Raises ValueError on meta parameters.
+        """
+        init_weights_(self, 0 if seed is None else int(seed), self.args.n_layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64, got {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+        B, S = tokens.shape
+        if S > self.args.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len "
+                             f"({self.args.max_seq_len})")
+        h_BSD = self.tok_embeddings(tokens)
+        cos_SF, sin_SF = rope_cos_sin(S, self.args.head_dim, self.args.rope_theta,
+                                      h_BSD.device)
+        for block in self.layers:
+            h_BSD = block(h_BSD, cos_SF, sin_SF)
+        return self.output(self.norm(h_BSD)).float()
