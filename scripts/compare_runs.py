@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Compare training runs from their metrics JSONL: loss curves, relative difference, table.
+
+    python scripts/compare_runs.py RUN_A.jsonl RUN_B.jsonl [...] --labels a,b \\
+        --out docs/img/name.png --table docs/name_table.md [--smooth N]
+
+The PNG has two panels: every run's loss against the step, and each run's loss relative to
+the first run's (loss_i / loss_0 - 1, in %, on the steps both logged). --smooth N draws a
+trailing moving average over N logged points in both panels (1: raw values).
+
+The markdown table (printed, and written to --table when given) has, per run: the last
+step; the final loss, the mean loss over the last 10% of the logged steps (at least one),
+and its difference from the first run's in %; and tokens/s, tokens/s per GPU, MFU and peak
+memory as the median over the logged steps after the first 10% (warm-up).
+
+Metrics files are the training loop's: one JSON object per line, a header
+{"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...}. Objects without
+"loss" are ignored; a step logged twice (a resumed run) keeps its last record. Labels
+default to the header's run name, else the file name. Bad input (a missing file, a line
+that is not a JSON object, a wrong type, no loss records) stops the script with a message
+naming the file and line, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+NUMERIC_KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
+                "peak_mem_gib", "load_imbalance", "time_s")
+WARMUP_FRACTION = 0.1  # the first 10% of logged steps are warm-up for throughput and memory
+FINAL_FRACTION = 0.1   # the final loss is the mean over the last 10% of logged steps
+
+
+@dataclass
+class Run:
+    label: str
+    path: Path
+    header: dict         # the header's "run" object; {} when the file has none
+    records: list[dict]  # loss records, sorted by step, one per step
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path) -> tuple[dict, list[dict]]:
+    """-> (header "run" object or {}, loss records sorted by step, one per step).
+    ValueError naming the file (and line): missing file, a line that is not a JSON object,
+    a non-integer step or a non-numeric metric, or no loss records at all."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    header, by_step = {}, {}
+    with path.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, "
+                                 f"got {type(obj).__name__}")
+            if "run" in obj:
+                if not isinstance(obj["run"], dict):
+                    raise ValueError(f"{path}:{lineno}: 'run' must be an object")
+                header = header or obj["run"]  # a resumed run may append a second header
+                continue
+            if "loss" not in obj:
+                continue
+            step = obj.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError(f"{path}:{lineno}: 'step' must be an integer, got {step!r}")
+            for key in NUMERIC_KEYS:
+                if obj.get(key) is not None and not _is_number(obj[key]):
+                    raise ValueError(f"{path}:{lineno}: {key!r} must be a number, "
+                                     f"got {obj[key]!r}")
+            by_step[step] = obj
+    if not by_step:
+        raise ValueError(f"{path}: no loss records (lines with 'step' and 'loss')")
+    return header, [by_step[s] for s in sorted(by_step)]
+
+
+def moving_average(values: list[float], n: int) -> list[float]:
+    """Trailing mean over the last n values (fewer at the start); same length as values."""
+    if n < 1:
+        raise ValueError(f"smoothing window must be >= 1, got {n}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= n:
+            total -= values[i - n]
+        out.append(total / min(i + 1, n))
+    return out
+
+
+def relative_difference(ref: list[dict], other: list[dict]) -> tuple[list[int], list[float]]:
+    """On the steps both runs logged: (steps, other_loss / ref_loss - 1)."""
+    ref_loss = {r["step"]: r["loss"] for r in ref}
+    pairs = [(r["step"], r["loss"] / ref_loss[r["step"]] - 1.0 if ref_loss[r["step"]]
+              else math.nan) for r in other if r["step"] in ref_loss]
+    return [s for s, _ in pairs], [d for _, d in pairs]
+
+
+def final_loss(records: list[dict]) -> float:
+    """Mean loss over the last FINAL_FRACTION of the records (at least one record)."""
+    k = max(1, math.ceil(FINAL_FRACTION * len(records)))
+    return statistics.fmean(r["loss"] for r in records[-k:])
+
+
+def steady_median(records: list[dict], key: str) -> float | None:
+    """Median of `key` over the records after the first WARMUP_FRACTION (all records when
+    that leaves none); None when no such record has the key."""
+    skip = int(WARMUP_FRACTION * len(records))
+    values = [r[key] for r in records[skip:] if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """One dict per run: label, last_step, final_loss, final_loss_vs_first_pct (None for the
+    first run), tokens_per_s, tokens_per_s_per_gpu, mfu, peak_mem_gib."""
+    first = final_loss(runs[0].records)
+    out = []
+    for i, run in enumerate(runs):
+        loss = final_loss(run.records)
+        row = {"label": run.label, "last_step": run.records[-1]["step"], "final_loss": loss,
+               "final_loss_vs_first_pct": None if i == 0 else 100.0 * (loss / first - 1.0)}
+        for key in ("tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"):
+            row[key] = steady_median(run.records, key)
+        out.append(row)
+    return out
+
+
+def format_markdown(summary: list[dict]) -> str:
+    """A markdown table of summarize()'s rows, with a line saying how values are taken."""
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    first = summary[0]["label"]
+    lines = [f"| run | last step | final loss | final loss vs {first} | tokens/s "
+             "| tokens/s/GPU | MFU | peak mem (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, row in enumerate(summary):
+        rel = "ref" if i == 0 else fmt(row["final_loss_vs_first_pct"], "+.2f") + "%"
+        cells = [row["label"].replace("|", "\\|"), str(row["last_step"]),
+                 fmt(row["final_loss"], ".4f"), rel, fmt(row["tokens_per_s"], ",.0f"),
+                 fmt(row["tokens_per_s_per_gpu"], ",.0f"), fmt(row["mfu"], ".4g"),
+                 fmt(row["peak_mem_gib"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Final loss: mean over the last 10% of logged steps. tokens/s, MFU (as "
+                 "logged) and peak memory: median over the logged steps after the first 10%.")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("compare_runs.py draws with matplotlib, which is not installed: "
+                          "pip install matplotlib (or pip install -e '.[plot]')") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(runs: list[Run], out: Path, smooth: int = 1) -> None:
+    """Writes the two-panel PNG (loss; relative difference to runs[0] in %) to `out`."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_rel) = plt.subplots(2, 1, sharex=True, figsize=(9, 7),
+                                          gridspec_kw={"height_ratios": [2, 1]})
+    for i, run in enumerate(runs):
+        steps = [r["step"] for r in run.records]
+        ax_loss.plot(steps, moving_average([r["loss"] for r in run.records], smooth),
+                     color=f"C{i}", label=run.label, linewidth=1.2)
+        if i > 0:
+            rel_steps, rel = relative_difference(runs[0].records, run.records)
+            ax_rel.plot(rel_steps, moving_average([100.0 * d for d in rel], smooth),
+                        color=f"C{i}", label=f"{run.label} vs {runs[0].label}", linewidth=1.2)
+    ax_rel.axhline(0.0, color="C0", linewidth=0.8)
+    smoothing = f" (moving average over {smooth} logged steps)" if smooth > 1 else ""
+    ax_loss.set_title("Training loss" + smoothing)
+    ax_loss.set_ylabel("loss")
+    ax_rel.set_ylabel(f"loss / loss[{runs[0].label}] - 1 (%)")
+    ax_rel.set_xlabel("step")
+    for ax in (ax_loss, ax_rel):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def load_runs(paths: list[str], labels: str | None) -> list[Run]:
+    """Reads every file; labels from --labels (comma-separated, one per file), else the
+    header's run name, else the file name. ValueError on bad files or a label count."""
+    if len(paths) < 2:
+        raise ValueError(f"need at least two metrics files to compare, got {len(paths)}")
+    label_list = labels.split(",") if labels is not None else None
+    if label_list is not None and len(label_list) != len(paths):
+        raise ValueError(f"--labels has {len(label_list)} labels for {len(paths)} files")
+    runs = []
+    for i, path in enumerate(paths):
+        header, records = read_metrics(path)
+        label = label_list[i] if label_list else str(header.get("name") or Path(path).stem)
+        runs.append(Run(label, Path(path), header, records))
+    return runs
+
+
+def main(argv=None) -> int:
+    """CLI entry; returns 0, or 2 with a message on stderr for bad input (nothing written)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("metrics", nargs="+", help="metrics JSONL files; the first is the reference")
+    p.add_argument("--labels", help="comma-separated labels, one per file")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--table", help="markdown file to write the table to")
+    p.add_argument("--smooth", type=int, default=1, help="moving average window (points)")
+    args = p.parse_args(argv)
+    try:
+        if args.smooth < 1:
+            raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
+        runs = load_runs(args.metrics, args.labels)
+        table = format_markdown(summarize(runs))
+        plot(runs, Path(args.out), args.smooth)
+    except (ValueError, ImportError) as e:
+        print(f"compare_runs.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(table)
+    print(table, end="")
+    print(f"wrote {args.out}" + (f" and {args.table}" if args.table else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

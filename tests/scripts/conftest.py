@@ -1,0 +1,28 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str):
+    """Imports scripts/<name>.py by path (scripts/ is not a package)."""
+    module_name = f"_script_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="session")
+def compare_runs():
+    return load_script("compare_runs")
+
+
+@pytest.fixture(scope="session")
+def bench():
+    return load_script("bench_grouped_mm")

@@ -1,0 +1,161 @@
+"""scripts/compare_runs.py on metrics files written here, in the training loop's format."""
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import SCRIPTS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(path, name, steps, losses, seed, header=True):
+    """A metrics JSONL file with random throughput/MFU/memory; returns its loss records."""
+    rng = random.Random(seed)
+    records = [{"step": s, "loss": loss, "grad_norm": rng.uniform(0.5, 2), "lr": 3e-4,
+                "tokens_per_s": rng.uniform(9e4, 1.1e5), "tokens_per_s_per_gpu": rng.uniform(1e4, 2e4),
+                "mfu": rng.uniform(0.3, 0.5), "peak_mem_gib": rng.uniform(40, 60),
+                "load_imbalance": rng.uniform(1, 2), "time_s": 0.1 * s}
+               for s, loss in zip(steps, losses)]
+    lines = [{"run": {"name": name, "config": {"lr": 3e-4}, "world_size": 8,
+                      "device": "cuda", "torch": "2.11.0", "date": "2026-11-24"}}] if header else []
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines + records))
+    return records
+
+
+def parse_table(text):
+    """Markdown table rows -> list of cell lists (header and separator dropped)."""
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_main_writes_png_and_table_with_independently_computed_numbers(compare_runs, tmp_path):
+    rng = random.Random(0)
+    steps = list(range(5, 205, 5))  # 40 logged steps
+    loss_a = [4.0 * math.exp(-s / 80) + 2.0 + rng.gauss(0, 0.02) for s in steps]
+    loss_b = [v * (1.02 + rng.gauss(0, 0.003)) for v in loss_a]
+    rec_a = write_metrics(tmp_path / "a.jsonl", "bf16", steps, loss_a, seed=1)
+    rec_b = write_metrics(tmp_path / "b.jsonl", "fp8", steps, loss_b, seed=2)
+    out, table = tmp_path / "img" / "cmp.png", tmp_path / "docs" / "cmp.md"
+
+    rc = compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                            "--out", str(out), "--table", str(table), "--smooth", "3"])
+
+    assert rc == 0
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    image = __import__("matplotlib.image").image.imread(str(out))
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    rows = parse_table(table.read_text())
+    assert [r[0] for r in rows] == ["bf16", "fp8"]
+    # Independent definitions: final = mean of the last 4 (10% of 40) losses; throughput,
+    # MFU and memory = median over records 4.. (after the first 10%).
+    final = [np.mean(loss_a[-4:]), np.mean(loss_b[-4:])]
+    for row, recs, fin in zip(rows, (rec_a, rec_b), final):
+        assert row[1] == "200"
+        assert abs(float(row[2]) - fin) <= 5e-5  # printed with 4 decimals
+        for col, key, tol in ((4, "tokens_per_s", 0.5), (5, "tokens_per_s_per_gpu", 0.5),
+                              (7, "peak_mem_gib", 0.005)):
+            expected = np.median([r[key] for r in recs[4:]])
+            assert abs(float(row[col].replace(",", "")) - expected) <= tol, key
+        assert float(row[6]) == pytest.approx(np.median([r["mfu"] for r in recs[4:]]), rel=1e-3)
+    assert rows[0][3] == "ref"
+    assert float(rows[1][3].rstrip("%")) == pytest.approx(100 * (final[1] / final[0] - 1), abs=0.005)
+
+
+def test_labels_default_to_header_name_then_file_name(compare_runs, tmp_path, capsys):
+    write_metrics(tmp_path / "first.jsonl", "bf16-baseline", [1, 2, 3], [3.0, 2.5, 2.2], seed=0)
+    write_metrics(tmp_path / "second.jsonl", "x", [1, 2, 3], [3.1, 2.6, 2.3], seed=1, header=False)
+    rc = compare_runs.main([str(tmp_path / "first.jsonl"), str(tmp_path / "second.jsonl"),
+                            "--out", str(tmp_path / "c.png")])
+    assert rc == 0
+    assert [r[0] for r in parse_table(capsys.readouterr().out)] == ["bf16-baseline", "second"]
+
+
+def test_labels_option_overrides_and_must_match_file_count(compare_runs, tmp_path, capsys):
+    for name in ("a", "b"):
+        write_metrics(tmp_path / f"{name}.jsonl", name, [1, 2], [2.0, 1.9], seed=0)
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert compare_runs.main(files + ["--labels", "x,y", "--out", str(tmp_path / "c.png")]) == 0
+    assert [r[0] for r in parse_table(capsys.readouterr().out)] == ["x", "y"]
+    assert compare_runs.main(files + ["--labels", "x", "--out", str(tmp_path / "d.png")]) == 2
+    assert "--labels has 1 labels for 2 files" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_repeated_step_keeps_last_record_and_steps_are_sorted(compare_runs, tmp_path):
+    lines = [{"step": 1, "loss": 3.0}, {"step": 3, "loss": 2.0}, {"step": 2, "loss": 2.5},
+             {"step": 2, "loss": 2.4}, {"step": 4, "eval": 1.0}]  # last: no loss, ignored
+    path = tmp_path / "resumed.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
+    header, records = compare_runs.read_metrics(path)
+    assert header == {}
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 3.0), (2, 2.4), (3, 2.0)]
+
+
+def test_relative_difference_only_on_common_steps(compare_runs):
+    ref = [{"step": s, "loss": 2.0 + 0.1 * s} for s in range(0, 11)]
+    other = [{"step": s, "loss": 2.2 + 0.1 * s} for s in range(0, 13, 2)]
+    steps, rel = compare_runs.relative_difference(ref, other)
+    assert steps == [0, 2, 4, 6, 8, 10]
+    assert rel == pytest.approx([(2.2 + 0.1 * s) / (2.0 + 0.1 * s) - 1 for s in steps], rel=1e-12)
+
+
+def test_moving_average_is_a_trailing_mean(compare_runs):
+    values = list(np.random.default_rng(0).normal(size=20))
+    got = compare_runs.moving_average(values, 4)
+    expected = [np.mean(values[max(0, i - 3):i + 1]) for i in range(20)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert compare_runs.moving_average(values, 1) == pytest.approx(values)
+
+
+def test_final_and_steady_statistics_round_fractions_as_documented(compare_runs):
+    records = [{"step": i, "loss": float(i), "mfu": float(100 - i)} for i in range(25)]
+    assert compare_runs.final_loss(records) == pytest.approx(np.mean([22, 23, 24]))  # ceil(2.5)
+    assert compare_runs.steady_median(records, "mfu") == pytest.approx(np.median(range(76, 99)))
+    assert compare_runs.steady_median(records, "tokens_per_s") is None
+    assert compare_runs.final_loss(records[:3]) == 2.0  # at least one record
+
+
+def _bad_files(tmp_path):
+    good = tmp_path / "good.jsonl"
+    write_metrics(good, "good", [1, 2, 3], [3.0, 2.0, 1.5], seed=0)
+    text = good.read_text().splitlines()
+    bad_json = tmp_path / "bad_json.jsonl"
+    bad_json.write_text("\n".join(text[:2] + ['{"step": 3, "loss": 1.'] + text[3:]) + "\n")
+    no_loss = tmp_path / "no_loss.jsonl"
+    no_loss.write_text(text[0] + "\n")
+    bad_step = tmp_path / "bad_step.jsonl"
+    bad_step.write_text(text[0] + '\n{"step": "2", "loss": 1.0}\n')
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text("[1, 2]\n")
+    return good, {
+        "missing": (tmp_path / "missing.jsonl", "missing.jsonl: no such file"),
+        "not json": (bad_json, "bad_json.jsonl:3: not valid JSON"),
+        "no loss": (no_loss, "no_loss.jsonl: no loss records"),
+        "bad step": (bad_step, "bad_step.jsonl:2: 'step' must be an integer"),
+        "not object": (not_object, "list.jsonl:1: expected a JSON object"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not json", "no loss", "bad step", "not object"])
+def test_bad_input_names_file_and_line_and_writes_nothing(compare_runs, tmp_path, capsys, case):
+    good, cases = _bad_files(tmp_path)
+    bad, message = cases[case]
+    out, table = tmp_path / "out.png", tmp_path / "table.md"
+    rc = compare_runs.main([str(good), str(bad), "--out", str(out), "--table", str(table)])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not table.exists()
+
+
+def test_cli_exits_with_message_for_a_missing_file(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "compare_runs.py"),
+                           str(tmp_path / "nope.jsonl"), str(tmp_path / "nope2.jsonl"),
+                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'nope.jsonl'}: no such file" in proc.stderr
