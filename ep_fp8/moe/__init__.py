@@ -1,0 +1,19 @@
+"""Mixture-of-Experts: router, dispatchers, grouped experts and the MoE layer."""
+
+from ep_fp8.moe.all_to_all import AllToAllDispatcher
+from ep_fp8.moe.dispatch import DispatchState, LocalDispatcher
+from ep_fp8.moe.experts import FeedForward, GroupedExperts
+from ep_fp8.moe.layer import MoE
+from ep_fp8.moe.router import Router, count_per_expert, update_router_biases
+
+__all__ = [
+    "AllToAllDispatcher",
+    "DispatchState",
+    "FeedForward",
+    "GroupedExperts",
+    "LocalDispatcher",
+    "MoE",
+    "Router",
+    "count_per_expert",
+    "update_router_biases",
+]

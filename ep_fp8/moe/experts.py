@@ -1,0 +1,136 @@
+"""SwiGLU experts over grouped rows, and the dense SwiGLU used for shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # DTensor weights (FSDP2 / expert parallelism) compute on their local shard.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed
+    DTensor = ()
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: y = (silu(x w1^T) * (x w3^T)) w2^T, row groups given by offs.
+
+    Parameters w1, w3 (E, H, D) and w2 (E, D, H). With float8=True the three matmuls run
+    through ep_fp8.ops.scaled_grouped_mm (backend float8_backend, exact_scales as there);
+    else through torch._grouped_mm in the activation dtype. Under FSDP2/EP the weights
+    are DTensors and their local shard (E_local experts) is used.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        *,
+        float8: bool = False,
+        float8_backend: str = "auto",
+        exact_scales: bool = False,
+    ):
+        super().__init__()
+        if min(dim, hidden_dim, n_experts) < 1:
+            raise ValueError(
+                f"dim, hidden_dim and n_experts must be >= 1, got {dim}, {hidden_dim}, {n_experts}"
+            )
+        self.dim, self.hidden_dim, self.n_experts = dim, hidden_dim, n_experts
+        self.float8, self.float8_backend, self.exact_scales = float8, float8_backend, exact_scales
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.init_weights()
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.trunc_normal_(w, std=init_std)
+
+    def forward(
+        self,
+        x_MD: torch.Tensor,
+        offs: torch.Tensor,
+        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x (M, D), offs (E_local,) int32 cumulative group ends -> (M, D) in x's dtype.
+
+        x_fp8: (data (M, D) float8_e4m3fn, scale (M,) float32) when the rows arrived
+        quantized; x is then the autograd handle (values unread, see scaled_grouped_mm).
+        Raises ValueError/TypeError on shapes or dtypes that do not fit the weights.
+        """
+        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
+        E_local = w1.shape[0]
+        if x_MD.dim() != 2 or x_MD.shape[1] != self.dim:
+            raise ValueError(f"x must be (rows, {self.dim}), got shape {tuple(x_MD.shape)}")
+        if offs.dtype != torch.int32:
+            raise TypeError(f"offs must be int32, got {offs.dtype}")
+        if offs.shape != (E_local,):
+            raise ValueError(f"offs must have shape ({E_local},) (local experts), got {tuple(offs.shape)}")
+
+        if self.float8:
+            from ep_fp8.ops import scaled_grouped_mm
+
+            def gmm(a, w, a_fp8=None):
+                return scaled_grouped_mm(
+                    a, w.transpose(-2, -1), offs, backend=self.float8_backend,
+                    exact_scales=self.exact_scales, x_fp8=a_fp8,
+                )
+
+            h = F.silu(gmm(x_MD, w1, x_fp8)) * gmm(x_MD, w3, x_fp8)
+            return gmm(h, w2)
+
+        if x_fp8 is not None:  # float8 payload into bf16 experts: dequantize first
+            x_MD = _Dequantize.apply(x_MD, *x_fp8)
+        dtype = x_MD.dtype
+
+        def gmm(a, w):
+            # torch._grouped_mm's backward fails on non-contiguous (e.g. stride-0) grads.
+            out = torch._grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=offs)
+            return _ContiguousGrad.apply(out)
+
+        return gmm(F.silu(gmm(x_MD, w1)) * gmm(x_MD, w3), w2)
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU: (T, D) -> (T, D); w1, w3: D -> H, w2: H -> D, no biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.init_weights()
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        for lin in (self.w1, self.w2, self.w3):
+            nn.init.trunc_normal_(lin.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _Dequantize(torch.autograd.Function):
+    """data / scale in the handle's dtype; the gradient goes to the handle unchanged."""
+
+    @staticmethod
+    def forward(ctx, handle_MD, data_MD, scale_M):
+        return (data_MD.float() / scale_M[:, None]).to(handle_MD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
