@@ -95,9 +95,10 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def group_sizes(M: int, G: int, mode: str, seed: int = 0) -> list[int]:
     """Rows per group, summing to M. uniform: M/G each (ValueError unless a multiple of 16).
-    uneven: multiples of 16, none empty, from a seeded stratified draw: weights spread
-    evenly over [1, 3) with random jitter and order, so the largest group is about 2-3x
-    the smallest. ValueError for an unknown mode or M not a multiple of 16 or M < 16*G."""
+    uneven: multiples of 16, none empty, from a seeded stratified draw (one point in each
+    of G equal slices of [0, 1), in random order) mapped onto weights in [1, 3], so the
+    largest group is about 3x the smallest and the rest lie between. ValueError for an
+    unknown mode, M not a multiple of 16, or M < 16*G."""
     if mode not in GROUP_MODES:
         raise ValueError(f"groups mode must be one of {GROUP_MODES}, got {mode!r}")
     if M % 16 or M < 16 * G:
@@ -106,10 +107,13 @@ def group_sizes(M: int, G: int, mode: str, seed: int = 0) -> list[int]:
         if M % (16 * G):
             raise ValueError(f"uniform groups need M/G a multiple of 16, got M={M}, G={G}")
         return [M // G] * G
+    if G == 1:
+        return [M]
     gen = torch.Generator().manual_seed(seed)
     jitter = torch.rand(G, generator=gen, dtype=torch.float64)
-    weights = 1.0 + 2.0 * (torch.arange(G, dtype=torch.float64) + jitter) / G
-    weights = weights[torch.randperm(G, generator=gen)]
+    t = (torch.arange(G, dtype=torch.float64) + jitter) / G
+    t = (t - t.min()) / (t.max() - t.min())
+    weights = (1.0 + 2.0 * t)[torch.randperm(G, generator=gen)]
     units_total = M // 16  # sizes are counted in blocks of 16 rows
     ideal = weights / weights.sum() * units_total
     units = ideal.floor().clamp(min=1).long()
