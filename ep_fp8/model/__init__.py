@@ -2,10 +2,10 @@
 
 from ep_fp8.model.args import PRESETS, ModelArgs
 from ep_fp8.model.counts import flops_per_token, param_counts
-from ep_fp8.model.layers import Attention, FeedForward, RMSNorm
+from ep_fp8.model.layers import Attention, RMSNorm
 from ep_fp8.model.transformer import Transformer, TransformerBlock
 
 __all__ = [
-    "PRESETS", "ModelArgs", "Transformer", "TransformerBlock", "Attention", "FeedForward",
-    "RMSNorm", "param_counts", "flops_per_token",
+    "PRESETS", "ModelArgs", "Transformer", "TransformerBlock", "Attention", "RMSNorm",
+    "param_counts", "flops_per_token",
 ]

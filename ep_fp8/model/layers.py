@@ -1,4 +1,7 @@
-"""Building blocks of the transformer: RMSNorm, rotary embeddings, attention, dense SwiGLU."""
+"""Building blocks of the transformer: RMSNorm, rotary embeddings, attention.
+
+(The dense SwiGLU is ep_fp8.moe.FeedForward, the same module the shared experts use.)
+"""
 
 from __future__ import annotations
 
@@ -45,18 +48,20 @@ def apply_rope(x_BSHd: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor)
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions, no biases."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, rope_theta: float) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.n_heads, self.n_kv_heads, self.rope_theta = n_heads, n_kv_heads, rope_theta
         self.head_dim = dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor,
-                sin_SF: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
+        # Tables built here, in float32, rather than passed in: a wrapper that casts float
+        # inputs (FSDP2 mixed precision) would otherwise turn them into bf16.
+        cos_SF, sin_SF = rope_cos_sin(S, self.head_dim, self.rope_theta, x_BSD.device)
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
@@ -67,16 +72,3 @@ class Attention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
-
-
-class FeedForward(nn.Module):
-    """Dense SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))

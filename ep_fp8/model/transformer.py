@@ -10,7 +10,8 @@ from torch import nn
 
 from ep_fp8.model.args import ModelArgs
 from ep_fp8.model.init import init_weights_
-from ep_fp8.model.layers import Attention, FeedForward, RMSNorm, rope_cos_sin
+from ep_fp8.model.layers import Attention, RMSNorm
+from ep_fp8.moe import FeedForward, MoE
 
 
 class TransformerBlock(nn.Module):
@@ -26,15 +27,13 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads)
+        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.rope_theta)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: FeedForward | None = None
-        self.moe: nn.Module | None = None
+        self.moe: MoE | None = None
         if layer_id < args.n_dense_layers:
             self.feed_forward = FeedForward(args.dim, args.dense_hidden_dim)
         else:
-            from ep_fp8.moe import MoE  # the MoE layer lives one package down
-
             self.moe = MoE(
                 args.dim, args.expert_hidden_dim, args.n_experts, args.top_k,
                 n_shared_experts=args.n_shared_experts, score_func=args.score_func,
@@ -43,9 +42,8 @@ class TransformerBlock(nn.Module):
                 aux_loss_coef=args.aux_loss_coef, load_balance_bias=args.load_balance_bias,
                 float8=float8, float8_backend=float8_backend, exact_scales=exact_scales)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor,
-                sin_SF: torch.Tensor) -> torch.Tensor:
-        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SF, sin_SF)
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD))
         ffn = self.moe if self.moe is not None else self.feed_forward
         return h + ffn(self.ffn_norm(h))
 
@@ -92,8 +90,6 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len "
                              f"({self.args.max_seq_len})")
         h_BSD = self.tok_embeddings(tokens)
-        cos_SF, sin_SF = rope_cos_sin(S, self.args.head_dim, self.args.rope_theta,
-                                      h_BSD.device)
         for block in self.layers:
-            h_BSD = block(h_BSD, cos_SF, sin_SF)
+            h_BSD = block(h_BSD)
         return self.output(self.norm(h_BSD)).float()
