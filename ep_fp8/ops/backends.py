@@ -1,0 +1,131 @@
+"""Which implementation of scaled_grouped_mm runs, and the GEMMs each one calls.
+
+cuda      torch._scaled_grouped_mm on float8 operands from the Triton kernels (SM90/SM100).
+emulated  the torch reference quantization (quant_ref), dequantized, then a float32
+          torch._grouped_mm: the same numbers up to GEMM rounding, on any device.
+bf16      no quantization: torch._grouped_mm in the input dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ep_fp8.ops import quant_kernels, quant_ref
+
+BACKENDS = ("auto", "cuda", "emulated", "bf16")
+# Hopper's fast float8 accumulation skips periodic promotion to float32; off until a
+# benchmark shows it is worth its error on long contractions.
+USE_FAST_ACCUM = False
+# torch._scaled_grouped_mm takes fewer groups than this.
+MAX_CUDA_GROUPS = 1024
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+@torch.compiler.assume_constant_result
+def _has_scaled_grouped_mm(device_type: str, index: int) -> bool:
+    # torch 2.11 builds the row-wise float8 grouped GEMM for compute capability 9.0 and 10.0.
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(index) in ((9, 0), (10, 0))
+
+
+def choose_backend(backend: str, device: torch.device, K: int, N: int) -> tuple[str, str]:
+    """(backend that runs, why auto fell back or ''); raises ValueError like resolve_backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("emulated", "bf16"):
+        return backend, ""
+    device = torch.device(device)
+    index = device.index if device.index is not None else 0
+    supported = _has_scaled_grouped_mm(device.type, index)
+    aligned = K % 16 == 0 and N % 16 == 0
+    if backend == "cuda":
+        if not supported:
+            raise ValueError(
+                f"backend='cuda' needs a CUDA GPU of compute capability 9.0 or 10.0, got device {device}")
+        if not aligned:
+            raise ValueError(f"backend='cuda' needs K and N to be multiples of 16, got K={K}, N={N}")
+        return "cuda", ""
+    if not supported:
+        return "emulated", ""
+    if not aligned:
+        return "emulated", (f"scaled_grouped_mm: K={K}, N={N} are not both multiples of 16, which "
+                            "torch._scaled_grouped_mm needs; backend='auto' runs 'emulated' instead")
+    return "cuda", ""
+
+
+def resolve_backend(backend: str, device: torch.device, K: int, N: int) -> str:
+    """What scaled_grouped_mm runs for `backend` on `device` with in features K, out features N.
+
+    Returns "cuda", "emulated" or "bf16". "auto" picks "cuda" on a GPU of compute
+    capability 9.0 or 10.0 when K and N are multiples of 16 and "emulated" elsewhere,
+    warning once when it falls back for K or N.
+
+    Raises ValueError for an unknown backend, and for backend="cuda" where it cannot run.
+    """
+    chosen, note = choose_backend(backend, device, K, N)
+    if note:
+        warn_once(note)
+    return chosen
+
+
+def kernels_for(backend: str, device: torch.device):
+    """The quantization functions a backend uses: Triton kernels on the cuda path, the
+    torch reference for emulated (the oracle stays independent of the kernels)."""
+    if backend == "cuda" or (backend == "bf16" and device.type == "cuda"):
+        return _TRITON
+    return _REF
+
+
+class _Kernels:
+    def __init__(self, rows, weight, cols_grouped, zero_rows_past_end):
+        self.rows, self.weight = rows, weight
+        self.cols_grouped, self.zero_rows_past_end = cols_grouped, zero_rows_past_end
+
+
+_REF = _Kernels(quant_ref.quantize_rows_ref, quant_ref.quantize_weight_ref,
+                quant_ref.quantize_cols_grouped_ref, quant_ref.zero_rows_past_end_ref)
+_TRITON = _Kernels(quant_kernels.quantize_rows_triton, quant_kernels.quantize_weight_triton,
+                   quant_kernels.quantize_cols_grouped_triton, quant_kernels.zero_rows_past_end_triton)
+
+
+def gemm_2d3d(a_q, a_descale, b_q, b_descale, offs, backend: str) -> torch.Tensor:
+    """out[rows of group g] = (a_q * a_descale) @ (b_q[g] * b_descale[g]).
+
+    a_q (M, K) e4m3 row-major, a_descale (M,); b_q (G, K, N) e4m3 column-major in its
+    last two dims, b_descale (G, N); offs (G,) int32. Returns (M, N): bfloat16 on the cuda
+    backend, float32 when emulated. Rows past offs[-1] are not written.
+    """
+    if backend == "cuda":
+        return torch._scaled_grouped_mm(a_q, b_q, a_descale, b_descale, offs=offs,
+                                        out_dtype=torch.bfloat16, use_fast_accum=USE_FAST_ACCUM)
+    a = a_q.float() * a_descale[:, None]
+    b = b_q.float() * b_descale[:, None, :]
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def gemm_2d2d(aT_q, aT_descale, bT_q, bT_descale, poffs, backend: str) -> torch.Tensor:
+    """out[g] = sum over the columns p of group g of (aT_q * descale)[:, p] (bT_q * descale)[:, p]^T.
+
+    aT_q (R, P), bT_q (S, P) e4m3 contiguous, groups along P ending at poffs (G,) int32
+    (every group non-empty and a multiple of 16 long); aT_descale (G, R), bT_descale
+    (G, S). Returns (G, R, S): bfloat16 on the cuda backend, float32 when emulated.
+    """
+    if backend == "cuda":
+        return torch._scaled_grouped_mm(aT_q, bT_q.t(), aT_descale.reshape(-1), bT_descale.reshape(-1),
+                                        offs=poffs, out_dtype=torch.bfloat16, use_fast_accum=USE_FAST_ACCUM)
+    G, P = poffs.shape[0], aT_q.shape[1]
+    group_of_col = torch.searchsorted(poffs.long(), torch.arange(P, device=poffs.device), right=True)
+    group_of_col = group_of_col.clamp_max(G - 1)  # columns past poffs[-1] are in no group
+    a = aT_q.float() * aT_descale.t()[:, group_of_col]
+    b = bT_q.float() * bT_descale.t()[:, group_of_col]
+    return torch._grouped_mm(a, b.t(), offs=poffs)

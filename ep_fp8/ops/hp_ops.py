@@ -1,0 +1,68 @@
+"""The custom ops behind backend="bf16": torch._grouped_mm in the input dtype, no float8.
+
+A custom op rather than plain torch._grouped_mm so that rows past offs[-1] are zero in the
+output and in grad_x (torch._grouped_mm leaves them unwritten), with the same
+x_fp8 (dequantized here) and the same compile behaviour as the float8 backends.
+"""
+
+from typing import Optional
+
+import torch
+
+from ep_fp8.ops import backends
+
+
+def _x_values(x, x_data, x_scale):
+    """The high-precision x: x itself, or x_fp8 dequantized to x's dtype."""
+    if x_data is None:
+        return x
+    return (x_data.float() * torch.reciprocal(x_scale)[:, None]).to(x.dtype)
+
+
+@torch.library.custom_op("ep_fp8::grouped_mm_hp_fwd", mutates_args=())
+def _hp_fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
+            x_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch._grouped_mm(_x_values(x, x_data, x_scale), w_t, offs=offs).to(out_dtype)
+    return backends.kernels_for("bf16", x.device).zero_rows_past_end(out, offs)
+
+
+@_hp_fwd.register_fake
+def _(x, w_t, offs, x_data, x_scale, out_dtype):
+    return x.new_empty((x.shape[0], w_t.shape[2]), dtype=out_dtype)
+
+
+@torch.library.custom_op("ep_fp8::grouped_mm_hp_bwd", mutates_args=())
+def _hp_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor,
+            x_data: Optional[torch.Tensor], x_scale: Optional[torch.Tensor],
+            need_grad_x: bool, need_grad_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch._grouped_mm's CPU backward rejects stride-0 gradients: make them dense.
+    grad_out = grad_out.to(x.dtype).contiguous()
+    grad_x = grad_w = grad_out.new_empty((0,))
+    if need_grad_x:
+        grad_x = torch._grouped_mm(grad_out, w_t.transpose(-2, -1), offs=offs)
+        grad_x = backends.kernels_for("bf16", x.device).zero_rows_past_end(grad_x, offs)
+    if need_grad_w:
+        grad_w = torch._grouped_mm(_x_values(x, x_data, x_scale).t(), grad_out, offs=offs)
+    return grad_x, grad_w
+
+
+@_hp_bwd.register_fake
+def _(grad_out, x, w_t, offs, x_data, x_scale, need_grad_x, need_grad_w):
+    grad_x = x.new_empty(x.shape if need_grad_x else (0,))
+    grad_w = w_t.new_empty(w_t.shape if need_grad_w else (0,))
+    return grad_x, grad_w
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_t, offs, x_data, x_scale, _ = inputs
+    ctx.save_for_backward(x, w_t, offs, x_data, x_scale)
+
+
+def _backward(ctx, grad_out):
+    x, w_t, offs, x_data, x_scale = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_w = torch.ops.ep_fp8.grouped_mm_hp_bwd(grad_out, x, w_t, offs, x_data, x_scale, need_x, need_w)
+    return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None
+
+
+_hp_fwd.register_autograd(_backward, setup_context=_setup_context)

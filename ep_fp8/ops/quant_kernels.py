@@ -1,0 +1,297 @@
+"""Triton kernels for the float8 quantization of `quant_ref.py`, with the same signatures.
+
+Each kernel reads offs (when it needs groups) on the device, so no launcher waits for the
+GPU. Each launcher allocates its outputs from host-known shapes only. Under
+TRITON_INTERPRET=1 (CPU tests) the float8 cast goes through a workaround for the
+interpreter's rounding defect (see `_to_fp8`); on a GPU the native cast is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ep_fp8.ops.quant_ref import FP8_DTYPE, GROUP_PAD, padded_length
+
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_FP8_MAX = tl.constexpr(448.0)
+_AMAX_FLOOR = tl.constexpr(2.0**-100)
+_PAD = tl.constexpr(GROUP_PAD)
+# One program holds a whole row up to this many elements (amax, scale and cast from
+# registers); longer rows take a second pass.
+_MAX_ROW_BLOCK = 8192
+
+
+@triton.jit
+def _abs_nan_as_inf(v):
+    return tl.where(v != v, float("inf"), tl.abs(v))
+
+
+@triton.jit
+def _scales_from_amax(amax, EXACT: tl.constexpr):
+    """(scale, descale) from a float32 amax; the arithmetic of quant_ref.scales_from_amax."""
+    finite = amax < float("inf")  # False for +inf and for NaN
+    a = tl.where(finite, tl.maximum(amax, _AMAX_FLOOR), 1.0)
+    if EXACT:
+        zero = tl.zeros_like(a)
+        scale = tl.math.div_rn(zero + 448.0, a)
+        descale = tl.math.div_rn(zero + 1.0, scale)
+    else:
+        bits = a.to(tl.int32, bitcast=True)
+        e = (bits >> 23) - 127
+        k = 8 - e - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
+        descale = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    scale = tl.where(finite, scale, float("nan"))
+    descale = tl.where(finite, descale, float("nan"))
+    return scale, descale
+
+
+@triton.jit
+def _to_fp8(v_scaled):
+    """clamp(v * scale, +-448) cast to e4m3, round to nearest even, NaN kept."""
+    q = tl.clamp(v_scaled, -_FP8_MAX, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    if _INTERPRET:
+        # The interpreter's float->fp8 cast rounds some values wrongly. Round in float32
+        # first so that the cast is exact: normal e4m3 keeps 3 mantissa bits (round half
+        # to even in bit space); below 2^-6 e4m3 is subnormal with a fixed step of 2^-9,
+        # and adding then subtracting 2^14 rounds to that step in float32.
+        b = q.to(tl.uint32, bitcast=True)
+        normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        mag = (tl.abs(q) + 16384.0) - 16384.0
+        sub = (mag.to(tl.uint32, bitcast=True) | (b & 0x80000000)).to(tl.float32, bitcast=True)
+        r = tl.where(tl.abs(q) < 0.015625, sub, normal)
+        q8 = r.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        q8 = tl.where(q != q, 0x7F, q8)  # the interpreter also loses NaN there
+        return q8.to(tl.float8e4nv, bitcast=True)
+    else:
+        return q.to(tl.float8e4nv)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows: x (M, K) for the forward GEMM, grad_out (M, N) for grad_x.
+
+
+@triton.jit
+def _quant_rows_kernel(a_ptr, stride_am, stride_ac, q_ptr, scale_ptr, descale_ptr, C,
+                       BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr, EXACT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_am
+    q_row = q_ptr + row * C
+    cols = tl.arange(0, BLOCK_C)
+    if ONE_BLOCK:
+        # The whole row in registers: read once, amax, scale, cast, store.
+        mask = cols < C
+        v = tl.load(a_row + cols * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        scale, descale = _scales_from_amax(tl.max(_abs_nan_as_inf(v), axis=0), EXACT)
+        tl.store(q_row + cols, _to_fp8(v * scale), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            mask = c0 + cols < C
+            v = tl.load(a_row + (c0 + cols) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, _abs_nan_as_inf(v))
+        scale, descale = _scales_from_amax(tl.max(acc, axis=0), EXACT)
+        for c0 in range(0, C, BLOCK_C):
+            mask = c0 + cols < C
+            v = tl.load(a_row + (c0 + cols) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + c0 + cols, _to_fp8(v * scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+    tl.store(descale_ptr + row, descale)
+
+
+def quantize_rows_triton(a: torch.Tensor, exact_scales: bool = False):
+    """Triton twin of quant_ref.quantize_rows_ref: a (M, C) any strides -> (q, scale, descale)."""
+    M, C = a.shape
+    q = torch.empty((M, C), dtype=FP8_DTYPE, device=a.device)
+    scale = torch.empty(M, dtype=torch.float32, device=a.device)
+    descale = torch.empty(M, dtype=torch.float32, device=a.device)
+    if M == 0:
+        return q, scale, descale
+    block = min(triton.next_power_of_2(max(C, 1)), _MAX_ROW_BLOCK)
+    _quant_rows_kernel[(M,)](
+        a, a.stride(0), a.stride(1), q, scale, descale, C,
+        BLOCK_C=block, ONE_BLOCK=C <= block, EXACT=exact_scales,
+        num_warps=4 if block <= 2048 else 8,
+    )
+    return q, scale, descale
+
+
+# ---------------------------------------------------------------------------------------
+# Weights: w_t (G, K, N) -> the forward copy scaled per (g, n) and the backward copy
+# scaled per (g, k). Pass 1 reads w once for both amaxes (tile maxima combined with
+# atomic max, which is order-independent, hence deterministic); pass 2 reads w once more
+# and writes both float8 copies.
+
+
+@triton.jit
+def _weight_amax_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr, K, N,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        FWD: tl.constexpr, BWD: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mk, mn = ks < K, ns < N
+    v = tl.load(w_ptr + g * s_g + ks[:, None].to(tl.int64) * s_k + ns[None, :].to(tl.int64) * s_n,
+                mask=mk[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    va = _abs_nan_as_inf(v)
+    if FWD:
+        tl.atomic_max(amax_fwd_ptr + g * N + ns, tl.max(va, axis=0), mask=mn)
+    if BWD:
+        tl.atomic_max(amax_bwd_ptr + g * K + ks, tl.max(va, axis=1), mask=mk)
+
+
+@triton.jit
+def _weight_cast_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr,
+                        q_fwd_ptr, d_fwd_ptr, q_bwd_ptr, d_bwd_ptr, K, N,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        FWD: tl.constexpr, BWD: tl.constexpr, EXACT: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    pk, pn = tl.program_id(1), tl.program_id(2)
+    ks = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    ns = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    mk, mn = ks < K, ns < N
+    mask = mk[:, None] & mn[None, :]
+    ks64, ns64 = ks.to(tl.int64), ns.to(tl.int64)
+    v = tl.load(w_ptr + g * s_g + ks64[:, None] * s_k + ns64[None, :] * s_n,
+                mask=mask, other=0.0).to(tl.float32)
+    if FWD:
+        scale, descale = _scales_from_amax(tl.load(amax_fwd_ptr + g * N + ns, mask=mn, other=0.0), EXACT)
+        q = _to_fp8(v * scale[None, :])
+        # (G, N, K) contiguous: the column-major (G, K, N) operand of the forward GEMM.
+        tl.store(q_fwd_ptr + g * N * K + ns64[None, :] * K + ks64[:, None], q, mask=mask)
+        tl.store(d_fwd_ptr + g * N + ns, descale, mask=mn & (pk == 0))
+    if BWD:
+        scale, descale = _scales_from_amax(tl.load(amax_bwd_ptr + g * K + ks, mask=mk, other=0.0), EXACT)
+        q = _to_fp8(v * scale[:, None])
+        # (G, K, N) contiguous: transposed, the column-major (G, N, K) operand of grad_x.
+        tl.store(q_bwd_ptr + g * K * N + ks64[:, None] * N + ns64[None, :], q, mask=mask)
+        tl.store(d_bwd_ptr + g * K + ks, descale, mask=mk & (pn == 0))
+
+
+def quantize_weight_triton(w_t: torch.Tensor, exact_scales: bool = False, fwd: bool = True, bwd: bool = True):
+    """Triton twin of quant_ref.quantize_weight_ref (same outputs, same layouts)."""
+    G, K, N = w_t.shape
+    dev = w_t.device
+    q_fwd = torch.empty((G, N, K) if fwd else (0,), dtype=FP8_DTYPE, device=dev)
+    d_fwd = torch.empty((G, N) if fwd else (0,), dtype=torch.float32, device=dev)
+    q_bwd = torch.empty((G, K, N) if bwd else (0,), dtype=FP8_DTYPE, device=dev)
+    d_bwd = torch.empty((G, K) if bwd else (0,), dtype=torch.float32, device=dev)
+    if not (fwd or bwd) or w_t.numel() == 0:
+        return q_fwd, d_fwd, q_bwd, d_bwd
+    amax = torch.zeros(G * (N + K), dtype=torch.float32, device=dev)  # one memset for both
+    amax_fwd, amax_bwd = amax[: G * N], amax[G * N:]
+    block_k = min(64, triton.next_power_of_2(K))
+    block_n = min(64, triton.next_power_of_2(N))
+    grid = (G, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    strides = (w_t.stride(0), w_t.stride(1), w_t.stride(2))
+    _weight_amax_kernel[grid](w_t, *strides, amax_fwd, amax_bwd, K, N,
+                              BLOCK_K=block_k, BLOCK_N=block_n, FWD=fwd, BWD=bwd)
+    _weight_cast_kernel[grid](w_t, *strides, amax_fwd, amax_bwd, q_fwd, d_fwd, q_bwd, d_bwd, K, N,
+                              BLOCK_K=block_k, BLOCK_N=block_n, FWD=fwd, BWD=bwd, EXACT=exact_scales)
+    return q_fwd, d_fwd, q_bwd, d_bwd
+
+
+# ---------------------------------------------------------------------------------------
+# Token groups: x (M, K) and grad_out (M, N) for grad_w, scaled per (group, column) and
+# written transposed with each group padded (see quant_ref.quantize_cols_grouped_ref).
+
+
+@triton.jit
+def _quant_cols_grouped_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr,
+                               qT_ptr, descale_ptr, poffs_ptr, M, C, P, G,
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                               HAS_ROW_DESCALE: tl.constexpr, EXACT: tl.constexpr):
+    g = tl.program_id(0)
+    pc = tl.program_id(1)
+    # This group's padded start: the padded sizes of the groups before it, from offs.
+    gi = tl.arange(0, BLOCK_G)
+    ends_all = tl.minimum(tl.maximum(tl.load(offs_ptr + gi, mask=gi < G, other=0), 0), M)
+    starts_all = tl.minimum(tl.maximum(tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0), 0), M)
+    sizes = tl.maximum(ends_all - starts_all, 0)
+    padded = tl.maximum((sizes + _PAD - 1) // _PAD * _PAD, _PAD)
+    pstart = tl.sum(tl.where(gi < g, padded, 0), axis=0)
+    start = tl.sum(tl.where(gi == g, starts_all, 0), axis=0)
+    end = tl.sum(tl.where(gi == g, ends_all, 0), axis=0)
+    size = tl.maximum(end - start, 0)
+    psize = tl.maximum((size + _PAD - 1) // _PAD * _PAD, _PAD)
+
+    cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cs < C
+    cs64 = cs.to(tl.int64)
+    rr = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i0 in range(0, size, BLOCK_M):
+        rows = start + i0 + rr
+        mr = i0 + rr < size
+        v = tl.load(a_ptr + rows[:, None].to(tl.int64) * s_am + cs64[None, :] * s_ac,
+                    mask=mr[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        if HAS_ROW_DESCALE:
+            v = v * tl.load(row_descale_ptr + rows, mask=mr, other=0.0)[:, None]
+        acc = tl.maximum(acc, tl.max(_abs_nan_as_inf(v), axis=0))
+    scale, descale = _scales_from_amax(acc, EXACT)
+    tl.store(descale_ptr + g.to(tl.int64) * C + cs, descale, mask=mc)
+    for i0 in range(0, psize, BLOCK_M):
+        rows = start + i0 + rr
+        mr = i0 + rr < size
+        v = tl.load(a_ptr + rows[:, None].to(tl.int64) * s_am + cs64[None, :] * s_ac,
+                    mask=mr[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        if HAS_ROW_DESCALE:
+            v = v * tl.load(row_descale_ptr + rows, mask=mr, other=0.0)[:, None]
+        v = tl.where(mr[:, None], v * scale[None, :], 0.0)  # padding is 0, even if scale is NaN
+        dst = qT_ptr + cs64[None, :] * P + (pstart + i0 + rr)[:, None]
+        tl.store(dst, _to_fp8(v), mask=(i0 + rr < psize)[:, None] & mc[None, :])
+    if pc == 0:
+        tl.store(poffs_ptr + g, pstart + psize)
+
+
+def quantize_cols_grouped_triton(a: torch.Tensor, offs: torch.Tensor, exact_scales: bool = False,
+                                 row_descale: torch.Tensor | None = None):
+    """Triton twin of quant_ref.quantize_cols_grouped_ref: -> (qT (C, P), descale (G, C), poffs (G,))."""
+    M, C = a.shape
+    G = offs.shape[0]
+    P = padded_length(M, G)
+    qT = torch.empty((C, P), dtype=FP8_DTYPE, device=a.device)
+    descale = torch.empty((G, C), dtype=torch.float32, device=a.device)
+    poffs = torch.empty(G, dtype=torch.int32, device=a.device)
+    block_c = min(64, triton.next_power_of_2(max(C, 1)))
+    grid = (G, triton.cdiv(C, block_c))
+    _quant_cols_grouped_kernel[grid](
+        a, a.stride(0), a.stride(1), row_descale if row_descale is not None else descale, offs,
+        qT, descale, poffs, M, C, P, G,
+        BLOCK_M=64, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(G),
+        HAS_ROW_DESCALE=row_descale is not None, EXACT=exact_scales,
+    )
+    return qT, descale, poffs
+
+
+# ---------------------------------------------------------------------------------------
+# Rows past offs[-1] belong to no group: the grouped GEMMs leave them unwritten.
+
+
+@triton.jit
+def _zero_rows_past_end_kernel(out_ptr, s_m, s_n, offs_ptr, G, M, N,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    end = tl.load(offs_ptr + G - 1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mr = (rows >= end) & (rows < M)
+    # Blocks entirely inside the groups do nothing: a loop of zero trips.
+    n_iters = tl.where(pid * BLOCK_M + BLOCK_M > end, tl.cdiv(N, BLOCK_N), 0)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+    for i in range(0, n_iters):
+        cols = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        ptrs = out_ptr + rows[:, None].to(tl.int64) * s_m + cols[None, :].to(tl.int64) * s_n
+        tl.store(ptrs, zeros, mask=mr[:, None] & (cols < N)[None, :])
+
+
+def zero_rows_past_end_triton(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Triton twin of quant_ref.zero_rows_past_end_ref (in place on out (M, N))."""
+    M, N = out.shape
+    if M and N:
+        _zero_rows_past_end_kernel[(triton.cdiv(M, 32),)](
+            out, out.stride(0), out.stride(1), offs, offs.shape[0], M, N, BLOCK_M=32, BLOCK_N=128)
+    return out
