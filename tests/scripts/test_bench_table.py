@@ -45,19 +45,23 @@ def test_parse_shape_reads_four_ints(bench, text, expected):
 
 @pytest.mark.parametrize("text, message", [
     ("1,2,3", "four integers"), ("a,b,c,d", "four integers"), ("0,8,64,64", "positive"),
-    ("4096,8,100,64", "K and N must be multiples of 16"),
-    ("4100,8,64,64", "M must be a multiple of 16"), ("64,8,64,64", "at least 16*G")])
+    ("4096,8,100,64", "K and N must be multiples of 16")])
 def test_parse_shape_rejects_bad_shapes_with_a_reason(bench, text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         bench.parse_shape(text)
 
 
-def test_uniform_groups_are_equal_and_need_multiples_of_16(bench):
+def test_group_sizes_reject_bad_modes_and_too_few_rows(bench):
     assert bench.group_sizes(16384, 8, "uniform") == [2048] * 8
     with pytest.raises(ValueError, match="M/G a multiple of 16"):
         bench.group_sizes(16 * 24, 16, "uniform")
     with pytest.raises(ValueError, match="groups mode"):
         bench.group_sizes(16384, 8, "random")
+    for mode in bench.GROUP_MODES:
+        with pytest.raises(ValueError, match=re.escape("M must be a multiple of 16 and at least 16*G")):
+            bench.group_sizes(4100, 8, mode)
+        with pytest.raises(ValueError, match=re.escape("at least 16*G, got M=64, G=8")):
+            bench.group_sizes(64, 8, mode)
 
 
 @pytest.mark.parametrize("M, G", [(16384, 8), (8192, 16), (4096, 32), (65536, 4),
