@@ -1,0 +1,137 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+A save writes `step-N.tmp/` (DCP shards of model and optimizer; step, scheduler and data
+position; each rank's RNG state), waits for every rank, then rank 0 writes the marker file
+`COMPLETE` into it and renames it to `step-N/`. A crash or kill at any point before the
+rename leaves only a `.tmp` folder, which `latest()` ignores and the next save removes, so
+the newest complete checkpoint stays usable. Model and optimizer are saved as sharded
+DTensors, so a run may resume on another world size or EP degree (DCP reshards on load).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def complete_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """[(step, path)] of the complete checkpoints in `folder` (those with the marker),
+    oldest first; [] when the folder does not exist."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(folder, name, MARKER)):
+            found.append((int(m.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+class Checkpointer:
+    """Saves to and resumes from `folder`, keeping the newest `keep_last` checkpoints
+    (0: keep all). Call `save` and `load` on every rank: both are collective."""
+
+    def __init__(self, folder: str, keep_last: int = 3):
+        self.folder, self.keep_last = folder, keep_last
+
+    def latest(self) -> tuple[int, str] | None:
+        """(step, path) of the newest complete checkpoint, or None."""
+        found = complete_checkpoints(self.folder)
+        return found[-1] if found else None
+
+    @staticmethod
+    def _state(model, optimizer, scheduler, loader, step: int) -> dict:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optimizer": optim_sd,
+                "train": {"step": step, "scheduler": scheduler.state_dict(),
+                          "data": loader.state_dict()}}
+
+    def save(self, step: int, model, optimizer, scheduler, loader) -> str:
+        """Write checkpoint `step`; returns its final path. Collective."""
+        rank, world = _rank_world()
+        final = os.path.join(self.folder, f"step-{step}")
+        tmp = final + ".tmp"
+        if rank == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save of this step
+        _barrier()
+        dcp.save(self._state(model, optimizer, scheduler, loader, step), checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+        _barrier()
+        if rank == 0:
+            self._commit(tmp, final, step, world)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _commit(self, tmp: str, final: str, step: int, world: int) -> None:
+        marker = os.path.join(tmp, MARKER)
+        with open(marker, "w") as f:
+            json.dump({"step": step, "world_size": world,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):   # an older save of the same step (a redone step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+
+    def _prune(self, keep: str) -> None:
+        for name in os.listdir(self.folder):
+            if name.endswith(".tmp") and _STEP_DIR.match(name[:-4]):
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+        if self.keep_last > 0:
+            for _, path in complete_checkpoints(self.folder)[:-self.keep_last]:
+                if path != keep:
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, path: str, model, optimizer, scheduler, loader) -> int:
+        """Restore everything saved in checkpoint `path` in place; returns its step.
+        Model and optimizer are resharded to the current layout. RNG states are restored
+        when the world size matches the saved one (else the caller's seeding stands).
+        Raises ValueError when `path` is not a complete checkpoint. Collective."""
+        if not os.path.isfile(os.path.join(path, MARKER)):
+            raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        state = self._state(model, optimizer, scheduler, loader, step=0)
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(state["train"]["scheduler"])
+        loader.load_state_dict(state["train"]["data"])
+        rank, world = _rank_world()
+        with open(os.path.join(path, MARKER)) as f:
+            saved_world = json.load(f)["world_size"]
+        if saved_world == world:
+            rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return int(state["train"]["step"])

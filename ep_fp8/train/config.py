@@ -1,0 +1,364 @@
+"""The training config: one TOML file mapped onto one dataclass per section.
+
+`load_config(path, overrides)` reads the file, applies `--section.key=value` overrides,
+checks every key and type, and checks the combinations (`validate.py`) before any process
+group is created or any file is written. Every error is a `ConfigError` (a ValueError)
+whose message names the file or the override, the section and the key.
+
+The reference of every key, its default and meaning is docs/config.md (a test keeps the
+two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, of the wrong type, or impossible in combination."""
+
+
+@dataclass
+class JobConfig:
+    name: str = "run"
+    output_dir: str = "outputs"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "debug"
+    # Any other key of [model] overrides the ModelArgs field of the same name.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Float8Config:
+    enabled: bool = False
+    backend: Literal["auto", "cuda", "emulated", "bf16"] = "auto"
+    exact_scales: bool = False
+    dispatch_payload: Literal["bf16", "float8"] = "bf16"
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    dp_replicate: int = 1
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_norm: float = 1.0
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+
+
+@dataclass
+class LRScheduleConfig:
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class RouterConfig:
+    bias_update_rate: float = 1e-3
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "text", "jsonl"] = "synthetic"
+    path: str = ""
+    tokenizer: str = "bytes"
+    jsonl_field: str = "text"
+    seed: int = 0
+    synthetic_vocab: int = 256
+    synthetic_branching: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = False
+    interval: int = 500
+    keep_last: int = 3
+    folder: str = "checkpoints"
+    resume: bool = True
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    jsonl: bool = True
+    tensorboard: bool = True
+    peak_flops: float = 0.0
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    mode: Literal["none", "full", "selective"] = "none"
+
+
+@dataclass
+class CompileConfig:
+    enabled: bool = False
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(
+        default_factory=ActivationCheckpointConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    # Where the values came from, for error messages; not a TOML key.
+    source: str = field(default="<defaults>", compare=False, repr=False)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
+
+
+def section_fields(section: str) -> dict[str, Any]:
+    """{key: type} of one section's dataclass (ModelConfig without `overrides`)."""
+    cls = typing.get_type_hints(Config)[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "overrides"}
+
+
+def model_arg_types() -> dict[str, Any]:
+    """{field: type} of ep_fp8.model.ModelArgs: the keys [model] may override."""
+    from ep_fp8.model import ModelArgs
+
+    hints = typing.get_type_hints(ModelArgs)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ModelArgs)}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) in (tuple, list):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked against the annotation `tp`; ints are accepted where a float is
+    wanted (TOML `max_norm = 1`). Raises ConfigError naming `where` otherwise."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return coerce(value, arm, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if origin is tuple and Ellipsis not in typing.get_args(tp) and len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        items = [coerce(v, args[min(i, len(args) - 1)], f"{where}[{i}]")
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"config type {tp!r} of {where} has no checker")  # a code bug, not input
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) is Literal
+                         and all(isinstance(c, str) for c in typing.get_args(tp)))
+
+
+def parse_override(arg: str) -> tuple[str, str, str]:
+    """'--section.key=value' -> (section, key, raw value text)."""
+    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+        raise ConfigError(f"command line: {arg!r} is not of the form --section.key=value")
+    name, raw = arg[2:].split("=", 1)
+    section, key = name.split(".", 1)
+    return section, key, raw
+
+
+def _override_value(raw: str, tp: Any) -> Any:
+    """The value text of an override read as a TOML value (`true`, `3`, `[0.9, 0.95]`,
+    `"x"`); a bare word is a string, so `--job.name=foo` needs no quotes."""
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    if _is_text(tp) and not isinstance(value, str):
+        return raw
+    return value
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, where: str,
+         model_types: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Set one key, checking the section, the key and the type. Returns the ModelArgs
+    field types (loaded the first time a model override needs them)."""
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section [{section}] "
+                          f"(known: {', '.join(SECTIONS)})")
+    fields = section_fields(section)
+    if section == "model" and key != "name":
+        if model_types is None:
+            model_types = model_arg_types()
+        if key not in model_types:
+            raise ConfigError(f"{where}: unknown key '{key}' in [model] (known: name, "
+                              f"{', '.join(model_types)})")
+        cfg.model.overrides[key] = coerce(value, model_types[key], f"{where}: [model] {key}")
+        return model_types
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown key '{key}' in [{section}] "
+                          f"(known: {', '.join(fields)})")
+    setattr(getattr(cfg, section), key, coerce(value, fields[key], f"{where}: [{section}] {key}"))
+    return model_types
+
+
+def load_config(path: str | None, overrides: typing.Sequence[str] = (),
+                world_size: int | None = None) -> Config:
+    """Read `path` (None: all defaults), apply `--section.key=value` overrides, check keys,
+    types and combinations for `world_size` ranks (None: skip the world-size checks).
+
+    Touches no process group and writes no file. Raises ConfigError (a ValueError) naming
+    the file or override and the key; FileNotFoundError for a missing config file.
+    """
+    cfg = Config(source=path or "<defaults>")
+    model_types: dict[str, Any] | None = None
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
+            for key, value in table.items():
+                model_types = _set(cfg, section, key, value, path, model_types)
+    for arg in overrides:
+        section, key, raw = parse_override(arg)
+        if section == "model" and key != "name":
+            model_types = model_types or model_arg_types()
+            tp = model_types.get(key, str)
+        else:
+            tp = section_fields(section).get(key, str) if section in SECTIONS else str
+        model_types = _set(cfg, section, key, _override_value(raw, tp),
+                           f"command line {arg}", model_types)
+    if overrides:
+        cfg.source = f"{cfg.source} + command line"
+    from ep_fp8.train.validate import validate
+
+    validate(cfg, world_size)
+    return cfg
+
+
+def to_dict(cfg: Config, resolve_model: bool = False) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}}; [model] flattened (name first, then its overrides). With
+    `resolve_model`, [model] lists every ModelArgs field of the resolved model, so the
+    result reproduces the run even if the preset changes later."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, section))
+        if section == "model":
+            fields = (dataclasses.asdict(resolve_model_args(cfg)) if resolve_model
+                      else values["overrides"])
+            values = {"name": values["name"], **fields}
+        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: Config, resolve_model: bool = False) -> str:
+    """The config as TOML text that `load_config` reads back (to an equal Config without
+    `resolve_model`; to one that builds the same model with it)."""
+    lines = []
+    for section, values in to_dict(cfg, resolve_model).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def resolve_model_args(cfg: Config):
+    """ep_fp8.model.ModelArgs of the preset `model.name` with the [model] overrides applied.
+
+    Raises ConfigError for an unknown preset name."""
+    from ep_fp8.model import PRESETS
+
+    if cfg.model.name not in PRESETS:
+        raise ConfigError(f"{cfg.source}: [model] name must be one of "
+                          f"{', '.join(sorted(PRESETS))}, got {cfg.model.name!r}")
+    return dataclasses.replace(PRESETS[cfg.model.name], **cfg.model.overrides)
+
+
+def run_dir(cfg: Config) -> str:
+    """The run's folder: job.output_dir / job.name (config, metrics, checkpoints)."""
+    return os.path.join(cfg.job.output_dir, cfg.job.name)
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """checkpoint.folder, relative to the run's folder unless it is absolute."""
+    return os.path.join(run_dir(cfg), cfg.checkpoint.folder)

@@ -1,0 +1,159 @@
+"""Training data: a synthetic Markov chain with a known entropy, or local text / JSONL.
+
+Every source is a list of samples addressed by a global index g = 0, 1, 2, ...; a sample
+is seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len). Step after
+step the loader walks that list, one global batch (world_size * batch_size samples) at a
+time, and rank r reads only its own rows r*B .. (r+1)*B - 1 of each global batch. Its one
+piece of state is the number of samples consumed globally, which does not depend on the
+world size: a run resumed on a different number of ranks continues the same sample
+sequence, and with the same global batch it sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import torch
+
+from ep_fp8.train.tokenizer import load_tokenizer
+
+
+def list_files(pattern: str) -> list[str]:
+    """Files matching `pattern` (a path or a glob; `**` recurses), sorted, so every rank
+    and every run sees the same order. Raises ValueError when nothing matches."""
+    files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not files:
+        raise ValueError(f"data path {pattern!r} matches no file")
+    return files
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    # One generator per (seed, index) makes a sample independent of which rank or which
+    # batch asks for it.
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+class MarkovSource:
+    """A seeded first-order Markov chain over `vocab` tokens. From every token the next is
+    drawn uniformly among `branching` distinct successors, so every row of the transition
+    matrix has entropy ln(branching) and so does the chain: `entropy` is the lowest mean
+    cross-entropy (nats per token) any model can reach on it.
+
+    Successors of token s are (r_s + c_j) mod vocab, j < branching, with c distinct random
+    offsets shared by all rows and r_s a random shift per row: distinct by construction,
+    and O(vocab * branching) to build.
+    """
+
+    def __init__(self, vocab: int, branching: int, seq_len: int, seed: int):
+        if not 1 <= branching <= vocab:
+            raise ValueError(f"synthetic_branching must be in [1, synthetic_vocab={vocab}], "
+                             f"got {branching}")
+        g = _generator(seed, -1)
+        offsets_K = torch.randperm(vocab, generator=g)[:branching]
+        shift_V = torch.randint(vocab, (vocab, 1), generator=g)
+        self.successors_VK = (shift_V + offsets_K[None, :]) % vocab   # (V, K)
+        self.vocab, self.branching, self.seq_len, self.seed = vocab, branching, seq_len, seed
+        self.entropy = math.log(branching)
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
+        first_B = torch.empty(len(indices), dtype=torch.int64)
+        choice_BL = torch.empty(len(indices), self.seq_len, dtype=torch.int64)
+        for i, index in enumerate(indices):
+            g = _generator(self.seed, index)
+            first_B[i] = torch.randint(self.vocab, (1,), generator=g)
+            choice_BL[i] = torch.randint(self.branching, (self.seq_len,), generator=g)
+        tokens = [first_B]
+        for t in range(self.seq_len):
+            tokens.append(self.successors_VK[tokens[-1], choice_BL[:, t]])
+        return torch.stack(tokens, dim=1)
+
+
+def _documents(files: list[str], source: str, field: str):
+    """Yields each document as bytes: a whole file ("text"), or the `field` string of each
+    line of a JSONL file ("jsonl")."""
+    for path in files:
+        with open(path, "rb") as f:
+            if source == "text":
+                yield f.read()
+                continue
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[field]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{lineno}: not a JSON object with a string "
+                                     f"field {field!r}") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
+                yield text.encode("utf-8")
+
+
+class TokenFileSource:
+    """Local text or JSONL files, tokenized once into one token stream (documents joined by
+    the tokenizer's end-of-document token), cut into non-overlapping windows of seq_len + 1
+    tokens. Each epoch visits every window once, in an order shuffled by (seed, epoch)."""
+
+    def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
+                 field: str = "text"):
+        self.tokenizer = load_tokenizer(tokenizer)
+        eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        dtype = torch.int16 if self.tokenizer.vocab_size <= 2**15 else torch.int32
+        pieces = [torch.tensor(self.tokenizer.encode(doc) + eos, dtype=dtype)
+                  for doc in _documents(list_files(pattern), source, field)]
+        self.tokens = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+        self.seq_len, self.seed = seq_len, seed
+        self.n_windows = (self.tokens.numel() - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError(f"data path {pattern!r} holds {self.tokens.numel()} tokens, "
+                             f"fewer than seq_len + 1 = {seq_len + 1}")
+        self._epoch, self._order = -1, None
+
+    def _window(self, index: int) -> int:
+        epoch, pos = divmod(index, self.n_windows)
+        if epoch != self._epoch:
+            self._order = torch.randperm(self.n_windows, generator=_generator(self.seed, epoch))
+            self._epoch = epoch
+        return int(self._order[pos])
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
+        L = self.seq_len
+        rows = [self.tokens[w * L: w * L + L + 1] for w in map(self._window, indices)]
+        return torch.stack(rows).to(torch.int64)
+
+
+def build_source(cfg) -> MarkovSource | TokenFileSource:
+    """The data source that `cfg.data` (a DataConfig) names, for `cfg.training.seq_len`."""
+    d, seq_len = cfg.data, cfg.training.seq_len
+    if d.source == "synthetic":
+        return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed)
+    return TokenFileSource(d.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
+
+
+class DataLoader:
+    """This rank's batches: rank r of `world` reads rows r*B .. (r+1)*B - 1 of every global
+    batch of world * B samples. `state_dict()` / `load_state_dict()` carry the position
+    (samples consumed globally), which is all a resumed run needs."""
+
+    def __init__(self, source, batch_size: int, rank: int, world: int):
+        self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
+        self.samples_seen = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs (B, seq_len), targets (B, seq_len)) int64, on the CPU."""
+        start = self.samples_seen + self.rank * self.batch_size
+        tokens_BL1 = self.source.get(list(range(start, start + self.batch_size)))
+        self.samples_seen += self.world * self.batch_size
+        return tokens_BL1[:, :-1], tokens_BL1[:, 1:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.samples_seen = int(state["samples_seen"])

@@ -1,0 +1,194 @@
+"""The training loop: build the model from its preset, parallelize it, and train with
+AdamW, warm-up + cosine, clipping and gradient accumulation; update the router biases
+after each step; log, checkpoint, resume, and stop cleanly on SIGTERM or a NaN/Inf loss.
+
+`train(cfg)` expects the process group to exist (see `ep_fp8.train.main`); it may be
+called several times in one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ep_fp8.train.checkpoint import Checkpointer
+from ep_fp8.train.config import (Config, checkpoint_dir, resolve_model_args, run_dir, to_dict,
+                                 to_toml)
+from ep_fp8.train.data import DataLoader, MarkovSource, build_source
+from ep_fp8.train.metrics import MetricsLogger, peak_flops
+from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from ep_fp8.train.validate import resolve_ep
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the message names the step."""
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The device this rank trains on: cuda:LOCAL_RANK, or the CPU."""
+    if cfg.training.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """Parameter dtype for compute: "auto" is bfloat16 on CUDA and float32 on the CPU."""
+    if cfg.training.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.training.dtype)
+
+
+def dispatch_payload(cfg: Config) -> str:
+    """The all-to-all payload: float8 only while the experts are float8, so switching
+    float8.enabled alone turns a float8 run into its bf16 twin."""
+    return cfg.float8.dispatch_payload if cfg.float8.enabled else "bf16"
+
+
+def build_model(cfg: Config, device: torch.device, dtype: torch.dtype):
+    """ep_fp8.model.Transformer from the preset + overrides, parallelized over all ranks.
+    Returns (model, model_args, parallel_dims)."""
+    from ep_fp8.model import Transformer
+    from ep_fp8.parallel import ParallelDims, parallelize_model
+
+    args, world, rep = resolve_model_args(cfg), dist.get_world_size(), cfg.parallel.dp_replicate
+    dims = ParallelDims(world_size=world, dp_replicate=rep,
+                        ep=resolve_ep(cfg.parallel.ep, args.n_experts, world, rep))
+    mesh = dims.build_mesh(device.type)
+    # Built on the meta device and materialised shard by shard, so no rank ever holds the
+    # whole model; init_weights gives the same weights for any sharding (seeded per
+    # parameter over its global shape), so runs with different EP degrees start equal.
+    torch.manual_seed(cfg.job.seed)   # any other randomness is seeded too, equally per rank
+    with torch.device("meta"):
+        model = Transformer(args, float8=cfg.float8.enabled, float8_backend=cfg.float8.backend,
+                            exact_scales=cfg.float8.exact_scales)
+    model = parallelize_model(model, dims, mesh, dispatch_payload=dispatch_payload(cfg),
+                              fsdp=True, ac_mode=cfg.activation_checkpoint.mode,
+                              compile=cfg.compile.enabled, param_dtype=dtype,
+                              reduce_dtype=torch.float32)
+    model.to_empty(device=device)
+    model.init_weights(seed=cfg.job.seed)
+    return model, args, dims
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop finishes the step, saves and exits 0."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _say(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: Config) -> dict:
+    """Train as `cfg` says. Returns {"step", "records", "stopped", "checkpoint"}: the last
+    step done, the logged metric records, why it stopped early ("" if it did not), and the
+    last checkpoint written. Raises NonFiniteLossError naming the step when the loss
+    becomes NaN or Inf."""
+    from ep_fp8.model import flops_per_token, param_counts
+    from ep_fp8.moe import update_router_biases
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device, t = resolve_device(cfg), cfg.training
+    dtype = resolve_dtype(cfg, device)
+    folder = run_dir(cfg)
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.toml"), "w") as f:
+            f.write(to_toml(cfg, resolve_model=True))
+        print(f"config ({cfg.source}), resolved:\n{to_toml(cfg, resolve_model=True)}",
+              flush=True)
+
+    model, args, dims = build_model(cfg, device, dtype)
+    total, active = param_counts(args)
+    _say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
+         f"per token; {world} ranks, ep={dims.ep}, device {device.type}, {dtype}, "
+         f"float8 {'on (' + cfg.float8.backend + ')' if cfg.float8.enabled else 'off'}, "
+         f"dispatch payload {dispatch_payload(cfg)}")
+    o = cfg.optimizer
+    optimizer = build_optimizer(model, o.lr, tuple(o.betas), o.weight_decay, o.eps)
+    scheduler = build_scheduler(optimizer, t.steps, cfg.lr_schedule.warmup_steps,
+                                cfg.lr_schedule.min_lr_ratio)
+    source = build_source(cfg)
+    loader = DataLoader(source, t.batch_size, rank, world)
+    ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep_last)
+
+    step, last_ckpt = 0, None
+    if cfg.checkpoint.enabled and cfg.checkpoint.resume and (found := ckpt.latest()):
+        step = ckpt.load(found[1], model, optimizer, scheduler, loader)
+        last_ckpt = found[1]
+        _say(f"resumed from {found[1]} (step {step})")
+
+    metrics = MetricsLogger(
+        folder, rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,
+        tokens_per_step=world * t.batch_size * t.seq_len * t.grad_accum,
+        flops_per_token=flops_per_token(args, t.seq_len),
+        peak=peak_flops(device, cfg.metrics.peak_flops), device=device,
+        jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard)
+    metrics.start(cfg.job.name, to_dict(cfg, resolve_model=True), resumed_step=step)
+    dp_group = dist.group.WORLD if world > 1 else None   # every rank reads its own data
+    stopped = ""
+    model.train()
+    with _StopFlag() as stop:
+        while step < t.steps:
+            step += 1
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(t.grad_accum):
+                inputs_BS, targets_BS = (x.to(device, non_blocking=True) for x in loader.next())
+                logits_BSV = model(inputs_BS)
+                loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach() / t.grad_accum
+            grad_norm = clip_grad_norm_(model.parameters(), t.max_norm)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            balance = update_router_biases(model, cfg.router.bias_update_rate, group=dp_group)
+            # One small all-reduce carries the loss and every rank's SIGTERM flag.
+            shared = torch.stack([loss_sum, torch.tensor(float(stop.set), device=device)])
+            if world > 1:
+                dist.all_reduce(shared)
+            loss_avg, n_stop, norm = torch.stack([shared[0] / world, shared[1],
+                                                  grad_norm.to(device)]).tolist()
+            if not math.isfinite(loss_avg):
+                raise NonFiniteLossError(
+                    f"loss is {loss_avg} at step {step}: stopping. The last complete "
+                    f"checkpoint is {last_ckpt or 'none'}; lower [optimizer] lr or raise "
+                    f"[lr_schedule] warmup_steps before resuming.")
+            metrics.step(step, loss_avg, norm, lr, balance.get("load_imbalance_max", 1.0))
+            if n_stop > 0:
+                stopped = f"stopped by SIGTERM after step {step}"
+            if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
+                                           or step == t.steps or stopped):
+                last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)
+                _say(f"checkpoint {last_ckpt}")
+            if stopped:
+                _say(stopped + ("" if cfg.checkpoint.enabled
+                                else " (checkpoint.enabled = false: nothing saved)"))
+                break
+    entropy = source.entropy if isinstance(source, MarkovSource) else None
+    _say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
+    return {"step": step, "records": metrics.records, "stopped": stopped,
+            "checkpoint": last_ckpt}

@@ -1,0 +1,95 @@
+"""Command line: `python -m ep_fp8.train --config FILE [--section.key=value ...]`.
+
+Reads and checks the config first (errors name the file and key, before any process
+group exists), then joins the process group torchrun describes in the environment (or a
+one-process group when started without torchrun), trains, and leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ep_fp8.train.config import ConfigError, load_config
+
+USAGE = """usage: python -m ep_fp8.train --config FILE [--section.key=value ...]
+
+Trains the model that the TOML file FILE describes; each --section.key=value overrides
+one key of it (e.g. --training.steps=20 --float8.enabled=false). Keys: docs/config.md.
+Several processes: torchrun --nproc-per-node=N -m ep_fp8.train --config FILE"""
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(config path, ['--section.key=value', ...]); `--section.key value` is accepted too.
+    Raises ConfigError for an argument of another form."""
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 1
+        if name == "--config":
+            path = value
+        elif name.startswith("--") and "." in name and (eq or value):
+            overrides.append(f"{name}={value}")
+        else:
+            raise ConfigError(f"command line: cannot read {arg!r}\n{USAGE}")
+        i += 1
+    return path, overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str) -> None:
+    """Join the process group of torchrun's environment variables, or make a one-process
+    group when they are absent. NCCL on CUDA, gloo on the CPU."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the process exit code: 0 done (or stopped by SIGTERM after saving), 1 the
+    loss became NaN/Inf, 2 a bad config or command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        path, overrides = parse_cli(argv)
+        cfg = load_config(path, overrides, world_size=world)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from ep_fp8.train.loop import NonFiniteLossError, resolve_device, train
+
+    init_distributed(resolve_device(cfg).type)
+    code = 0
+    try:
+        train(cfg)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Metrics: the log line, the JSONL file (and TensorBoard when installed), MFU, and the
+end-of-run summary. Only rank 0 prints and writes; docs/metrics.md explains each value.
+
+JSONL schema, one object per line: first
+  {"run": {"name", "config", "world_size", "device", "torch", "date"}}
+then every `log_every` steps
+  {"step", "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
+   "peak_mem_gib", "load_imbalance", "time_s"}.
+A resumed run drops the lines of steps after its checkpoint and appends a new "run" line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+
+# Dense bf16 tensor-core peak of the H100 / H200 SXM (989.4 TFLOP/s, NVIDIA data sheet).
+# float8 runs are reported against this bf16 peak too, so their MFU compares directly.
+H100_H200_BF16_PEAK_FLOPS = 989e12
+
+METRIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu",
+               "mfu", "peak_mem_gib", "load_imbalance", "time_s")
+
+
+def peak_flops(device: torch.device, configured: float = 0.0) -> float:
+    """FLOP/s that MFU divides by: `configured` when > 0, else the bf16 dense peak of an
+    H100/H200, else 0.0 (unknown GPU or CPU: MFU is then reported as 0.0)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if "H100" in name or "H200" in name:
+            return H100_H200_BF16_PEAK_FLOPS
+    return 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by this process so far, GiB; 0.0 on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return 0.0
+
+
+def format_line(r: dict, steps: int) -> str:
+    """One human-readable log line for a metrics record."""
+    return (f"step {r['step']:>{len(str(steps))}}/{steps}  loss {r['loss']:.4f}  "
+            f"grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  "
+            f"tok/s {r['tokens_per_s']:,.0f} ({r['tokens_per_s_per_gpu']:,.0f}/rank)  "
+            f"mfu {100 * r['mfu']:.1f}%  mem {r['peak_mem_gib']:.2f} GiB  "
+            f"imbalance {r['load_imbalance']:.2f}")
+
+
+def _drop_steps_after(path: str, step: int) -> None:
+    """Rewrite `path` without the records of steps > `step` (a resumed run redoes them)."""
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", -1) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+class MetricsLogger:
+    """Collects per-step values and, every `log_every` steps, turns them into a record that
+    is printed and written (rank 0 only).
+
+    `flops_per_token` is the training FLOPs per token (ep_fp8.model.flops_per_token);
+    `peak` the FLOP/s MFU divides by (0: MFU 0.0); `tokens_per_step` the global tokens of
+    one optimizer step.
+    """
+
+    def __init__(self, run_dir: str, *, rank: int, world: int, steps: int, log_every: int,
+                 tokens_per_step: int, flops_per_token: float, peak: float,
+                 device: torch.device, jsonl: bool = True, tensorboard: bool = True,
+                 printer=print):
+        self.rank, self.world, self.steps, self.log_every = rank, world, steps, log_every
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.device, self.print = device, printer
+        self.path = os.path.join(run_dir, "metrics.jsonl") if jsonl and rank == 0 else None
+        self.records: list[dict] = []
+        self._tb, self._tb_dir = None, os.path.join(run_dir, "tb") if tensorboard else None
+        self._start = time.perf_counter()
+        self._window_start, self._window_steps = self._start, 0
+        self._imbalance: list[float] = []
+
+    def start(self, name: str, config: dict, resumed_step: int) -> None:
+        """Write the "run" record (after dropping the lines a resumed run will redo)."""
+        if self.rank != 0:
+            return
+        if self._tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(self._tb_dir, purge_step=resumed_step + 1)
+            except ImportError:
+                self.print("metrics: tensorboard is not installed; writing JSONL only")
+        if self.path is None:
+            return
+        if resumed_step > 0 and os.path.exists(self.path):
+            _drop_steps_after(self.path, resumed_step)
+        elif os.path.exists(self.path):
+            os.remove(self.path)   # a fresh run in an old folder starts a fresh file
+        run = {"name": name, "config": config, "world_size": self.world,
+               "device": str(self.device) if self.device.type == "cpu"
+               else torch.cuda.get_device_name(self.device),
+               "torch": torch.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if resumed_step > 0:
+            run["resumed_from_step"] = resumed_step
+        self._write({"run": run})
+
+    def _write(self, obj: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def step(self, step: int, loss: float, grad_norm: float, lr: float,
+             load_imbalance: float) -> dict | None:
+        """Record one optimizer step; returns the record on a log step, else None."""
+        self._window_steps += 1
+        self._imbalance.append(load_imbalance)
+        if step % self.log_every != 0 and step != self.steps:
+            return None
+        now = time.perf_counter()
+        tokens_per_s = self.tokens_per_step * self._window_steps / max(now - self._window_start, 1e-9)
+        per_rank = tokens_per_s / self.world
+        record = {
+            "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_rank,
+            "mfu": self.flops_per_token * per_rank / self.peak if self.peak > 0 else 0.0,
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "load_imbalance": sum(self._imbalance) / len(self._imbalance),
+            "time_s": now - self._start,
+        }
+        self._window_start, self._window_steps, self._imbalance = now, 0, []
+        self.records.append(record)
+        if self.rank == 0:
+            self.print(format_line(record, self.steps))
+            if self.path is not None:
+                self._write(record)
+            if self._tb is not None:
+                for key in METRIC_KEYS[1:]:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        return record
+
+    def summary(self, *, stopped: str = "", entropy: float | None = None,
+                checkpoint: str | None = None) -> str:
+        """The end-of-run summary text; the first log window (compile, warm-up) is left
+        out of the throughput averages when there is more than one."""
+        if self._tb is not None:
+            self._tb.close()
+        r = self.records
+        if not r:
+            return "summary: no step was logged"
+        steady = r[1:] if len(r) > 1 else r
+        mean = lambda key: sum(x[key] for x in steady) / len(steady)  # noqa: E731
+        lines = [
+            "=" * 72,
+            f"summary: {r[-1]['step']}/{self.steps} steps in {r[-1]['time_s']:.1f} s"
+            + (f" ({stopped})" if stopped else ""),
+            f"  loss        first logged {r[0]['loss']:.4f}  last {r[-1]['loss']:.4f}  "
+            f"best {min(x['loss'] for x in r):.4f}",
+        ]
+        if entropy is not None:
+            lines.append(f"  data        entropy floor {entropy:.4f} nats/token; last loss is "
+                         f"{r[-1]['loss'] - entropy:+.4f} above it")
+        lines += [
+            f"  throughput  {mean('tokens_per_s'):,.0f} tok/s  "
+            f"({mean('tokens_per_s_per_gpu'):,.0f} per rank)  "
+            + (f"mfu {100 * mean('mfu'):.1f}% of {self.peak / 1e12:.0f} TFLOP/s bf16"
+               if self.peak > 0 else "mfu n/a (no known peak for this device)"),
+            f"  memory      peak {max(x['peak_mem_gib'] for x in r):.2f} GiB"
+            + ("" if self.device.type == "cuda" else " (GPU memory; 0 on CPU)"),
+            f"  experts     load imbalance (max/mean tokens) last {r[-1]['load_imbalance']:.2f}",
+        ]
+        if self.path:
+            lines.append(f"  metrics     {self.path}")
+        if checkpoint:
+            lines.append(f"  checkpoint  {checkpoint}")
+        lines.append("=" * 72)
+        return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Checks of a Config's values and combinations, run by `load_config` before any process
+group exists and before any file is written. Each failure is a ConfigError naming the
+config source and the key(s) involved."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ep_fp8.train.config import Config, ConfigError, checkpoint_dir, resolve_model_args
+
+
+def _check(ok: bool, cfg: Config, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{cfg.source}: {message}")
+
+
+def _ranges(cfg: Config) -> None:
+    """Each value on its own."""
+    t, o, s, c, m = cfg.training, cfg.optimizer, cfg.lr_schedule, cfg.checkpoint, cfg.metrics
+    positive = {
+        "[training] steps": t.steps, "[training] batch_size": t.batch_size,
+        "[training] seq_len": t.seq_len, "[training] grad_accum": t.grad_accum,
+        "[parallel] dp_replicate": cfg.parallel.dp_replicate,
+        "[checkpoint] interval": c.interval, "[metrics] log_every": m.log_every,
+        "[optimizer] lr": o.lr, "[optimizer] eps": o.eps,
+    }
+    for key, value in positive.items():
+        _check(value > 0, cfg, f"{key} must be > 0, got {value}")
+    non_negative = {
+        "[job] seed": cfg.job.seed, "[parallel] ep": cfg.parallel.ep, "[data] seed": cfg.data.seed,
+        "[training] max_norm": t.max_norm, "[optimizer] weight_decay": o.weight_decay,
+        "[lr_schedule] warmup_steps": s.warmup_steps, "[checkpoint] keep_last": c.keep_last,
+        "[router] bias_update_rate": cfg.router.bias_update_rate,
+        "[metrics] peak_flops": m.peak_flops,
+    }
+    for key, value in non_negative.items():
+        _check(value >= 0, cfg, f"{key} must be >= 0, got {value}")
+    _check(0.0 <= s.min_lr_ratio <= 1.0, cfg,
+           f"[lr_schedule] min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    _check(all(0.0 <= b < 1.0 for b in o.betas), cfg,
+           f"[optimizer] betas must be in [0, 1), got {list(o.betas)}")
+    name = cfg.job.name
+    _check(bool(name) and "/" not in name and name not in (".", ".."), cfg,
+           f"[job] name must be a non-empty folder name without '/', got {name!r}")
+    _check(bool(c.folder), cfg, "[checkpoint] folder must not be empty")
+
+
+def _device(cfg: Config) -> None:
+    cuda = torch.cuda.is_available()
+    _check(cfg.training.device != "cuda" or cuda, cfg,
+           "[training] device = \"cuda\" but no CUDA device is available")
+    on_cuda = cfg.training.device == "cuda" or (cfg.training.device == "auto" and cuda)
+    _check(cfg.float8.backend != "cuda" or on_cuda, cfg,
+           "[float8] backend = \"cuda\" needs a CUDA device (use \"auto\" or \"emulated\")")
+
+
+def resolve_ep(ep: int, n_experts: int, world_size: int, dp_replicate: int) -> int:
+    """The EP degree: `ep`, or for ep = 0 the largest degree that divides both n_experts
+    and the ranks of one replica (world_size / dp_replicate)."""
+    return ep or math.gcd(n_experts, max(world_size // dp_replicate, 1))
+
+
+def _parallel(cfg: Config, n_experts: int, world_size: int | None) -> None:
+    ep, rep = cfg.parallel.ep, cfg.parallel.dp_replicate
+    _check(n_experts % max(ep, 1) == 0, cfg,
+           f"[parallel] ep = {ep} must divide the model's n_experts = {n_experts}")
+    if world_size is None:
+        return
+    _check(world_size % rep == 0, cfg,
+           f"[parallel] dp_replicate = {rep} must divide the world size {world_size}")
+    _check((world_size // rep) % max(ep, 1) == 0, cfg,
+           f"[parallel] ep = {ep} must divide the world size {world_size} "
+           f"/ [parallel] dp_replicate {rep} = {world_size // rep}")
+
+
+def _data(cfg: Config, vocab_size: int) -> None:
+    from ep_fp8.train.data import list_files
+    from ep_fp8.train.tokenizer import load_tokenizer
+
+    d = cfg.data
+    if d.source == "synthetic":
+        _check(2 <= d.synthetic_vocab <= vocab_size, cfg,
+               f"[data] synthetic_vocab must be in [2, model vocab_size = {vocab_size}], "
+               f"got {d.synthetic_vocab}")
+        _check(1 <= d.synthetic_branching <= d.synthetic_vocab, cfg,
+               f"[data] synthetic_branching must be in [1, synthetic_vocab = "
+               f"{d.synthetic_vocab}], got {d.synthetic_branching}")
+        return
+    _check(bool(d.path), cfg, f"[data] source = {d.source!r} needs [data] path (a file or glob)")
+    try:
+        list_files(d.path)
+        tokenizer = load_tokenizer(d.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: [data] {e}") from None
+    _check(tokenizer.vocab_size <= vocab_size, cfg,
+           f"[data] tokenizer {d.tokenizer!r} has {tokenizer.vocab_size} tokens, more than "
+           f"the model's vocab_size = {vocab_size} ([model] vocab_size)")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError for a value out of range or an impossible combination; with
+    `world_size`, also check the parallel degrees against it and resolve `ep = 0` (auto)
+    to its value. Reads the data files' names and the tokenizer file; writes nothing."""
+    _ranges(cfg)
+    _device(cfg)
+    try:
+        args = resolve_model_args(cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # ModelArgs rejecting a combination of its fields
+        raise ConfigError(f"{cfg.source}: [model] {e}") from None
+    _check(cfg.training.seq_len <= args.max_seq_len, cfg,
+           f"[training] seq_len = {cfg.training.seq_len} exceeds the model's max_seq_len = "
+           f"{args.max_seq_len} ([model] max_seq_len)")
+    _parallel(cfg, args.n_experts, world_size)
+    if world_size is not None:
+        cfg.parallel.ep = resolve_ep(cfg.parallel.ep, args.n_experts, world_size,
+                                     cfg.parallel.dp_replicate)
+    _data(cfg, args.vocab_size)
+    if cfg.checkpoint.enabled and cfg.checkpoint.resume:
+        folder = checkpoint_dir(cfg)
+        _check(not os.path.isfile(folder), cfg,
+               f"[checkpoint] folder {folder!r} is a file, not a folder")

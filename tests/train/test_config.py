@@ -1,0 +1,163 @@
+"""Config: TOML parsing, overrides, round trip, and every kind of error naming its key."""
+
+import dataclasses
+import os
+import re
+
+import pytest
+import torch
+
+from ep_fp8.model import ModelArgs
+from ep_fp8.train.config import (SECTIONS, Config, ConfigError, load_config, resolve_model_args,
+                                 section_fields, to_toml)
+from ep_fp8.train.loop import dispatch_payload
+from ep_fp8.train.main import main, parse_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write(tmp_path, text, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_values_from_file_and_overrides_reach_the_dataclasses(tmp_path):
+    path = write(tmp_path, """
+[job]
+name = "t"
+[model]
+name = "debug"
+dim = 128
+[training]
+steps = 7
+max_norm = 2          # an int where a float is wanted is fine
+[optimizer]
+betas = [0.8, 0.9]
+""")
+    cfg = load_config(path, ["--training.steps=9", "--job.name=other", "--float8.enabled=true",
+                             "--model.n_layers=3", "--optimizer.lr=1e-3", '--data.path="a b"'])
+    assert cfg.training.steps == 9 and cfg.training.max_norm == 2.0
+    assert isinstance(cfg.training.max_norm, float)
+    assert cfg.job.name == "other" and cfg.float8.enabled is True
+    assert cfg.optimizer.betas == (0.8, 0.9) and cfg.optimizer.lr == 1e-3
+    assert cfg.data.path == "a b"
+    args = resolve_model_args(cfg)
+    assert (args.dim, args.n_layers) == (128, 3)
+    assert args.n_experts == ModelArgs().n_experts      # untouched fields keep the preset
+
+
+def test_toml_round_trip_gives_an_equal_config(tmp_path):
+    cfg = load_config(None, ["--model.dim=96", "--optimizer.betas=[0.5, 0.6]",
+                             "--metrics.log_every=3", "--job.name=round"])
+    again = load_config(write(tmp_path, to_toml(cfg)))
+    assert again == cfg
+    full = load_config(write(tmp_path, to_toml(cfg, resolve_model=True), "full.toml"))
+    assert resolve_model_args(full) == resolve_model_args(cfg)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[jobs]\nname = 'x'", "unknown section [jobs]"),
+    ("[training]\nstepz = 3", "unknown key 'stepz' in [training]"),
+    ("[training]\nsteps = 'ten'", "[training] steps must be int"),
+    ("[training]\nsteps = 2.5", "[training] steps must be int"),
+    ("[float8]\nenabled = 1", "[float8] enabled must be bool"),
+    ("[training]\nbatch_size = true", "[training] batch_size must be int"),
+    ("[float8]\nbackend = 'fast'", "[float8] backend must be 'auto' | 'cuda'"),
+    ("[optimizer]\nbetas = [0.9]", "[optimizer] betas must be a list of 2 values"),
+    ("[model]\nwidth = 3", "unknown key 'width' in [model]"),
+    ("[model]\ndim = 'big'", "[model] dim must be int"),
+    ("[model]\nname = 'huge'", "[model] name must be one of"),
+    ("[model]\nn_heads = 3", "[model] model.n_heads (3) must divide model.dim"),
+    ("[training]\nsteps = 0", "[training] steps must be > 0"),
+    ("[lr_schedule]\nmin_lr_ratio = 2.0", "[lr_schedule] min_lr_ratio must be in [0, 1]"),
+    ("[optimizer]\nbetas = [0.9, 1.0]", "[optimizer] betas must be in [0, 1)"),
+    ("[training]\nseq_len = 100000", "[training] seq_len = 100000 exceeds the model's max_seq_len"),
+    ("[parallel]\nep = 3", "[parallel] ep = 3 must divide the model's n_experts = 8"),
+    ("[parallel]\nep = 8", "[parallel] ep = 8 must divide the world size 2"),
+    ("[parallel]\ndp_replicate = 3", "[parallel] dp_replicate = 3 must divide the world size 2"),
+    ("[data]\nsource = 'text'", "[data] source = 'text' needs [data] path"),
+    ("[data]\nsource = 'jsonl'\npath = '/nonexistent/*.jsonl'", "matches no file"),
+    ("[data]\nsynthetic_vocab = 1000", "[data] synthetic_vocab must be in [2, model vocab_size"),
+    ("[data]\nsynthetic_branching = 0", "[data] synthetic_branching must be in [1,"),
+    ("[data]\nsource = 'text'\npath = '{cfg}'\ntokenizer = '/nonexistent/tokenizer.json'",
+     "tokenizer file '/nonexistent/tokenizer.json' does not exist"),
+    ("[data]\nsource = 'text'\npath = '{cfg}'\n[model]\nvocab_size = 200",
+     "has 257 tokens, more than the model's vocab_size = 200"),
+    ("job = 3", "top-level key 'job' must be a [section]"),
+    ("[training\nsteps = 3", "not valid TOML"),
+])
+def test_each_bad_value_is_an_error_naming_the_file_and_key(tmp_path, text, key):
+    path = str(tmp_path / "bad.toml")
+    write(tmp_path, text.replace("{cfg}", path), "bad.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, world_size=2)
+    assert path in str(err.value) and key in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("arg, key", [
+    ("--training.steps=abc", "command line --training.steps=abc: [training] steps must be int"),
+    ("--training.nope=1", "command line --training.nope=1: unknown key 'nope'"),
+    ("--nope.steps=1", "command line --nope.steps=1: unknown section [nope]"),
+    ("--model.depth=2", "unknown key 'depth' in [model]"),
+    ("training.steps=3", "is not of the form --section.key=value"),
+])
+def test_each_bad_override_is_an_error_naming_it(arg, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [arg])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_or_backend_without_cuda_is_an_error():
+    with pytest.raises(ConfigError, match=re.escape('[training] device = "cuda"')):
+        load_config(None, ["--training.device=cuda"])
+    with pytest.raises(ConfigError, match=re.escape('[float8] backend = "cuda" needs')):
+        load_config(None, ["--float8.backend=cuda"])
+
+
+def test_a_bad_config_stops_main_before_any_process_group_or_file(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--config", write(tmp_path, "[parallel]\nep = 3"),
+                 f"--job.output_dir={out}"])
+    assert code == 2
+    assert "[parallel] ep = 3 must divide" in capsys.readouterr().err
+    assert not out.exists()
+    assert not torch.distributed.is_initialized()
+
+
+def test_command_line_forms():
+    assert parse_cli(["--config", "a.toml", "--training.steps=3", "--job.name", "x"]) == (
+        "a.toml", ["--training.steps=3", "--job.name=x"])
+    assert parse_cli(["--config=a.toml"]) == ("a.toml", [])
+    with pytest.raises(ConfigError, match="cannot read 'steps=3'"):
+        parse_cli(["steps=3"])
+
+
+@pytest.mark.parametrize("name, world", [("debug_model.toml", 2), ("moe_1b_h200.toml", 1),
+                                         ("moe_16b.toml", 8)])
+def test_shipped_configs_load_and_float8_switch_changes_only_the_experts(name, world):
+    path = os.path.join(ROOT, "train_configs", name)
+    on = load_config(path, world_size=world)
+    off = load_config(path, ["--float8.enabled=false"], world_size=world)
+    assert on.float8.enabled, f"{name} is a float8 recipe"
+    assert dataclasses.replace(off, float8=on.float8, source=on.source) == on
+    assert dispatch_payload(off) == "bf16"
+
+
+def test_every_config_key_is_documented():
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        doc = f.read()
+    missing = [f"[{s}] {k}" for s in SECTIONS for k in section_fields(s)
+               if f"`{k}`" not in doc.split(f"## [{s}]")[-1].split("\n## ")[0]]
+    missing += [f"[model] {f.name}" for f in dataclasses.fields(ModelArgs)
+                if f"`{f.name}`" not in doc]
+    assert not missing, f"docs/config.md does not describe {missing}"
+
+
+def test_defaults_are_a_valid_config():
+    assert load_config(None, world_size=1) == Config()
+
+
+@pytest.mark.parametrize("world, ep", [(1, 1), (2, 2), (3, 1), (4, 4), (16, 8)])
+def test_ep_zero_resolves_to_the_largest_degree_dividing_experts_and_ranks(world, ep):
+    assert load_config(None, ["--parallel.ep=0"], world_size=world).parallel.ep == ep
