@@ -10,8 +10,9 @@ trailing moving average over N logged points in both panels (1: raw values).
 
 The markdown table (printed, and written to --table when given) has, per run: the last
 step; the final loss, the mean loss over the last 10% of the logged steps (at least one),
-and its difference from the first run's in %; and tokens/s, tokens/s per GPU, MFU and peak
-memory as the median over the logged steps after the first 10% (warm-up).
+and its difference from the first run's in %; and tokens/s, tokens/s per GPU, MFU (logged
+as a fraction, shown in %; a logged 0 means no known peak and shows n/a) and peak memory
+as the median over the logged steps after the first 10% (warm-up).
 
 Metrics files are the training loop's: one JSON object per line, a header
 {"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...}. Objects without
@@ -144,18 +145,20 @@ def format_markdown(summary: list[dict]) -> str:
 
     first = summary[0]["label"]
     lines = [f"| run | last step | final loss | final loss vs {first} | tokens/s "
-             "| tokens/s/GPU | MFU | peak mem (GiB) |",
+             "| tokens/s/GPU | MFU (%) | peak mem (GiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(summary):
         rel = "ref" if i == 0 else fmt(row["final_loss_vs_first_pct"], "+.2f") + "%"
         cells = [row["label"].replace("|", "\\|"), str(row["last_step"]),
                  fmt(row["final_loss"], ".4f"), rel, fmt(row["tokens_per_s"], ",.0f"),
-                 fmt(row["tokens_per_s_per_gpu"], ",.0f"), fmt(row["mfu"], ".4g"),
+                 fmt(row["tokens_per_s_per_gpu"], ",.0f"),
+                 fmt(100.0 * row["mfu"] if row["mfu"] else None, ".2f"),
                  fmt(row["peak_mem_gib"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Final loss: mean over the last 10% of logged steps. tokens/s, MFU (as "
-                 "logged) and peak memory: median over the logged steps after the first 10%.")
+    lines.append("Final loss: mean over the last 10% of logged steps. tokens/s, MFU and peak "
+                 "memory: median over the logged steps after the first 10%. MFU n/a: the run "
+                 "knew no peak FLOP/s for its device (it logs 0).")
     return "\n".join(lines) + "\n"
 
 

@@ -62,9 +62,20 @@ def test_main_writes_png_and_table_with_independently_computed_numbers(compare_r
                               (7, "peak_mem_gib", 0.005)):
             expected = np.median([r[key] for r in recs[4:]])
             assert abs(float(row[col].replace(",", "")) - expected) <= tol, key
-        assert float(row[6]) == pytest.approx(np.median([r["mfu"] for r in recs[4:]]), rel=1e-3)
+        mfu_pct = 100 * np.median([r["mfu"] for r in recs[4:]])
+        assert abs(float(row[6]) - mfu_pct) <= 0.005  # a fraction in the file, % in the table
     assert rows[0][3] == "ref"
     assert float(rows[1][3].rstrip("%")) == pytest.approx(100 * (final[1] / final[0] - 1), abs=0.005)
+
+
+def test_mfu_logged_as_zero_shows_as_not_available(compare_runs, tmp_path, capsys):
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.jsonl"
+        write_metrics(path, name, [1, 2], [2.0, 1.9], seed=0)
+        path.write_text(path.read_text().replace('"mfu": 0.', '"mfu": 0.0, "x": 0.'))
+    assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                              "--out", str(tmp_path / "c.png")]) == 0
+    assert [r[6] for r in parse_table(capsys.readouterr().out)] == ["n/a", "n/a"]
 
 
 def test_labels_default_to_header_name_then_file_name(compare_runs, tmp_path, capsys):
@@ -87,13 +98,14 @@ def test_labels_option_overrides_and_must_match_file_count(compare_runs, tmp_pat
     assert not (tmp_path / "d.png").exists()
 
 
-def test_repeated_step_keeps_last_record_and_steps_are_sorted(compare_runs, tmp_path):
-    lines = [{"step": 1, "loss": 3.0}, {"step": 3, "loss": 2.0}, {"step": 2, "loss": 2.5},
-             {"step": 2, "loss": 2.4}, {"step": 4, "eval": 1.0}]  # last: no loss, ignored
+def test_resumed_run_keeps_first_header_and_last_record_per_step(compare_runs, tmp_path):
+    lines = [{"run": {"name": "first"}}, {"step": 1, "loss": 3.0}, {"step": 3, "loss": 2.0},
+             {"run": {"name": "resumed"}}, {"step": 2, "loss": 2.5}, {"step": 2, "loss": 2.4},
+             {"step": 4, "eval": 1.0}]  # last: no loss, ignored
     path = tmp_path / "resumed.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
     header, records = compare_runs.read_metrics(path)
-    assert header == {}
+    assert header == {"name": "first"}
     assert [(r["step"], r["loss"]) for r in records] == [(1, 3.0), (2, 2.4), (3, 2.0)]
 
 
