@@ -57,9 +57,10 @@ def gather_rows_forward(rows_MD, idx_Rk, w_Rk=None):
     k = idx_Rk.shape[1]
     if k == 1 and w_Rk is None:
         return rows_MD.index_select(0, idx_Rk[:, 0])
+    acc_dtype = _acc_dtype(rows_MD.dtype)
     acc = None
     for j in range(k):
-        term = rows_MD.index_select(0, idx_Rk[:, j]).float()
+        term = rows_MD.index_select(0, idx_Rk[:, j]).to(acc_dtype)
         if w_Rk is not None:
             term = term * w_Rk[:, j : j + 1]
         acc = term if acc is None else acc.add_(term)
@@ -95,12 +96,21 @@ class _GatherRows(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_rows = grad_out.new_empty(ctx.rows_shape)
             for j in range(k):
-                g = grad_out if w_Rk is None else (grad_out.float() * w_Rk[:, j : j + 1]).to(grad_out.dtype)
+                g = grad_out
+                if w_Rk is not None:
+                    g = (grad_out.to(_acc_dtype(g.dtype)) * w_Rk[:, j : j + 1]).to(grad_out.dtype)
                 grad_rows.index_copy_(0, idx_Rk[:, j], g)
             grad_rows.index_fill_(0, fill_idx, 0)
         if w_Rk is not None and ctx.needs_input_grad[3]:
-            grad_f = grad_out.float()
+            acc_dtype = _acc_dtype(grad_out.dtype)
+            grad_acc = grad_out.to(acc_dtype)
             grad_w = torch.stack(
-                [(grad_f * rows_MD.index_select(0, idx_Rk[:, j]).float()).sum(-1) for j in range(k)], dim=1
-            )
+                [(grad_acc * rows_MD.index_select(0, idx_Rk[:, j]).to(acc_dtype)).sum(-1) for j in range(k)],
+                dim=1,
+            ).to(w_Rk.dtype)
         return grad_rows, None, None, grad_w
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 for bf16/fp16/fp32 rows, float64 stays float64.
+    return torch.promote_types(dtype, torch.float32)

@@ -1,0 +1,142 @@
+"""moe.router: selection, weights, group-limited routing, bias balancing, sequence loss."""
+
+import pytest
+import torch
+
+from ep_fp8.moe.router import Router, update_router_biases
+
+D, E = 16, 8
+
+
+def _x(T, seed=0):
+    return torch.randn(T, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _scores64(router, x, score_func):
+    logits = x.double() @ router.gate.weight.double().T
+    return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("route_norm", [True, False])
+def test_topk_and_weights_match_float64_reference(score_func, route_norm):
+    torch.manual_seed(0)
+    r = Router(D, E, 3, score_func=score_func, route_norm=route_norm, route_scale=2.5)
+    x = _x(32)
+    idx, w = r(x)
+    s = _scores64(r, x, score_func)
+    want_idx = s.topk(3, dim=-1).indices
+    assert torch.equal(idx.sort(-1).values, want_idx.sort(-1).values)
+    want_w = s.gather(1, idx)
+    if route_norm:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    want_w = want_w * 2.5
+    assert w.dtype == torch.float32 and idx.dtype == torch.int64
+    torch.testing.assert_close(w.double(), want_w, rtol=1e-5, atol=1e-6)  # float32 scores
+
+
+def test_bias_steers_selection_but_not_weights():
+    torch.manual_seed(0)
+    r = Router(D, E, 2, score_func="sigmoid", route_norm=False)
+    x = _x(64)
+    _, w_before = r(x)
+    r.expert_bias[5] = 10.0  # expert 5 now always wins a slot
+    idx, w = r(x)
+    assert bool((idx == 5).any(-1).all())
+    s = _scores64(r, x, "sigmoid")
+    torch.testing.assert_close(w.double(), s.gather(1, idx), rtol=1e-5, atol=1e-6)
+    r_off = Router(D, E, 2, score_func="sigmoid", route_norm=False, load_balance_bias=False)
+    r_off.load_state_dict(r.state_dict())
+    idx_off, _ = r_off(x)
+    assert not bool((idx_off == 5).any(-1).all())  # the bias is ignored when disabled
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_group_limited_routing_picks_only_from_the_best_groups(bias):
+    torch.manual_seed(1)
+    G, L, k = 4, 2, 3
+    r = Router(D, E, k, score_func="sigmoid", n_expert_groups=G, n_limited_groups=L, load_balance_bias=bias)
+    if bias:
+        r.expert_bias.copy_(torch.linspace(-0.3, 0.3, E))
+    x = _x(40, seed=2)
+    idx, _ = r(x)
+    choice = _scores64(r, x, "sigmoid") + (r.expert_bias.double() if bias else 0)
+    grouped = choice.view(-1, G, E // G)
+    group_score = grouped.topk(2, -1).values.sum(-1) if bias else grouped.amax(-1)
+    best_groups = group_score.topk(L, -1).indices
+    allowed = torch.zeros(x.shape[0], G, dtype=torch.bool).scatter_(1, best_groups, True)
+    want = choice.masked_fill(~allowed.repeat_interleave(E // G, 1), float("-inf")).topk(k, -1).indices
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert bool(allowed.gather(1, idx // (E // G)).all())
+
+
+def test_tokens_per_expert_accumulate_and_bias_update_follows_sign_rule():
+    torch.manual_seed(0)
+    r = Router(D, E, 2)
+    x = _x(50)
+    idx1, _ = r(x)
+    idx2, _ = r(x[:20])
+    counts = torch.bincount(torch.cat([idx1.flatten(), idx2.flatten()]), minlength=E).float()
+    assert torch.equal(r.tokens_per_expert, counts)
+    stats = update_router_biases(r, rate=0.01)
+    assert stats["load_imbalance_max"] == pytest.approx(float(counts.max() / counts.mean()))
+    assert torch.equal(r.expert_bias, 0.01 * torch.sign(counts.mean() - counts))
+    assert torch.equal(r.tokens_per_expert, torch.zeros(E))
+
+
+def test_update_router_biases_leaves_bias_alone_without_rate_or_when_disabled():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([Router(D, E, 2), Router(D, E, 2, load_balance_bias=False)])
+    for r in model:
+        r(_x(30))
+    update_router_biases(model, rate=0.0)
+    assert all(torch.equal(r.expert_bias, torch.zeros(E)) for r in model)
+    for r in model:
+        r(_x(30))
+    stats = update_router_biases(model, rate=0.1)
+    assert not torch.equal(model[0].expert_bias, torch.zeros(E))
+    assert torch.equal(model[1].expert_bias, torch.zeros(E))
+    assert stats["load_imbalance_max"] >= stats["load_imbalance_mean"] >= 1.0
+    assert update_router_biases(model, rate=0.1)["load_imbalance_max"] == 1.0  # nothing routed
+
+
+def test_expert_bias_is_checkpointed_and_counts_are_not():
+    r = Router(D, E, 2)
+    assert "expert_bias" in r.state_dict() and "tokens_per_expert" not in r.state_dict()
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_sequence_aux_loss_matches_float64_formula(score_func):
+    torch.manual_seed(0)
+    B, S, k = 3, 10, 2
+    r = Router(D, E, k, score_func=score_func, aux_loss_coef=0.1)
+    x = _x(B * S)
+    idx, _, scores = r.route(x)
+    loss = r.aux_loss(scores, idx, n_seqs=B)
+    s = _scores64(r, x, score_func)
+    p = (s / s.sum(-1, keepdim=True)).view(B, S, E).mean(1)
+    f = torch.stack([torch.bincount(idx.view(B, -1)[b], minlength=E) for b in range(B)]).double() * E / (k * S)
+    want = 0.1 * (f * p).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(r.last_aux_loss, loss.detach())
+    loss.backward()
+    assert r.gate.weight.grad.abs().sum() > 0
+
+
+def test_bad_router_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="score_func"):
+        Router(D, E, 2, score_func="relu")
+    with pytest.raises(ValueError, match="top_k"):
+        Router(D, E, 9)
+    with pytest.raises(ValueError, match="n_expert_groups"):
+        Router(D, E, 2, n_expert_groups=3)
+    with pytest.raises(ValueError, match="n_limited_groups"):
+        Router(D, E, 2, n_expert_groups=2, n_limited_groups=3)
+    with pytest.raises(ValueError, match="top_k"):
+        Router(D, E, 3, n_expert_groups=4, n_limited_groups=1)
+    r = Router(D, E, 2)
+    with pytest.raises(ValueError, match="sequences"):
+        idx, _, scores = r.route(_x(10))
+        r.aux_loss(scores, idx, n_seqs=3)
+    with pytest.raises(ValueError, match="rate"):
+        update_router_biases(r, rate=-1.0)
