@@ -10,11 +10,13 @@ DTensors, so a run may resume on another world size or EP degree (DCP reshards o
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,19 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _single() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # Without a process group DCP warns on every call that it assumes one process, which
+    # is exactly what is meant here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rank_world() -> tuple[int, int]:
@@ -84,7 +99,9 @@ class Checkpointer:
             os.makedirs(self.folder, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save of this step
         _barrier()
-        dcp.save(self._state(model, optimizer, scheduler, loader, step), checkpoint_id=tmp)
+        with _quiet_single_process():
+            dcp.save(self._state(model, optimizer, scheduler, loader, step),
+                     checkpoint_id=tmp, no_dist=_single())
         torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
         _barrier()
         if rank == 0:
@@ -121,7 +138,8 @@ class Checkpointer:
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
         state = self._state(model, optimizer, scheduler, loader, step=0)
-        dcp.load(state, checkpoint_id=path)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=_single())
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         scheduler.load_state_dict(state["train"]["scheduler"])

@@ -1,0 +1,106 @@
+"""Checkpoints: a full round trip, pruning, and atomicity under a kill mid-save."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ep_fp8.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
+from ep_fp8.train.data import DataLoader, MarkovSource
+from ep_fp8.train.optim import build_optimizer, build_scheduler
+
+
+def make_state(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    opt = build_optimizer(model, 1e-2, (0.9, 0.95), 0.1, 1e-8)
+    sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    loader = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
+    return model, opt, sched, loader
+
+
+def train_steps(state, n):
+    model, opt, sched, loader = state
+    for _ in range(n):
+        model(torch.randn(3, 4)).square().sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        loader.next()
+
+
+def test_round_trip_restores_model_optimizer_schedule_data_position_and_rng(tmp_path):
+    saved = make_state(0)
+    train_steps(saved, 3)
+    ckpt = Checkpointer(str(tmp_path), keep_last=2)
+    path = ckpt.save(3, *saved)
+    rng_after_save = torch.rand(4)
+    restored = make_state(1)
+    assert ckpt.latest() == (3, path)
+    assert ckpt.load(path, *restored) == 3
+    assert torch.equal(torch.rand(4), rng_after_save)               # RNG restored
+    for a, b in zip(saved[0].state_dict().values(), restored[0].state_dict().values()):
+        assert torch.equal(a, b)
+    for p, q in zip(saved[0].parameters(), restored[0].parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved[1].state[p][key], restored[1].state[q][key])
+    assert restored[2].last_epoch == 3
+    assert restored[1].param_groups[0]["lr"] == saved[1].param_groups[0]["lr"]
+    assert restored[3].state_dict() == {"samples_seen": 6}
+
+
+def test_keep_last_prunes_and_latest_ignores_incomplete_folders(tmp_path):
+    state = make_state(0)
+    ckpt = Checkpointer(str(tmp_path), keep_last=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, *state)
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [2, 3]
+    os.makedirs(tmp_path / "step-9.tmp")          # a crashed save
+    os.makedirs(tmp_path / "step-8")              # a folder without the marker
+    assert ckpt.latest()[0] == 3
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.load(str(tmp_path / "step-8"), *state)
+    ckpt.save(4, *state)
+    assert not (tmp_path / "step-9.tmp").exists()  # the next save clears crashed ones
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import make_state, train_steps
+    from ep_fp8.train import checkpoint
+
+    state = make_state(0)
+    train_steps(state, 2)
+    ckpt = checkpoint.Checkpointer({folder!r}, keep_last=3)
+    ckpt.save(2, *state)
+    torch.save(state[0].state_dict(), {weights!r})
+    train_steps(state, 2)
+    # Die the hard way after the DCP files of step 4 are written, before the marker.
+    checkpoint.Checkpointer._commit = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.save(4, *state)
+""")
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    folder, weights = str(tmp_path / "ckpt"), str(tmp_path / "step2.pt")
+    script = KILLED_SAVE.format(tests=os.path.dirname(__file__), folder=folder, weights=weights)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert os.path.isdir(os.path.join(folder, "step-4.tmp"))      # the half-done save
+    assert os.path.isfile(os.path.join(folder, "step-4.tmp", ".metadata"))
+    assert not os.path.exists(os.path.join(folder, "step-4.tmp", MARKER))
+    ckpt = Checkpointer(folder, keep_last=3)
+    step, path = ckpt.latest()
+    assert step == 2
+    state = make_state(5)
+    assert ckpt.load(path, *state) == 2
+    expected = torch.load(weights)
+    for key, value in state[0].state_dict().items():
+        assert torch.equal(value, expected[key])

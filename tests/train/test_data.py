@@ -1,0 +1,109 @@
+"""Data: the Markov source's entropy and determinism, text/JSONL windows, rank sharding
+and the checkpointed position."""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from ep_fp8.train.data import DataLoader, MarkovSource, TokenFileSource, list_files
+from ep_fp8.train.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def test_markov_samples_follow_the_successor_table_with_entropy_ln_branching():
+    src = MarkovSource(vocab=32, branching=4, seq_len=64, seed=3)
+    succ = src.successors_VK
+    assert all(len(set(row.tolist())) == 4 for row in succ)      # distinct successors
+    tokens = src.get(list(range(400)))                            # (400, 65)
+    assert tokens.shape == (400, 65) and tokens.dtype == torch.int64
+    prev, nxt = tokens[:, :-1].flatten(), tokens[:, 1:].flatten()
+    assert (succ[prev] == nxt[:, None]).any(dim=1).all()
+    # Empirical conditional entropy H(next | prev) from 25,600 transitions; with 32 x 4
+    # uniform cells the plug-in estimate is within a few hundredths of ln 4.
+    pairs, firsts = Counter(zip(prev.tolist(), nxt.tolist())), Counter(prev.tolist())
+    n = len(prev)
+    h = -sum(c / n * math.log(c / firsts[p]) for (p, _), c in pairs.items())
+    assert abs(h - math.log(4)) < 0.03, h
+    assert src.entropy == pytest.approx(math.log(4))
+
+
+def test_markov_sample_depends_only_on_seed_and_index():
+    a = MarkovSource(64, 3, 16, seed=1)
+    b = MarkovSource(64, 3, 16, seed=1)
+    assert torch.equal(a.get([5, 9, 2]), torch.stack([b.get([i])[0] for i in (5, 9, 2)]))
+    assert not torch.equal(a.get([5]), MarkovSource(64, 3, 16, seed=2).get([5]))
+
+
+def test_ranks_read_disjoint_rows_that_together_make_the_single_rank_batch():
+    src = MarkovSource(64, 3, 8, seed=0)
+    one = DataLoader(src, batch_size=4, rank=0, world=1)
+    two = [DataLoader(src, batch_size=2, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        inputs, targets = one.next()
+        parts = [loader.next() for loader in two]
+        assert torch.equal(inputs, torch.cat([p[0] for p in parts]))
+        assert torch.equal(targets, torch.cat([p[1] for p in parts]))
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])       # targets are shifted inputs
+
+
+def test_loader_position_resumes_on_another_world_size():
+    src = MarkovSource(64, 3, 8, seed=0)
+    run = DataLoader(src, batch_size=2, rank=1, world=2)
+    run.next()
+    run.next()
+    resumed = DataLoader(src, batch_size=4, rank=0, world=1)
+    resumed.load_state_dict(run.state_dict())
+    assert run.state_dict() == {"samples_seen": 8}
+    reference = DataLoader(src, batch_size=4, rank=0, world=1)
+    reference.next()
+    reference.next()
+    assert torch.equal(resumed.next()[0], reference.next()[0])
+
+
+def test_text_files_become_one_stream_of_byte_windows_visited_once_per_epoch(tmp_path):
+    docs = ["hello world, " * 5, "second file\n" * 4, "ünïcode" * 3]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(d)
+    src = TokenFileSource(str(tmp_path / "*.txt"), "text", "bytes", seq_len=10, seed=0)
+    stream = []
+    for d in docs:                                   # files sorted by name, EOS after each
+        stream += list(d.encode("utf-8")) + [256]
+    assert src.tokens.tolist() == stream
+    n = (len(stream) - 1) // 10
+    windows = src.get(list(range(n)))
+    expected = sorted(tuple(stream[w * 10: w * 10 + 11]) for w in range(n))
+    assert sorted(tuple(w) for w in windows.tolist()) == expected
+    assert not torch.equal(src.get(list(range(n))), src.get(list(range(n, 2 * n))))
+
+
+def test_jsonl_reads_the_named_field_and_names_the_bad_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "abcdefgh"}) + "\n\n" + json.dumps({"body": "ij"}) + "\n")
+    src = TokenFileSource(str(path), "jsonl", "bytes", seq_len=4, seed=0, field="body")
+    assert src.tokens.tolist() == list(b"abcdefgh") + [256] + list(b"ij") + [256]
+    path.write_text(json.dumps({"body": "ok"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not a JSON object with a string field 'body'"):
+        TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0, field="body")
+
+
+def test_too_little_text_and_no_match_are_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("abc")
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        TokenFileSource(str(tmp_path / "a.txt"), "text", "bytes", seq_len=8, seed=0)
+    with pytest.raises(ValueError, match="matches no file"):
+        list_files(str(tmp_path / "*.md"))
+
+
+def test_byte_tokenizer_round_trip_and_json_tokenizer_errors(tmp_path):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("größe")) == "größe" and tok.vocab_size == 257
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        (tmp_path / "tokenizer.json").write_text("{}")
+        with pytest.raises(ValueError, match="needs the 'tokenizers' package"):
+            load_tokenizer(str(tmp_path / "tokenizer.json"))

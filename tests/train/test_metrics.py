@@ -1,0 +1,74 @@
+"""Metrics: the JSONL schema, log cadence, MFU, resume truncation and the summary."""
+
+import json
+
+import pytest
+import torch
+
+from ep_fp8.train.metrics import METRIC_KEYS, MetricsLogger, format_line, peak_flops
+
+
+def make(tmp_path, **kw):
+    args = dict(rank=0, world=2, steps=7, log_every=3, tokens_per_step=1000,
+                flops_per_token=6e9, peak=1e15, device=torch.device("cpu"), tensorboard=False,
+                printer=lambda s: None)
+    args.update(kw)
+    return MetricsLogger(str(tmp_path), **args)
+
+
+def read(tmp_path):
+    with open(tmp_path / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_jsonl_has_the_run_header_then_a_record_per_log_step_and_the_last(tmp_path):
+    m = make(tmp_path)
+    m.start("name", {"job": {"seed": 1}}, resumed_step=0)
+    for step in range(1, 8):
+        m.step(step, loss=10.0 - step, grad_norm=0.5, lr=1e-3, load_imbalance=1.0 + step)
+    lines = read(tmp_path)
+    run = lines[0]["run"]
+    assert run["name"] == "name" and run["config"] == {"job": {"seed": 1}}
+    assert run["world_size"] == 2 and run["device"] == "cpu" and run["torch"] == torch.__version__
+    assert [r["step"] for r in lines[1:]] == [3, 6, 7]
+    assert all(set(r) == set(METRIC_KEYS) for r in lines[1:])
+    assert lines[1]["loss"] == 7.0
+    assert lines[2]["load_imbalance"] == pytest.approx((5 + 6 + 7) / 3)   # mean over window
+    r = lines[1]
+    assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2)
+    assert r["mfu"] == pytest.approx(6e9 * r["tokens_per_s_per_gpu"] / 1e15)
+    assert r["peak_mem_gib"] == 0.0
+    assert "loss 7.0000" in format_line(r, 7)
+
+
+def test_a_resumed_run_drops_the_steps_it_will_redo_and_appends_a_header(tmp_path):
+    m = make(tmp_path, log_every=1)
+    m.start("a", {}, resumed_step=0)
+    for step in range(1, 6):
+        m.step(step, 1.0, 0.0, 0.0, 1.0)
+    make(tmp_path, log_every=1).start("a", {}, resumed_step=3)
+    lines = read(tmp_path)
+    assert [r.get("step") for r in lines] == [None, 1, 2, 3, None]
+    assert lines[-1]["run"]["resumed_from_step"] == 3
+    make(tmp_path).start("a", {}, resumed_step=0)                 # a fresh run starts over
+    assert len(read(tmp_path)) == 1
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    m = make(tmp_path, rank=1)
+    m.start("a", {}, resumed_step=0)
+    m.step(3, 1.0, 0.0, 0.0, 1.0)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_mfu_is_zero_without_a_known_peak_and_the_summary_names_the_entropy_gap(tmp_path):
+    assert peak_flops(torch.device("cpu")) == 0.0
+    assert peak_flops(torch.device("cpu"), configured=5e14) == 5e14
+    m = make(tmp_path, peak=0.0, log_every=1, steps=3)
+    m.start("a", {}, resumed_step=0)
+    for step, loss in ((1, 3.0), (2, 2.0), (3, 1.5)):
+        assert m.step(step, loss, 0.1, 1e-3, 1.2)["mfu"] == 0.0
+    text = m.summary(entropy=1.0, stopped="stopped by SIGTERM after step 3")
+    assert "3/3 steps" in text and "stopped by SIGTERM" in text
+    assert "first logged 3.0000  last 1.5000  best 1.5000" in text
+    assert "+0.5000 above it" in text and "mfu n/a" in text
