@@ -68,12 +68,13 @@ class GroupedExperts(nn.Module):
         if offs.shape != (E_local,):
             raise ValueError(f"offs must have shape ({E_local},) (local experts), got {tuple(offs.shape)}")
 
+        dtype = x_MD.dtype  # weights follow the activations (a no-op under mixed precision)
         if self.float8:
             from ep_fp8.ops import scaled_grouped_mm
 
             def gmm(a, w, a_fp8=None):
                 return scaled_grouped_mm(
-                    a, w.transpose(-2, -1), offs, backend=self.float8_backend,
+                    a, w.to(dtype).transpose(-2, -1), offs, backend=self.float8_backend,
                     exact_scales=self.exact_scales, x_fp8=a_fp8,
                 )
 
@@ -82,7 +83,6 @@ class GroupedExperts(nn.Module):
 
         if x_fp8 is not None:  # float8 payload into bf16 experts: dequantize first
             x_MD = _Dequantize.apply(x_MD, *x_fp8)
-        dtype = x_MD.dtype
 
         def gmm(a, w):
             # torch._grouped_mm's backward fails on non-contiguous (e.g. stride-0) grads.

@@ -1,0 +1,151 @@
+"""GroupedExperts: bf16 path against a float64 per-expert loop; float8 path; bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ep_fp8.ops
+from ep_fp8.moe import GroupedExperts
+
+HAS_FP8_OPS = hasattr(ep_fp8.ops, "scaled_grouped_mm") and hasattr(ep_fp8.ops, "quantize_rows")
+needs_fp8_ops = pytest.mark.skipif(not HAS_FP8_OPS, reason="ep_fp8.ops.scaled_grouped_mm not available")
+
+D, H, E = 16, 32, 4
+
+
+def _experts(float8=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GroupedExperts(D, H, E, float8=float8, **kw)
+
+
+def _grouped_input(gen, dtype=torch.float32):
+    offs = torch.tensor([16, 16, 48, 64], dtype=torch.int32)  # expert 1 has no rows
+    x = torch.randn(64, D, generator=gen, dtype=dtype)
+    return x, offs
+
+
+def _reference(experts, x, offs):
+    """float64 per-expert SwiGLU loop; also returns float64 leaves for gradients."""
+    ws = [w.detach().double().requires_grad_() for w in (experts.w1, experts.w2, experts.w3)]
+    w1, w2, w3 = ws
+    x64 = x.detach().double().requires_grad_()
+    out, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        xe = x64[start:end]
+        out.append((F.silu(xe @ w1[e].T) * (xe @ w3[e].T)) @ w2[e].T)
+        start = end
+    return torch.cat(out), x64, ws
+
+
+def test_bf16_path_output_and_gradients_match_float64_loop():
+    gen = torch.Generator().manual_seed(0)
+    ex = _experts()
+    x, offs = _grouped_input(gen)
+    x.requires_grad_()
+    y = ex(x, offs)
+    grad = torch.randn(y.shape, generator=gen)
+    y.backward(grad)
+    y_ref, x64, (w1, w2, w3) = _reference(ex, x, offs)
+    y_ref.backward(grad.double())
+    tol = dict(rtol=1e-4, atol=1e-6)  # float32 grouped matmuls against float64
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    for got, want in ((ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad), (ex.w3.grad, w3.grad)):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_bfloat16_activations_stay_bfloat16_and_close_to_float64():
+    gen = torch.Generator().manual_seed(1)
+    ex = _experts()
+    x, offs = _grouped_input(gen, dtype=torch.bfloat16)
+    y = ex(x, offs)
+    y_ref, _, _ = _reference(ex, x, offs)
+    assert y.dtype == torch.bfloat16
+    rel = (y.double() - y_ref).norm() / y_ref.norm()
+    assert rel < 2e-2  # bf16 inputs and outputs: ~3 significant digits
+
+
+def test_zero_rows_give_zero_outputs_and_no_weight_gradient():
+    ex = _experts()
+    x = torch.zeros(32, D, requires_grad=True)
+    y = ex(x, torch.tensor([0, 16, 16, 32], dtype=torch.int32))
+    y.sum().backward()  # a stride-0 gradient: must not trip the grouped matmul's backward
+    assert torch.equal(y, torch.zeros_like(y))
+    assert torch.equal(ex.w2.grad, torch.zeros_like(ex.w2))
+
+
+def test_bad_expert_input_raises_clear_errors():
+    ex = _experts()
+    x = torch.randn(16, D)
+    with pytest.raises(TypeError, match="offs must be int32, got torch.int64"):
+        ex(x, torch.tensor([4, 8, 12, 16]))
+    with pytest.raises(ValueError, match=r"offs must have shape \(4,\)"):
+        ex(x, torch.tensor([8, 16], dtype=torch.int32))
+    with pytest.raises(ValueError, match="x must be"):
+        ex(torch.randn(16, D + 1), torch.tensor([4, 8, 12, 16], dtype=torch.int32))
+    with pytest.raises(ValueError, match="hidden_dim"):
+        GroupedExperts(D, 0, E)
+
+
+@needs_fp8_ops
+def test_float8_path_is_close_to_float64():
+    gen = torch.Generator().manual_seed(2)
+    ex = _experts(float8=True, float8_backend="emulated")
+    x, offs = _grouped_input(gen, dtype=torch.bfloat16)
+    y = ex(x, offs)
+    y_ref, _, _ = _reference(ex, x, offs)
+    rel = (y.double() - y_ref).norm() / y_ref.norm()
+    assert 0 < rel < 0.1  # e4m3 operands in three matmuls; exactly 0 would mean no quantization
+
+
+@needs_fp8_ops
+def test_prequantized_input_gives_the_same_result_as_quantizing_inside():
+    from ep_fp8.ops import quantize_rows
+
+    gen = torch.Generator().manual_seed(3)
+    ex = _experts(float8=True, float8_backend="emulated")
+    x, offs = _grouped_input(gen, dtype=torch.bfloat16)
+    x1 = x.clone().requires_grad_()
+    y1 = ex(x1, offs)
+    grad = torch.randn(y1.shape, generator=gen).to(torch.bfloat16)
+    y1.backward(grad)
+    g1 = [w.grad.clone() for w in (ex.w1, ex.w2, ex.w3)]
+    ex.zero_grad()
+    handle = torch.zeros((), dtype=torch.bfloat16).expand(x.shape).requires_grad_()
+    y2 = ex(handle, offs, x_fp8=quantize_rows(x))
+    y2.backward(grad)
+    assert torch.equal(y1, y2)
+    torch.testing.assert_close(handle.grad, x1.grad, rtol=0, atol=0)
+    for a, w in zip(g1, (ex.w1, ex.w2, ex.w3)):
+        torch.testing.assert_close(w.grad, a, rtol=0, atol=0)
+
+
+@needs_fp8_ops
+def test_float8_payload_into_bf16_experts_uses_the_dequantized_rows():
+    from ep_fp8.ops import quantize_rows
+
+    gen = torch.Generator().manual_seed(4)
+    ex = _experts()
+    x, offs = _grouped_input(gen)
+    data, scale = quantize_rows(x)
+    handle = torch.zeros((), dtype=torch.float32).expand(x.shape).requires_grad_()
+    y = ex(handle, offs, x_fp8=(data, scale))
+    x_deq = (data.float() / scale[:, None]).requires_grad_()
+    y_ref = ex(x_deq, offs)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(handle.grad, x_deq.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("float8", [False, True])
+def test_cuda_experts_close_to_float64(float8):
+    gen = torch.Generator().manual_seed(5)
+    ex = GroupedExperts(256, 512, 8, float8=float8).cuda()
+    offs = torch.tensor([64, 64, 192, 256, 256, 512, 528, 1024], dtype=torch.int32)
+    x = torch.randn(1024, 256, generator=gen).to(torch.bfloat16)
+    y = ex(x.cuda(), offs.cuda())
+    y_ref, _, _ = _reference(ex.cpu(), x, offs)
+    rel = (y.cpu().double() - y_ref).norm() / y_ref.norm()
+    assert rel < (0.1 if float8 else 2e-2)

@@ -1,0 +1,117 @@
+"""The MoE layer against a float64 token-by-token reference; aux loss; float8 choice."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ep_fp8.ops
+from ep_fp8.moe import MoE
+
+HAS_FP8_OPS = hasattr(ep_fp8.ops, "scaled_grouped_mm")
+B, S, D, H, E, K = 2, 6, 16, 32, 8, 2
+
+
+def _moe(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MoE(D, H, E, K, **kw)
+
+
+def _reference(moe, x, topk_idx):
+    """float64 token-by-token MoE on moe's weights and the given routing."""
+    p = {n: t.detach().double().requires_grad_() for n, t in moe.named_parameters()}
+    x64 = x.detach().double().reshape(-1, D).requires_grad_()
+    logits = x64 @ p["router.gate.weight"].T
+    scores = logits.softmax(-1) if moe.router.score_func == "softmax" else logits.sigmoid()
+    w = scores.gather(1, topk_idx)
+    if moe.router.route_norm:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * moe.router.route_scale
+    w1, w2, w3 = p["experts.w1"], p["experts.w2"], p["experts.w3"]
+    rows = []
+    for t in range(x64.shape[0]):
+        acc = 0
+        for j in range(topk_idx.shape[1]):
+            e = topk_idx[t, j]
+            acc = acc + w[t, j] * ((F.silu(w1[e] @ x64[t]) * (w3[e] @ x64[t])) @ w2[e].T)
+        rows.append(acc)
+    y = torch.stack(rows)
+    if moe.shared_experts is not None:
+        sw1, sw2, sw3 = (p[f"shared_experts.{n}.weight"] for n in ("w1", "w2", "w3"))
+        y = y + (F.silu(x64 @ sw1.T) * (x64 @ sw3.T)) @ sw2.T
+    return y.view(x.shape), x64, p
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(n_shared_experts=2, score_func="sigmoid", route_scale=2.0,
+                  n_expert_groups=4, n_limited_groups=2)],
+    ids=["softmax", "sigmoid_shared_grouped"],
+)
+def test_output_and_all_gradients_match_float64_reference(kw):
+    moe = _moe(**kw)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, S, D, generator=gen, requires_grad=True)
+    y = moe(x)
+    topk_idx, _ = moe.router(x.detach().reshape(-1, D))  # the routing the layer used
+    grad = torch.randn(y.shape, generator=gen)
+    y.backward(grad)
+    y_ref, x64, p = _reference(moe, x, topk_idx)
+    y_ref.backward(grad.double())
+    tol = dict(rtol=1e-4, atol=1e-7)  # float32 layer against float64
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad.view(x.shape), **tol)
+    for name, param in moe.named_parameters():
+        torch.testing.assert_close(param.grad.double(), p[name].grad, **tol, msg=name)
+
+
+def test_aux_loss_trains_the_gate_through_the_output():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(B, S, D, generator=gen)
+    plain, with_aux = _moe(), _moe(aux_loss_coef=0.3)
+    plain(x).sum().backward()
+    y = with_aux(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, plain(x))  # the loss changes gradients, not outputs
+    aux_only = _moe(aux_loss_coef=0.3)
+    idx, _, scores = aux_only.router.route(x.reshape(-1, D))
+    aux_only.router.aux_loss(scores, idx, n_seqs=B).backward()
+    torch.testing.assert_close(
+        with_aux.router.gate.weight.grad - plain.router.gate.weight.grad, aux_only.router.gate.weight.grad,
+        rtol=1e-5, atol=1e-8,
+    )
+    assert with_aux.router.last_aux_loss is not None and plain.router.last_aux_loss is None
+
+
+def test_float8_is_a_constructor_choice():
+    assert _moe(float8=True).experts.float8 and not _moe().experts.float8
+
+
+@pytest.mark.skipif(not HAS_FP8_OPS, reason="ep_fp8.ops.scaled_grouped_mm not available")
+def test_float8_layer_close_to_bf16_layer():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(B, S, D, generator=gen).to(torch.bfloat16)
+    y8 = _moe(float8=True, float8_backend="emulated")(x)
+    y16 = _moe()(x)
+    rel = (y8.float() - y16.float()).norm() / y16.float().norm()
+    assert 0 < rel < 0.1  # e4m3 matmuls differ from bf16 by a few percent
+
+
+def test_bad_layer_input_raises_clear_errors():
+    with pytest.raises(ValueError, match=r"\(batch, seq, dim\)"):
+        _moe()(torch.randn(4, D))
+    with pytest.raises(ValueError, match="n_shared_experts"):
+        MoE(D, H, E, K, n_shared_experts=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("float8", [False, True])
+def test_cuda_layer_matches_cpu_float64_reference(float8):
+    moe = _moe(float8=float8, n_shared_experts=1).cuda()
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    y = moe(x.cuda())
+    topk_idx, _ = moe.router(x.cuda().reshape(-1, D))
+    y_ref, _, _ = _reference(moe.cpu(), x, topk_idx.cpu())
+    rel = (y.cpu().double() - y_ref).norm() / y_ref.norm()
+    assert rel < (0.1 if float8 else 3e-2)
