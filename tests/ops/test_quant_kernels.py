@@ -1,0 +1,101 @@
+"""Each Triton kernel against its torch reference, bit for bit, at small shapes.
+
+Without a GPU these run through the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1); on a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+
+import pytest
+import torch
+
+from ep_fp8.ops import quant_kernels as K
+from ep_fp8.ops import quant_ref as R
+from tests.ops._helpers import offsets, same_bits
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _specials(t: torch.Tensor) -> torch.Tensor:
+    """Put the awkward values in: NaN, +-inf, zeros, e4m3-subnormal and rounding-tie values."""
+    t = t.clone()
+    flat = t.view(-1)
+    flat[:8] = torch.tensor([float("nan"), 0.0, -0.0, 2.0**-10, 3 * 2.0**-10, -1.5 * 2.0**-9, 1e-30, -7.0])
+    return t
+
+
+def _rows_input(gen, M, C, dtype):
+    x = torch.randn(M, C, generator=gen) * torch.logspace(-12, 12, M)[:, None]
+    x[0] = _specials(x[0])
+    x[1, 3] = float("inf")
+    x[2] = 0.0
+    x[3] = x[3].clamp(-1, 1)
+    x[3, 0] = 14.0  # amax = 1.75 * 2^3: the edge of the power-of-two rule (scale 2^5, not 2^4)
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("exact", [False, True])
+def test_rows_kernel_matches_reference_bitwise(dtype, exact):
+    x = _rows_input(torch.Generator().manual_seed(10), 24, 300, dtype)
+    for a in (x, x.t().contiguous().t()):  # row-major and column-major storage
+        got, want = K.quantize_rows_triton(a, exact), R.quantize_rows_ref(a, exact)
+        for g, w in zip(got, want):
+            assert same_bits(g, w)
+
+
+def test_rows_kernel_two_pass_path_for_rows_longer_than_one_block():
+    x = _rows_input(torch.Generator().manual_seed(11), 4, K._MAX_ROW_BLOCK + 77, torch.bfloat16)
+    for g, w in zip(K.quantize_rows_triton(x), R.quantize_rows_ref(x)):
+        assert same_bits(g, w)
+
+
+@pytest.mark.parametrize("layout", ["gkn", "gnk", "sliced"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_weight_kernels_match_reference_bitwise(layout, exact):
+    gen = torch.Generator().manual_seed(12)
+    G, Kd, N = 3, 40, 72  # not multiples of the 64-wide tiles: masked edges
+    w = torch.randn(G, Kd, N, generator=gen) * torch.logspace(-6, 6, N)
+    w[1, 5, 7], w[2, 0, 3] = float("nan"), float("-inf")
+    w[0] = w[0].clamp(-1, 1)
+    w[0, 0, 0] = -1.75  # amax at the edge of the power-of-two rule, for a row and a column
+    w = w.bfloat16().to(DEVICE)
+    if layout == "gnk":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "sliced":
+        w = torch.cat([w, w], dim=2)[:, :, ::2]
+    for fwd, bwd in ((True, True), (True, False), (False, True)):
+        got = K.quantize_weight_triton(w, exact, fwd, bwd)
+        want = R.quantize_weight_ref(w, exact, fwd, bwd)
+        for g, wnt in zip(got, want):
+            assert g.shape == wnt.shape and same_bits(g, wnt)
+
+
+@pytest.mark.parametrize("sizes", [[0, 7, 70, 0, 16], [33], [0, 0, 0]])
+@pytest.mark.parametrize("exact", [False, True])
+def test_cols_grouped_kernel_matches_reference_bitwise(sizes, exact):
+    gen = torch.Generator().manual_seed(13)
+    M, C = sum(sizes) + 5, 40
+    a = torch.randn(M, C, generator=gen)
+    a[: min(M, 8)] *= 1e5
+    if sizes[0] > 0:
+        a[: sizes[0]] = a[: sizes[0]].clamp(-1, 1)
+        a[0, 1] = 1.75  # a column amax at the edge of the power-of-two rule
+    if sum(sizes):
+        a[0, 0] = float("nan")
+    a = a.bfloat16().to(DEVICE)
+    offs = offsets(sizes, DEVICE)
+    for src, rd in ((a, None), (a.t().contiguous().t(), None),
+                    (a, torch.rand(M, generator=gen).to(DEVICE) + 0.5)):
+        qT, descale, poffs = K.quantize_cols_grouped_triton(src, offs, exact, rd)
+        qT_r, descale_r, poffs_r = R.quantize_cols_grouped_ref(src, offs, exact, rd)
+        assert torch.equal(poffs, poffs_r)
+        assert same_bits(descale, descale_r)
+        end = poffs_r[-1].item()  # the kernel leaves columns past the last group unwritten
+        assert qT.shape == qT_r.shape and same_bits(qT[:, :end], qT_r[:, :end])
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 9], [4, 8]])
+def test_zero_rows_past_end_kernel_matches_reference(sizes):
+    out = torch.randn(12, 130).bfloat16().to(DEVICE)
+    want = R.zero_rows_past_end_ref(out.clone(), offsets(sizes, DEVICE))
+    got = K.zero_rows_past_end_triton(out, offsets(sizes, DEVICE))
+    assert torch.equal(got, want)
