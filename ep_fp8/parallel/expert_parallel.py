@@ -1,0 +1,46 @@
+"""Expert parallelism: each EP rank keeps E / ep experts and exchanges tokens all-to-all."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from ep_fp8.moe import AllToAllDispatcher, MoE
+
+DISPATCH_PAYLOADS = ("bf16", "float8")
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = "bf16") -> None:
+    """Shard every MoE layer of `model` over the 1-D `ep_mesh`, in place.
+
+    The dispatcher becomes an AllToAllDispatcher over the mesh's group (`payload` "bf16"
+    or "float8"), and each expert weight (E, ...) becomes a DTensor placed Shard(0) on
+    `ep_mesh`: rank r keeps experts [r E/ep, (r+1) E/ep), the ones the dispatcher sends it.
+    DTensors keep the global shape, so a DCP checkpoint saved at one EP degree loads at
+    another.
+
+    Every rank must hold the same full weights (same seed, or meta tensors): each keeps
+    its slice without communication. Raises ValueError when ep does not divide n_experts
+    or a layer is already sharded.
+    """
+    if payload not in DISPATCH_PAYLOADS:
+        raise ValueError(f"dispatch_payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
+    ep = ep_mesh.size()
+    for moe in moe_layers(model):
+        n_experts = moe.router.n_experts
+        if n_experts % ep:
+            raise ValueError(f"parallel.ep ({ep}) must divide model.n_experts ({n_experts})")
+        experts = moe.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):
+                raise ValueError(f"expert weight {name} is already a DTensor: "
+                                 "apply expert parallelism once")
+            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
+            experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
+        moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), n_experts, payload=payload,
+                                            exact_scales=experts.exact_scales)
