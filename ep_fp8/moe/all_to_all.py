@@ -39,8 +39,8 @@ from ep_fp8.moe.dispatch import (
     out_of_range_message,
 )
 from ep_fp8.moe.router import count_per_expert
-from ep_fp8.moe.rows import gather_rows, gather_rows_forward, scatter_rows, scatter_rows_forward
-from ep_fp8.ops.permute import expert_group_indices
+from ep_fp8.moe.rows import gather_rows, scatter_rows
+from ep_fp8.ops.permute import expert_group_indices, gather_rows_sum, scatter_rows_into
 
 _PAYLOADS = ("bf16", "float8")
 
@@ -153,13 +153,13 @@ class _Float8Dispatch(torch.autograd.Function):
         # One message per row: D float8 bytes then the 4 bytes of its float32 scale
         # (gloo cannot carry float8, NCCL gets one collective instead of two).
         packed = torch.cat([data_TD.view(torch.uint8), scale_T.view(torch.uint8).view(T, 4)], dim=1)
-        send = scatter_rows_forward(packed, state.idx_Tk, _no_rows(x_TD.device), N)
+        send = scatter_rows_into(packed, state.idx_Tk, _no_rows(x_TD.device), N)
         recv = _wait(funcol.all_to_all_single(send, state.output_splits, state.input_splits, group))
         to_grouped = state.dst_idx[:, None]
-        data = scatter_rows_forward(recv[:, :D], to_grouped, state.fill_idx, M).view(torch.float8_e4m3fn)
+        data = scatter_rows_into(recv[:, :D], to_grouped, state.fill_idx, M).view(torch.float8_e4m3fn)
         scale_R1 = recv[:, D:].contiguous().view(torch.float32)
         # Padding rows: data 0 and scale 1, so 0 * anything stays 0 (a 0 scale would give 0/0).
-        scale = scatter_rows_forward(scale_R1, to_grouped, state.fill_idx, M, fill_value=1.0).view(M)
+        scale = scatter_rows_into(scale_R1, to_grouped, state.fill_idx, M, fill_value=1.0).view(M)
         ctx.mark_non_differentiable(data, scale)
         ctx.save_for_backward(state.idx_Tk, state.dst_idx)
         ctx.splits, ctx.group = (state.input_splits, state.output_splits), group
@@ -172,6 +172,6 @@ class _Float8Dispatch(torch.autograd.Function):
             return None, None, None, None
         idx_Tk, dst_idx = ctx.saved_tensors
         input_splits, output_splits = ctx.splits
-        grad_recv = gather_rows_forward(grad_handle.contiguous(), dst_idx[:, None])
+        grad_recv = gather_rows_sum(grad_handle.contiguous(), dst_idx[:, None])
         grad_send = _wait(funcol.all_to_all_single(grad_recv, input_splits, output_splits, ctx.group))
-        return gather_rows_forward(grad_send, idx_Tk), None, None, None
+        return gather_rows_sum(grad_send, idx_Tk), None, None, None

@@ -11,12 +11,15 @@ Precondition for both: the entries of idx (all r, j) and fill_idx together are e
 row of [0, n_out) exactly once. The dispatchers build them that way, so every grouped
 row is written exactly once (no zero-fill of the whole buffer) and gradients of padding
 and tail rows are zeros, never stale memory. Sums over the k choices accumulate in
-float32 and round once to the row dtype.
+float32 and round once to the row dtype. The kernels are in ep_fp8.ops.permute.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed._functional_collectives as funcol
+
+from ep_fp8.ops.permute import gather_rows_sum, gather_rows_sum_backward, scatter_rows_into
 
 
 def scatter_rows(
@@ -38,79 +41,44 @@ def gather_rows(
 ) -> torch.Tensor:
     """(M, D) rows -> (R, D): out[r] = sum_j w[r, j] * rows[idx[r, j]] (w = 1 if None).
 
-    Differentiable in rows_MD and w_Rk (float32, (R, k)). The output has rows' dtype.
+    Differentiable in rows_MD and w_Rk ((R, k), float32). The output has rows' dtype.
     """
     return _GatherRows.apply(rows_MD, idx_Rk, fill_idx, w_Rk)
-
-
-def scatter_rows_forward(src_RD, idx_Rk, fill_idx, n_out, fill_value=0):
-    """The forward of scatter_rows without autograd (also for uint8 float8 payloads)."""
-    out = src_RD.new_empty((n_out, src_RD.shape[1]))
-    for j in range(idx_Rk.shape[1]):
-        out.index_copy_(0, idx_Rk[:, j], src_RD)
-    out.index_fill_(0, fill_idx, fill_value)
-    return out
-
-
-def gather_rows_forward(rows_MD, idx_Rk, w_Rk=None):
-    """The forward of gather_rows without autograd."""
-    k = idx_Rk.shape[1]
-    if k == 1 and w_Rk is None:
-        return rows_MD.index_select(0, idx_Rk[:, 0])
-    acc_dtype = _acc_dtype(rows_MD.dtype)
-    acc = None
-    for j in range(k):
-        term = rows_MD.index_select(0, idx_Rk[:, j]).to(acc_dtype)
-        if w_Rk is not None:
-            term = term * w_Rk[:, j : j + 1]
-        acc = term if acc is None else acc.add_(term)
-    return acc.to(rows_MD.dtype)
 
 
 class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src_RD, idx_Rk, fill_idx, n_out):
         ctx.save_for_backward(idx_Rk)
-        return scatter_rows_forward(src_RD, idx_Rk, fill_idx, n_out)
+        return scatter_rows_into(_waited(src_RD), idx_Rk, fill_idx, n_out)
 
     @staticmethod
     def backward(ctx, grad_out):
         (idx_Rk,) = ctx.saved_tensors
-        return gather_rows_forward(grad_out.contiguous(), idx_Rk), None, None, None
+        return gather_rows_sum(grad_out.contiguous(), idx_Rk), None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_MD, idx_Rk, fill_idx, w_Rk):
+        rows_MD = _waited(rows_MD)
         # rows are needed only for the weight gradient
         ctx.save_for_backward(rows_MD if w_Rk is not None else None, idx_Rk, fill_idx, w_Rk)
-        ctx.rows_shape = rows_MD.shape
-        return gather_rows_forward(rows_MD, idx_Rk, w_Rk)
+        ctx.n_rows = rows_MD.shape[0]
+        return gather_rows_sum(rows_MD, idx_Rk, w_Rk)
 
     @staticmethod
     def backward(ctx, grad_out):
         rows_MD, idx_Rk, fill_idx, w_Rk = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        k = idx_Rk.shape[1]
-        grad_rows = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = grad_out.new_empty(ctx.rows_shape)
-            for j in range(k):
-                g = grad_out
-                if w_Rk is not None:
-                    g = (grad_out.to(_acc_dtype(g.dtype)) * w_Rk[:, j : j + 1]).to(grad_out.dtype)
-                grad_rows.index_copy_(0, idx_Rk[:, j], g)
-            grad_rows.index_fill_(0, fill_idx, 0)
-        if w_Rk is not None and ctx.needs_input_grad[3]:
-            acc_dtype = _acc_dtype(grad_out.dtype)
-            grad_acc = grad_out.to(acc_dtype)
-            grad_w = torch.stack(
-                [(grad_acc * rows_MD.index_select(0, idx_Rk[:, j]).to(acc_dtype)).sum(-1) for j in range(k)],
-                dim=1,
-            ).to(w_Rk.dtype)
+        grad_rows, grad_w = gather_rows_sum_backward(
+            grad_out.contiguous(), rows_MD, idx_Rk, fill_idx, w_Rk, ctx.n_rows,
+            need_rows=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[3],
+        )
         return grad_rows, None, None, grad_w
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 for bf16/fp16/fp32 rows, float64 stays float64.
-    return torch.promote_types(dtype, torch.float32)
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    # Rows fresh from an eager all-to-all are an AsyncCollectiveTensor, a wrapper without
+    # storage: wait for it and take the plain tensor the kernels can read. (Inside
+    # forward, so autograd is unaffected.)
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t

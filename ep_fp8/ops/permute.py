@@ -1,4 +1,4 @@
-"""Index generation for regrouping routed rows expert-major, on the device.
+"""Index generation and row movement for regrouping routed rows expert-major, on the device.
 
 Rows arrive as S blocks per source (one source per EP rank; S = 1 on a single rank),
 each source's rows already sorted by local expert: block (s, e) holds counts[s, e] rows,
@@ -15,8 +15,11 @@ device from the device counts: no host synchronisation. The caller knows the row
 on the host (`n_rows`, `n_out`), either exactly or as an upper bound for `n_out`; rows
 past the last group end are "tail" and belong to no group.
 
-Two implementations with the same results: a Triton kernel (one launch) and a torch
-reference; `backend="auto"` takes the kernel on CUDA and the reference elsewhere.
+The rows themselves move with `scatter_rows_into` (token rows to their k grouped rows),
+`gather_rows_sum` (the k rows of a token, weighted and summed) and its backward.
+
+Every function has two implementations with the same results: a Triton kernel and a
+torch reference; `backend="auto"` takes the kernel on CUDA and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -180,3 +183,162 @@ def _group_indices_kernel(
         tail = tl.sum(exp_pad, 0) + p - tl.sum(n_pad, 0)
         row = tl.where(is_pad, in_group, tail)
         tl.store(fill_ptr + p, row.to(tl.int64), mask=p < n_fill)
+
+
+# ---------------------------------------------------------------------------------------
+# Row movement. idx_Rk (R, k) int64 names k rows of the big (M, D) buffer for each of R
+# small-side rows; together with fill_idx the idx entries cover [0, M) exactly once.
+
+
+def _use_triton(backend: str, t: torch.Tensor) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend == "triton" or (backend == "auto" and t.is_cuda)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 accumulation for bf16/fp16/fp32 rows; float64 stays float64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def scatter_rows_into(
+    src_RD: torch.Tensor, idx_Rk: torch.Tensor, fill_idx: torch.Tensor, n_out: int,
+    fill_value: float = 0, *, backend: str = "auto",
+) -> torch.Tensor:
+    """(R, D) rows -> (n_out, D): out[idx[r, j]] = src[r] for all j, out[fill_idx] = fill_value.
+
+    Any dtype (uint8 float8 payloads too); src may have a row stride other than D.
+    Not differentiable (moe.rows wraps it).
+    """
+    out = src_RD.new_empty((n_out, src_RD.shape[1]))
+    R, k = idx_Rk.shape
+    if _use_triton(backend, src_RD) and R * src_RD.shape[1] > 0:
+        D = src_RD.shape[1]
+        BLOCK_D = min(triton.next_power_of_2(D), 2048)
+        _scatter_rows_kernel[(R, triton.cdiv(D, BLOCK_D))](
+            src_RD, src_RD.stride(0), src_RD.stride(1), idx_Rk.contiguous(), out, D, k, BLOCK_D=BLOCK_D,
+        )
+    else:
+        for j in range(k):
+            out.index_copy_(0, idx_Rk[:, j], src_RD)
+    return out.index_fill_(0, fill_idx, fill_value)
+
+
+def gather_rows_sum(
+    rows_MD: torch.Tensor, idx_Rk: torch.Tensor, w_Rk: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """(M, D) rows -> (R, D): out[r] = sum_j w[r, j] * rows[idx[r, j]] (w = 1 if None).
+
+    Accumulates in float32 (float64 for float64 rows) in j order and rounds once to
+    rows' dtype. Not differentiable (moe.rows wraps it).
+    """
+    R, k = idx_Rk.shape
+    D = rows_MD.shape[1]
+    if k == 1 and w_Rk is None:
+        return rows_MD.index_select(0, idx_Rk[:, 0])
+    if _use_triton(backend, rows_MD) and R * D > 0:
+        out = rows_MD.new_empty((R, D))
+        BLOCK_D = min(triton.next_power_of_2(D), 2048)
+        _gather_rows_kernel[(R, triton.cdiv(D, BLOCK_D))](
+            rows_MD, rows_MD.stride(0), idx_Rk.contiguous(), w_Rk if w_Rk is not None else idx_Rk,
+            out, D, k, HAS_W=w_Rk is not None, ACC=_tl_dtype(_acc_dtype(rows_MD.dtype)), BLOCK_D=BLOCK_D,
+        )
+        return out
+    acc_dtype = _acc_dtype(rows_MD.dtype)
+    acc = torch.zeros((R, D), dtype=acc_dtype, device=rows_MD.device)
+    for j in range(k):
+        term = rows_MD.index_select(0, idx_Rk[:, j]).to(acc_dtype)
+        acc += term if w_Rk is None else term * w_Rk[:, j : j + 1]
+    return acc.to(rows_MD.dtype)
+
+
+def gather_rows_sum_backward(
+    grad_RD: torch.Tensor, rows_MD: torch.Tensor | None, idx_Rk: torch.Tensor, fill_idx: torch.Tensor,
+    w_Rk: torch.Tensor | None, n_rows: int, need_rows: bool = True, need_w: bool = True,
+    *, backend: str = "auto",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of gather_rows_sum: grad_rows (n_rows, D), zero on fill_idx, and grad_w
+    (R, k) in w's dtype (None where not needed; rows_MD only read for grad_w)."""
+    R, k = idx_Rk.shape
+    D = grad_RD.shape[1]
+    need_w = need_w and w_Rk is not None
+    grad_rows = grad_RD.new_empty((n_rows, D)) if need_rows else None
+    grad_w = torch.empty((R, k), dtype=w_Rk.dtype, device=grad_RD.device) if need_w else None
+    if _use_triton(backend, grad_RD) and (need_rows or need_w) and R * D > 0:
+        grad_RD = grad_RD.contiguous()
+        BLOCK_D = min(triton.next_power_of_2(D), 1024)
+        acc = _tl_dtype(_acc_dtype(grad_RD.dtype))
+        _gather_rows_bwd_kernel[(R,)](
+            grad_RD, rows_MD if need_w else grad_RD, rows_MD.stride(0) if need_w else 0, idx_Rk.contiguous(),
+            w_Rk if w_Rk is not None else grad_RD, grad_rows if need_rows else grad_RD,
+            grad_w if need_w else grad_RD, D, k, HAS_W=w_Rk is not None, NEED_ROWS=need_rows,
+            NEED_W=need_w, ACC=acc, BLOCK_D=BLOCK_D,
+        )
+    else:
+        acc_dtype = _acc_dtype(grad_RD.dtype)
+        grad_acc = grad_RD.to(acc_dtype)
+        for j in range(k):
+            if need_rows:
+                g = grad_RD if w_Rk is None else (grad_acc * w_Rk[:, j : j + 1]).to(grad_RD.dtype)
+                grad_rows.index_copy_(0, idx_Rk[:, j], g)
+            if need_w:
+                grad_w[:, j] = (grad_acc * rows_MD.index_select(0, idx_Rk[:, j]).to(acc_dtype)).sum(-1)
+    if need_rows:
+        grad_rows.index_fill_(0, fill_idx, 0)
+    return grad_rows, grad_w
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _scatter_rows_kernel(src_ptr, src_stride, src_col_stride, idx_ptr, out_ptr, D, K, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    v = tl.load(src_ptr + r * src_stride + cols * src_col_stride, mask=mask)
+    for j in range(K):  # one read of the source row, k writes
+        dst = tl.load(idx_ptr + r * K + j)
+        tl.store(out_ptr + dst * D + cols, v, mask=mask)
+
+
+@triton.jit
+def _gather_rows_kernel(rows_ptr, rows_stride, idx_ptr, w_ptr, out_ptr, D, K,
+                        HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for j in range(K):
+        src = tl.load(idx_ptr + r * K + j)
+        v = tl.load(rows_ptr + src * rows_stride + cols, mask=mask).to(ACC)
+        if HAS_W:
+            v = v * tl.load(w_ptr + r * K + j).to(ACC)
+        acc += v
+    tl.store(out_ptr + r * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, idx_ptr, w_ptr, grad_rows_ptr, grad_w_ptr, D, K,
+                            HAS_W: tl.constexpr, NEED_ROWS: tl.constexpr, NEED_W: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per token row: its gradient is read once per choice (from cache after
+    # the first), scaled into the choice's grouped row, and dotted with that row.
+    r = tl.program_id(0).to(tl.int64)
+    for j in range(K):
+        dst = tl.load(idx_ptr + r * K + j)
+        if HAS_W:
+            wj = tl.load(w_ptr + r * K + j).to(ACC)
+        dot = tl.zeros((BLOCK_D,), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            g = tl.load(grad_ptr + r * D + cols, mask=mask).to(ACC)
+            if NEED_ROWS:
+                gw = g * wj if HAS_W else g
+                tl.store(grad_rows_ptr + dst * D + cols, gw.to(grad_rows_ptr.dtype.element_ty), mask=mask)
+            if NEED_W:
+                dot += g * tl.load(rows_ptr + dst * rows_stride + cols, mask=mask, other=0).to(ACC)
+        if NEED_W:
+            tl.store(grad_w_ptr + r * K + j, tl.sum(dot, axis=0).to(grad_w_ptr.dtype.element_ty))

@@ -4,7 +4,13 @@ against a layout built row by row in Python."""
 import pytest
 import torch
 
-from ep_fp8.ops.permute import expert_group_indices, expert_group_indices_reference
+from ep_fp8.ops.permute import (
+    expert_group_indices,
+    expert_group_indices_reference,
+    gather_rows_sum,
+    gather_rows_sum_backward,
+    scatter_rows_into,
+)
 
 ALIGN = 16
 
@@ -86,6 +92,85 @@ def test_bad_arguments_raise_clear_errors():
         expert_group_indices(c, 6, 96, align=0)
     with pytest.raises(ValueError, match="backend"):
         expert_group_indices(c, 6, 96, backend="cuda")
+
+
+def _row_layout(R, k, n_fill, gen):
+    perm = torch.randperm(R * k + n_fill, generator=gen)
+    return perm[: R * k].view(R, k), perm[R * k :]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8])
+def test_scatter_rows_kernel_matches_reference_in_interpreter(dtype):
+    gen = torch.Generator().manual_seed(3)
+    R, k, D, n_fill = 7, 3, 37, 5
+    idx, fill = _row_layout(R, k, n_fill, gen)
+    wide = torch.randint(0, 200, (R, D + 4), generator=gen).to(dtype)
+    src = wide[:, :D]  # a row stride other than D, as the float8 payload's data bytes
+    want = scatter_rows_into(src, idx, fill, R * k + n_fill, fill_value=1, backend="torch")
+    got = scatter_rows_into(src, idx, fill, R * k + n_fill, fill_value=1, backend="triton")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gather_rows_kernels_match_reference_in_interpreter(dtype, weighted):
+    gen = torch.Generator().manual_seed(4)
+    R, k, D, n_fill = 6, 3, 40, 9
+    idx, fill = _row_layout(R, k, n_fill, gen)
+    rows = torch.randn(R * k + n_fill, D, generator=gen).to(dtype)
+    w = torch.rand(R, k, generator=gen) if weighted else None
+    grad = torch.randn(R, D, generator=gen).to(dtype)
+    # Forward sums in the same order: exact, except that the interpreter's float32 ->
+    # bfloat16 cast may round one step differently.
+    exact = dtype != torch.bfloat16
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(gather_rows_sum(rows, idx, w, backend="triton"),
+                               gather_rows_sum(rows, idx, w, backend="torch"), **tol)
+    g_rows, g_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="triton")
+    r_rows, r_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="torch")
+    torch.testing.assert_close(g_rows, r_rows, **tol)
+    if weighted:  # dot products: the kernel sums in another order
+        torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-5)
+    else:
+        assert g_w is None and r_w is None
+
+
+def test_gather_rows_reference_matches_float64_loop():
+    gen = torch.Generator().manual_seed(5)
+    R, k, D, n_fill = 4, 2, 8, 3
+    idx, fill = _row_layout(R, k, n_fill, gen)
+    rows = torch.randn(R * k + n_fill, D, generator=gen, dtype=torch.float64)
+    w = torch.rand(R, k, generator=gen, dtype=torch.float64)
+    want = torch.stack([sum(w[r, j] * rows[idx[r, j]] for j in range(k)) for r in range(R)])
+    torch.testing.assert_close(gather_rows_sum(rows, idx, w), want, rtol=1e-15, atol=0)
+    grad = torch.randn(R, D, generator=gen, dtype=torch.float64)
+    g_rows, g_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0])
+    want_w = torch.stack([torch.stack([grad[r] @ rows[idx[r, j]] for j in range(k)]) for r in range(R)])
+    torch.testing.assert_close(g_w, want_w, rtol=1e-12, atol=0)
+    assert torch.equal(g_rows[fill], torch.zeros(n_fill, D, dtype=torch.float64))
+    torch.testing.assert_close(g_rows[idx[:, 1]], grad * w[:, 1:2], rtol=1e-15, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_row_kernels_match_reference(dtype):
+    gen = torch.Generator().manual_seed(6)
+    R, k, D, n_fill = 1024, 8, 7168, 300
+    idx, fill = (t.cuda() for t in _row_layout(R, k, n_fill, gen))
+    rows = torch.randn(R * k + n_fill, D, generator=gen).to(dtype).cuda()
+    w = torch.rand(R, k, generator=gen).cuda()
+    grad = torch.randn(R, D, generator=gen).to(dtype).cuda()
+    src = rows[:R]
+    assert torch.equal(scatter_rows_into(src, idx, fill, rows.shape[0], backend="triton"),
+                       scatter_rows_into(src, idx, fill, rows.shape[0], backend="torch"))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)  # FMA
+    torch.testing.assert_close(gather_rows_sum(rows, idx, w, backend="triton"),
+                               gather_rows_sum(rows, idx, w, backend="torch"), **tol)
+    got = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="triton")
+    want = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="torch")
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.gpu
