@@ -105,6 +105,8 @@ def gemm_2d3d(a_q, a_descale, b_q, b_descale, offs, backend: str) -> torch.Tenso
     last two dims, b_descale (G, N); offs (G,) int32. Returns (M, N): bfloat16 on the cuda
     backend, float32 when emulated. Rows past offs[-1] are not written.
     """
+    if a_q.shape[0] == 0:  # no tokens at all (a rank that received none): no GEMM to run
+        return a_q.new_zeros((0, b_q.shape[2]), dtype=torch.bfloat16 if backend == "cuda" else torch.float32)
     if backend == "cuda":
         return torch._scaled_grouped_mm(a_q, b_q, a_descale, b_descale, offs=offs,
                                         out_dtype=torch.bfloat16, use_fast_accum=USE_FAST_ACCUM)
