@@ -1,0 +1,157 @@
+"""What each spawned rank runs: a parallelized step compared with a single-process one.
+
+Every rank builds the same single-process reference (same seed, the whole global batch)
+and the parallel model (its slice of the batch); the global loss is the mean of the
+ranks' losses, and sharded gradients are gathered with full_tensor() before comparing.
+Workers return floats (errors, counts); the tests assert on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ep_fp8.model import PRESETS, Transformer
+from ep_fp8.parallel import ParallelDims, parallelize_model
+
+# The debug preset with the sequence-level aux loss on, so its gradient is checked too.
+ARGS = dataclasses.replace(PRESETS["debug"], aux_loss_coef=1e-2, max_seq_len=32)
+B_LOCAL, SEQ, SEED = 2, 16, 1234
+
+
+class CountOps(TorchDispatchMode):
+    """Counts all-to-all ops (functional or c10d) and matmuls dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.a2a = self.mm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "all_to_all" in name or "alltoall" in name:
+            self.a2a += 1
+        if func is torch.ops.aten.mm.default:
+            self.mm += 1
+        return func(*args, **(kwargs or {}))
+
+
+def global_tokens(world: int, args=ARGS) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, args.vocab_size, (world * B_LOCAL, SEQ + 1), generator=g)
+
+
+def loss_of(model, tokens_BS1: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens_BS1[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), tokens_BS1[:, 1:].flatten())
+
+
+def reference(world: int, args=ARGS) -> tuple[float, dict[str, torch.Tensor]]:
+    """Single-process fp32 loss and gradients on the whole global batch."""
+    model = Transformer(args)
+    model.init_weights(SEED)
+    loss = loss_of(model, global_tokens(world, args))
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def parallel_step(rank: int, world: int, dims: ParallelDims, args=ARGS, *, count=False,
+                  **kwargs):
+    """Loss (mean over ranks), gathered gradients, model, and op counts (all-to-alls in
+    forward, all-to-alls in backward, matmuls in backward) of one float32 step."""
+    mesh = dims.build_mesh("cpu")
+    model = Transformer(args)
+    model.init_weights(SEED)
+    parallelize_model(model, dims, mesh, param_dtype=torch.float32, **kwargs)
+    tokens = global_tokens(world, args)[rank * B_LOCAL:(rank + 1) * B_LOCAL]
+    # Counting is optional: torch.compile runs eagerly under an active dispatch mode.
+    with CountOps() if count else contextlib.nullcontext(CountOps()) as fwd:
+        loss = loss_of(model, tokens)
+    with CountOps() if count else contextlib.nullcontext(CountOps()) as bwd:
+        loss.backward()
+    loss_sum = loss.detach().clone()
+    dist.all_reduce(loss_sum)
+    grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    return loss_sum.item() / world, grads, model, (fwd.a2a, bwd.a2a, bwd.mm)
+
+
+def grad_error(grads: dict, ref: dict) -> float:
+    """max over parameters of max|g - g_ref| / max|g_ref|."""
+    if grads.keys() != ref.keys():
+        raise AssertionError(f"parameter names differ: {sorted(grads.keys() ^ ref.keys())}")
+    return max(((grads[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item()
+               for n in ref)
+
+
+def compare(out: dict, key: str, step, ref_loss: float, ref_grads: dict) -> None:
+    loss, grads = step[0], step[1]
+    out[f"{key}.loss_err"] = abs(loss - ref_loss) / abs(ref_loss)
+    out[f"{key}.grad_err"] = grad_error(grads, ref_grads)
+
+
+def two_ranks(rank: int, world: int) -> dict:
+    out: dict = {}
+    ref_loss, ref_grads = reference(world)
+    dims = ParallelDims(world, ep=2)
+
+    base = parallel_step(rank, world, dims, count=True)
+    compare(out, "ep2", base, ref_loss, ref_grads)
+    out["none.a2a_fwd"], out["none.a2a_bwd"], out["none.mm_bwd"] = base[3]
+
+    for mode in ("full", "selective"):
+        step = parallel_step(rank, world, dims, count=True, ac_mode=mode)
+        out[f"{mode}.grad_vs_none"] = grad_error(step[1], base[1])
+        out[f"{mode}.a2a_fwd"], out[f"{mode}.a2a_bwd"], out[f"{mode}.mm_bwd"] = step[3]
+
+    torch._dynamo.reset()
+    compiled = parallel_step(rank, world, dims, ac_mode="selective", compile="aot_eager")
+    out["compile.graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out["compile.loss_vs_eager"] = abs(compiled[0] - base[0]) / abs(base[0])
+    out["compile.grad_vs_eager"] = grad_error(compiled[1], base[1])
+
+    fp8 = parallel_step(rank, world, dims, dispatch_payload="float8")
+    out["float8.payloads"] = sorted({b.moe.dispatcher.payload for b in fp8[2].layers
+                                     if b.moe is not None})
+    out["float8.loss_vs_bf16"] = abs(fp8[0] - base[0]) / abs(base[0])
+
+    # Built on the meta device, sharded, then materialised and initialised: the same
+    # weights as an unsharded model with the same seed.
+    with torch.device("meta"):
+        meta_model = Transformer(ARGS)
+    parallelize_model(meta_model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
+    meta_model.to_empty(device="cpu")
+    meta_model.init_weights(SEED)
+    plain = Transformer(ARGS)
+    plain.init_weights(SEED)
+    plain_params = dict(plain.named_parameters())
+    out["meta_init.max_diff"] = max((full(p.data) - plain_params[n]).abs().max().item()
+                                    for n, p in meta_model.named_parameters())
+    out["meta_init.expert_placements"] = str(meta_model.layers[1].moe.experts.w1.placements)
+    return out
+
+
+def four_ranks(rank: int, world: int) -> dict:
+    out: dict = {}
+    ref_loss, ref_grads = reference(world)
+    # ep=2 with 2 ranks per expert shard (efsdp=2); HSDP (2 replicas x ep 2); ep=4.
+    for key, dims in (("ep2_efsdp2", ParallelDims(world, ep=2)),
+                      ("hsdp2_ep2", ParallelDims(world, dp_replicate=2, ep=2)),
+                      ("ep4", ParallelDims(world, ep=4))):
+        compare(out, key, parallel_step(rank, world, dims), ref_loss, ref_grads)
+    # 2 experts over ep=2: one expert per EP rank cannot split over efsdp=2 ranks on dim 0,
+    # so FSDP2 shards dim 1 instead.
+    few = dataclasses.replace(ARGS, n_experts=2, top_k=1)
+    ref_few = reference(world, few)
+    step = parallel_step(rank, world, ParallelDims(world, ep=2), few)
+    compare(out, "shard1", step, *ref_few)
+    out["shard1.placements"] = str(step[2].layers[1].moe.experts.w1.placements)
+    return out

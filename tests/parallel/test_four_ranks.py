@@ -1,0 +1,26 @@
+"""4 gloo ranks: EP=2 with FSDP2 inside each expert shard, HSDP, EP=4 and the Shard(1)
+expert placement, each against a single-process model (one process group for all)."""
+
+import pytest
+
+from tests.parallel import _workers
+from tests.parallel._spawn import run_ranks
+
+pytestmark = pytest.mark.slow
+
+FP32_TOL = 1e-5  # see test_two_ranks.py
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_workers.four_ranks, 4)[0]
+
+
+@pytest.mark.parametrize("layout", ["ep2_efsdp2", "hsdp2_ep2", "ep4", "shard1"])
+def test_loss_and_grads_match_single_process(results, layout):
+    assert results[f"{layout}.loss_err"] < FP32_TOL
+    assert results[f"{layout}.grad_err"] < FP32_TOL
+
+
+def test_one_expert_per_ep_rank_is_fsdp_sharded_on_dim_1(results):
+    assert results["shard1.placements"] == "(Shard(dim=1), Shard(dim=0))"
