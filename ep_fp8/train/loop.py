@@ -27,7 +27,7 @@ from ep_fp8.train.validate import resolve_ep
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the message names the step."""
+    """The loss or the gradient norm became NaN or Inf; the message names the step."""
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -101,25 +101,49 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _save_and_print_config(cfg: Config) -> None:
+    """Rank 0: print the resolved config once and save it as <run>/config.toml."""
+    if dist.get_rank() != 0:
+        return
+    text = to_toml(cfg, resolve_model=True)
+    os.makedirs(run_dir(cfg), exist_ok=True)
+    with open(os.path.join(run_dir(cfg), "config.toml"), "w") as f:
+        f.write(text)
+    print(f"config ({cfg.source}), resolved:\n{text}", flush=True)
+
+
+def train_step(model, loader: DataLoader, optimizer, scheduler, grad_accum: int,
+               max_norm: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step over `grad_accum` micro-batches. Returns (this rank's mean loss,
+    the global gradient norm before clipping, the lr used); the tensors stay on the device
+    (no host synchronisation here)."""
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        inputs_BS, targets_BS = (x.to(device, non_blocking=True) for x in loader.next())
+        logits_BSV = model(inputs_BS)
+        loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach() / grad_accum
+    grad_norm = clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, lr
+
+
 def train(cfg: Config) -> dict:
     """Train as `cfg` says. Returns {"step", "records", "stopped", "checkpoint"}: the last
     step done, the logged metric records, why it stopped early ("" if it did not), and the
-    last checkpoint written. Raises NonFiniteLossError naming the step when the loss
-    becomes NaN or Inf."""
+    last checkpoint written. Raises NonFiniteLossError naming the step when the loss or
+    the gradient norm becomes NaN or Inf."""
     from ep_fp8.model import flops_per_token, param_counts
     from ep_fp8.moe import update_router_biases
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device, t = resolve_device(cfg), cfg.training
     dtype = resolve_dtype(cfg, device)
-    folder = run_dir(cfg)
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.toml"), "w") as f:
-            f.write(to_toml(cfg, resolve_model=True))
-        print(f"config ({cfg.source}), resolved:\n{to_toml(cfg, resolve_model=True)}",
-              flush=True)
-
+    _save_and_print_config(cfg)
     model, args, dims = build_model(cfg, device, dtype)
     total, active = param_counts(args)
     _say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
@@ -141,7 +165,7 @@ def train(cfg: Config) -> dict:
         _say(f"resumed from {found[1]} (step {step})")
 
     metrics = MetricsLogger(
-        folder, rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,
+        run_dir(cfg), rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,
         tokens_per_step=world * t.batch_size * t.seq_len * t.grad_accum,
         flops_per_token=flops_per_token(args, t.seq_len),
         peak=peak_flops(device, cfg.metrics.peak_flops), device=device,
@@ -151,43 +175,33 @@ def train(cfg: Config) -> dict:
     stopped = ""
     model.train()
     with _StopFlag() as stop:
-        while step < t.steps:
+        while step < t.steps and not stopped:
             step += 1
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(t.grad_accum):
-                inputs_BS, targets_BS = (x.to(device, non_blocking=True) for x in loader.next())
-                logits_BSV = model(inputs_BS)
-                loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
-                (loss / t.grad_accum).backward()
-                loss_sum += loss.detach() / t.grad_accum
-            grad_norm = clip_grad_norm_(model.parameters(), t.max_norm)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, lr = train_step(model, loader, optimizer, scheduler,
+                                             t.grad_accum, t.max_norm, device)
             balance = update_router_biases(model, cfg.router.bias_update_rate, group=dp_group)
-            # One small all-reduce carries the loss and every rank's SIGTERM flag.
-            shared = torch.stack([loss_sum, torch.tensor(float(stop.set), device=device)])
+            # One small all-reduce carries the loss and every rank's SIGTERM flag, so all
+            # ranks stop after the same step even when only some were signalled.
+            shared = torch.stack([loss, torch.tensor(float(stop.set), device=device)])
             if world > 1:
                 dist.all_reduce(shared)
-            loss_avg, n_stop, norm = torch.stack([shared[0] / world, shared[1],
-                                                  grad_norm.to(device)]).tolist()
-            if not math.isfinite(loss_avg):
+            loss_avg, n_stop, norm = torch.stack(
+                [shared[0] / world, shared[1], grad_norm.to(device)]).tolist()
+            if not (math.isfinite(loss_avg) and math.isfinite(norm)):
+                # A non-finite gradient has already reached the weights: stop here.
                 raise NonFiniteLossError(
-                    f"loss is {loss_avg} at step {step}: stopping. The last complete "
-                    f"checkpoint is {last_ckpt or 'none'}; lower [optimizer] lr or raise "
-                    f"[lr_schedule] warmup_steps before resuming.")
-            metrics.step(step, loss_avg, norm, lr, balance.get("load_imbalance_max", 1.0))
+                    f"loss is {loss_avg} and gradient norm {norm} at step {step}: stopping. "
+                    f"The last complete checkpoint is {last_ckpt or 'none'}; lower "
+                    f"[optimizer] lr or raise [lr_schedule] warmup_steps before resuming.")
+            metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"])
             if n_stop > 0:
                 stopped = f"stopped by SIGTERM after step {step}"
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):
                 last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)
                 _say(f"checkpoint {last_ckpt}")
-            if stopped:
-                _say(stopped + ("" if cfg.checkpoint.enabled
-                                else " (checkpoint.enabled = false: nothing saved)"))
-                break
+    if stopped and not cfg.checkpoint.enabled:
+        stopped += " (checkpoint.enabled = false: nothing saved)"
     entropy = source.entropy if isinstance(source, MarkovSource) else None
     _say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
     return {"step": step, "records": metrics.records, "stopped": stopped,

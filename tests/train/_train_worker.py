@@ -1,0 +1,84 @@
+"""Runs inside each rank of a gloo process group started by test_train_distributed.py.
+
+One spawn per world size runs a list of training runs one after another (the process group
+is created once, which is where most of the time of a small run goes). Each run's
+`train()` result is written to <root>/<run>/result-rank<r>.json; the metrics JSONL is in
+the run folder as usual. The test then asserts on those files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import traceback
+
+import torch.distributed as dist
+
+from ep_fp8.train.config import load_config
+from ep_fp8.train.loop import NonFiniteLossError, train
+
+# Small and deterministic: fp32 on the CPU, fixed seeds, a log line every step.
+BASE = [
+    "--training.steps=20", "--training.batch_size=4", "--training.seq_len=32",
+    "--training.device=cpu", "--training.dtype=float32", "--optimizer.lr=3e-3",
+    "--lr_schedule.warmup_steps=2", "--metrics.log_every=1", "--metrics.tensorboard=false",
+    "--float8.enabled=false",
+]
+
+
+def _sigterm_after(path: str, step: int) -> None:
+    """Send SIGTERM to this process once the metrics file at `path` has logged `step`."""
+    def watch():
+        while True:
+            try:
+                with open(path) as f:
+                    if any(json.loads(ln).get("step", 0) >= step for ln in f if ln.strip()):
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _copy_checkpoint(root: str, src_run: str, step: int, dst_run: str) -> None:
+    if dist.get_rank() == 0:
+        src = os.path.join(root, src_run, "checkpoints", f"step-{step}")
+        shutil.copytree(src, os.path.join(root, dst_run, "checkpoints", f"step-{step}"))
+    dist.barrier()
+
+
+def run_plan(rank: int, world: int, port: int, root: str, plan: list[dict]) -> None:
+    """`plan`: [{"name", "overrides", optional "resume_from": [run, step],
+    optional "sigterm_after": step}]."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo")
+    try:
+        for run in plan:
+            name = run["name"]
+            cfg = load_config(None, BASE + [f"--job.output_dir={root}", f"--job.name={name}"]
+                              + run["overrides"], world_size=world)
+            if "resume_from" in run:
+                _copy_checkpoint(root, *run["resume_from"], name)
+            if rank == 0 and "sigterm_after" in run:
+                _sigterm_after(os.path.join(root, name, "metrics.jsonl"), run["sigterm_after"])
+            try:
+                out = train(cfg)
+                result = {"step": out["step"], "stopped": out["stopped"],
+                          "checkpoint": out["checkpoint"]}
+            except NonFiniteLossError as e:
+                result = {"error": str(e)}
+            with open(os.path.join(root, name, f"result-rank{rank}.json"), "w") as f:
+                json.dump(result, f)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+    # FSDP2 on gloo can abort during interpreter teardown (FACTS.md); leave cleanly.
+    os._exit(0)
