@@ -62,41 +62,40 @@ class ModelArgs:
         for name in ("n_dense_layers", "n_shared_experts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.dim ({self.dim})")
-        if (self.dim // self.n_heads) % 2:
+        self._divides("n_heads", "dim")
+        if self.head_dim % 2:
             raise ValueError(f"model.dim // model.n_heads must be even for rotary embeddings, "
-                             f"got {self.dim // self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_kv_heads ({self.n_kv_heads}) must divide "
-                             f"model.n_heads ({self.n_heads})")
-        if self.n_dense_layers > self.n_layers:
-            raise ValueError(f"model.n_dense_layers ({self.n_dense_layers}) must be <= "
-                             f"model.n_layers ({self.n_layers})")
+                             f"got {self.head_dim}")
+        self._divides("n_kv_heads", "n_heads")
+        self._at_most("n_dense_layers", "n_layers")
         if self.n_dense_layers > 0 and self.dense_hidden_dim < 1:
             raise ValueError(f"model.dense_hidden_dim must be >= 1, got {self.dense_hidden_dim}")
         if self.n_moe_layers > 0:
-            if self.n_experts < 1 or self.expert_hidden_dim < 1:
-                raise ValueError("model.n_experts and model.expert_hidden_dim must be >= 1 "
-                                 f"when there are MoE layers, got {self.n_experts} and "
-                                 f"{self.expert_hidden_dim}")
-            if not 1 <= self.top_k <= self.n_experts:
-                raise ValueError(f"model.top_k must be in [1, n_experts={self.n_experts}], "
-                                 f"got {self.top_k}")
+            for name in ("n_experts", "expert_hidden_dim", "top_k"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"model.{name} must be >= 1 when there are MoE layers, "
+                                     f"got {getattr(self, name)}")
+            self._at_most("top_k", "n_experts")
             if self.score_func not in _SCORE_FUNCS:
                 raise ValueError(f"model.score_func must be one of {_SCORE_FUNCS}, "
                                  f"got {self.score_func!r}")
-            if self.n_experts % self.n_expert_groups:
-                raise ValueError(f"model.n_expert_groups ({self.n_expert_groups}) must divide "
-                                 f"model.n_experts ({self.n_experts})")
-            if self.n_limited_groups > self.n_expert_groups:
-                raise ValueError(f"model.n_limited_groups ({self.n_limited_groups}) must be <= "
-                                 f"model.n_expert_groups ({self.n_expert_groups})")
+            self._divides("n_expert_groups", "n_experts")
+            self._at_most("n_limited_groups", "n_expert_groups")
         if self.aux_loss_coef < 0:
             raise ValueError(f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("model.rope_theta and model.norm_eps must be > 0, got "
                              f"{self.rope_theta} and {self.norm_eps}")
+
+    def _divides(self, small: str, big: str) -> None:
+        if getattr(self, big) % getattr(self, small):
+            raise ValueError(f"model.{small} ({getattr(self, small)}) must divide "
+                             f"model.{big} ({getattr(self, big)})")
+
+    def _at_most(self, small: str, big: str) -> None:
+        if getattr(self, small) > getattr(self, big):
+            raise ValueError(f"model.{small} ({getattr(self, small)}) must be <= "
+                             f"model.{big} ({getattr(self, big)})")
 
     @property
     def head_dim(self) -> int:

@@ -24,10 +24,10 @@ def _entry(fn, rank: int, world: int, port: int, backend: str, queue) -> None:
 
     torch.set_num_threads(1)  # N ranks share 2 cores
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
         queue.put((rank, "ok", fn(rank, world)))
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
         queue.put((rank, "error", traceback.format_exc()))

@@ -41,9 +41,10 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def global_tokens(world: int, args=ARGS) -> torch.Tensor:
+def global_tokens(world: int, args=ARGS, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
-    return torch.randint(0, args.vocab_size, (world * B_LOCAL, SEQ + 1), generator=g)
+    tokens = torch.randint(0, args.vocab_size, (world * B_LOCAL, SEQ + 1), generator=g)
+    return tokens.to(device)
 
 
 def loss_of(model, tokens_BS1: torch.Tensor) -> torch.Tensor:
@@ -51,11 +52,12 @@ def loss_of(model, tokens_BS1: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens_BS1[:, 1:].flatten())
 
 
-def reference(world: int, args=ARGS) -> tuple[float, dict[str, torch.Tensor]]:
+def reference(world: int, args=ARGS, device="cpu") -> tuple[float, dict[str, torch.Tensor]]:
     """Single-process fp32 loss and gradients on the whole global batch."""
-    model = Transformer(args)
+    with torch.device(device):
+        model = Transformer(args)
     model.init_weights(SEED)
-    loss = loss_of(model, global_tokens(world, args))
+    loss = loss_of(model, global_tokens(world, args, device))
     loss.backward()
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -65,14 +67,17 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def parallel_step(rank: int, world: int, dims: ParallelDims, args=ARGS, *, count=False,
-                  **kwargs):
+                  device="cpu", model_kwargs=None, **kwargs):
     """Loss (mean over ranks), gathered gradients, model, and op counts (all-to-alls in
     forward, all-to-alls in backward, matmuls in backward) of one float32 step."""
-    mesh = dims.build_mesh("cpu")
-    model = Transformer(args)
+    device = torch.device(device)
+    mesh = dims.build_mesh(device.type)
+    with torch.device(device):
+        model = Transformer(args, **(model_kwargs or {}))
     model.init_weights(SEED)
-    parallelize_model(model, dims, mesh, param_dtype=torch.float32, **kwargs)
-    tokens = global_tokens(world, args)[rank * B_LOCAL:(rank + 1) * B_LOCAL]
+    kwargs.setdefault("param_dtype", torch.float32)
+    parallelize_model(model, dims, mesh, **kwargs)
+    tokens = global_tokens(world, args, device)[rank * B_LOCAL:(rank + 1) * B_LOCAL]
     # Counting is optional: torch.compile runs eagerly under an active dispatch mode.
     with CountOps() if count else contextlib.nullcontext(CountOps()) as fwd:
         loss = loss_of(model, tokens)
@@ -88,8 +93,8 @@ def grad_error(grads: dict, ref: dict) -> float:
     """max over parameters of max|g - g_ref| / max|g_ref|."""
     if grads.keys() != ref.keys():
         raise AssertionError(f"parameter names differ: {sorted(grads.keys() ^ ref.keys())}")
-    return max(((grads[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item()
-               for n in ref)
+    return max(((grads[n].float() - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30))
+               .item() for n in ref)
 
 
 def compare(out: dict, key: str, step, ref_loss: float, ref_grads: dict) -> None:
