@@ -98,6 +98,46 @@ _TRITON = _Kernels(quant_kernels.quantize_rows_triton, quant_kernels.quantize_we
                    quant_kernels.quantize_cols_grouped_triton, quant_kernels.zero_rows_past_end_triton)
 
 
+def _grouped_mm_accepts(t: torch.Tensor) -> bool:
+    """torch._grouped_mm's operand rule: row- or column-major in the last two dims, the
+    other stride a multiple of 16 bytes, data 16-byte aligned."""
+    align, (s1, s2), (n1, n2) = 16 // t.element_size(), t.stride()[-2:], t.shape[-2:]
+    if t.data_ptr() % 16:
+        return False
+    if s2 == 1 and s1 >= max(1, n2):
+        return s1 % align == 0
+    if s1 == 1 and s2 >= max(1, n1):
+        return s2 % align == 0
+    return False
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs=offs) for operands of any strides and sizes.
+
+    a (M, K) with b (G, K, N) -> (M, N), or a (R, P) with b (P, S) grouped along P ->
+    (G, R, S); contiguous. Operands torch._grouped_mm would reject (odd strides, or
+    sizes that are not a multiple of 16 bytes) are copied into zero-padded aligned
+    buffers first: zeros add nothing to the sums, and the padding is sliced off.
+    """
+    if not (_grouped_mm_accepts(a) and _grouped_mm_accepts(b)):
+        align = 16 // a.element_size()
+        up = lambda n: (n + align - 1) // align * align  # noqa: E731
+        if b.dim() == 3:
+            (M, K), (G, _, N) = a.shape, b.shape
+            a_p = a.new_zeros(M, up(K))
+            a_p[:, :K] = a
+            b_p = b.new_zeros(G, up(K), up(N))
+            b_p[:, :K, :N] = b
+            return torch._grouped_mm(a_p, b_p, offs=offs)[:, :N].contiguous()
+        (R, P), S = a.shape, b.shape[1]
+        a_p = a.new_zeros(P, up(R))  # column-major: the grouped dim P needs no alignment
+        a_p[:, :R] = a.t()
+        b_p = b.new_zeros(P, up(S))
+        b_p[:, :S] = b
+        return torch._grouped_mm(a_p.t(), b_p, offs=offs)[:, :R, :S].contiguous()
+    return torch._grouped_mm(a, b, offs=offs).contiguous()
+
+
 def gemm_2d3d(a_q, a_descale, b_q, b_descale, offs, backend: str) -> torch.Tensor:
     """out[rows of group g] = (a_q * a_descale) @ (b_q[g] * b_descale[g]).
 
@@ -112,7 +152,7 @@ def gemm_2d3d(a_q, a_descale, b_q, b_descale, offs, backend: str) -> torch.Tenso
                                         out_dtype=torch.bfloat16, use_fast_accum=USE_FAST_ACCUM)
     a = a_q.float() * a_descale[:, None]
     b = b_q.float() * b_descale[:, None, :]
-    return torch._grouped_mm(a, b, offs=offs)
+    return grouped_mm(a, b, offs)
 
 
 def gemm_2d2d(aT_q, aT_descale, bT_q, bT_descale, poffs, backend: str) -> torch.Tensor:
@@ -130,4 +170,4 @@ def gemm_2d2d(aT_q, aT_descale, bT_q, bT_descale, poffs, backend: str) -> torch.
     group_of_col = group_of_col.clamp_max(G - 1)  # columns past poffs[-1] are in no group
     a = aT_q.float() * aT_descale.t()[:, group_of_col]
     b = bT_q.float() * bT_descale.t()[:, group_of_col]
-    return torch._grouped_mm(a, b.t(), offs=poffs)
+    return grouped_mm(a, b.t(), poffs)

@@ -24,7 +24,7 @@ def _hp_fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Opti
             x_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     if x.shape[0] == 0:  # no tokens: torch._grouped_mm rejects empty operands
         return x.new_zeros((0, w_t.shape[2]), dtype=out_dtype)
-    out = torch._grouped_mm(_x_values(x, x_data, x_scale), w_t, offs=offs).to(out_dtype)
+    out = backends.grouped_mm(_x_values(x, x_data, x_scale), w_t, offs).to(out_dtype)
     return backends.kernels_for("bf16", x.device).zero_rows_past_end(out, offs)
 
 
@@ -37,16 +37,15 @@ def _(x, w_t, offs, x_data, x_scale, out_dtype):
 def _hp_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor,
             x_data: Optional[torch.Tensor], x_scale: Optional[torch.Tensor],
             need_grad_x: bool, need_grad_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # torch._grouped_mm's CPU backward rejects stride-0 gradients: make them dense.
-    grad_out = grad_out.to(x.dtype).contiguous()
+    grad_out = grad_out.to(x.dtype)
     grad_x = grad_w = grad_out.new_empty((0,))
     if x.shape[0] == 0:
         return x.new_zeros(x.shape if need_grad_x else (0,)), w_t.new_zeros(w_t.shape if need_grad_w else (0,))
     if need_grad_x:
-        grad_x = torch._grouped_mm(grad_out, w_t.transpose(-2, -1), offs=offs)
+        grad_x = backends.grouped_mm(grad_out, w_t.transpose(-2, -1), offs)
         grad_x = backends.kernels_for("bf16", x.device).zero_rows_past_end(grad_x, offs)
     if need_grad_w:
-        grad_w = torch._grouped_mm(_x_values(x, x_data, x_scale).t(), grad_out, offs=offs)
+        grad_w = backends.grouped_mm(_x_values(x, x_data, x_scale).t(), grad_out, offs)
     return grad_x, grad_w
 
 
