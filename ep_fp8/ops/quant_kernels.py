@@ -201,6 +201,16 @@ def quantize_weight_triton(w_t: torch.Tensor, exact_scales: bool = False, fwd: b
 
 
 @triton.jit
+def _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_ROW_DESCALE: tl.constexpr):
+    """a[rows, cs] as float32 (0 where masked), times row_descale[rows] for float8 input."""
+    v = tl.load(a_ptr + rows[:, None].to(tl.int64) * s_am + cs64[None, :] * s_ac,
+                mask=mr[:, None] & mc[None, :], other=0.0).to(tl.float32)
+    if HAS_ROW_DESCALE:
+        v = v * tl.load(row_descale_ptr + rows, mask=mr, other=0.0)[:, None]
+    return v
+
+
+@triton.jit
 def _quant_cols_grouped_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr,
                                qT_ptr, descale_ptr, poffs_ptr, M, C, P, G,
                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -227,20 +237,14 @@ def _quant_cols_grouped_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr,
     for i0 in range(0, size, BLOCK_M):
         rows = start + i0 + rr
         mr = i0 + rr < size
-        v = tl.load(a_ptr + rows[:, None].to(tl.int64) * s_am + cs64[None, :] * s_ac,
-                    mask=mr[:, None] & mc[None, :], other=0.0).to(tl.float32)
-        if HAS_ROW_DESCALE:
-            v = v * tl.load(row_descale_ptr + rows, mask=mr, other=0.0)[:, None]
+        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_ROW_DESCALE)
         acc = tl.maximum(acc, tl.max(_abs_nan_as_inf(v), axis=0))
     scale, descale = _scales_from_amax(acc, EXACT)
     tl.store(descale_ptr + g.to(tl.int64) * C + cs, descale, mask=mc)
     for i0 in range(0, psize, BLOCK_M):
         rows = start + i0 + rr
         mr = i0 + rr < size
-        v = tl.load(a_ptr + rows[:, None].to(tl.int64) * s_am + cs64[None, :] * s_ac,
-                    mask=mr[:, None] & mc[None, :], other=0.0).to(tl.float32)
-        if HAS_ROW_DESCALE:
-            v = v * tl.load(row_descale_ptr + rows, mask=mr, other=0.0)[:, None]
+        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_ROW_DESCALE)
         v = tl.where(mr[:, None], v * scale[None, :], 0.0)  # padding is 0, even if scale is NaN
         dst = qT_ptr + cs64[None, :] * P + (pstart + i0 + rr)[:, None]
         tl.store(dst, _to_fp8(v), mask=(i0 + rr < psize)[:, None] & mc[None, :])
