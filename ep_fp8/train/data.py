@@ -102,10 +102,12 @@ class TokenFileSource:
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):
         self.tokenizer = load_tokenizer(tokenizer)
-        eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         dtype = torch.int16 if self.tokenizer.vocab_size <= 2**15 else torch.int32
-        pieces = [torch.tensor(self.tokenizer.encode(doc) + eos, dtype=dtype)
-                  for doc in _documents(list_files(pattern), source, field)]
+        eos = torch.tensor([] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id],
+                           dtype=dtype)
+        pieces = []
+        for doc in _documents(list_files(pattern), source, field):
+            pieces += [self.tokenizer.encode_tensor(doc, dtype), eos]
         self.tokens = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
         self.seq_len, self.seed = seq_len, seed
         self.n_windows = (self.tokens.numel() - 1) // seq_len

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 # Tokens that mark the end of a document in common tokenizer.json vocabularies.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
@@ -17,6 +19,13 @@ class ByteTokenizer:
 
     def encode(self, data: bytes | str) -> list[int]:
         return list(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def encode_tensor(self, data: bytes | str, dtype: torch.dtype) -> torch.Tensor:
+        """(n,) tensor of `dtype`; no Python int per byte, so 100 MB of text stays cheap."""
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        if not raw:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dtype)
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -41,6 +50,9 @@ class JsonTokenizer:
     def encode(self, data: bytes | str) -> list[int]:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_tensor(self, data: bytes | str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(self.encode(data), dtype=dtype)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
