@@ -58,14 +58,17 @@ def _ignore_profiler_ops_in_sac() -> None:
     A nested FSDP2 unit (a block's experts) re-entered during recomputation records one
     more annotation ("FSDP::root_pre_forward") than in forward, and torch's SAC replays
     ops by call index, so it would fail with "invocation index ... not found in storage".
-    Annotations are not tensor computation; upstream PyTorch ignores them the same way
-    in later releases. Idempotent: adds the profiler ops to torch's ignore set.
+    Annotations are not tensor computation (a proposed upstream fix ignores them the same
+    way). Idempotent: adds the profiler ops to torch's ignore set.
     """
+    ignored = getattr(torch_checkpoint, "SAC_IGNORED_OPS", None)
+    if ignored is None:  # a torch whose SAC has no ignore list
+        return
     for name in ("_record_function_enter", "_record_function_enter_new",
                  "_record_function_exit"):
         packet = getattr(torch.ops.profiler, name, None)
         if packet is not None:
-            torch_checkpoint.SAC_IGNORED_OPS.update(getattr(packet, o) for o in packet.overloads())
+            ignored.update(getattr(packet, o) for o in packet.overloads())
 
 
 def is_all_to_all(func) -> bool:
