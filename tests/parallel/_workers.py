@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ep_fp8.model import PRESETS, Transformer
@@ -148,10 +148,14 @@ def four_ranks(rank: int, world: int) -> dict:
     out: dict = {}
     ref_loss, ref_grads = reference(world)
     # ep=2 with 2 ranks per expert shard (efsdp=2); HSDP (2 replicas x ep 2); ep=4.
-    for key, dims in (("ep2_efsdp2", ParallelDims(world, ep=2)),
-                      ("hsdp2_ep2", ParallelDims(world, dp_replicate=2, ep=2)),
-                      ("ep4", ParallelDims(world, ep=4))):
-        compare(out, key, parallel_step(rank, world, dims), ref_loss, ref_grads)
+    # With checkpointing, the experts' FSDP2 all-gather runs inside the recomputed region.
+    for key, dims, ac_mode in (("ep2_efsdp2", ParallelDims(world, ep=2), "none"),
+                               ("ep2_efsdp2_ac", ParallelDims(world, ep=2), "selective"),
+                               ("hsdp2_ep2", ParallelDims(world, dp_replicate=2, ep=2), "none"),
+                               ("hsdp2_ep2_ac", ParallelDims(world, dp_replicate=2, ep=2), "full"),
+                               ("ep4", ParallelDims(world, ep=4), "none")):
+        step = parallel_step(rank, world, dims, ac_mode=ac_mode)
+        compare(out, key, step, ref_loss, ref_grads)
     # 2 experts over ep=2: one expert per EP rank cannot split over efsdp=2 ranks on dim 0,
     # so FSDP2 shards dim 1 instead.
     few = dataclasses.replace(ARGS, n_experts=2, top_k=1)

@@ -1,5 +1,6 @@
-"""4 gloo ranks: EP=2 with FSDP2 inside each expert shard, HSDP, EP=4 and the Shard(1)
-expert placement, each against a single-process model (one process group for all)."""
+"""4 gloo ranks: EP=2 with FSDP2 inside each expert shard, HSDP (both also with activation
+checkpointing), EP=4 and the Shard(1) expert placement, each against a single-process
+model (one process group for all)."""
 
 import pytest
 
@@ -16,7 +17,8 @@ def results():
     return run_ranks(_workers.four_ranks, 4)[0]
 
 
-@pytest.mark.parametrize("layout", ["ep2_efsdp2", "hsdp2_ep2", "ep4", "shard1"])
+@pytest.mark.parametrize("layout", ["ep2_efsdp2", "ep2_efsdp2_ac", "hsdp2_ep2", "hsdp2_ep2_ac",
+                                    "ep4", "shard1"])
 def test_loss_and_grads_match_single_process(results, layout):
     assert results[f"{layout}.loss_err"] < FP32_TOL
     assert results[f"{layout}.grad_err"] < FP32_TOL
