@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
+_FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
 
 
 def count_per_expert(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -88,6 +89,18 @@ class Router(nn.Module):
 
     def init_weights(self, init_std: float = 0.02) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=init_std)
+
+    def _apply(self, fn, recurse=True):
+        # The balancing state stays float32 when the module is cast (model.to(bf16) would
+        # make counts above 256 inexact and bias steps vanish); it still follows devices.
+        keep = {name: self._buffers.pop(name) for name in _FLOAT32_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in keep.items():
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == torch.float32 else buf.to(device=moved.device)
+        return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         topk_idx, topk_w, _ = self.route(x_TD)

@@ -214,7 +214,7 @@ def scatter_rows_into(
     R, k = idx_Rk.shape
     if _use_triton(backend, src_RD) and R * src_RD.shape[1] > 0:
         D = src_RD.shape[1]
-        BLOCK_D = min(triton.next_power_of_2(D), 2048)
+        BLOCK_D = min(triton.next_power_of_2(D), 1024)
         _scatter_rows_kernel[(R, triton.cdiv(D, BLOCK_D))](
             src_RD, src_RD.stride(0), src_RD.stride(1), idx_Rk.contiguous(), out, D, k, BLOCK_D=BLOCK_D,
         )
@@ -238,7 +238,7 @@ def gather_rows_sum(
         return rows_MD.index_select(0, idx_Rk[:, 0])
     if _use_triton(backend, rows_MD) and R * D > 0:
         out = rows_MD.new_empty((R, D))
-        BLOCK_D = min(triton.next_power_of_2(D), 2048)
+        BLOCK_D = min(triton.next_power_of_2(D), 1024)
         _gather_rows_kernel[(R, triton.cdiv(D, BLOCK_D))](
             rows_MD, rows_MD.stride(0), idx_Rk.contiguous(), w_Rk if w_Rk is not None else idx_Rk,
             out, D, k, HAS_W=w_Rk is not None, ACC=_tl_dtype(_acc_dtype(rows_MD.dtype)), BLOCK_D=BLOCK_D,

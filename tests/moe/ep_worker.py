@@ -23,11 +23,17 @@ import ep_fp8.ops
 from ep_fp8.moe import AllToAllDispatcher, GroupedExperts, LocalDispatcher, MoE, update_router_biases
 
 E, D, H = 8, 16, 32
+DEVICE = torch.device("cpu")  # set per process by run()
+ACT_DTYPE = torch.float32  # bfloat16 on GPUs, where torch._grouped_mm needs it
 HAS_FP8_OPS = hasattr(ep_fp8.ops, "scaled_grouped_mm") and hasattr(ep_fp8.ops, "quantize_rows")
 
 
 def _max_err(a, b):
-    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+    """max |a - b| / max |b| (0 for empty tensors)."""
+    if not a.numel():
+        return 0.0
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _routing(kind, rank, ws, T, gen):
@@ -52,22 +58,24 @@ def _routing(kind, rank, ws, T, gen):
 
 def _expert_pair(ws, rank, float8=False):
     torch.manual_seed(0)  # the same full weights on every rank
-    full = GroupedExperts(D, H, E, float8=float8, float8_backend="emulated")
+    backend = "auto" if DEVICE.type == "cuda" else "emulated"  # the real kernels on a GPU
+    full = GroupedExperts(D, H, E, float8=float8, float8_backend=backend).to(DEVICE)
     EL = E // ws
-    local = GroupedExperts(D, H, EL, float8=float8, float8_backend="emulated")
+    local = GroupedExperts(D, H, EL, float8=float8, float8_backend=backend).to(DEVICE)
     with torch.no_grad():
         for name in ("w1", "w2", "w3"):
             getattr(local, name).copy_(getattr(full, name)[rank * EL : (rank + 1) * EL])
     return full, local
 
 
-def dispatch_scenario(kind, rank, ws, payload="bf16", dtype=torch.float32):
+def dispatch_scenario(kind, rank, ws, payload="bf16", dtype=None):
+    dtype = dtype or ACT_DTYPE
     gen = torch.Generator().manual_seed(100 + rank)
-    idx = _routing(kind, rank, ws, 12, gen)
+    idx = _routing(kind, rank, ws, 12, gen).to(DEVICE)
     T, k = idx.shape
-    x = torch.randn(T, D, generator=gen).to(dtype).requires_grad_()
-    w = torch.rand(T, k, generator=gen, requires_grad=True)
-    grad_y = torch.randn(T, D, generator=gen).to(dtype)
+    x = torch.randn(T, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    w = torch.rand(T, k, generator=gen).to(DEVICE).requires_grad_()
+    grad_y = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
     float8 = payload == "float8"
     full, local = _expert_pair(ws, rank, float8=float8)
 
@@ -89,10 +97,10 @@ def dispatch_scenario(kind, rank, ws, payload="bf16", dtype=torch.float32):
         g = getattr(full, name).grad.clone()
         dist.all_reduce(g)  # the experts of rank r see every rank's tokens
         out[f"grad_{name}"] = _max_err(getattr(local, name).grad, g[sl])
-    sizes = torch.diff(offs.long(), prepend=torch.zeros(1, dtype=torch.long))
+    sizes = torch.diff(offs.long(), prepend=torch.zeros(1, dtype=torch.long, device=DEVICE))
     out["groups_aligned"] = bool((sizes % 16 == 0).all())
     out["fill_rows_zero"] = bool((st.x_fp8[0] if float8 else xg)[st.fill_idx].float().eq(0).all())
-    moved = torch.tensor([sum(st.output_splits), T * k])
+    moved = torch.tensor([sum(st.output_splits), T * k], device=DEVICE)
     dist.all_reduce(moved)  # every routed pair arrives at exactly one rank
     out["rows_conserved"] = moved[0].item() == moved[1].item()
     out["received_nothing"] = sum(st.output_splits) == 0
@@ -105,17 +113,17 @@ def layer_scenario(rank, ws):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     torch.manual_seed(0)
-    ref = MoE(D, H, E, 2, n_shared_experts=1, score_func="sigmoid", aux_loss_coef=0.01)
+    ref = MoE(D, H, E, 2, n_shared_experts=1, score_func="sigmoid", aux_loss_coef=0.01).to(DEVICE, ACT_DTYPE)
     ep = copy.deepcopy(ref)
-    mesh = init_device_mesh("cpu", (ws,))
+    mesh = init_device_mesh(DEVICE.type, (ws,))
     for name in ("w1", "w2", "w3"):
-        full = getattr(ref.experts, name).detach()
+        full = getattr(ref.experts, name).detach().clone()
         setattr(ep.experts, name, torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])))
     ep.dispatcher = AllToAllDispatcher(dist.group.WORLD, E)
 
     gen = torch.Generator().manual_seed(200 + rank)
-    x = torch.randn(2, 5, D, generator=gen)
-    grad = torch.randn(2, 5, D, generator=gen)
+    x = torch.randn(2, 5, D, generator=gen).to(DEVICE, ACT_DTYPE)
+    grad = torch.randn(2, 5, D, generator=gen).to(DEVICE, ACT_DTYPE)
     y, y_ref = ep(x), ref(x)
     y.backward(grad)
     y_ref.backward(grad)
@@ -130,7 +138,7 @@ def layer_scenario(rank, ws):
         else:
             out[f"grad_{name}"] = _max_err(g_ep, p.grad)
     update_router_biases(ep, rate=0.01, group=dist.group.WORLD)
-    biases = [torch.empty(E) for _ in range(ws)]
+    biases = [torch.empty(E, device=DEVICE) for _ in range(ws)]
     dist.all_gather(biases, ep.router.expert_bias)
     out["bias_same_on_all_ranks"] = all(torch.equal(b, biases[0]) for b in biases)
     out["bias_updated"] = bool(biases[0].abs().sum() > 0)
@@ -157,10 +165,10 @@ def _save_all_to_all(ctx, func, *args, **kwargs):
 def checkpoint_scenario(rank, ws):
     """Selective activation checkpointing that saves all-to-all outputs never repeats one."""
     torch.manual_seed(0)
-    moe = MoE(D, H, E, 2)
+    moe = MoE(D, H, E, 2).to(DEVICE, ACT_DTYPE)
     moe.experts = _expert_pair(ws, rank)[1]
     moe.dispatcher = AllToAllDispatcher(dist.group.WORLD, E)
-    x = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    x = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(rank)).to(DEVICE, ACT_DTYPE).requires_grad_()
     out = {}
     for mode in ("none", "full", "selective"):
         x.grad = None
@@ -184,11 +192,11 @@ def checkpoint_scenario(rank, ws):
 def bad_input_scenario(rank, ws):
     out = {}
     d = AllToAllDispatcher(dist.group.WORLD, E)
-    idx = torch.zeros(4, 2, dtype=torch.int64)
+    idx = torch.zeros(4, 2, dtype=torch.int64, device=DEVICE)
     if rank == 1:
         idx[2, 1] = E  # one bad id on one rank
     try:
-        d.dispatch(torch.randn(4, D), idx)
+        d.dispatch(torch.randn(4, D, device=DEVICE), idx)
         out["out_of_range"] = "no error"
     except ValueError as e:
         out["out_of_range"] = str(e)
@@ -198,7 +206,7 @@ def bad_input_scenario(rank, ws):
     except ValueError as e:
         out["not_dividing"] = str(e)
     # the group still works after the error: every rank raised at the same point
-    xg, offs, st = d.dispatch(torch.randn(4, D), torch.zeros(4, 2, dtype=torch.int64))
+    xg, offs, st = d.dispatch(torch.randn(4, D, device=DEVICE), torch.zeros(4, 2, dtype=torch.int64, device=DEVICE))
     out["usable_after_error"] = xg.shape[0] == ((8 * ws + 15) // 16 * 16 if rank == 0 else 0)
     return out
 
@@ -216,10 +224,14 @@ def scenarios(ws):
     return runs
 
 
-def run(rank, ws, port, out_dir):
+def run(rank, ws, port, out_dir, device_type="cpu"):
+    global DEVICE, ACT_DTYPE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=ws, timeout=timedelta(seconds=60))
+    if device_type == "cuda":
+        DEVICE, ACT_DTYPE = torch.device("cuda", rank), torch.bfloat16
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=ws, timeout=timedelta(seconds=60))
     results = {}
     for name, (fn, args, kwargs) in scenarios(ws).items():
         try:

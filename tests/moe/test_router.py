@@ -140,3 +140,12 @@ def test_bad_router_arguments_raise_clear_errors():
         r.aux_loss(scores, idx, n_seqs=3)
     with pytest.raises(ValueError, match="rate"):
         update_router_biases(r, rate=-1.0)
+
+
+def test_balancing_buffers_stay_float32_when_the_module_is_cast():
+    r = Router(D, E, 2).to(torch.bfloat16)
+    assert r.gate.weight.dtype == torch.bfloat16
+    assert r.expert_bias.dtype == torch.float32 and r.tokens_per_expert.dtype == torch.float32
+    for _ in range(300):  # 600 counts on one expert: exact in float32, not in bfloat16
+        r.tokens_per_expert[0] += 2
+    assert r.tokens_per_expert[0].item() == 600
