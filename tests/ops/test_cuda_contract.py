@@ -1,0 +1,90 @@
+"""The cuda backend's plumbing, on CPU: torch._scaled_grouped_mm replaced by a stand-in
+that enforces the contract of torch 2.11's row-wise float8 grouped GEMM (layouts, scale
+shapes, alignment, non-empty 16-aligned groups in the 2D x 2D case, bf16 output, rows
+past offs[-1] left unwritten) and computes it in float32; the Triton kernels run through
+the interpreter. The real GEMM is exercised by test_gpu.py on an H200.
+"""
+
+import pytest
+import torch
+
+from ep_fp8.ops import backends, scaled_grouped_mm
+from tests.ops._helpers import grouped_mm_f64, offsets, rel_err
+
+FP8 = torch.float8_e4m3fn
+
+
+def _row_major(t):
+    return t.stride(-1) == 1 and t.stride(-2) % 16 == 0 and t.stride(-2) >= t.shape[-1]
+
+
+def _col_major(t):
+    return t.stride(-2) == 1 and t.stride(-1) % 16 == 0 and t.stride(-1) >= t.shape[-2]
+
+
+def fake_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None,
+                           out_dtype=None, use_fast_accum=False):
+    assert mat_a.dtype == FP8 and mat_b.dtype == FP8 and mat_a.dim() == 2
+    assert scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32
+    assert _row_major(mat_a), f"mat_a must be row-major, strides {mat_a.stride()}"
+    assert _col_major(mat_b), f"mat_b must be column-major, strides {mat_b.stride()}"
+    assert mat_a.shape[-1] % 16 == 0 and mat_b.shape[-2] % 16 == 0 and mat_b.shape[-1] % 16 == 0
+    assert out_dtype == torch.bfloat16 and offs.dtype == torch.int32 and bias is None
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    a = mat_a.float()
+    if mat_b.dim() == 3:  # 2D x 3D: groups of rows of a
+        G, K, N = mat_b.shape
+        assert scale_a.shape == (a.shape[0],) and scale_a.is_contiguous()
+        assert scale_b.shape == (G, N) and scale_b.stride(-1) == 1
+        out = torch.full((a.shape[0], N), float("nan"))  # rows in no group stay unwritten
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            out[s:e] = (a[s:e] * scale_a[s:e, None]) @ (mat_b[g].float() * scale_b[g])
+        return out.to(torch.bfloat16)
+    # 2D x 2D: groups along the contracted dimension
+    R, S, G = a.shape[0], mat_b.shape[1], len(ends)
+    assert scale_a.shape == (G * R,) and scale_b.shape == (G * S,)
+    for s, e in zip(starts, ends):
+        assert e - s > 0 and (e - s) % 16 == 0, "each group non-empty and 16-aligned"
+    b = mat_b.float()
+    out = torch.empty(G, R, S)
+    for g, (s, e) in enumerate(zip(starts, ends)):
+        out[g] = (a[:, s:e] * scale_a[g * R:(g + 1) * R, None]) @ (b[s:e] * scale_b[g * S:(g + 1) * S])
+    return out.to(torch.bfloat16)
+
+
+@pytest.fixture
+def cuda_path_on_cpu(monkeypatch):
+    monkeypatch.setattr(backends, "_has_scaled_grouped_mm", lambda device_type, index: True)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", fake_scaled_grouped_mm)
+
+
+@pytest.mark.parametrize("w_layout", ["gnk", "gkn"])
+@pytest.mark.parametrize("with_x_fp8", [False, True])
+def test_cuda_path_meets_the_gemm_contract_and_matches_emulated(cuda_path_on_cpu, w_layout, with_x_fp8):
+    from ep_fp8.ops import quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, tail, K, N = [13, 0, 40, 5], 6, 32, 48
+    M, G = sum(sizes) + tail, len(sizes)
+    offs = offsets(sizes)
+    x = torch.randn(M, K, generator=gen).bfloat16()
+    w = torch.randn(G, N, K, generator=gen).bfloat16() if w_layout == "gnk" else \
+        torch.randn(G, K, N, generator=gen).bfloat16()
+    w_t_of = (lambda w: w.transpose(1, 2)) if w_layout == "gnk" else (lambda w: w)
+    grad_out = torch.randn(M, N, generator=gen).bfloat16()
+    x_fp8 = quantize_rows(x) if with_x_fp8 else None
+    results = {}
+    for backend in ("cuda", "emulated"):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = scaled_grouped_mm(xl, w_t_of(wl), offs, backend=backend, x_fp8=x_fp8)
+        out.backward(grad_out)
+        results[backend] = (out, xl.grad, w_t_of(wl.grad))
+    ref = grouped_mm_f64(x, w_t_of(w), offs, grad_out)
+    for c, e, r in zip(results["cuda"], results["emulated"], ref):
+        assert c.dtype == torch.bfloat16 and c.shape == e.shape
+        assert rel_err(c, e) < 5e-3  # same float8 operands; bf16 output rounding differs
+        assert rel_err(c, r) < 0.06
+    end = sum(sizes)
+    assert bool((results["cuda"][0][end:] == 0).all()) and bool((results["cuda"][1][end:] == 0).all())
+    assert bool((results["cuda"][2][1] == 0).all())  # the empty group's gradient
