@@ -163,6 +163,9 @@ def train(cfg: Config) -> dict:
         step = ckpt.load(found[1], model, optimizer, scheduler, loader)
         last_ckpt = found[1]
         _say(f"resumed from {found[1]} (step {step})")
+        if step >= t.steps:
+            _say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
+                 f"is {t.steps}; raise training.steps to continue")
 
     metrics = MetricsLogger(
         run_dir(cfg), rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,

@@ -8,6 +8,7 @@ the run folder as usual. The test then asserts on those files.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -57,12 +58,14 @@ def run_plan(rank: int, world: int, port: int, root: str, plan: list[dict]) -> N
     optional "sigterm_after": step}]."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo")
+    # A rank that fails alone leaves the others in a collective: fail them within minutes.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
     try:
         for run in plan:
             name = run["name"]
             cfg = load_config(None, BASE + [f"--job.output_dir={root}", f"--job.name={name}"]
                               + run["overrides"], world_size=world)
+            os.makedirs(os.path.join(root, name), exist_ok=True)
             if "resume_from" in run:
                 _copy_checkpoint(root, *run["resume_from"], name)
             if rank == 0 and "sigterm_after" in run:
@@ -73,6 +76,10 @@ def run_plan(rank: int, world: int, port: int, root: str, plan: list[dict]) -> N
                           "checkpoint": out["checkpoint"]}
             except NonFiniteLossError as e:
                 result = {"error": str(e)}
+            except Exception:
+                # Recorded for the test that needs this run; the next runs still go (a
+                # failure that hits every rank alike leaves the process group usable).
+                result = {"error": traceback.format_exc()}
             with open(os.path.join(root, name, f"result-rank{rank}.json"), "w") as f:
                 json.dump(result, f)
     except BaseException:
