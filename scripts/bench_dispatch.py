@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ep_fp8.moe import AllToAllDispatcher, LocalDispatcher
 
+FULL = dict(tokens=4096, dim=7168, top_k=8, experts=256)  # DeepSeek-V3-like
 QUICK = dict(tokens=256, dim=512, top_k=4, experts=16)
 
 
@@ -201,10 +202,11 @@ def environment(args, world, device) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--dim", type=int, default=7168)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    # Sizes default to FULL, or QUICK with --quick; an explicit option wins either way.
+    p.add_argument("--tokens", type=int, help=f"tokens per rank ({FULL['tokens']})")
+    p.add_argument("--dim", type=int, help=f"model dimension D ({FULL['dim']})")
+    p.add_argument("--top-k", type=int, help=f"experts per token ({FULL['top_k']})")
+    p.add_argument("--experts", type=int, help=f"experts E ({FULL['experts']})")
     p.add_argument("--routing", choices=("uniform", "skewed"), default="uniform")
     p.add_argument("--payloads", default="bf16,float8", help="comma-separated: bf16, float8")
     p.add_argument("--warmup", type=int, default=5)
@@ -213,8 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/bench_dispatch.json", help="JSON results")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
             setattr(args, key, value)
     if min(args.tokens, args.dim, args.top_k, args.experts, args.iters) < 1 or args.warmup < 0:
         p.error("sizes and --iters must be positive, --warmup non-negative")

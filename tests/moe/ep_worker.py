@@ -211,6 +211,19 @@ def bad_input_scenario(rank, ws):
     return out
 
 
+def bench_scenario(rank, ws):
+    """scripts/bench_dispatch.py's expert-parallel measurement runs (times not checked)."""
+    from tests.moe.bench_script import load_bench_dispatch
+
+    bench = load_bench_dispatch()
+    args = bench.parse_args(["--quick", "--tokens", "32", "--dim", "64", "--warmup", "0", "--iters", "1"])
+    x = torch.randn(args.tokens, args.dim, device=DEVICE).to(torch.bfloat16)
+    idx = bench.make_routing(args.tokens, args.top_k, args.experts, "skewed", DEVICE, rank)
+    payloads = ("bf16", "float8") if HAS_FP8_OPS else ("bf16",)
+    records = [r for p in payloads for r in bench.bench_all_to_all(x, idx, args, DEVICE, dist.group.WORLD, p)]
+    return {"records": records}
+
+
 def scenarios(ws):
     runs = {f"dispatch_{kind}": (dispatch_scenario, (kind,), {})
             for kind in ("uniform", "skewed", "all_to_one_expert", "empty_rank")}
@@ -218,6 +231,7 @@ def scenarios(ws):
     runs["layer"] = (layer_scenario, (), {})
     runs["checkpoint"] = (checkpoint_scenario, (), {})
     runs["bad_input"] = (bad_input_scenario, (), {})
+    runs["bench"] = (bench_scenario, (), {})
     if HAS_FP8_OPS:
         for kind in ("uniform", "empty_rank"):
             runs[f"float8_{kind}"] = (dispatch_scenario, (kind,), {"payload": "float8", "dtype": torch.bfloat16})

@@ -100,3 +100,15 @@ def test_bad_input_raises_value_error_on_every_rank(results):
         assert "rank(s) [1]" in res["out_of_range"] and "outside [0, 8)" in res["out_of_range"]
         assert "must divide n_experts" in res["not_dividing"]
         assert res["usable_after_error"]
+
+
+def test_bench_script_measures_both_payloads_in_both_phases(results):
+    records = _ranks(results, "bench")[0]["records"]
+    got = {(r["payload"], r["phase"]) for r in records}
+    payloads = {"bf16", "float8"} if "float8_uniform" in results else {"bf16"}
+    assert got == {(p, ph) for p in payloads for ph in ("fwd", "fwd_bwd")}
+    for r in records:
+        assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] == r["ms"] / r["baseline_ms"]
+    by_payload = {r["payload"]: r["payload_bytes"] for r in records}
+    if "float8" in by_payload:  # D float8 bytes + 4 scale bytes against 2 D bf16 bytes
+        assert by_payload["float8"] * 2 * 64 == by_payload["bf16"] * (64 + 4)
