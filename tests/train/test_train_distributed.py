@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 # EP = 2 vs EP = 1 (float32 on the CPU, float8 off): the same math with expert gradients
 # summed in another order (one grouped matmul over both ranks' rows vs two partial sums
 # reduce-scattered); measured <= 1e-7 over 20 steps, 1e-5 leaves room for other BLAS.
+# Also used for gradient accumulation against one larger batch.
 EP_RTOL = 1e-5
 # Resume on the same layout: the same operations on the same restored values.
 RESUME_RTOL = 1e-6
@@ -33,6 +34,8 @@ TWO_RANK_PLAN = [
     {"name": "ep2", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                   "--checkpoint.interval=10"]},
     {"name": "ep1", "overrides": ["--parallel.ep=1"]},
+    {"name": "accum", "overrides": ["--parallel.ep=2", "--training.batch_size=2",
+                                    "--training.grad_accum=2"]},
     {"name": "resumed", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                       "--checkpoint.interval=10"],
      "resume_from": ["ep2", 10]},
@@ -106,6 +109,14 @@ def test_ep2_and_ep1_give_the_same_losses(runs):
     _, ep2 = metrics(runs, "ep2")
     _, ep1 = metrics(runs, "ep1")
     assert_close_losses(ep2, ep1, range(1, 21), EP_RTOL)
+
+
+def test_two_accumulated_half_batches_equal_one_full_batch(runs):
+    # Per step both runs see the same 8 global samples (4 per rank as one micro-batch, or
+    # 2 per rank in each of two); only the order of the float32 sums differs.
+    _, accum = metrics(runs, "accum")
+    _, full = metrics(runs, "ep2")
+    assert_close_losses(full, accum, range(1, 21), EP_RTOL)
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
