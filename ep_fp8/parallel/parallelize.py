@@ -73,12 +73,16 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mesh: DeviceMesh,
                prefetch_experts: bool = True) -> None:
     """FSDP2 units: each block's experts, each block, the embedding, [norm, head], root."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # The experts' inputs arrive in the activation dtype already, and a float8 payload
+    # (x_fp8 = float8 rows + float32 scales) must reach them as it is, not cast.
+    mp_experts = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                      cast_forward_inputs=False)
     dense, experts_mesh = dense_mesh(mesh, dims), expert_mesh(mesh, dims)
     gloo = dist.get_backend(submesh(mesh, "dp").get_group()) == "gloo"
     for block in model.layers:
         if block.moe is not None:
             experts = block.moe.experts
-            fully_shard(experts, mesh=experts_mesh, mp_policy=mp,
+            fully_shard(experts, mesh=experts_mesh, mp_policy=mp_experts,
                         shard_placement_fn=_expert_placement(experts, dims))
             if dims.ep > 1:
                 # An expert's gradient already sums the tokens of all ep ranks (they came

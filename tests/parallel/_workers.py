@@ -97,10 +97,18 @@ def grad_error(grads: dict, ref: dict) -> float:
                .item() for n in ref)
 
 
+def grad_norm_error(grads: dict, ref: dict) -> float:
+    """max over parameters of ||g - g_ref|| / ||g_ref|| (for low-precision runs, where a
+    single element may be off by a quantization step)."""
+    return max(((grads[n].float() - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)).item()
+               for n in ref)
+
+
 def compare(out: dict, key: str, step, ref_loss: float, ref_grads: dict) -> None:
     loss, grads = step[0], step[1]
     out[f"{key}.loss_err"] = abs(loss - ref_loss) / abs(ref_loss)
     out[f"{key}.grad_err"] = grad_error(grads, ref_grads)
+    out[f"{key}.grad_norm_err"] = grad_norm_error(grads, ref_grads)
 
 
 def two_ranks(rank: int, world: int) -> dict:
@@ -127,6 +135,11 @@ def two_ranks(rank: int, world: int) -> dict:
     out["float8.payloads"] = sorted({b.moe.dispatcher.payload for b in fp8[2].layers
                                      if b.moe is not None})
     out["float8.loss_vs_bf16"] = abs(fp8[0] - base[0]) / abs(base[0])
+    # float8 rows straight into float8 experts (they reject anything but e4m3 data).
+    fp8_experts = parallel_step(rank, world, dims, dispatch_payload="float8",
+                                model_kwargs=dict(float8=True, float8_backend="emulated"))
+    out["float8_experts.loss_vs_fp32"] = abs(fp8_experts[0] - base[0]) / abs(base[0])
+    out["float8_experts.grad_vs_fp32"] = grad_norm_error(fp8_experts[1], base[1])
 
     # Built on the meta device, sharded, then materialised and initialised: the same
     # weights as an unsharded model with the same seed.

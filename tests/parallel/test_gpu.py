@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu,
 
 FP32_TOL = 1e-4     # fp32 on the GPU, TF32 off: reduction order only
 BF16_LOSS_TOL = 2e-2  # bf16 weights and activations vs the fp32 reference
-BF16_GRAD_TOL = 0.15  # per-tensor max error relative to the tensor's max, bf16 rounding
+BF16_GRAD_TOL = 0.05  # worst parameter's ||g - g_ref|| / ||g_ref||: bf16 rounds by 2^-9
+FP8_GRAD_TOL = 0.15   # the same for e4m3 expert matmuls, which round by up to 2^-4
 
 
 def _results(world):
@@ -43,10 +44,10 @@ def test_activation_checkpointing_never_repeats_an_all_to_all(results):
 def test_bf16_compiled_checkpointed_step_tracks_fp32(results):
     assert results["bf16_compiled.graphs"] > 0
     assert results["bf16_compiled.loss_err"] < BF16_LOSS_TOL
-    assert results["bf16_compiled.grad_err"] < BF16_GRAD_TOL
+    assert results["bf16_compiled.grad_norm_err"] < BF16_GRAD_TOL
 
 
 def test_float8_experts_step_tracks_fp32(results):
     # e4m3 expert matmuls on top of bf16: the loss stays within a few percent.
     assert results["float8.loss_err"] < 5e-2
-    assert results["float8.grad_err"] < 0.5
+    assert results["float8.grad_norm_err"] < FP8_GRAD_TOL
