@@ -88,3 +88,17 @@ def test_cuda_path_meets_the_gemm_contract_and_matches_emulated(cuda_path_on_cpu
     end = sum(sizes)
     assert bool((results["cuda"][0][end:] == 0).all()) and bool((results["cuda"][1][end:] == 0).all())
     assert bool((results["cuda"][2][1] == 0).all())  # the empty group's gradient
+
+
+def test_auto_with_k_not_multiple_of_16_runs_emulated_and_warns_once(cuda_path_on_cpu, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(backends, "_warned", set())
+    gen = torch.Generator().manual_seed(1)
+    x, w_t, offs = torch.randn(20, 24, generator=gen), torch.randn(2, 24, 32, generator=gen), offsets([8, 12])
+    with pytest.warns(UserWarning, match="K=24, N=32 are not both multiples of 16"):
+        out = scaled_grouped_mm(x, w_t, offs)
+    assert torch.equal(out, scaled_grouped_mm(x, w_t, offs, backend="emulated"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled_grouped_mm(x, w_t, offs)  # said once is enough
