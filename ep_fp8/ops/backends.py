@@ -35,6 +35,7 @@ def _has_scaled_grouped_mm(device_type: str, index: int) -> bool:
     # torch 2.11 builds the row-wise float8 grouped GEMM for compute capability 9.0 and 10.0.
     if device_type != "cuda" or not torch.cuda.is_available():
         return False
+    index = index if index >= 0 else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index) in ((9, 0), (10, 0))
 
 
@@ -45,7 +46,7 @@ def choose_backend(backend: str, device: torch.device, K: int, N: int) -> tuple[
     if backend in ("emulated", "bf16"):
         return backend, ""
     device = torch.device(device)
-    index = device.index if device.index is not None else 0
+    index = device.index if device.index is not None else -1  # -1: the current device
     supported = _has_scaled_grouped_mm(device.type, index)
     aligned = K % 16 == 0 and N % 16 == 0
     if backend == "cuda":

@@ -85,19 +85,19 @@ def _quant_rows_kernel(a_ptr, stride_am, stride_ac, q_ptr, scale_ptr, descale_pt
     if ONE_BLOCK:
         # The whole row in registers: read once, amax, scale, cast, store.
         mask = cols < C
-        v = tl.load(a_row + cols * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(a_row + cols.to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
         scale, descale = _scales_from_amax(tl.max(_abs_nan_as_inf(v), axis=0), EXACT)
         tl.store(q_row + cols, _to_fp8(v * scale), mask=mask)
     else:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             mask = c0 + cols < C
-            v = tl.load(a_row + (c0 + cols) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(a_row + (c0 + cols).to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, _abs_nan_as_inf(v))
         scale, descale = _scales_from_amax(tl.max(acc, axis=0), EXACT)
         for c0 in range(0, C, BLOCK_C):
             mask = c0 + cols < C
-            v = tl.load(a_row + (c0 + cols) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(a_row + (c0 + cols).to(tl.int64) * stride_ac, mask=mask, other=0.0).to(tl.float32)
             tl.store(q_row + c0 + cols, _to_fp8(v * scale), mask=mask)
     tl.store(scale_ptr + row, scale)
     tl.store(descale_ptr + row, descale)
