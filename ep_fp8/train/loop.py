@@ -112,6 +112,23 @@ def _save_and_print_config(cfg: Config) -> None:
     print(f"config ({cfg.source}), resolved:\n{text}", flush=True)
 
 
+def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype) -> None:
+    """Rank 0: one line on the model and the layout, the float8 backend resolved."""
+    from ep_fp8.model import param_counts
+    from ep_fp8.ops import resolve_backend
+
+    total, active = param_counts(args)
+    float8 = "off"
+    if cfg.float8.enabled:
+        # The experts' first GEMM (D -> H); the others differ only in K and N.
+        backend = resolve_backend(cfg.float8.backend, device, args.dim, args.expert_hidden_dim)
+        float8 = f"on ({cfg.float8.backend}: {backend})"
+    _say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
+         f"per token; {dims.world_size} ranks, ep={dims.ep}, dp_replicate={dims.dp_replicate}, "
+         f"device {device.type}, {str(dtype).removeprefix('torch.')}, float8 {float8}, "
+         f"dispatch payload {dispatch_payload(cfg)}")
+
+
 def train_step(model, loader: DataLoader, optimizer, scheduler, grad_accum: int,
                max_norm: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step over `grad_accum` micro-batches. Returns (this rank's mean loss,
@@ -137,7 +154,7 @@ def train(cfg: Config) -> dict:
     step done, the logged metric records, why it stopped early ("" if it did not), and the
     last checkpoint written. Raises NonFiniteLossError naming the step when the loss or
     the gradient norm becomes NaN or Inf."""
-    from ep_fp8.model import flops_per_token, param_counts
+    from ep_fp8.model import flops_per_token
     from ep_fp8.moe import update_router_biases
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -145,11 +162,7 @@ def train(cfg: Config) -> dict:
     dtype = resolve_dtype(cfg, device)
     _save_and_print_config(cfg)
     model, args, dims = build_model(cfg, device, dtype)
-    total, active = param_counts(args)
-    _say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
-         f"per token; {world} ranks, ep={dims.ep}, device {device.type}, {dtype}, "
-         f"float8 {'on (' + cfg.float8.backend + ')' if cfg.float8.enabled else 'off'}, "
-         f"dispatch payload {dispatch_payload(cfg)}")
+    _describe(cfg, args, dims, device, dtype)
     o = cfg.optimizer
     optimizer = build_optimizer(model, o.lr, tuple(o.betas), o.weight_decay, o.eps)
     scheduler = build_scheduler(optimizer, t.steps, cfg.lr_schedule.warmup_steps,

@@ -45,13 +45,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return 0.0
 
 
-def format_line(r: dict, steps: int) -> str:
-    """One human-readable log line for a metrics record."""
+def format_line(r: dict, steps: int, mfu: bool = True, memory: bool = True) -> str:
+    """One human-readable log line for a metrics record; `mfu` / `memory` False leave out
+    values that are not measured here (no known peak; the CPU)."""
     return (f"step {r['step']:>{len(str(steps))}}/{steps}  loss {r['loss']:.4f}  "
             f"grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  "
             f"tok/s {r['tokens_per_s']:,.0f} ({r['tokens_per_s_per_gpu']:,.0f}/rank)  "
-            f"mfu {100 * r['mfu']:.1f}%  mem {r['peak_mem_gib']:.2f} GiB  "
-            f"imbalance {r['load_imbalance']:.2f}")
+            + (f"mfu {100 * r['mfu']:.1f}%  " if mfu else "")
+            + (f"mem {r['peak_mem_gib']:.2f} GiB  " if memory else "")
+            + f"imbalance {r['load_imbalance']:.2f}")
 
 
 def _drop_steps_after(path: str, step: int) -> None:
@@ -137,7 +139,8 @@ class MetricsLogger:
         self._window_start, self._window_steps, self._imbalance = now, 0, []
         self.records.append(record)
         if self.rank == 0:
-            self.print(format_line(record, self.steps))
+            self.print(format_line(record, self.steps, mfu=self.peak > 0,
+                                   memory=self.device.type == "cuda"))
             if self.path is not None:
                 self._write(record)
             if self._tb is not None:

@@ -72,3 +72,14 @@ def test_mfu_is_zero_without_a_known_peak_and_the_summary_names_the_entropy_gap(
     assert "3/3 steps" in text and "stopped by SIGTERM" in text
     assert "first logged 3.0000  last 1.5000  best 1.5000" in text
     assert "+0.5000 above it" in text and "mfu n/a" in text
+
+
+def test_the_log_line_leaves_out_what_is_not_measured():
+    r = {"step": 5, "loss": 2.5, "grad_norm": 0.25, "lr": 1e-3, "tokens_per_s": 2000.0,
+         "tokens_per_s_per_gpu": 1000.0, "mfu": 0.0, "peak_mem_gib": 0.0,
+         "load_imbalance": 1.5}
+    full = format_line(r, 100)
+    assert full.startswith("step   5/100  loss 2.5000  grad_norm 0.250  lr 1.00e-03")
+    assert "mfu 0.0%" in full and "mem 0.00 GiB" in full and full.endswith("imbalance 1.50")
+    short = format_line(r, 100, mfu=False, memory=False)
+    assert "mfu" not in short and "mem" not in short and "tok/s 2,000 (1,000/rank)" in short
