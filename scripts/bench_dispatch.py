@@ -12,8 +12,8 @@ With more than one rank (expert parallelism over all of them), for each payload 
 float8) and phase:
 - fwd: AllToAllDispatcher.dispatch + combine (the experts replaced by the identity),
   against `raw`: torch.distributed.all_to_all_single of the same bytes with the same
-  splits, forward rows then bf16 rows back (float8 payload: D float8 bytes + a 4-byte
-  scale per row, then bf16 back).
+  splits, forward rows then bf16 rows back (float8 payload: D float8 bytes, a 4-byte
+  scale and padding to 16 bytes per row, then bf16 back).
 - fwd_bwd: the same plus backward, against four raw all-to-alls (the gradient comes
   back in bf16 both ways).
 ratio = dispatcher time / raw time (target: <= 1.3 for fwd).
@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ep_fp8.moe import AllToAllDispatcher, LocalDispatcher
+from ep_fp8.moe.all_to_all import float8_row_bytes
 
 FULL = dict(tokens=4096, dim=7168, top_k=8, experts=256)  # DeepSeek-V3-like
 QUICK = dict(tokens=256, dim=512, top_k=4, experts=16)
@@ -164,7 +165,7 @@ def bench_all_to_all(x, idx, args, device, group, payload) -> list[dict]:
         y = xg if payload == "bf16" else _IdentityExperts.apply(xg, y_fp8)
         return d.combine(y, w, st)
 
-    row_bytes = D + 4 if payload == "float8" else D * x.element_size()
+    row_bytes = float8_row_bytes(D) if payload == "float8" else D * x.element_size()
     send_fwd = torch.empty(sum(in_splits), row_bytes, dtype=torch.uint8, device=device)
     recv_fwd = torch.empty(sum(out_splits), row_bytes, dtype=torch.uint8, device=device)
     send_back = torch.empty(sum(out_splits), D, dtype=x.dtype, device=device)

@@ -19,7 +19,7 @@ ops (_c10d_functional[_autograd].all_to_all_single) a selective activation-check
 policy can save, so that recomputation never repeats an all-to-all.
 
 Float8 payload: each token row is quantized once (ops.quantize_rows, per row) and sent as
-D float8 bytes plus its 4 float32 scale bytes, about half the bytes of bf16; the
+D float8 bytes plus its 4 float32 scale bytes (padded to 16), about half the bytes of bf16; the
 receiver hands (data, scale) to scaled_grouped_mm, which does not quantize them again.
 The gradient travels back in the activation dtype (bf16).
 """
@@ -39,7 +39,7 @@ from ep_fp8.moe.dispatch import (
     out_of_range_message,
 )
 from ep_fp8.moe.router import count_per_expert
-from ep_fp8.moe.rows import gather_rows, scatter_rows
+from ep_fp8.moe.rows import gather_rows, scatter_rows, wait_collective
 from ep_fp8.ops.permute import expert_group_indices, gather_rows_sum, scatter_rows_into
 
 _PAYLOADS = ("bf16", "float8")
@@ -82,7 +82,7 @@ class AllToAllDispatcher:
         counts_E = count_per_expert(expert_N.clamp(0, E - 1), E)
         n_bad = out_of_range_count(topk_idx, E)
         meta_send = torch.cat([counts_E.view(ep, EL), n_bad.expand(ep, 1)], dim=1)  # (ep, EL+1)
-        meta_recv = _wait(funcol.all_to_all_single(meta_send.flatten(), None, None, self.group))
+        meta_recv = wait_collective(funcol.all_to_all_single(meta_send.flatten(), None, None, self.group))
         meta_recv = meta_recv.view(ep, EL + 1)  # row s: what rank s sends to this rank
 
         # HOST SYNC: the one host read of a dispatch. all_to_all_single needs the split
@@ -128,14 +128,14 @@ class AllToAllDispatcher:
         return gather_rows(y_back, state.idx_Tk, _no_rows(y_grouped.device), topk_w)
 
 
+def float8_row_bytes(dim: int) -> int:
+    """Bytes per row of the float8 payload: dim float8 bytes, the 4 bytes of the float32
+    scale, padded to a multiple of 16 so that row copies stay 16-byte aligned."""
+    return (dim + 4 + 15) // 16 * 16
+
+
 def _no_rows(device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int64, device=device)
-
-
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    # Eager functional collectives return an AsyncCollectiveTensor; traced ones have
-    # already been waited on.
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 class _Float8Dispatch(torch.autograd.Function):
@@ -150,14 +150,16 @@ class _Float8Dispatch(torch.autograd.Function):
         # Quantizing per token (not per routed copy) costs 1/k of quantizing the sent rows
         # and gives the same bytes, since scales are per row.
         data_TD, scale_T = quantize_rows(x_TD.detach(), exact_scales=exact_scales)
-        # One message per row: D float8 bytes then the 4 bytes of its float32 scale
-        # (gloo cannot carry float8, NCCL gets one collective instead of two).
-        packed = torch.cat([data_TD.view(torch.uint8), scale_T.view(torch.uint8).view(T, 4)], dim=1)
+        # One message per row: D float8 bytes, the 4 bytes of its float32 scale, padding
+        # (gloo cannot carry float8; NCCL gets one collective instead of two).
+        packed = x_TD.new_zeros((T, float8_row_bytes(D)), dtype=torch.uint8)
+        packed[:, :D] = data_TD.view(torch.uint8)
+        packed[:, D : D + 4] = scale_T.view(torch.uint8).view(T, 4)
         send = scatter_rows_into(packed, state.idx_Tk, _no_rows(x_TD.device), N)
-        recv = _wait(funcol.all_to_all_single(send, state.output_splits, state.input_splits, group))
+        recv = wait_collective(funcol.all_to_all_single(send, state.output_splits, state.input_splits, group))
         to_grouped = state.dst_idx[:, None]
         data = scatter_rows_into(recv[:, :D], to_grouped, state.fill_idx, M).view(torch.float8_e4m3fn)
-        scale_R1 = recv[:, D:].contiguous().view(torch.float32)
+        scale_R1 = recv[:, D : D + 4].contiguous().view(torch.float32)
         # Padding rows: data 0 and scale 1, so 0 * anything stays 0 (a 0 scale would give 0/0).
         scale = scatter_rows_into(scale_R1, to_grouped, state.fill_idx, M, fill_value=1.0).view(M)
         ctx.mark_non_differentiable(data, scale)
@@ -173,5 +175,5 @@ class _Float8Dispatch(torch.autograd.Function):
         idx_Tk, dst_idx = ctx.saved_tensors
         input_splits, output_splits = ctx.splits
         grad_recv = gather_rows_sum(grad_handle.contiguous(), dst_idx[:, None])
-        grad_send = _wait(funcol.all_to_all_single(grad_recv, input_splits, output_splits, ctx.group))
+        grad_send = wait_collective(funcol.all_to_all_single(grad_recv, input_splits, output_splits, ctx.group))
         return gather_rows_sum(grad_send, idx_Tk), None, None, None

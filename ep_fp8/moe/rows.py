@@ -50,7 +50,7 @@ class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src_RD, idx_Rk, fill_idx, n_out):
         ctx.save_for_backward(idx_Rk)
-        return scatter_rows_into(_waited(src_RD), idx_Rk, fill_idx, n_out)
+        return scatter_rows_into(wait_collective(src_RD), idx_Rk, fill_idx, n_out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -61,7 +61,7 @@ class _ScatterRows(torch.autograd.Function):
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_MD, idx_Rk, fill_idx, w_Rk):
-        rows_MD = _waited(rows_MD)
+        rows_MD = wait_collective(rows_MD)
         # rows are needed only for the weight gradient
         ctx.save_for_backward(rows_MD if w_Rk is not None else None, idx_Rk, fill_idx, w_Rk)
         ctx.n_rows = rows_MD.shape[0]
@@ -77,8 +77,11 @@ class _GatherRows(torch.autograd.Function):
         return grad_rows, None, None, grad_w
 
 
-def _waited(t: torch.Tensor) -> torch.Tensor:
-    # Rows fresh from an eager all-to-all are an AsyncCollectiveTensor, a wrapper without
-    # storage: wait for it and take the plain tensor the kernels can read. (Inside
-    # forward, so autograd is unaffected.)
+def wait_collective(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of a functional collective's result.
+
+    Eager functional collectives return an AsyncCollectiveTensor, a wrapper without
+    storage (Triton kernels cannot read it): wait for it. Traced ones are plain already.
+    Not differentiable: call it where autograd is not recording (inside a Function).
+    """
     return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t

@@ -110,5 +110,5 @@ def test_bench_script_measures_both_payloads_in_both_phases(results):
     for r in records:
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] == r["ms"] / r["baseline_ms"]
     by_payload = {r["payload"]: r["payload_bytes"] for r in records}
-    if "float8" in by_payload:  # D float8 bytes + 4 scale bytes against 2 D bf16 bytes
-        assert by_payload["float8"] * 2 * 64 == by_payload["bf16"] * (64 + 4)
+    if "float8" in by_payload:  # D float8 bytes + 4 scale bytes (padded to 16) against 2 D
+        assert by_payload["float8"] * 2 * 64 == by_payload["bf16"] * (64 + 16)
