@@ -108,7 +108,7 @@ def test_bad_layer_input_raises_clear_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("float8", [False, True])
 def test_cuda_layer_matches_cpu_float64_reference(float8):
-    moe = _moe(float8=float8, n_shared_experts=1).cuda()
+    moe = _moe(float8=float8, n_shared_experts=1).to("cuda", torch.bfloat16)
     x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     y = moe(x.cuda())
     topk_idx, _ = moe.router(x.cuda().reshape(-1, D))
