@@ -40,7 +40,9 @@ def _fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optiona
     if x_data is None:
         x_q, _, x_descale = kern.rows(x, exact_scales)
     else:
-        x_q, x_descale = x_data.contiguous(), torch.reciprocal(x_scale)
+        # The GEMM takes row-major rows 16-byte aligned: copy only data that is not.
+        aligned = x_data.stride(1) == 1 and x_data.stride(0) % 16 == 0
+        x_q, x_descale = (x_data if aligned else x_data.contiguous()), torch.reciprocal(x_scale)
     w_fwd_q, w_fwd_descale, w_bwd_q, w_bwd_descale = kern.weight(w_t, exact_scales, True, need_w_bwd)
     out = backends.gemm_2d3d(x_q, x_descale, w_fwd_q.transpose(-2, -1), w_fwd_descale, offs, backend)
     del w_fwd_q
