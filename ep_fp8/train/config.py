@@ -180,15 +180,6 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in typing.get_args(tp):
             raise bad
         return value
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
-            try:
-                return coerce(value, arm, where)
-            except ConfigError:
-                pass
-        raise bad
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -243,27 +234,26 @@ def _override_value(raw: str, tp: Any) -> Any:
     return value
 
 
-def _set(cfg: Config, section: str, key: str, value: Any, where: str,
-         model_types: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Set one key, checking the section, the key and the type. Returns the ModelArgs
-    field types (loaded the first time a model override needs them)."""
+def _key_type(section: str, key: str, where: str) -> Any:
+    """The annotation of [section] key (for [model], of the ModelArgs field); ConfigError
+    naming `where` for an unknown section or key."""
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section [{section}] "
                           f"(known: {', '.join(SECTIONS)})")
-    fields = section_fields(section)
-    if section == "model" and key != "name":
-        if model_types is None:
-            model_types = model_arg_types()
-        if key not in model_types:
-            raise ConfigError(f"{where}: unknown key '{key}' in [model] (known: name, "
-                              f"{', '.join(model_types)})")
-        cfg.model.overrides[key] = coerce(value, model_types[key], f"{where}: [model] {key}")
-        return model_types
+    fields = model_arg_types() if section == "model" and key != "name" else section_fields(section)
     if key not in fields:
-        raise ConfigError(f"{where}: unknown key '{key}' in [{section}] "
-                          f"(known: {', '.join(fields)})")
-    setattr(getattr(cfg, section), key, coerce(value, fields[key], f"{where}: [{section}] {key}"))
-    return model_types
+        known = ("name, " if section == "model" else "") + ", ".join(fields)
+        raise ConfigError(f"{where}: unknown key '{key}' in [{section}] (known: {known})")
+    return fields[key]
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    """Set one key after checking the section, the key and the value's type."""
+    value = coerce(value, _key_type(section, key, where), f"{where}: [{section}] {key}")
+    if section == "model" and key != "name":
+        cfg.model.overrides[key] = value
+    else:
+        setattr(getattr(cfg, section), key, value)
 
 
 def load_config(path: str | None, overrides: typing.Sequence[str] = (),
@@ -275,7 +265,6 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
     the file or override and the key; FileNotFoundError for a missing config file.
     """
     cfg = Config(source=path or "<defaults>")
-    model_types: dict[str, Any] | None = None
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -286,16 +275,11 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
             for key, value in table.items():
-                model_types = _set(cfg, section, key, value, path, model_types)
+                _set(cfg, section, key, value, path)
     for arg in overrides:
         section, key, raw = parse_override(arg)
-        if section == "model" and key != "name":
-            model_types = model_types or model_arg_types()
-            tp = model_types.get(key, str)
-        else:
-            tp = section_fields(section).get(key, str) if section in SECTIONS else str
-        model_types = _set(cfg, section, key, _override_value(raw, tp),
-                           f"command line {arg}", model_types)
+        where = f"command line {arg}"
+        _set(cfg, section, key, _override_value(raw, _key_type(section, key, where)), where)
     if overrides:
         cfg.source = f"{cfg.source} + command line"
     from ep_fp8.train.validate import validate

@@ -23,9 +23,9 @@ one key of it (e.g. --training.steps=20 --float8.enabled=false). Keys: docs/conf
 Several processes: torchrun --nproc-per-node=N -m ep_fp8.train --config FILE"""
 
 
-def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
     """(config path, ['--section.key=value', ...]); `--section.key value` is accepted too.
-    Raises ConfigError for an argument of another form."""
+    Raises ConfigError for an argument of another form or a missing --config."""
     path, overrides, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -39,6 +39,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
         else:
             raise ConfigError(f"command line: cannot read {arg!r}\n{USAGE}")
         i += 1
+    if path is None:
+        raise ConfigError(f"command line: --config FILE is required\n{USAGE}")
     return path, overrides
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 
+import torch
 import torch.distributed as dist
 
 from ep_fp8.train.config import load_config
@@ -58,6 +59,8 @@ def run_plan(rank: int, world: int, port: int, root: str, plan: list[dict]) -> N
     optional "sigterm_after": step}]."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # As torchrun does: ranks sharing a few cores, each with all of them, mostly wait.
+    torch.set_num_threads(1)
     # A rank that fails alone leaves the others in a collective: fail them within minutes.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
     try:

@@ -131,6 +131,8 @@ def test_command_line_forms():
     assert parse_cli(["--config=a.toml"]) == ("a.toml", [])
     with pytest.raises(ConfigError, match="cannot read 'steps=3'"):
         parse_cli(["steps=3"])
+    with pytest.raises(ConfigError, match="--config FILE is required"):
+        parse_cli(["--training.steps=3"])
 
 
 @pytest.mark.parametrize("name, world", [("debug_model.toml", 2), ("moe_1b_h200.toml", 1),
