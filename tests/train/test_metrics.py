@@ -83,3 +83,33 @@ def test_the_log_line_leaves_out_what_is_not_measured():
     assert "mfu 0.0%" in full and "mem 0.00 GiB" in full and full.endswith("imbalance 1.50")
     short = format_line(r, 100, mfu=False, memory=False)
     assert "mfu" not in short and "mem" not in short and "tok/s 2,000 (1,000/rank)" in short
+
+
+def test_tensorboard_gets_every_metric_of_each_logged_step(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(("open", log_dir, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=FakeWriter))
+    m = make(tmp_path, tensorboard=True, log_every=2, steps=4)
+    m.start("a", {}, resumed_step=0)
+    for step in range(1, 5):
+        m.step(step, loss=float(step), grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
+    m.summary()
+    assert written[0] == ("open", str(tmp_path / "tb"), 1)
+    scalars = [w for w in written if w[0].startswith("train/")]
+    assert {(tag, step) for tag, _, step in scalars} == {
+        (f"train/{k}", s) for k in METRIC_KEYS[1:] for s in (2, 4)}
+    assert ("train/loss", 4.0, 4) in scalars and written[-1] == ("close",)
