@@ -30,8 +30,8 @@ import triton.language as tl
 
 _BACKENDS = ("auto", "triton", "torch")
 # The kernel holds every (source, expert) block in registers; past this many blocks the
-# torch reference is used instead (no model in sight has more than a few hundred).
-_MAX_KERNEL_BLOCKS = 4096
+# torch reference is used instead (S * E is the total expert count, a few hundred).
+_MAX_KERNEL_BLOCKS = 2048
 
 
 def expert_group_indices(
@@ -134,7 +134,7 @@ def _expert_group_indices_triton(counts_SE, n_rows, n_out, align):
     grid = (max(1, n_dst_progs + triton.cdiv(n_fill, BLOCK)),)
     _group_indices_kernel[grid](
         counts_SE.contiguous(), dst_idx, fill_idx, offs, n_rows, n_fill, n_dst_progs, S, E,
-        ALIGN=align, S_P=S_P, E_P=E_P, BLOCK=BLOCK,
+        ALIGN=align, S_P=S_P, E_P=E_P, BLOCK=BLOCK, num_warps=4 if S_P * E_P <= 512 else 8,
     )
     return dst_idx, fill_idx, offs
 
@@ -336,8 +336,11 @@ def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, idx_ptr, w_ptr, gra
             mask = cols < D
             g = tl.load(grad_ptr + r * D + cols, mask=mask).to(ACC)
             if NEED_ROWS:
-                gw = g * wj if HAS_W else g
-                tl.store(grad_rows_ptr + dst * D + cols, gw.to(grad_rows_ptr.dtype.element_ty), mask=mask)
+                if HAS_W:
+                    g_row = g * wj
+                else:
+                    g_row = g
+                tl.store(grad_rows_ptr + dst * D + cols, g_row.to(grad_rows_ptr.dtype.element_ty), mask=mask)
             if NEED_W:
                 dot += g * tl.load(rows_ptr + dst * rows_stride + cols, mask=mask, other=0).to(ACC)
         if NEED_W:
