@@ -60,9 +60,9 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype):
     dims = ParallelDims(world_size=world, dp_replicate=rep,
                         ep=resolve_ep(cfg.parallel.ep, args.n_experts, world, rep))
     mesh = dims.build_mesh(device.type)
-    # Built on the meta device and materialised shard by shard, so no rank ever holds the
-    # whole model; init_weights gives the same weights for any sharding (seeded per
-    # parameter over its global shape), so runs with different EP degrees start equal.
+    # Built on the meta device and materialised as shards: a rank never holds the whole
+    # model, only one full parameter at a time while init_weights draws it (seeded per
+    # parameter over its global shape), so every sharding and EP degree starts equal.
     torch.manual_seed(cfg.job.seed)   # any other randomness is seeded too, equally per rank
     with torch.device("meta"):
         model = Transformer(args, float8=cfg.float8.enabled, float8_backend=cfg.float8.backend,
