@@ -176,10 +176,12 @@ def _group_indices_kernel(
         p = (pid - n_dst_progs) * BLOCK + tl.arange(0, BLOCK)
         n_pad = exp_pad - exp_tot
         pad_start = tl.cumsum(n_pad, 0) - n_pad  # position of expert e's padding in the fill list
-        hit = (p[:, None] >= pad_start[None, :]) & (p[:, None] < pad_start[None, :] + n_pad[None, :])
-        shift = grp_start + exp_tot - pad_start
-        in_group = p + tl.sum(tl.where(hit, shift[None, :], 0), axis=1)
-        is_pad = tl.sum(hit.to(tl.int32), axis=1) > 0
+        # Names differ from the other branch's: Triton merges same-named variables of both
+        # branches and rejects them when their shapes differ.
+        pad_hit = (p[:, None] >= pad_start[None, :]) & (p[:, None] < pad_start[None, :] + n_pad[None, :])
+        pad_shift = grp_start + exp_tot - pad_start
+        in_group = p + tl.sum(tl.where(pad_hit, pad_shift[None, :], 0), axis=1)
+        is_pad = tl.sum(pad_hit.to(tl.int32), axis=1) > 0
         tail = tl.sum(exp_pad, 0) + p - tl.sum(n_pad, 0)
         row = tl.where(is_pad, in_group, tail)
         tl.store(fill_ptr + p, row.to(tl.int64), mask=p < n_fill)
