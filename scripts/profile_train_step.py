@@ -1,0 +1,143 @@
+"""Where one training step's GPU time goes: torch.profiler over a few steps of a recipe.
+
+    torchrun --standalone --nproc-per-node=1 scripts/profile_train_step.py \
+        --config train_configs/moe_1b_h200.toml [--section.key=value ...] \
+        [--warmup 5] [--steps 3] [--out profile.json] [--trace trace.json]
+
+Builds the model, optimizer and data exactly as the training loop does, runs `--warmup`
+steps, then profiles `--steps` steps and prints GPU kernel time per step by category:
+expert GEMMs (CUTLASS grouped kernels), dense GEMMs (attention projections, dense FFN,
+output head), attention (SDPA kernels), float8 quantization (ep_fp8's Triton quant
+kernels), dispatch (ep_fp8's index and row kernels, index ops, all-to-all), optimizer
+(foreach/fused AdamW and norms) and everything else (elementwise, norms, reductions).
+Categories come from kernel names, so they are a guide, not an exact accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+# Order matters: the first category whose patterns match a kernel name takes it.
+CATEGORIES = [
+    ("float8 quantization", ("_quant", "_weight_amax", "_weight_cast", "_zero_rows", "quant_")),
+    ("dispatch", ("_group_indices", "_scatter_rows", "_gather_rows", "index", "scatter", "gather",
+                  "nccl", "alltoall", "sort", "histc", "bincount", "cumsum", "topk")),
+    ("expert GEMMs", ("grouped", "cutlass", "Grouped")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("dense GEMMs", ("gemm", "nvjet", "xmma", "cublas", "sm90_", "matmul")),
+    ("optimizer", ("adam", "Adam", "multi_tensor", "foreach", "lerp", "_amp_")),
+]
+
+
+def categorize(name: str) -> str:
+    for category, patterns in CATEGORIES:
+        if any(p in name for p in patterns):
+            return category
+    return "other"
+
+
+def summarize(events, steps: int) -> list[dict]:
+    """Kernel events (name, device time in us) -> rows {category, ms_per_step, share, top}."""
+    per_cat: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for name, us in events:
+        per_cat[categorize(name)] += us
+        per_kernel[name] += us
+    total = sum(per_cat.values()) or 1.0
+    rows = []
+    for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        top = sorted(((n, t) for n, t in per_kernel.items() if categorize(n) == cat), key=lambda kv: -kv[1])[:3]
+        rows.append({"category": cat, "ms_per_step": us / 1e3 / steps, "share": us / total,
+                     "top_kernels": [{"name": n[:120], "ms_per_step": t / 1e3 / steps} for n, t in top]})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'category':<22} {'ms/step':>9} {'share':>7}   largest kernel"]
+    for r in rows:
+        top = r["top_kernels"][0]["name"][:60] if r["top_kernels"] else ""
+        lines.append(f"{r['category']:<22} {r['ms_per_step']:>9.2f} {100 * r['share']:>6.1f}%   {top}")
+    lines.append(f"{'total GPU kernel time':<22} {sum(r['ms_per_step'] for r in rows):>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ep_fp8.train.config import ConfigError, load_config
+    from ep_fp8.train.data import DataLoader, build_source
+    from ep_fp8.train.loop import build_model, resolve_device, resolve_dtype, train_step
+    from ep_fp8.train.main import init_distributed, parse_cli
+    from ep_fp8.train.optim import build_optimizer, build_scheduler
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", help="write the summary as JSON here")
+    parser.add_argument("--trace", help="write a Chrome trace here")
+    ours, rest = parser.parse_known_args(argv)
+    if ours.warmup < 1 or ours.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
+    try:
+        path, overrides = parse_cli(rest)
+        import os
+        cfg = load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = resolve_device(cfg)
+    if device.type != "cuda":
+        print("profile_train_step.py profiles GPU kernels: it needs a CUDA device", file=sys.stderr)
+        return 2
+    init_distributed(device.type)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = cfg.training
+    model, args, dims = build_model(cfg, device, resolve_dtype(cfg, device))
+    o = cfg.optimizer
+    optimizer = build_optimizer(model, o.lr, tuple(o.betas), o.weight_decay, o.eps)
+    scheduler = build_scheduler(optimizer, t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio)
+    loader = DataLoader(build_source(cfg), t.batch_size, rank, world)
+
+    def step():
+        train_step(model, loader, optimizer, scheduler, t.grad_accum, t.max_norm, device)
+
+    for _ in range(ours.warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(ours.steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / ours.steps
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(ours.steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.device_time_total) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = summarize(kernels, ours.steps)
+    if rank == 0:
+        tokens = world * t.batch_size * t.seq_len * t.grad_accum
+        print(f"{cfg.job.name}: float8 {'on' if cfg.float8.enabled else 'off'}, {world} rank(s), "
+              f"{tokens} tokens/step, wall {wall_ms:.1f} ms/step (unprofiled), "
+              f"{tokens / wall_ms * 1e3 / world:,.0f} tokens/s per GPU")
+        print(format_rows(rows))
+        if ours.out:
+            with open(ours.out, "w") as f:
+                json.dump({"job": cfg.job.name, "float8": cfg.float8.enabled, "world": world,
+                           "tokens_per_step": tokens, "wall_ms_per_step": wall_ms, "categories": rows}, f, indent=1)
+        if ours.trace:
+            prof.export_chrome_trace(ours.trace)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_train_step.py"
+
+
+@pytest.fixture(scope="module")
+def prof():
+    spec = importlib.util.spec_from_file_location("profile_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, category", [
+    ("_quant_rows_kernel", "float8 quantization"),
+    ("_weight_cast_kernel", "float8 quantization"),
+    ("_scatter_rows_kernel", "dispatch"),
+    ("ncclDevKernel_SendRecv", "dispatch"),
+    ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<GroupProblemShape>>", "expert GEMMs"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", "dense GEMMs"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, SiluFunctor>", "other"),
+])
+def test_kernel_names_fall_in_their_category(prof, name, category):
+    assert prof.categorize(name) == category
+
+
+def test_summary_divides_by_steps_and_shares_sum_to_one(prof):
+    events = [("_quant_rows_kernel", 300.0), ("nvjet_gemm", 900.0), ("_quant_rows_kernel", 300.0),
+              ("elementwise_kernel", 600.0)]
+    rows = {r["category"]: r for r in prof.summarize(events, steps=3)}
+    assert rows["float8 quantization"]["ms_per_step"] == pytest.approx(0.2)
+    assert rows["dense GEMMs"]["ms_per_step"] == pytest.approx(0.3)
+    assert rows["other"]["ms_per_step"] == pytest.approx(0.2)
+    assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
+    assert rows["float8 quantization"]["top_kernels"][0] == {"name": "_quant_rows_kernel", "ms_per_step": pytest.approx(0.2)}
+    assert "total GPU kernel time" in prof.format_rows(list(rows.values()))
