@@ -285,7 +285,7 @@ def build_forward(method: str, x, w, offs, torchao_fn, torchao_note: str):
         raise Unavailable(f"ep_fp8.ops is not importable ({e})") from None
     if method in ("ep_fp8", "ep_fp8_auto"):
         backend = "cuda" if method == "ep_fp8" else "auto"
-        note = "" if backend == "cuda" else f"auto picked {resolve_backend('auto', x.device, K, N)}"
+        note = "" if backend == "cuda" else f"auto picked {resolve_backend('auto', x.device, K, N, x.shape[0])}"
         return (lambda: scaled_grouped_mm(x, w.transpose(-2, -1), offs, backend=backend),
                 True, note)
     # fp8_gemm_only: quantized once here, outside the timing. w's rows (G*N, K) are its

@@ -73,6 +73,15 @@ def gemm_times(x, w, offs):
     xT, xTd, poffs = QK.quantize_cols_grouped_triton(x.detach(), offs)
     gT = torch.zeros(N, padded_length(M, G), device="cuda").to(torch.float8_e4m3fn)
     gTd = torch.ones(G, N, device="cuda")
+    outs = {}
+    for fast in (False, True):
+        outs[fast] = (torch._scaled_grouped_mm(xq, wq, xd, wd, offs=offs, out_dtype=torch.bfloat16,
+                                               use_fast_accum=fast).float(),
+                      torch._scaled_grouped_mm(xT, xT.t(), xTd.reshape(-1), xTd.reshape(-1), offs=poffs,
+                                               out_dtype=torch.bfloat16, use_fast_accum=fast).float())
+    for i, name in enumerate(("2Dx3D", "2Dx2D")):
+        a, b = outs[True][i], outs[False][i]
+        print(f"  fast_accum changes the {name} output by {float((a - b).norm() / b.norm()):.2e} relative")
     for fast in (False, True):
         t = do_bench(lambda: torch._scaled_grouped_mm(xq, wq, xd, wd, offs=offs, out_dtype=torch.bfloat16,
                                                       use_fast_accum=fast), return_mode="median")

@@ -15,9 +15,17 @@ import torch
 from ep_fp8.ops import quant_kernels, quant_ref
 
 BACKENDS = ("auto", "cuda", "emulated", "bf16")
-# Hopper's fast float8 accumulation skips periodic promotion to float32; off until a
-# benchmark shows it is worth its error on long contractions.
-USE_FAST_ACCUM = False
+# Hopper's fast float8 accumulation skips the periodic promotion of the tensor-core
+# accumulator to float32. Measured on the H200 (docs/perf_notes.md): the grouped float8
+# GEMMs run 1.4x faster with it (16384,8,5120,16384: 3.10 -> 2.22 ms), and its error is far
+# below the e4m3 rounding of the operands (the relative difference it makes is printed by
+# scripts/profile_grouped_mm.py), so it is on for all three GEMMs.
+USE_FAST_ACCUM = True
+# backend="auto" runs bf16 below this many multiply-adds per call (M * K * N): on smaller
+# problems the quantization passes and launches cost more than float8 saves (measured on
+# the H200, docs/benchmarks.md: 8192 x 2048 x 2816 = 4.7e10 was 3.6x slower in float8,
+# 32768 x 2048 x 7168 = 4.8e11 was faster).
+AUTO_FP8_MIN_MACS = 2**37
 # torch._scaled_grouped_mm takes fewer groups than this.
 MAX_CUDA_GROUPS = 1024
 
@@ -39,7 +47,7 @@ def _has_scaled_grouped_mm(device_type: str, index: int) -> bool:
     return torch.cuda.get_device_capability(index) in ((9, 0), (10, 0))
 
 
-def choose_backend(backend: str, device: torch.device, K: int, N: int) -> tuple[str, str]:
+def choose_backend(backend: str, device: torch.device, K: int, N: int, M: int | None = None) -> tuple[str, str]:
     """(backend that runs, why auto fell back or ''); raises ValueError like resolve_backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -61,19 +69,23 @@ def choose_backend(backend: str, device: torch.device, K: int, N: int) -> tuple[
     if not aligned:
         return "emulated", (f"scaled_grouped_mm: K={K}, N={N} are not both multiples of 16, which "
                             "torch._scaled_grouped_mm needs; backend='auto' runs 'emulated' instead")
+    if M is not None and M * K * N < AUTO_FP8_MIN_MACS:
+        return "bf16", ""
     return "cuda", ""
 
 
-def resolve_backend(backend: str, device: torch.device, K: int, N: int) -> str:
-    """What scaled_grouped_mm runs for `backend` on `device` with in features K, out features N.
+def resolve_backend(backend: str, device: torch.device, K: int, N: int, M: int | None = None) -> str:
+    """What scaled_grouped_mm runs for `backend` on `device` with in features K, out features N
+    and M token rows (None: not known, the size rule is not applied).
 
     Returns "cuda", "emulated" or "bf16". "auto" picks "cuda" on a GPU of compute
-    capability 9.0 or 10.0 when K and N are multiples of 16 and "emulated" elsewhere,
-    warning once when it falls back for K or N.
+    capability 9.0 or 10.0 when K and N are multiples of 16 and M * K * N is at least
+    AUTO_FP8_MIN_MACS, "bf16" there on smaller problems (float8 would be slower), and
+    "emulated" elsewhere, warning once when it falls back for K or N.
 
     Raises ValueError for an unknown backend, and for backend="cuda" where it cannot run.
     """
-    chosen, note = choose_backend(backend, device, K, N)
+    chosen, note = choose_backend(backend, device, K, N, M)
     if note:
         warn_once(note)
     return chosen

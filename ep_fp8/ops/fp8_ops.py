@@ -28,8 +28,7 @@ def _saved_shapes(M, K, N, G, need_w_bwd, need_xT):
             (K, P) if need_xT else (0,), (G, K) if need_xT else (0,), (G,) if need_xT else (0,))
 
 
-@torch.library.custom_op("ep_fp8::scaled_grouped_mm_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
+def _fwd_impl(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
          x_scale: Optional[torch.Tensor], backend: str, exact_scales: bool, out_dtype: torch.dtype,
          need_w_bwd: bool, need_xT: bool, fallback_note: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,6 +58,9 @@ def _fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optiona
     return out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs
 
 
+_fwd = torch.library.custom_op("ep_fp8::scaled_grouped_mm_fwd", mutates_args=())(_fwd_impl)
+
+
 @_fwd.register_fake
 def _(x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, fallback_note):
     (M, K), (G, _, N) = x.shape, w_t.shape
@@ -68,8 +70,7 @@ def _(x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bw
             x.new_empty(s[3], dtype=torch.float32), x.new_empty(s[4], dtype=torch.int32))
 
 
-@torch.library.custom_op("ep_fp8::scaled_grouped_mm_bwd", mutates_args=())
-def _bwd(grad_out: torch.Tensor, w_bwd_q: torch.Tensor, w_bwd_descale: torch.Tensor, xT_q: torch.Tensor,
+def _bwd_impl(grad_out: torch.Tensor, w_bwd_q: torch.Tensor, w_bwd_descale: torch.Tensor, xT_q: torch.Tensor,
          xT_descale: torch.Tensor, poffs: torch.Tensor, offs: torch.Tensor, backend: str, exact_scales: bool,
          x_dtype: torch.dtype, w_dtype: torch.dtype, need_grad_x: bool, need_grad_w: bool, w_nk: bool
          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +90,9 @@ def _bwd(grad_out: torch.Tensor, w_bwd_q: torch.Tensor, w_bwd_descale: torch.Ten
         else:
             grad_w = backends.gemm_2d2d(xT_q, xT_descale, gT_q, gT_descale, poffs, backend).to(w_dtype)
     return grad_x, grad_w
+
+
+_bwd = torch.library.custom_op("ep_fp8::scaled_grouped_mm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -125,3 +129,28 @@ def _backward(ctx, grad_out, *_unused):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerScaledGroupedMM(torch.autograd.Function):
+    """The same forward and backward as the custom ops, called directly: in eager mode the
+    custom-op dispatch (schema checks, autograd wrapper) costs more host time per call than
+    a small GEMM takes on the GPU. torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT,
+                fallback_note):
+        out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs = _fwd_impl(
+            x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, fallback_note)
+        ctx.save_for_backward(w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs)
+        ctx.backend, ctx.exact_scales = backend, exact_scales
+        ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
+        ctx.w_nk = w_t.stride(-2) == 1 and w_t.stride(-1) != 1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_w = _bwd_impl(grad_out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs, ctx.backend,
+                                   ctx.exact_scales, ctx.x_dtype, ctx.w_dtype, need_x, need_w, ctx.w_nk)
+        return (grad_x if need_x else None, grad_w if need_w else None) + (None,) * 9

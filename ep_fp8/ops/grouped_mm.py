@@ -41,19 +41,23 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
     """
     check_grouped_mm_args(x, w_t, offs, out_dtype, x_fp8, exact_scales)
     (M, K), (G, _, N) = x.shape, w_t.shape
-    chosen, note = backends.choose_backend(backend, x.device, K, N)
+    chosen, note = backends.choose_backend(backend, x.device, K, N, M)
     out_dtype = out_dtype or x.dtype
     x_data, x_scale = x_fp8 if x_fp8 is not None else (None, None)
+    eager = not torch.compiler.is_compiling()  # eager: skip the custom-op dispatch (host time)
     if chosen == "bf16":
+        if eager:
+            return hp_ops.EagerGroupedMMHP.apply(x, w_t, offs, x_data, x_scale, out_dtype)
         return torch.ops.ep_fp8.grouped_mm_hp_fwd(x, w_t, offs, x_data, x_scale, out_dtype)
     if chosen == "cuda" and G >= backends.MAX_CUDA_GROUPS:
         raise ValueError(f"the cuda backend takes fewer than {backends.MAX_CUDA_GROUPS} groups, got G={G}")
     grad_on = torch.is_grad_enabled()
     need_w_bwd = grad_on and x.requires_grad  # the float8 weight copy grad_x needs
     need_xT = grad_on and w_t.requires_grad  # the float8 token-group copy grad_w needs
-    out, *_ = torch.ops.ep_fp8.scaled_grouped_mm_fwd(
-        x, w_t, offs, x_data, x_scale, chosen, exact_scales, out_dtype, need_w_bwd, need_xT, note)
-    return out
+    args = (x, w_t, offs, x_data, x_scale, chosen, exact_scales, out_dtype, need_w_bwd, need_xT, note)
+    if eager:
+        return fp8_ops.EagerScaledGroupedMM.apply(*args)
+    return torch.ops.ep_fp8.scaled_grouped_mm_fwd(*args)[0]
 
 
 @torch.library.custom_op("ep_fp8::quantize_rows", mutates_args=())

@@ -19,8 +19,7 @@ def _x_values(x, x_data, x_scale):
     return (x_data.float() * torch.reciprocal(x_scale)[:, None]).to(x.dtype)
 
 
-@torch.library.custom_op("ep_fp8::grouped_mm_hp_fwd", mutates_args=())
-def _hp_fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
+def _hp_fwd_impl(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
             x_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     if x.shape[0] == 0:  # no tokens: torch._grouped_mm rejects empty operands
         return x.new_zeros((0, w_t.shape[2]), dtype=out_dtype)
@@ -28,30 +27,46 @@ def _hp_fwd(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Opti
     return backends.kernels_for("bf16", x.device).zero_rows_past_end(out, offs)
 
 
+_hp_fwd = torch.library.custom_op("ep_fp8::grouped_mm_hp_fwd", mutates_args=())(_hp_fwd_impl)
+
+
 @_hp_fwd.register_fake
 def _(x, w_t, offs, x_data, x_scale, out_dtype):
     return x.new_empty((x.shape[0], w_t.shape[2]), dtype=out_dtype)
 
 
-@torch.library.custom_op("ep_fp8::grouped_mm_hp_bwd", mutates_args=())
-def _hp_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor,
+def _hp_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor,
             x_data: Optional[torch.Tensor], x_scale: Optional[torch.Tensor],
             need_grad_x: bool, need_grad_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     grad_out = grad_out.to(x.dtype)
     grad_x = grad_w = grad_out.new_empty((0,))
     if x.shape[0] == 0:
-        return x.new_zeros(x.shape if need_grad_x else (0,)), w_t.new_zeros(w_t.shape if need_grad_w else (0,))
+        grad_w = w_t.new_zeros(w_t.shape if need_grad_w else (0,))
+        if need_grad_w and w_t.stride(-2) == 1 and w_t.stride(-1) != 1:
+            grad_w = w_t.new_zeros(w_t.transpose(-2, -1).shape).transpose(-2, -1)
+        return x.new_zeros(x.shape if need_grad_x else (0,)), grad_w
     if need_grad_x:
         grad_x = backends.grouped_mm(grad_out, w_t.transpose(-2, -1), offs)
         grad_x = backends.kernels_for("bf16", x.device).zero_rows_past_end(grad_x, offs)
     if need_grad_w:
-        grad_w = backends.grouped_mm(_x_values(x, x_data, x_scale).t(), grad_out, offs)
+        x_v = _x_values(x, x_data, x_scale)
+        if w_t.stride(-2) == 1 and w_t.stride(-1) != 1:
+            # The weight is stored (G, N, K): compute its gradient in that layout, so that
+            # autograd does not copy it into the parameter's strides afterwards.
+            grad_w = backends.grouped_mm(grad_out.t(), x_v, offs).transpose(-2, -1)
+        else:
+            grad_w = backends.grouped_mm(x_v.t(), grad_out, offs)
     return grad_x, grad_w
+
+
+_hp_bwd = torch.library.custom_op("ep_fp8::grouped_mm_hp_bwd", mutates_args=())(_hp_bwd_impl)
 
 
 @_hp_bwd.register_fake
 def _(grad_out, x, w_t, offs, x_data, x_scale, need_grad_x, need_grad_w):
     grad_x = x.new_empty(x.shape if need_grad_x else (0,))
+    if need_grad_w and w_t.stride(-2) == 1 and w_t.stride(-1) != 1:
+        return grad_x, w_t.new_empty(w_t.transpose(-2, -1).shape).transpose(-2, -1)
     grad_w = w_t.new_empty(w_t.shape if need_grad_w else (0,))
     return grad_x, grad_w
 
@@ -69,3 +84,20 @@ def _backward(ctx, grad_out):
 
 
 _hp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerGroupedMMHP(torch.autograd.Function):
+    """The bf16 custom ops' forward and backward called directly, for eager mode (less
+    host time per call than the custom-op dispatch; see fp8_ops.EagerScaledGroupedMM)."""
+
+    @staticmethod
+    def forward(ctx, x, w_t, offs, x_data, x_scale, out_dtype):
+        ctx.save_for_backward(x, w_t, offs, x_data, x_scale)
+        return _hp_fwd_impl(x, w_t, offs, x_data, x_scale, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_t, offs, x_data, x_scale = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_w = _hp_bwd_impl(grad_out, x, w_t, offs, x_data, x_scale, need_x, need_w)
+        return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None

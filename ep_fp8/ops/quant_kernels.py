@@ -129,19 +129,25 @@ def quantize_rows_triton(a: torch.Tensor, exact_scales: bool = False):
 
 @triton.jit
 def _weight_amax_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr, K, N,
-                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
                         FWD: tl.constexpr, BWD: tl.constexpr):
+    # Each program sweeps N_TILES tiles along n: the (g, k) maxima build up in registers
+    # and take one atomic per k at the end, a quarter of the atomics of one tile each.
     g = tl.program_id(0).to(tl.int64)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mk, mn = ks < K, ns < N
-    v = tl.load(w_ptr + g * s_g + ks[:, None].to(tl.int64) * s_k + ns[None, :].to(tl.int64) * s_n,
-                mask=mk[:, None] & mn[None, :], other=0.0).to(tl.float32)
-    va = _abs_nan_as_inf(v)
-    if FWD:
-        tl.atomic_max(amax_fwd_ptr + g * N + ns, tl.max(va, axis=0), mask=mn)
+    mk = ks < K
+    acc_k = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for i in range(N_TILES):
+        ns = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = ns < N
+        v = tl.load(w_ptr + g * s_g + ks[:, None].to(tl.int64) * s_k + ns[None, :].to(tl.int64) * s_n,
+                    mask=mk[:, None] & mn[None, :], other=0.0).to(tl.float32)
+        va = _abs_nan_as_inf(v)
+        if FWD:
+            tl.atomic_max(amax_fwd_ptr + g * N + ns, tl.max(va, axis=0), mask=mn)
+        acc_k = tl.maximum(acc_k, tl.max(va, axis=1))
     if BWD:
-        tl.atomic_max(amax_bwd_ptr + g * K + ks, tl.max(va, axis=1), mask=mk)
+        tl.atomic_max(amax_bwd_ptr + g * K + ks, acc_k, mask=mk)
 
 
 @triton.jit
@@ -185,13 +191,16 @@ def quantize_weight_triton(w_t: torch.Tensor, exact_scales: bool = False, fwd: b
     amax = torch.zeros(G * (N + K), dtype=torch.float32, device=dev)  # one memset for both
     amax_fwd, amax_bwd = amax[: G * N], amax[G * N:]
     block_k = min(64, triton.next_power_of_2(K))
-    block_n = min(64, triton.next_power_of_2(N))
-    grid = (G, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    block_n = min(128, triton.next_power_of_2(N))
+    n_tiles = min(4, triton.cdiv(N, block_n))
     strides = (w_t.stride(0), w_t.stride(1), w_t.stride(2))
-    _weight_amax_kernel[grid](w_t, *strides, amax_fwd, amax_bwd, K, N,
-                              BLOCK_K=block_k, BLOCK_N=block_n, FWD=fwd, BWD=bwd)
-    _weight_cast_kernel[grid](w_t, *strides, amax_fwd, amax_bwd, q_fwd, d_fwd, q_bwd, d_bwd, K, N,
-                              BLOCK_K=block_k, BLOCK_N=block_n, FWD=fwd, BWD=bwd, EXACT=exact_scales)
+    _weight_amax_kernel[(G, triton.cdiv(K, block_k), triton.cdiv(N, block_n * n_tiles))](
+        w_t, *strides, amax_fwd, amax_bwd, K, N,
+        BLOCK_K=block_k, BLOCK_N=block_n, N_TILES=n_tiles, FWD=fwd, BWD=bwd, num_warps=8)
+    block_n = min(64, triton.next_power_of_2(N))
+    _weight_cast_kernel[(G, triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
+        w_t, *strides, amax_fwd, amax_bwd, q_fwd, d_fwd, q_bwd, d_bwd, K, N,
+        BLOCK_K=block_k, BLOCK_N=block_n, FWD=fwd, BWD=bwd, EXACT=exact_scales)
     return q_fwd, d_fwd, q_bwd, d_bwd
 
 

@@ -1,0 +1,56 @@
+"""backend="auto"'s size rule: float8 only where M * K * N reaches backends.AUTO_FP8_MIN_MACS.
+
+The rule itself is checked here on CPU (a GPU of compute capability 9.0 is pretended);
+the threshold's measurement is in docs/benchmarks.md."""
+
+import pytest
+import torch
+
+from ep_fp8.ops import backends, resolve_backend, scaled_grouped_mm
+from tests.ops._helpers import offsets
+
+GPU = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def pretend_sm90(monkeypatch):
+    monkeypatch.setattr(backends, "_has_scaled_grouped_mm", lambda device_type, index: True)
+    monkeypatch.setattr(backends, "_warned", set())
+
+
+def test_auto_picks_bf16_below_the_threshold_and_cuda_from_it(pretend_sm90):
+    K, N = 2048, 4096
+    m_edge = backends.AUTO_FP8_MIN_MACS // (K * N)
+    assert m_edge * K * N == backends.AUTO_FP8_MIN_MACS  # the edge itself is reachable
+    assert resolve_backend("auto", GPU, K, N, m_edge - 16) == "bf16"
+    assert resolve_backend("auto", GPU, K, N, m_edge) == "cuda"
+    assert resolve_backend("auto", GPU, K, N) == "cuda"  # M unknown: no size rule
+
+
+def test_the_listed_small_shapes_run_bf16_and_the_large_ones_float8(pretend_sm90):
+    for M, K, N in ((8192, 2048, 2816), (8192, 1408, 2048), (4096, 2048, 768)):
+        assert resolve_backend("auto", GPU, K, N, M) == "bf16"
+    for M, K, N in ((16384, 5120, 16384), (16384, 8192, 5120), (32768, 7168, 4096), (32768, 2048, 7168)):
+        assert resolve_backend("auto", GPU, K, N, M) == "cuda"
+
+
+def test_size_rule_changes_neither_explicit_backends_nor_cpu(pretend_sm90):
+    assert resolve_backend("cuda", GPU, 16, 16, 16) == "cuda"
+    assert resolve_backend("emulated", GPU, 16, 16, 16) == "emulated"
+    assert resolve_backend("auto", GPU, 24, 32, 16) == "emulated"  # misaligned: as before, with its warning
+
+
+def test_auto_on_a_small_problem_computes_what_bf16_computes(pretend_sm90):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 32, generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(3, 48, 32, generator=gen, dtype=torch.bfloat16)  # stored (G, N, K)
+    offs = offsets([10, 0, 24])
+    grads = {}
+    for backend in ("auto", "bf16"):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = scaled_grouped_mm(xr, wr.transpose(1, 2), offs, backend=backend)
+        out.backward(torch.ones_like(out))
+        grads[backend] = (out, xr.grad, wr.grad)
+    for a, b in zip(grads["auto"], grads["bf16"]):
+        assert torch.equal(a, b)
+    assert grads["bf16"][2].stride() == w.stride()  # grad in the stored layout, no copy
