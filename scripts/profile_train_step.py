@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(ours.steps):
             step()
         torch.cuda.synchronize()
+    # GPU-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels that are
+    # listed too: counting them would count that time twice.
     kernels = [(e.name, e.device_time_total) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+               if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     rows = summarize(kernels, ours.steps)
     if rank == 0:
         tokens = world * t.batch_size * t.seq_len * t.grad_accum
