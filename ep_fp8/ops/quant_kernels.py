@@ -220,64 +220,99 @@ def _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_
 
 
 @triton.jit
-def _quant_cols_grouped_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr,
-                               qT_ptr, descale_ptr, poffs_ptr, M, C, P, G,
-                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-                               HAS_ROW_DESCALE: tl.constexpr, EXACT: tl.constexpr):
-    g = tl.program_id(0)
-    pc = tl.program_id(1)
-    # This group's padded start: the padded sizes of the groups before it, from offs.
-    gi = tl.arange(0, BLOCK_G)
-    ends_all = tl.minimum(tl.maximum(tl.load(offs_ptr + gi, mask=gi < G, other=0), 0), M)
-    starts_all = tl.minimum(tl.maximum(tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0), 0), M)
-    sizes = tl.maximum(ends_all - starts_all, 0)
-    padded = tl.maximum((sizes + _PAD - 1) // _PAD * _PAD, _PAD)
-    pstart = tl.sum(tl.where(gi < g, padded, 0), axis=0)
-    start = tl.sum(tl.where(gi == g, starts_all, 0), axis=0)
-    end = tl.sum(tl.where(gi == g, ends_all, 0), axis=0)
-    size = tl.maximum(end - start, 0)
-    psize = tl.maximum((size + _PAD - 1) // _PAD * _PAD, _PAD)
+def _group_of_block(offs_ptr, p0, M, G, BLOCK_G: tl.constexpr):
+    """The token group whose padded columns hold p0 (a multiple of GROUP_PAD), from offs.
 
-    cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = cs < C
-    cs64 = cs.to(tl.int64)
-    rr = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i0 in range(0, size, BLOCK_M):
-        rows = start + i0 + rr
-        mr = i0 + rr < size
-        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_ROW_DESCALE)
-        acc = tl.maximum(acc, tl.max(_abs_nan_as_inf(v), axis=0))
-    scale, descale = _scales_from_amax(acc, EXACT)
-    tl.store(descale_ptr + g.to(tl.int64) * C + cs, descale, mask=mc)
-    for i0 in range(0, psize, BLOCK_M):
-        rows = start + i0 + rr
-        mr = i0 + rr < size
-        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_ROW_DESCALE)
+    Returns (h, start, size, pstart, psize): h == G when p0 is past the last group.
+    Every program scans offs itself (G int32 loads from L2): no prologue launch, no
+    host sync, and GROUP_PAD-aligned blocks never straddle two groups.
+    """
+    gi = tl.arange(0, BLOCK_G)
+    live = gi < G
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + gi, mask=live, other=0), 0), M)
+    starts = tl.minimum(tl.maximum(tl.load(offs_ptr + gi - 1, mask=(gi > 0) & live, other=0), 0), M)
+    sizes = tl.maximum(ends - starts, 0)
+    padded = tl.where(live, tl.maximum((sizes + _PAD - 1) // _PAD * _PAD, _PAD), 0)
+    pends = tl.cumsum(padded, axis=0)
+    h = tl.sum((live & (pends <= p0)).to(tl.int32), axis=0)
+    pick = gi == h
+    start = tl.sum(tl.where(pick, starts, 0), axis=0)
+    size = tl.sum(tl.where(pick, sizes, 0), axis=0)
+    psize = tl.sum(tl.where(pick, padded, 0), axis=0)
+    pstart = tl.sum(tl.where(pick, pends, 0), axis=0) - psize
+    return h, start, size, pstart, psize
+
+
+@triton.jit
+def _cols_amax_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr, M, C, G,
+                      BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ROW_DESCALE: tl.constexpr):
+    # Pass 1, one program per (GROUP_PAD padded columns, BLOCK_C columns of a): the tile's
+    # column maxima, combined per (group, column) by atomic max. The values are >= 0
+    # (NaN as +inf), for which float max is order-independent: deterministic.
+    p0 = tl.program_id(0) * _PAD
+    h, start, size, pstart, psize = _group_of_block(offs_ptr, p0, M, G, BLOCK_G)
+    local = p0 - pstart
+    if (h < G) & (local < size):  # tiles of padding only have nothing to add
+        rr = tl.arange(0, _PAD)
+        mr = local + rr < size
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = cs < C
+        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, start + local + rr, mr, cs.to(tl.int64), mc,
+                            HAS_ROW_DESCALE)
+        tl.atomic_max(amax_ptr + h.to(tl.int64) * C + cs, tl.max(_abs_nan_as_inf(v), axis=0), mask=mc)
+
+
+@triton.jit
+def _cols_cast_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr,
+                      qT_ptr, descale_ptr, poffs_ptr, M, C, P, G,
+                      BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                      HAS_ROW_DESCALE: tl.constexpr, EXACT: tl.constexpr):
+    # Pass 2, the same tiles: scale, cast, and write transposed into qT (C, P).
+    p0 = tl.program_id(0) * _PAD
+    pc = tl.program_id(1)
+    h, start, size, pstart, psize = _group_of_block(offs_ptr, p0, M, G, BLOCK_G)
+    if h < G:  # columns past the last group stay unwritten
+        local = p0 - pstart
+        rr = tl.arange(0, _PAD)
+        mr = local + rr < size
+        cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = cs < C
+        cs64 = cs.to(tl.int64)
+        h64 = h.to(tl.int64)
+        scale, descale = _scales_from_amax(tl.load(amax_ptr + h64 * C + cs, mask=mc, other=0.0), EXACT)
+        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, start + local + rr, mr, cs64, mc, HAS_ROW_DESCALE)
         v = tl.where(mr[:, None], v * scale[None, :], 0.0)  # padding is 0, even if scale is NaN
-        dst = qT_ptr + cs64[None, :] * P + (pstart + i0 + rr)[:, None]
-        tl.store(dst, _to_fp8(v), mask=(i0 + rr < psize)[:, None] & mc[None, :])
-    if pc == 0:
-        tl.store(poffs_ptr + g, pstart + psize)
+        tl.store(qT_ptr + cs64[None, :] * P + (p0 + rr)[:, None], _to_fp8(v), mask=mc[None, :])
+        first = local == 0  # the group's first tile writes its descale and padded end
+        tl.store(descale_ptr + h64 * C + cs, descale, mask=mc & first)
+        if first & (pc == 0):
+            tl.store(poffs_ptr + h, pstart + psize)
 
 
 def quantize_cols_grouped_triton(a: torch.Tensor, offs: torch.Tensor, exact_scales: bool = False,
                                  row_descale: torch.Tensor | None = None):
-    """Triton twin of quant_ref.quantize_cols_grouped_ref: -> (qT (C, P), descale (G, C), poffs (G,))."""
+    """Triton twin of quant_ref.quantize_cols_grouped_ref: -> (qT (C, P), descale (G, C), poffs (G,)).
+
+    Two launches over (GROUP_PAD padded columns) x (BLOCK_C columns of a) tiles: column
+    amaxes by atomic max, then the cast. Each tile lies in one group by construction.
+    """
     M, C = a.shape
     G = offs.shape[0]
     P = padded_length(M, G)
-    qT = torch.empty((C, P), dtype=FP8_DTYPE, device=a.device)
-    descale = torch.empty((G, C), dtype=torch.float32, device=a.device)
-    poffs = torch.empty(G, dtype=torch.int32, device=a.device)
-    block_c = min(64, triton.next_power_of_2(max(C, 1)))
-    grid = (G, triton.cdiv(C, block_c))
-    _quant_cols_grouped_kernel[grid](
-        a, a.stride(0), a.stride(1), row_descale if row_descale is not None else descale, offs,
-        qT, descale, poffs, M, C, P, G,
-        BLOCK_M=64, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(G),
-        HAS_ROW_DESCALE=row_descale is not None, EXACT=exact_scales,
-    )
+    dev = a.device
+    qT = torch.empty((C, P), dtype=FP8_DTYPE, device=dev)
+    descale = torch.empty((G, C), dtype=torch.float32, device=dev)
+    poffs = torch.empty(G, dtype=torch.int32, device=dev)
+    if G == 0:
+        return qT, descale, poffs
+    amax = torch.zeros((G, C), dtype=torch.float32, device=dev)
+    block_c = min(128, triton.next_power_of_2(max(C, 1)))
+    grid = (P // GROUP_PAD, triton.cdiv(C, block_c))
+    rd = row_descale if row_descale is not None else amax  # unread without row_descale
+    common = dict(BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(G), HAS_ROW_DESCALE=row_descale is not None)
+    _cols_amax_kernel[grid](a, a.stride(0), a.stride(1), rd, offs, amax, M, C, G, **common)
+    _cols_cast_kernel[grid](a, a.stride(0), a.stride(1), rd, offs, amax, qT, descale, poffs, M, C, P, G,
+                            EXACT=exact_scales, **common)
     return qT, descale, poffs
 
 

@@ -85,10 +85,12 @@ def test_weight_copies_are_row_quantization_of_the_two_views(exact):
         assert same_bits(q_bwd[g], q) and torch.equal(d_bwd[g], d)
 
 
-def test_padded_group_offsets_round_up_to_16_and_give_empty_groups_16():
-    offs = offsets([0, 5, 16, 17, 0, 40])
-    assert R.padded_group_offsets_ref(offs).tolist() == [16, 32, 48, 80, 96, 144]
-    assert R.padded_length(M=78, G=6) == 80 + 96
+def test_padded_group_offsets_round_up_to_group_pad_and_give_empty_groups_one_pad():
+    pad = R.GROUP_PAD
+    assert pad % 16 == 0  # the 2D x 2D float8 GEMM needs 16-byte aligned groups
+    offs = offsets([0, 5, pad, pad + 1, 0, 40])
+    assert R.padded_group_offsets_ref(offs).tolist() == [pad, 2 * pad, 3 * pad, 5 * pad, 6 * pad, 7 * pad]
+    assert R.padded_length(M=2 * pad + 46, G=6) == 3 * pad + 6 * pad
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -107,7 +109,7 @@ def test_cols_grouped_is_row_quantization_of_each_group_transposed(exact):
         start, pstart = 0, 0
         for g, size in enumerate(sizes):
             pend = poffs[g].item()
-            assert pend - pstart == max(16, math.ceil(size / 16) * 16)
+            assert pend - pstart == max(R.GROUP_PAD, math.ceil(size / R.GROUP_PAD) * R.GROUP_PAD)
             q, _, d = R.quantize_rows_ref(v[start:start + size].t(), exact)
             if size:
                 assert torch.equal(descale[g], d)
