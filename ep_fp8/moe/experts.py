@@ -70,7 +70,13 @@ class GroupedExperts(nn.Module):
 
         dtype = x_MD.dtype  # weights follow the activations (a no-op under mixed precision)
         if self.float8:
-            from ep_fp8.ops import scaled_grouped_mm
+            from ep_fp8.ops import quantize_rows, resolve_backend, scaled_grouped_mm
+
+            if x_fp8 is None and resolve_backend(
+                    self.float8_backend, x_MD.device, self.dim, w1.shape[1], x_MD.shape[0]) != "bf16":
+                # w1 and w3 read the same x: quantize its rows once for both (x stays the
+                # autograd handle). Not on the bf16 fallback: it would compute on float8 x.
+                x_fp8 = quantize_rows(x_MD, self.exact_scales)
 
             def gmm(a, w, a_fp8=None):
                 return scaled_grouped_mm(

@@ -121,6 +121,29 @@ def test_prequantized_input_gives_the_same_result_as_quantizing_inside():
 
 
 @needs_fp8_ops
+@pytest.mark.parametrize("backend,shared", [("emulated", True), ("bf16", False)])
+def test_float8_experts_quantize_x_rows_once_for_w1_and_w3(monkeypatch, backend, shared):
+    seen = []
+    real = ep_fp8.ops.scaled_grouped_mm
+
+    def recording(a, w_t, offs, *args, x_fp8=None, **kw):
+        seen.append((a, x_fp8))
+        return real(a, w_t, offs, *args, x_fp8=x_fp8, **kw)
+
+    monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
+    ex = _experts(float8=True, float8_backend=backend)
+    x, offs = _grouped_input(torch.Generator().manual_seed(6), dtype=torch.bfloat16)
+    ex(x, offs)
+    (a1, q1), (a3, q3), (_, q2) = seen  # w1, w3 on x, then w2 on h
+    assert a1 is x and a3 is x and q2 is None
+    if shared:  # one (data, scale) pair, the rows of x, passed to both calls
+        assert q1 is not None and q1 is q3
+        assert torch.equal(q1[0].float(), ep_fp8.ops.quantize_rows(x)[0].float())
+    else:  # the bf16 fallback keeps x in bf16
+        assert q1 is None and q3 is None
+
+
+@needs_fp8_ops
 def test_float8_payload_into_bf16_experts_uses_the_dequantized_rows():
     from ep_fp8.ops import quantize_rows
 
