@@ -156,9 +156,11 @@ def format_markdown(summary: list[dict]) -> str:
                  fmt(row["peak_mem_gib"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Final loss: mean over the last 10% of logged steps. tokens/s, MFU and peak "
-                 "memory: median over the logged steps after the first 10%. MFU n/a: the run "
-                 "knew no peak FLOP/s for its device (it logs 0).")
+    note = ("Final loss: mean over the last 10% of logged steps. tokens/s, MFU and peak "
+            "memory: median over the logged steps after the first 10%.")
+    if any(not row["mfu"] for row in summary):
+        note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
+    lines.append(note)
     return "\n".join(lines) + "\n"
 
 

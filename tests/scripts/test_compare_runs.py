@@ -171,3 +171,10 @@ def test_cli_exits_with_message_for_a_missing_file(tmp_path):
                            "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{tmp_path / 'nope.jsonl'}: no such file" in proc.stderr
+
+
+def test_table_explains_missing_mfu_only_when_a_run_lacks_it(compare_runs):
+    row = {"label": "a", "last_step": 10, "final_loss": 1.0, "final_loss_vs_first_pct": None,
+           "tokens_per_s": 1.0, "tokens_per_s_per_gpu": 1.0, "mfu": 0.4, "peak_mem_gib": 1.0}
+    assert "MFU n/a" not in compare_runs.format_markdown([row, dict(row, label="b")])
+    assert "MFU n/a" in compare_runs.format_markdown([row, dict(row, label="b", mfu=0.0)])
