@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements behind docs/benchmarks.md, in one command.
+#
+#   bash scripts/run_gpu_checks.sh OUT_DIR [tests] [bench] [train]   (no stage: all three)
+#
+#   tests  every GPU test (pytest -m gpu), log in OUT_DIR/gpu_tests.log
+#   bench  scripts/bench_grouped_mm.py (all shapes) and scripts/bench_dispatch.py (local
+#          path on 1 GPU; all-to-all over every visible GPU when there are several)
+#   train  moe_1b_h200.toml for 50 steps with float8 on and off (torch.compile on), then
+#          scripts/profile_train_step.py for each: tokens/s, MFU, memory, time by category
+# Each stage writes its logs and JSON under OUT_DIR and goes on after a failure; the exit
+# code is non-zero if any stage failed.
+set -uo pipefail
+
+out="${1:?usage: run_gpu_checks.sh OUT_DIR [tests] [bench] [train]}"
+shift
+stages="${*:-tests bench train}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+ngpu="$(python3 -c 'import torch; print(torch.cuda.device_count())')"
+if [ "$ngpu" -lt 1 ]; then
+    echo "run_gpu_checks.sh: no CUDA GPU visible" >&2
+    exit 2
+fi
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+  date -u +%FT%TZ; } | tee "$out/env.txt"
+failed=0
+
+run() {  # run NAME CMD...: tee the output to OUT_DIR/NAME.log, remember a failure
+    local name="$1"; shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log" | grep -v -E '^\[|^W[0-9]{4}|warnings.warn|^ *$' | tail -n 25
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; failed=1; }
+}
+
+train_recipe() {  # train_recipe FLOAT8(true|false)
+    CONFIG_FILE=train_configs/moe_1b_h200.toml NGPU=1 bash scripts/run_train.sh \
+        --training.steps=50 --compile.enabled=true --checkpoint.enabled=false \
+        --float8.enabled="$1" --job.name="gpu_check_moe_1b_float8_$1" &&
+        cp "outputs/gpu_check_moe_1b_float8_$1/metrics.jsonl" "$out/train_float8_$1.jsonl"
+}
+
+for stage in $stages; do
+    case "$stage" in
+        tests)
+            run gpu_tests python3 -m pytest -m gpu -q -o addopts="" -p no:cacheprovider tests ;;
+        bench)
+            run bench_grouped_mm python3 scripts/bench_grouped_mm.py --out "$out/bench_grouped_mm.json"
+            run bench_dispatch_local python3 scripts/bench_dispatch.py --out "$out/bench_dispatch_local.json"
+            if [ "$ngpu" -gt 1 ]; then
+                run bench_dispatch_ep python3 -m torch.distributed.run --standalone \
+                    --nproc-per-node="$ngpu" scripts/bench_dispatch.py --out "$out/bench_dispatch_ep$ngpu.json"
+            fi ;;
+        train)
+            for f8 in true false; do
+                run "train_float8_$f8" train_recipe "$f8"
+                run "profile_float8_$f8" python3 -m torch.distributed.run --standalone --nproc-per-node=1 \
+                    scripts/profile_train_step.py --config train_configs/moe_1b_h200.toml \
+                    --compile.enabled=true --float8.enabled="$f8" --warmup 6 --steps 3 \
+                    --out "$out/profile_float8_$f8.json"
+            done ;;
+        *) echo "run_gpu_checks.sh: unknown stage '$stage' (tests, bench, train)" >&2; exit 2 ;;
+    esac
+done
+exit "$failed"
