@@ -23,6 +23,9 @@ _PAD = tl.constexpr(GROUP_PAD)
 # One program holds a whole row up to this many elements (amax, scale and cast from
 # registers); longer rows take a second pass.
 _MAX_ROW_BLOCK = 8192
+# The weight amax pass: tiles of 64 k x this many n, this many tiles along k per program.
+WEIGHT_AMAX_BLOCK_N = 256
+WEIGHT_AMAX_K_TILES = 8
 
 
 @triton.jit
@@ -129,25 +132,28 @@ def quantize_rows_triton(a: torch.Tensor, exact_scales: bool = False):
 
 @triton.jit
 def _weight_amax_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr, K, N,
-                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_TILES: tl.constexpr,
                         FWD: tl.constexpr, BWD: tl.constexpr):
-    # Each program sweeps N_TILES tiles along n: the (g, k) maxima build up in registers
-    # and take one atomic per k at the end, a quarter of the atomics of one tile each.
+    # Each program sweeps K_TILES tiles along k: the (g, n) maxima build up in registers
+    # and take one atomic per n at the end; the (g, k) maxima one atomic per k per tile.
+    # Wide tiles along n keep the per-k atomics at 1 / BLOCK_N of the elements. H200,
+    # (8, 16384, 5120) read 1.34 GB: 64 x 256 tiles, 8 along k, 4 warps 553 us; the same
+    # with 8 warps 888 us; the earlier n-sweep of 64 x 128 tiles 778 us; copy speed ~330.
     g = tl.program_id(0).to(tl.int64)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mk = ks < K
-    acc_k = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for i in range(N_TILES):
-        ns = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mn = ns < N
+    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = ns < N
+    acc_n = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(K_TILES):
+        ks = (tl.program_id(1) * K_TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mk = ks < K
         v = tl.load(w_ptr + g * s_g + ks[:, None].to(tl.int64) * s_k + ns[None, :].to(tl.int64) * s_n,
                     mask=mk[:, None] & mn[None, :], other=0.0).to(tl.float32)
         va = _abs_nan_as_inf(v)
-        if FWD:
-            tl.atomic_max(amax_fwd_ptr + g * N + ns, tl.max(va, axis=0), mask=mn)
-        acc_k = tl.maximum(acc_k, tl.max(va, axis=1))
-    if BWD:
-        tl.atomic_max(amax_bwd_ptr + g * K + ks, acc_k, mask=mk)
+        if BWD:
+            tl.atomic_max(amax_bwd_ptr + g * K + ks, tl.max(va, axis=1), mask=mk)
+        acc_n = tl.maximum(acc_n, tl.max(va, axis=0))
+    if FWD:
+        tl.atomic_max(amax_fwd_ptr + g * N + ns, acc_n, mask=mn)
 
 
 @triton.jit
@@ -191,12 +197,12 @@ def quantize_weight_triton(w_t: torch.Tensor, exact_scales: bool = False, fwd: b
     amax = torch.zeros(G * (N + K), dtype=torch.float32, device=dev)  # one memset for both
     amax_fwd, amax_bwd = amax[: G * N], amax[G * N:]
     block_k = min(64, triton.next_power_of_2(K))
-    block_n = min(128, triton.next_power_of_2(N))
-    n_tiles = min(4, triton.cdiv(N, block_n))
+    block_n = min(WEIGHT_AMAX_BLOCK_N, triton.next_power_of_2(N))
+    k_tiles = min(WEIGHT_AMAX_K_TILES, triton.cdiv(K, block_k))
     strides = (w_t.stride(0), w_t.stride(1), w_t.stride(2))
-    _weight_amax_kernel[(G, triton.cdiv(K, block_k), triton.cdiv(N, block_n * n_tiles))](
+    _weight_amax_kernel[(G, triton.cdiv(K, block_k * k_tiles), triton.cdiv(N, block_n))](
         w_t, *strides, amax_fwd, amax_bwd, K, N,
-        BLOCK_K=block_k, BLOCK_N=block_n, N_TILES=n_tiles, FWD=fwd, BWD=bwd, num_warps=8)
+        BLOCK_K=block_k, BLOCK_N=block_n, K_TILES=k_tiles, FWD=fwd, BWD=bwd, num_warps=4)
     block_n = min(64, triton.next_power_of_2(N))
     _weight_cast_kernel[(G, triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
         w_t, *strides, amax_fwd, amax_bwd, q_fwd, d_fwd, q_bwd, d_bwd, K, N,
@@ -248,7 +254,8 @@ def _cols_amax_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr, M,
                       BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ROW_DESCALE: tl.constexpr):
     # Pass 1, one program per (GROUP_PAD padded columns, BLOCK_C columns of a): the tile's
     # column maxima, combined per (group, column) by atomic max. The values are >= 0
-    # (NaN as +inf), for which float max is order-independent: deterministic.
+    # (NaN as +inf), for which float max is order-independent: deterministic. H200,
+    # 131072 x 2048 bf16: 233 us; 8 tiles per atomic measured the same (not the limit).
     p0 = tl.program_id(0) * _PAD
     h, start, size, pstart, psize = _group_of_block(offs_ptr, p0, M, G, BLOCK_G)
     local = p0 - pstart

@@ -69,8 +69,19 @@ def test_weight_kernels_match_reference_bitwise(layout, exact):
             assert g.shape == wnt.shape and same_bits(g, wnt)
 
 
-# 70 and 130 rows span several GROUP_PAD tiles of one group; C = 136 two column blocks.
-@pytest.mark.parametrize("sizes,C", [([0, 7, 70, 0, 16], 40), ([33], 40), ([0, 0, 0], 40), ([130, 1, 64], 136)])
+def test_weight_amax_combines_tiles_along_k_and_programs_along_n():
+    gen = torch.Generator().manual_seed(14)
+    G, Kd, N = 2, 150, 300  # three 64-row k tiles in one program, two programs along n
+    w = (torch.randn(G, Kd, N, generator=gen) * torch.logspace(-3, 3, Kd)[:, None]).bfloat16().to(DEVICE)
+    w[1, 140, 290] = 1e6  # the maxima of a row and a column in the last, masked tiles
+    for g, wnt in zip(K.quantize_weight_triton(w), R.quantize_weight_ref(w)):
+        assert g.shape == wnt.shape and same_bits(g, wnt)
+
+
+# 70 and 130 rows span several GROUP_PAD tiles of one group; C = 136 two column blocks;
+# [300, 5, 200] has more tiles than one amax program takes (a group across two programs).
+@pytest.mark.parametrize("sizes,C", [([0, 7, 70, 0, 16], 40), ([33], 40), ([0, 0, 0], 40), ([130, 1, 64], 136),
+                                     ([300, 5, 200], 40)])
 @pytest.mark.parametrize("exact", [False, True])
 def test_cols_grouped_kernel_matches_reference_bitwise(sizes, C, exact):
     gen = torch.Generator().manual_seed(13)
