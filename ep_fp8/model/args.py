@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-_SCORE_FUNCS = ("softmax", "sigmoid")
+from ep_fp8.moe.router import SCORE_FUNCS
 
 
 @dataclass
@@ -76,11 +76,19 @@ class ModelArgs:
                     raise ValueError(f"model.{name} must be >= 1 when there are MoE layers, "
                                      f"got {getattr(self, name)}")
             self._at_most("top_k", "n_experts")
-            if self.score_func not in _SCORE_FUNCS:
-                raise ValueError(f"model.score_func must be one of {_SCORE_FUNCS}, "
+            if self.score_func not in SCORE_FUNCS:
+                raise ValueError(f"model.score_func must be one of {SCORE_FUNCS}, "
                                  f"got {self.score_func!r}")
             self._divides("n_expert_groups", "n_experts")
             self._at_most("n_limited_groups", "n_expert_groups")
+            # Selection picks top_k experts among those of the n_limited_groups best groups.
+            reachable = self.n_limited_groups * (self.n_experts // self.n_expert_groups)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"model.top_k ({self.top_k}) must be <= model.n_limited_groups "
+                    f"({self.n_limited_groups}) * model.n_experts ({self.n_experts}) / "
+                    f"model.n_expert_groups ({self.n_expert_groups}) = {reachable}, the "
+                    f"experts a token can reach")
         if self.aux_loss_coef < 0:
             raise ValueError(f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:

@@ -51,7 +51,7 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only transformer in the DeepSeek-V3 / Qwen3-MoE family.
 
-    forward(tokens (B, S) int64) -> logits (B, S, vocab_size) float32.
+    forward(tokens (B, S) int64 or int32) -> logits (B, S, vocab_size) float32.
     `float8`, `float8_backend`, `exact_scales` go to every MoE layer's experts.
     Weights are initialised by `init_weights(0)` at construction unless the parameters are
     on the meta device; call `init_weights(seed)` for another seed or after `to_empty`.
@@ -82,7 +82,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be int64, got {tokens.dtype}")
+            raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         B, S = tokens.shape

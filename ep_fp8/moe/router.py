@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid")  # the gate score functions, owned here
 _FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
 
 
@@ -53,8 +53,8 @@ class Router(nn.Module):
         aux_loss_coef: float = 0.0,
     ):
         super().__init__()
-        if score_func not in _SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {_SCORE_FUNCS}, got {score_func!r}")
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         if n_experts < 1 or not 1 <= top_k <= n_experts:
             raise ValueError(f"need 1 <= top_k <= n_experts, got top_k={top_k}, n_experts={n_experts}")
         if n_expert_groups < 1 or n_experts % n_expert_groups:
@@ -123,6 +123,10 @@ class Router(nn.Module):
             if self.n_expert_groups > 1:
                 choice_TE = self._mask_to_top_groups(choice_TE)
             topk_idx = choice_TE.topk(self.top_k, dim=-1).indices  # (T, k)
+            # An activation-checkpoint recompute runs this forward again and counts the
+            # batch twice. Harmless: every count of the layer is doubled alike, so the
+            # max/mean imbalance and the signs of mean - count (the bias update) are the
+            # same as with single counting.
             self.tokens_per_expert += count_per_expert(topk_idx, self.n_experts).float()
 
         topk_w = scores_TE.gather(1, topk_idx)  # (T, k), differentiable

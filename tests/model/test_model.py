@@ -49,8 +49,9 @@ def test_changing_token_t_leaves_logits_before_t_unchanged(t):
 
 def test_bad_tokens_raise_naming_the_problem():
     model = Transformer(TINY)
-    with pytest.raises(TypeError, match="int64"):
+    with pytest.raises(TypeError, match="int64 or int32, got torch.float32"):
         model(torch.zeros(1, 4))
+    model(torch.zeros(1, 4, dtype=torch.int32))   # int32, as the message says, is accepted
     with pytest.raises(ValueError, match="batch, seq_len"):
         model(torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -64,6 +65,8 @@ def test_bad_tokens_raise_naming_the_problem():
     (dict(n_dense_layers=3), "model.n_dense_layers"),
     (dict(score_func="relu"), "model.score_func"),
     (dict(n_expert_groups=3), "model.n_expert_groups"),
+    # 8 experts in 4 groups, 1 group kept: a token reaches 2 experts, so top-3 is impossible.
+    (dict(n_expert_groups=4, n_limited_groups=1, top_k=3), r"model.top_k \(3\) must be <="),
 ])
 def test_inconsistent_args_raise_value_error_naming_the_field(change, key):
     with pytest.raises(ValueError, match=key):

@@ -84,6 +84,8 @@ def test_toml_round_trip_gives_an_equal_config(tmp_path):
      "tokenizer file '/nonexistent/tokenizer.json' does not exist"),
     ("[data]\nsource = 'text'\npath = '{cfg}'\n[model]\nvocab_size = 200",
      "has 257 tokens, more than the model's vocab_size = 200"),
+    ("[model]\nn_expert_groups = 4\nn_limited_groups = 1\ntop_k = 3",
+     "[model] model.top_k (3) must be <= model.n_limited_groups (1)"),
     ("job = 3", "top-level key 'job' must be a [section]"),
     ("[training\nsteps = 3", "not valid TOML"),
 ])
