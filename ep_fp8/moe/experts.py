@@ -72,20 +72,25 @@ class GroupedExperts(nn.Module):
         if self.float8:
             from ep_fp8.ops import quantize_rows, resolve_backend, scaled_grouped_mm
 
-            if x_fp8 is None and resolve_backend(
-                    self.float8_backend, x_MD.device, self.dim, w1.shape[1], x_MD.shape[0]) != "bf16":
+            # One backend per layer from the static sizes only (no row count): with the size
+            # rule of "auto", the row count each rank receives could make ranks and steps
+            # disagree, and a float8 run would quietly be part bf16.
+            H = w1.shape[1]
+            up = resolve_backend(self.float8_backend, x_MD.device, self.dim, H)    # w1, w3
+            down = resolve_backend(self.float8_backend, x_MD.device, H, self.dim)  # w2
+            if x_fp8 is None and up != "bf16":
                 # w1 and w3 read the same x: quantize its rows once for both (x stays the
-                # autograd handle). Not on the bf16 fallback: it would compute on float8 x.
+                # autograd handle). Not for backend="bf16": it would compute on float8 x.
                 x_fp8 = quantize_rows(x_MD, self.exact_scales)
 
-            def gmm(a, w, a_fp8=None):
+            def gmm(a, w, backend, a_fp8=None):
                 return scaled_grouped_mm(
-                    a, w.to(dtype).transpose(-2, -1), offs, backend=self.float8_backend,
+                    a, w.to(dtype).transpose(-2, -1), offs, backend=backend,
                     exact_scales=self.exact_scales, x_fp8=a_fp8,
                 )
 
-            h = F.silu(gmm(x_MD, w1, x_fp8)) * gmm(x_MD, w3, x_fp8)
-            return gmm(h, w2)
+            h = F.silu(gmm(x_MD, w1, up, x_fp8)) * gmm(x_MD, w3, up, x_fp8)
+            return gmm(h, w2, down)
 
         if x_fp8 is not None:  # float8 payload into bf16 experts: dequantize first
             x_MD = _Dequantize.apply(x_MD, *x_fp8)

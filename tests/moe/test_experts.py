@@ -172,3 +172,29 @@ def test_cuda_experts_close_to_float64(float8):
     y_ref, _, _ = _reference(ex.cpu(), x, offs)
     rel = (y.cpu().double() - y_ref).norm() / y_ref.norm()
     assert rel < (0.1 if float8 else 2e-2)
+
+
+@needs_fp8_ops
+def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(monkeypatch):
+    # With auto's size rule, a row count per rank could make ranks (and steps) disagree on
+    # float8 vs bf16: the layer resolves from (device, K, N) alone and passes the result on.
+    asked, used = [], []
+    real_resolve, real_mm = ep_fp8.ops.resolve_backend, ep_fp8.ops.scaled_grouped_mm
+
+    def resolve(backend, device, K, N, *rest, **kw):
+        asked.append((backend, K, N, rest, kw))
+        return real_resolve(backend, device, K, N)
+
+    def recording(a, w_t, offs, *args, backend="auto", **kw):
+        used.append(backend)
+        return real_mm(a, w_t, offs, *args, backend=backend, **kw)
+
+    monkeypatch.setattr(ep_fp8.ops, "resolve_backend", resolve)
+    monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
+    ex = _experts(float8=True, float8_backend="auto")
+    x, offs = _grouped_input(torch.Generator().manual_seed(7), dtype=torch.bfloat16)
+    ex(x, offs)
+    D, H = ex.dim, ex.w1.shape[1]
+    assert sorted((b, K, N) for b, K, N, _, _ in asked) == sorted([("auto", D, H), ("auto", H, D)])
+    assert all(rest == () and kw == {} for *_, rest, kw in asked)  # no row count given
+    assert used == ["emulated"] * 3  # resolved, never "auto" passed down
