@@ -4,7 +4,7 @@ from ep_fp8.moe.all_to_all import AllToAllDispatcher
 from ep_fp8.moe.dispatch import DispatchState, LocalDispatcher
 from ep_fp8.moe.experts import FeedForward, GroupedExperts
 from ep_fp8.moe.layer import MoE
-from ep_fp8.moe.router import Router, count_per_expert, update_router_biases
+from ep_fp8.moe.router import Router, count_per_expert, set_aux_grad_scale, update_router_biases
 
 __all__ = [
     "AllToAllDispatcher",
@@ -15,5 +15,6 @@ __all__ = [
     "MoE",
     "Router",
     "count_per_expert",
+    "set_aux_grad_scale",
     "update_router_biases",
 ]

@@ -20,7 +20,8 @@ class MoE(nn.Module):
 
     float8 / float8_backend / exact_scales choose the experts' matmuls (see
     GroupedExperts). With aux_loss_coef > 0 the sequence-level balance loss is trained
-    through the output (no work for the training loop); router.last_aux_loss keeps its
+    through the output, with gradient router.aux_grad_scale (1; a loop accumulating n
+    micro-batches sets 1/n with moe.set_aux_grad_scale); router.last_aux_loss keeps its
     value. Raises ValueError on inconsistent sizes (see Router).
     """
 
@@ -81,5 +82,5 @@ class MoE(nn.Module):
         if self.router.aux_loss_coef > 0:
             aux = self.router.aux_loss(scores_TE, topk_idx, n_seqs=B)
             if torch.is_grad_enabled():
-                y_TD = attach_aux_loss(y_TD, aux)
+                y_TD = attach_aux_loss(y_TD, aux, self.router.aux_grad_scale)
         return y_TD.view(B, S, D)

@@ -78,6 +78,9 @@ class Router(nn.Module):
         self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups
         self.load_balance_bias = load_balance_bias
         self.aux_loss_coef = aux_loss_coef
+        # Gradient that backward sends into the aux loss: 1 / grad_accum when the loop
+        # divides each micro-batch's loss by grad_accum (see set_aux_grad_scale).
+        self.aux_grad_scale = 1.0
         self.gate = nn.Linear(dim, n_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
         self.register_buffer(
@@ -175,24 +178,36 @@ class Router(nn.Module):
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on y whose backward also sends gradient 1 into aux, so aux is trained as
-    if it had been added to the loss, without the training loop knowing about it."""
+    """Identity on y whose backward also sends gradient `scale` into aux, so aux is trained
+    as if scale * aux had been added to the loss, without the loss knowing about it."""
 
     @staticmethod
-    def forward(ctx, y, aux):
-        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+    def forward(ctx, y, aux, scale):
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device, scale)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        shape, dtype, device = ctx.aux_meta
-        return grad_y, torch.ones(shape, dtype=dtype, device=device)
+        shape, dtype, device, scale = ctx.aux_meta
+        return grad_y, torch.full(shape, scale, dtype=dtype, device=device), None
 
 
-def attach_aux_loss(y: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+def attach_aux_loss(y: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Return y (same values) so that backward through it also backpropagates aux with
-    gradient 1, i.e. as if aux had been added to the loss."""
-    return _AttachAuxLoss.apply(y, aux)
+    gradient `scale`, i.e. as if scale * aux had been added to the loss."""
+    return _AttachAuxLoss.apply(y, aux, float(scale))
+
+
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    """Set the gradient every Router of `model` sends into its aux loss. A loop that
+    divides each of n accumulated micro-batch losses by n passes 1 / n, so that n
+    micro-batches give the gradient of one batch of all their sequences. Raises
+    ValueError for scale <= 0."""
+    if not scale > 0:
+        raise ValueError(f"aux gradient scale must be > 0, got {scale}")
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.aux_grad_scale = float(scale)
 
 
 @torch.no_grad()

@@ -133,7 +133,11 @@ def train_step(model, loader: DataLoader, optimizer, scheduler, grad_accum: int,
                max_norm: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step over `grad_accum` micro-batches. Returns (this rank's mean loss,
     the global gradient norm before clipping, the lr used); the tensors stay on the device
-    (no host synchronisation here)."""
+    (no host synchronisation here). The MoE aux losses get gradient 1 / grad_accum, like
+    the cross-entropy, so n micro-batches train as one batch of all their sequences."""
+    from ep_fp8.moe import set_aux_grad_scale
+
+    set_aux_grad_scale(model, 1.0 / grad_accum)
     loss_sum = torch.zeros((), device=device)
     for _ in range(grad_accum):
         inputs_BS, targets_BS = (x.to(device, non_blocking=True) for x in loader.next())
