@@ -4,7 +4,10 @@ A save writes `step-N.tmp/` (DCP shards of model and optimizer; step, scheduler 
 position; each rank's RNG state), waits for every rank, then rank 0 writes the marker file
 `COMPLETE` into it and renames it to `step-N/`. A crash or kill at any point before the
 rename leaves only a `.tmp` folder, which `latest()` ignores and the next save removes, so
-the newest complete checkpoint stays usable. Model and optimizer are saved as sharded
+the newest complete checkpoint stays usable. Saving a step that already has a checkpoint
+(a redone step) first renames the old one to `step-N.old/` and deletes it only after the
+rename of the new one, so a crash in between leaves `step-N.old/`, which counts as step
+N until a `step-N/` exists again. Model and optimizer are saved as sharded
 DTensors, so a run may resume on another world size or EP degree (DCP reshards on load).
 """
 
@@ -25,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_OLD_DIR = re.compile(r"^step-(\d+)\.old$")   # a step's previous save, set aside by _commit
 
 
 def _barrier() -> None:
@@ -53,15 +57,16 @@ def _rank_world() -> tuple[int, int]:
 
 def complete_checkpoints(folder: str) -> list[tuple[int, str]]:
     """[(step, path)] of the complete checkpoints in `folder` (those with the marker),
-    oldest first; [] when the folder does not exist."""
+    oldest first, one per step: `step-N/`, else a `step-N.old/` left by a crash while
+    `step-N/` was being replaced; [] when the folder does not exist."""
     if not os.path.isdir(folder):
         return []
-    found = []
-    for name in os.listdir(folder):
-        m = _STEP_DIR.match(name)
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(folder), key=lambda n: n.endswith(".old")):  # step-N first
+        m = _STEP_DIR.match(name) or _OLD_DIR.match(name)
         if m and os.path.isfile(os.path.join(folder, name, MARKER)):
-            found.append((int(m.group(1)), os.path.join(folder, name)))
-    return sorted(found)
+            found.setdefault(int(m.group(1)), os.path.join(folder, name))
+    return sorted(found.items())
 
 
 def _rng_state() -> dict:
@@ -117,13 +122,20 @@ class Checkpointer:
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(final):   # an older save of the same step (a redone step)
-            shutil.rmtree(final)
+        # An older save of the same step (a redone step) is set aside, not deleted, until
+        # the new one is in place: a crash in between still leaves a step-N checkpoint.
+        old = final + ".old"
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep: str) -> None:
         for name in os.listdir(self.folder):
-            if name.endswith(".tmp") and _STEP_DIR.match(name[:-4]):
+            stale_old = _OLD_DIR.match(name) and os.path.exists(
+                os.path.join(self.folder, name[:-4]))
+            if (name.endswith(".tmp") and _STEP_DIR.match(name[:-4])) or stale_old:
                 shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
         if self.keep_last > 0:
             for _, path in complete_checkpoints(self.folder)[:-self.keep_last]:

@@ -120,7 +120,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         cfg.parallel.ep = resolve_ep(cfg.parallel.ep, args.n_experts, world_size,
                                      cfg.parallel.dp_replicate)
     _data(cfg, args.vocab_size)
-    if cfg.checkpoint.enabled and cfg.checkpoint.resume:
-        folder = checkpoint_dir(cfg)
-        _check(not os.path.isfile(folder), cfg,
-               f"[checkpoint] folder {folder!r} is a file, not a folder")
+    if cfg.checkpoint.enabled:
+        _checkpoint_folder(cfg)
+
+
+def _checkpoint_folder(cfg: Config) -> None:
+    """A new run (resume = false) must not write among an earlier run's checkpoints: pruning
+    keeps the highest steps, so theirs could outlive its own and a later resume load them."""
+    from ep_fp8.train.checkpoint import complete_checkpoints
+
+    folder = checkpoint_dir(cfg)
+    _check(not os.path.isfile(folder), cfg,
+           f"[checkpoint] folder {folder!r} is a file, not a folder")
+    if cfg.checkpoint.resume:
+        return
+    found = complete_checkpoints(folder)
+    _check(not found, cfg,
+           f"[checkpoint] resume = false, but the checkpoint folder {folder!r} ([checkpoint] "
+           f"folder of [job] name {cfg.job.name!r}) already holds {len(found)} complete "
+           f"checkpoint(s) of an earlier run (newest: step {found[-1][0] if found else 0}). "
+           f"Set [checkpoint] resume = true to continue that run, or choose another [job] "
+           f"name or [checkpoint] folder (or delete the old checkpoints)")

@@ -104,3 +104,30 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     expected = torch.load(weights)
     for key, value in state[0].state_dict().items():
         assert torch.equal(value, expected[key])
+
+
+def test_a_crash_while_replacing_a_step_keeps_the_old_save_of_that_step(tmp_path, monkeypatch):
+    state = make_state(0)
+    ckpt = Checkpointer(str(tmp_path), keep_last=1)
+    ckpt.save(2, *state)
+    saved = {k: v.clone() for k, v in state[0].state_dict().items()}
+    train_steps(state, 1)
+    real_rename = os.rename
+
+    def crash_on_the_new_one(src, dst):   # the old step-2 is set aside, then the crash
+        if os.path.basename(src) == "step-2.tmp":
+            raise OSError("simulated crash")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_the_new_one)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save(2, *state)
+    monkeypatch.setattr(os, "rename", real_rename)
+    step, path = ckpt.latest()            # keep_last = 1: still a checkpoint, the old one
+    assert step == 2 and path.endswith("step-2.old")
+    fresh = make_state(5)
+    assert ckpt.load(path, *fresh) == 2
+    for key, value in fresh[0].state_dict().items():
+        assert torch.equal(value, saved[key])
+    ckpt.save(2, *state)                  # a successful redo replaces it and clears the rest
+    assert sorted(os.listdir(tmp_path)) == ["step-2"]

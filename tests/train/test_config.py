@@ -10,6 +10,7 @@ import torch
 from ep_fp8.model import ModelArgs
 from ep_fp8.train.config import (SECTIONS, Config, ConfigError, load_config, resolve_model_args,
                                  section_fields, to_toml)
+from ep_fp8.train.checkpoint import MARKER
 from ep_fp8.train.loop import dispatch_payload
 from ep_fp8.train.main import main, parse_cli
 
@@ -156,6 +157,20 @@ def test_every_config_key_is_documented():
     missing += [f"[model] {f.name}" for f in dataclasses.fields(ModelArgs)
                 if f"`{f.name}`" not in doc]
     assert not missing, f"docs/config.md does not describe {missing}"
+
+
+def test_a_new_run_in_a_folder_with_an_earlier_runs_checkpoints_is_an_error(tmp_path):
+    run = ["--job.name=run", f"--job.output_dir={tmp_path}", "--checkpoint.enabled=true"]
+    os.makedirs(tmp_path / "run" / "checkpoints" / "step-1500")     # no marker: not complete
+    load_config(None, run + ["--checkpoint.resume=false"])
+    (tmp_path / "run" / "checkpoints" / "step-1500" / MARKER).write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, run + ["--checkpoint.resume=false"])
+    for words in ("[checkpoint] folder", "[job] name 'run'", "step 1500",
+                  "resume = true", str(tmp_path / "run" / "checkpoints")):
+        assert words in str(err.value), str(err.value)
+    load_config(None, run)                                          # resume = true: fine
+    load_config(None, run + ["--checkpoint.resume=false", "--job.name=other"])
 
 
 def test_defaults_are_a_valid_config():
