@@ -104,7 +104,26 @@ def dispatch_scenario(kind, rank, ws, payload="bf16", dtype=None):
     dist.all_reduce(moved)  # every routed pair arrives at exactly one rank
     out["rows_conserved"] = moved[0].item() == moved[1].item()
     out["received_nothing"] = sum(st.output_splits) == 0
+    if float8:
+        out["payload_bits_match"] = all(_payload_bits_match(x, idx, exact) for exact in (False, True))
     return out
+
+
+def _payload_bits_match(x, idx, exact_scales):
+    """The float8 rows and scales received equal, bit for bit, ops.quantize_rows (with the
+    same exact_scales) of the rows a bf16 payload delivers to the same grouped rows: the
+    payload is quantized once, with the dispatcher's scale choice, and travels unchanged."""
+    fp8 = AllToAllDispatcher(dist.group.WORLD, E, payload="float8", exact_scales=exact_scales)
+    hp = AllToAllDispatcher(dist.group.WORLD, E, payload="bf16")
+    with torch.no_grad():
+        _, _, st = fp8.dispatch(x, idx)
+        xg, _, st_hp = hp.dispatch(x, idx)
+    rows = st.dst_idx
+    data_ref, scale_ref = ep_fp8.ops.quantize_rows(xg[rows], exact_scales=exact_scales)
+    data, scale = st.x_fp8[0][rows], st.x_fp8[1][rows]
+    return (torch.equal(st.dst_idx, st_hp.dst_idx)
+            and torch.equal(data.view(torch.uint8), data_ref.view(torch.uint8))
+            and torch.equal(scale, scale_ref))
 
 
 def layer_scenario(rank, ws):
