@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu,
 
 FP32_TOL = 1e-4     # fp32 on the GPU, TF32 off: reduction order only
 BF16_LOSS_TOL = 2e-2  # bf16 weights and activations vs the fp32 reference
-BF16_GRAD_TOL = 0.05  # worst parameter's ||g - g_ref|| / ||g_ref||: bf16 rounds by 2^-9
+BF16_GRAD_TOL = 0.05  # ||g - g_ref|| / ||g_ref|| over all parameters: bf16 rounds by 2^-9
 FP8_GRAD_TOL = 0.15   # the same for e4m3 expert matmuls, which round by up to 2^-4
 
 
@@ -44,10 +44,10 @@ def test_activation_checkpointing_never_repeats_an_all_to_all(results):
 def test_bf16_compiled_checkpointed_step_tracks_fp32(results):
     assert results["bf16_compiled.graphs"] > 0
     assert results["bf16_compiled.loss_err"] < BF16_LOSS_TOL
-    assert results["bf16_compiled.grad_norm_err"] < BF16_GRAD_TOL
+    assert results["bf16_compiled.grad_norm_err"] < BF16_GRAD_TOL, results["bf16_compiled.worst_parameter"]
 
 
 def test_float8_experts_step_tracks_fp32(results):
     # e4m3 expert matmuls on top of bf16: the loss stays within a few percent.
     assert results["float8.loss_err"] < 5e-2
-    assert results["float8.grad_norm_err"] < FP8_GRAD_TOL
+    assert results["float8.grad_norm_err"] < FP8_GRAD_TOL, results["float8.worst_parameter"]
