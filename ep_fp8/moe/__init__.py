@@ -1,12 +1,13 @@
 """Mixture-of-Experts: router, dispatchers, grouped experts and the MoE layer."""
 
-from ep_fp8.moe.all_to_all import AllToAllDispatcher
+from ep_fp8.moe.all_to_all import DISPATCH_PAYLOADS, AllToAllDispatcher, check_ep_divides
 from ep_fp8.moe.dispatch import DispatchState, LocalDispatcher
 from ep_fp8.moe.experts import FeedForward, GroupedExperts
 from ep_fp8.moe.layer import MoE
 from ep_fp8.moe.router import Router, count_per_expert, set_aux_grad_scale, update_router_biases
 
 __all__ = [
+    "DISPATCH_PAYLOADS",
     "AllToAllDispatcher",
     "DispatchState",
     "FeedForward",
@@ -14,6 +15,7 @@ __all__ = [
     "LocalDispatcher",
     "MoE",
     "Router",
+    "check_ep_divides",
     "count_per_expert",
     "set_aux_grad_scale",
     "update_router_biases",

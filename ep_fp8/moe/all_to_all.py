@@ -42,7 +42,15 @@ from ep_fp8.moe.router import count_per_expert
 from ep_fp8.moe.rows import gather_rows, scatter_rows, wait_collective
 from ep_fp8.ops.permute import expert_group_indices, gather_rows_sum, scatter_rows_into
 
-_PAYLOADS = ("bf16", "float8")
+# What AllToAllDispatcher can send; parallel and the config take their choices from here.
+DISPATCH_PAYLOADS = ("bf16", "float8")
+
+
+def check_ep_divides(ep: int, n_experts: int) -> None:
+    """Raise ValueError naming parallel.ep and model.n_experts unless the expert-parallel
+    degree ep divides n_experts (both >= 1): each EP rank holds n_experts / ep experts."""
+    if ep < 1 or n_experts < 1 or n_experts % ep:
+        raise ValueError(f"parallel.ep ({ep}) must divide model.n_experts ({n_experts})")
 
 
 class AllToAllDispatcher:
@@ -58,13 +66,10 @@ class AllToAllDispatcher:
     """
 
     def __init__(self, group, n_experts: int, payload: str = "bf16", *, exact_scales: bool = False):
-        if payload not in _PAYLOADS:
-            raise ValueError(f"payload must be one of {_PAYLOADS}, got {payload!r}")
+        if payload not in DISPATCH_PAYLOADS:
+            raise ValueError(f"payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
         ep = dist.get_world_size(group)
-        if n_experts < 1 or n_experts % ep:
-            raise ValueError(
-                f"the expert-parallel group size ({ep}) must divide n_experts ({n_experts})"
-            )
+        check_ep_divides(ep, n_experts)
         self.group, self.n_experts, self.ep = group, n_experts, ep
         self.n_local = n_experts // ep
         self.payload, self.exact_scales = payload, exact_scales

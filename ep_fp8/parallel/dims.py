@@ -66,9 +66,9 @@ class ParallelDims:
 
     def check_experts(self, n_experts: int) -> None:
         """Raise ValueError naming `parallel.ep` unless ep divides n_experts."""
-        if n_experts % self.ep:
-            raise ValueError(f"parallel.ep ({self.ep}) must divide model.n_experts "
-                             f"({n_experts})")
+        from ep_fp8.moe import check_ep_divides
+
+        check_ep_divides(self.ep, n_experts)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The (dp_replicate, efsdp, ep) mesh with flattened "dp_shard" and "dp" dims.

@@ -6,9 +6,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from ep_fp8.moe import AllToAllDispatcher, MoE
-
-DISPATCH_PAYLOADS = ("bf16", "float8")
+from ep_fp8.moe import DISPATCH_PAYLOADS, AllToAllDispatcher, MoE, check_ep_divides
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -33,8 +31,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = 
     ep = ep_mesh.size()
     for moe in moe_layers(model):
         n_experts = moe.router.n_experts
-        if n_experts % ep:
-            raise ValueError(f"parallel.ep ({ep}) must divide model.n_experts ({n_experts})")
+        check_ep_divides(ep, n_experts)
         experts = moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):
             if isinstance(param, DTensor):

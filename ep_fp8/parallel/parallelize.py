@@ -11,14 +11,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from ep_fp8.model import Transformer
-from ep_fp8.moe import GroupedExperts
+from ep_fp8.moe import DISPATCH_PAYLOADS, GroupedExperts
 from ep_fp8.parallel.checkpointing import AC_MODES, apply_activation_checkpointing
 from ep_fp8.parallel.dims import MESH_DIMS, ParallelDims
-from ep_fp8.parallel.expert_parallel import (
-    DISPATCH_PAYLOADS,
-    apply_expert_parallel,
-    moe_layers,
-)
+from ep_fp8.parallel.expert_parallel import apply_expert_parallel, moe_layers
 
 
 def submesh(mesh: DeviceMesh, names: str | tuple[str, ...]) -> DeviceMesh:

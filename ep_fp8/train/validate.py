@@ -64,9 +64,14 @@ def resolve_ep(ep: int, n_experts: int, world_size: int, dp_replicate: int) -> i
 
 
 def _parallel(cfg: Config, n_experts: int, world_size: int | None) -> None:
+    from ep_fp8.moe import check_ep_divides
+
     ep, rep = cfg.parallel.ep, cfg.parallel.dp_replicate
-    _check(n_experts % max(ep, 1) == 0, cfg,
-           f"[parallel] ep = {ep} must divide the model's n_experts = {n_experts}")
+    if ep > 0 and n_experts > 0:   # ep 0 is chosen later to divide n_experts (resolve_ep)
+        try:
+            check_ep_divides(ep, n_experts)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: [parallel] {e}") from None
     if world_size is None:
         return
     _check(world_size % rep == 0, cfg,

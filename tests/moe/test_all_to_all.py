@@ -102,7 +102,7 @@ def test_selective_checkpointing_never_repeats_an_all_to_all(results):
 def test_bad_input_raises_value_error_on_every_rank(results):
     for res in _ranks(results, "bad_input"):
         assert "rank(s) [1]" in res["out_of_range"] and "outside [0, 8)" in res["out_of_range"]
-        assert "must divide n_experts" in res["not_dividing"]
+        assert "must divide model.n_experts" in res["not_dividing"]
         assert res["usable_after_error"]
 
 

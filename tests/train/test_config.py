@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import typing
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_toml_round_trip_gives_an_equal_config(tmp_path):
     ("[lr_schedule]\nmin_lr_ratio = 2.0", "[lr_schedule] min_lr_ratio must be in [0, 1]"),
     ("[optimizer]\nbetas = [0.9, 1.0]", "[optimizer] betas must be in [0, 1)"),
     ("[training]\nseq_len = 100000", "[training] seq_len = 100000 exceeds the model's max_seq_len"),
-    ("[parallel]\nep = 3", "[parallel] ep = 3 must divide the model's n_experts = 8"),
+    ("[parallel]\nep = 3", "[parallel] parallel.ep (3) must divide model.n_experts (8)"),
     ("[parallel]\nep = 8", "[parallel] ep = 8 must divide the world size 2"),
     ("[parallel]\ndp_replicate = 3", "[parallel] dp_replicate = 3 must divide the world size 2"),
     ("[data]\nsource = 'text'", "[data] source = 'text' needs [data] path"),
@@ -123,7 +124,7 @@ def test_a_bad_config_stops_main_before_any_process_group_or_file(tmp_path, caps
     code = main(["--config", write(tmp_path, "[parallel]\nep = 3"),
                  f"--job.output_dir={out}"])
     assert code == 2
-    assert "[parallel] ep = 3 must divide" in capsys.readouterr().err
+    assert "[parallel] parallel.ep (3) must divide" in capsys.readouterr().err
     assert not out.exists()
     assert not torch.distributed.is_initialized()
 
@@ -171,6 +172,19 @@ def test_a_new_run_in_a_folder_with_an_earlier_runs_checkpoints_is_an_error(tmp_
         assert words in str(err.value), str(err.value)
     load_config(None, run)                                          # resume = true: fine
     load_config(None, run + ["--checkpoint.resume=false", "--job.name=other"])
+
+
+def test_config_choices_are_the_ones_the_lower_layers_accept():
+    # The config module stays free of torch, so it spells the choices out; they must be
+    # exactly the tuples owned by ep_fp8.moe and ep_fp8.parallel.
+    from ep_fp8.moe import DISPATCH_PAYLOADS
+    from ep_fp8.parallel import AC_MODES
+    from ep_fp8.train import config
+
+    hints = {s: typing.get_type_hints(cls) for s, cls in
+             (("float8", config.Float8Config), ("ac", config.ActivationCheckpointConfig))}
+    assert typing.get_args(hints["float8"]["dispatch_payload"]) == DISPATCH_PAYLOADS
+    assert typing.get_args(hints["ac"]["mode"]) == AC_MODES
 
 
 def test_defaults_are_a_valid_config():
