@@ -1,14 +1,12 @@
 """AllToAllDispatcher on gloo process groups of 2 and 4 CPU ranks against a single-process
 reference on the same weights (scenarios in ep_worker.py, one spawn per world size)."""
 
-import json
-import socket
-import time
+import functools
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests._dist import run_ranks
 from tests.moe import ep_worker
 
 pytestmark = pytest.mark.slow
@@ -19,26 +17,14 @@ TOL_FP32 = 1e-5  # EP and reference do the same float32 arithmetic up to summati
 TOL_BF16 = 2e-2  # bf16: a few rounding steps (weight gradients sum per rank, then over ranks)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=GROUPS, ids=lambda g: f"{g[0]}-ep{g[1]}")
-def results(request, tmp_path_factory):
+def results(request):
     device, ws = request.param
     if device == "cuda" and torch.cuda.device_count() < ws:
         pytest.skip(f"needs {ws} CUDA GPUs")
-    out = tmp_path_factory.mktemp(f"{device}-ep{ws}")
-    ctx = mp.spawn(ep_worker.run, args=(ws, _free_port(), str(out), device), nprocs=ws, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ep{ws} workers did not finish in 180 s")
-    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ws)]
+    per_rank = run_ranks(functools.partial(ep_worker.run, device_type=device), ws,
+                         backend="nccl" if device == "cuda" else "gloo", timeout=180,
+                         pg_timeout=60)
     by_name = {name: [r[name] for r in per_rank] for name in per_rank[0]}
     by_name["tol"] = TOL_FP32 if device == "cpu" else TOL_BF16  # GPUs run bfloat16 activations
     return by_name

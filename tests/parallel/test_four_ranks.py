@@ -5,7 +5,7 @@ model (one process group for all)."""
 import pytest
 
 from tests.parallel import _workers
-from tests.parallel._spawn import run_ranks
+from tests._dist import run_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.parallel import _gpu_workers
-from tests.parallel._spawn import run_ranks
+from tests._dist import run_ranks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -4,7 +4,7 @@ torch.compile, the float8 payload and meta-device init (one process group for al
 import pytest
 
 from tests.parallel import _workers
-from tests.parallel._spawn import run_ranks
+from tests._dist import run_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ the run folder as usual. The test then asserts on those files.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import threading
 import time
 import traceback
 
-import torch
 import torch.distributed as dist
 
 from ep_fp8.train.config import load_config
@@ -54,41 +52,28 @@ def _copy_checkpoint(root: str, src_run: str, step: int, dst_run: str) -> None:
     dist.barrier()
 
 
-def run_plan(rank: int, world: int, port: int, root: str, plan: list[dict]) -> None:
+def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
     """`plan`: [{"name", "overrides", optional "resume_from": [run, step],
-    optional "sigterm_after": step}]."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    # As torchrun does: ranks sharing a few cores, each with all of them, mostly wait.
-    torch.set_num_threads(1)
-    # A rank that fails alone leaves the others in a collective: fail them within minutes.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
-    try:
-        for run in plan:
-            name = run["name"]
-            cfg = load_config(None, BASE + [f"--job.output_dir={root}", f"--job.name={name}"]
-                              + run["overrides"], world_size=world)
-            os.makedirs(os.path.join(root, name), exist_ok=True)
-            if "resume_from" in run:
-                _copy_checkpoint(root, *run["resume_from"], name)
-            if rank == 0 and "sigterm_after" in run:
-                _sigterm_after(os.path.join(root, name, "metrics.jsonl"), run["sigterm_after"])
-            try:
-                out = train(cfg)
-                result = {"step": out["step"], "stopped": out["stopped"],
-                          "checkpoint": out["checkpoint"]}
-            except NonFiniteLossError as e:
-                result = {"error": str(e)}
-            except Exception:
-                # Recorded for the test that needs this run; the next runs still go (a
-                # failure that hits every rank alike leaves the process group usable).
-                result = {"error": traceback.format_exc()}
-            with open(os.path.join(root, name, f"result-rank{rank}.json"), "w") as f:
-                json.dump(result, f)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-    # FSDP2 on gloo can abort during interpreter teardown (FACTS.md); leave cleanly.
-    os._exit(0)
+    optional "sigterm_after": step}]. Runs in a process group made by tests._dist.run_ranks
+    (which also sets torchrun's environment variables and leaves with os._exit)."""
+    for run in plan:
+        name = run["name"]
+        cfg = load_config(None, BASE + [f"--job.output_dir={root}", f"--job.name={name}"]
+                          + run["overrides"], world_size=world)
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        if "resume_from" in run:
+            _copy_checkpoint(root, *run["resume_from"], name)
+        if rank == 0 and "sigterm_after" in run:
+            _sigterm_after(os.path.join(root, name, "metrics.jsonl"), run["sigterm_after"])
+        try:
+            out = train(cfg)
+            result = {"step": out["step"], "stopped": out["stopped"],
+                      "checkpoint": out["checkpoint"]}
+        except NonFiniteLossError as e:
+            result = {"error": str(e)}
+        except Exception:
+            # Recorded for the test that needs this run; the next runs still go (a
+            # failure that hits every rank alike leaves the process group usable).
+            result = {"error": traceback.format_exc()}
+        with open(os.path.join(root, name, f"result-rank{rank}.json"), "w") as f:
+            json.dump(result, f)

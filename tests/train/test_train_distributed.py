@@ -5,15 +5,15 @@ size) reproduces the uninterrupted run; SIGTERM saves and stops; NaN stops with 
 Two spawns (2 ranks, then 1 rank) run every scenario; module fixtures hold their output.
 """
 
+import functools
 import json
 import os
-import socket
 
 import pytest
-import torch.multiprocessing as mp
 
 from ep_fp8.train.checkpoint import MARKER
 from ep_fp8.train.metrics import METRIC_KEYS
+from tests._dist import run_ranks
 from tests.train._train_worker import run_plan
 
 pytestmark = pytest.mark.slow
@@ -54,18 +54,15 @@ ONE_RANK_PLAN = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("runs"))
-    mp.spawn(run_plan, args=(2, _free_port(), root, TWO_RANK_PLAN), nprocs=2, join=True)
+    # A rank that fails alone leaves the others in a collective: pg_timeout fails them.
+    run_ranks(functools.partial(run_plan, root=root, plan=TWO_RANK_PLAN), 2, timeout=600,
+              pg_timeout=180)
     # The 1-rank resume reads the 2-rank run's checkpoint: a second spawn, after the first.
-    mp.spawn(run_plan, args=(1, _free_port(), root, ONE_RANK_PLAN), nprocs=1, join=True)
+    run_ranks(functools.partial(run_plan, root=root, plan=ONE_RANK_PLAN), 1, timeout=600,
+              pg_timeout=180)
     return root
 
 

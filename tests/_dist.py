@@ -1,33 +1,39 @@
-"""Run a function on N gloo ranks (spawned processes) and collect what each returns.
+"""Run a function on N ranks (spawned processes, one process group) and collect what each
+returns. Shared by the multi-process tests of tests/moe, tests/parallel and tests/train.
 
 One process group per call: a test module calls `run_ranks` once (module fixture) and
-its worker runs several checks, returning small dicts of numbers that tests assert on.
+its worker runs several checks, returning small dicts of numbers that tests assert on
+(or writing files the tests read).
 """
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
+from ep_fp8.train.main import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "run_ranks"]
 
 
-def _entry(fn, rank: int, world: int, port: int, backend: str, queue) -> None:
+def _entry(fn, rank: int, world: int, port: int, backend: str, pg_timeout: float | None,
+           queue) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share 2 cores
+    # As torchrun sets them, for code that reads the environment (ep_fp8.train).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        # A rank that fails alone leaves the others in a collective: pg_timeout fails them.
+        extra = {} if pg_timeout is None else {"timeout": datetime.timedelta(seconds=pg_timeout)}
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+                                world_size=world, **extra)
         queue.put((rank, "ok", fn(rank, world)))
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
         queue.put((rank, "error", traceback.format_exc()))
@@ -37,15 +43,19 @@ def _entry(fn, rank: int, world: int, port: int, backend: str, queue) -> None:
     os._exit(0)
 
 
-def run_ranks(fn, world: int, *, backend: str = "gloo", timeout: float = 150.0) -> list:
-    """fn(rank, world) on `world` spawned ranks; returns the list of results by rank.
+def run_ranks(fn, world: int, *, backend: str = "gloo", timeout: float = 150.0,
+              pg_timeout: float | None = None) -> list:
+    """fn(rank, world) on `world` spawned ranks of one `backend` process group (collective
+    timeout `pg_timeout` s, None: torch's default); returns the list of fn's (picklable) results by rank. fn must
+    be picklable: a module-level function or a functools.partial of one.
 
-    Raises RuntimeError with the first failing rank's traceback, or on timeout.
+    Raises RuntimeError with the first failing rank's traceback, or after `timeout` s.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()  # put() writes synchronously: safe before os._exit
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, backend, queue), daemon=True)
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, backend, pg_timeout, queue),
+                         daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
