@@ -57,6 +57,24 @@ def _device(cfg: Config) -> None:
            "[float8] backend = \"cuda\" needs a CUDA device (use \"auto\" or \"emulated\")")
 
 
+def _float8_backend(cfg: Config, args) -> None:
+    """backend = "cuda" must run on this machine's GPU for both expert GEMM shapes (compute
+    capability 9.0/10.0, in and out features multiples of 16): say so now, not at the first
+    forward after the process group exists."""
+    if not (cfg.float8.enabled and cfg.float8.backend == "cuda" and torch.cuda.is_available()):
+        return
+    from ep_fp8.ops import resolve_backend
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        for K, N in ((args.dim, args.expert_hidden_dim), (args.expert_hidden_dim, args.dim)):
+            resolve_backend("cuda", device, K, N)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: [float8] backend = \"cuda\" with [model] dim = "
+                          f"{args.dim}, expert_hidden_dim = {args.expert_hidden_dim}: {e} "
+                          f"(use \"auto\" or \"emulated\")") from None
+
+
 def resolve_ep(ep: int, n_experts: int, world_size: int, dp_replicate: int) -> int:
     """The EP degree: `ep`, or for ep = 0 the largest degree that divides both n_experts
     and the ranks of one replica (world_size / dp_replicate)."""
@@ -120,6 +138,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.training.seq_len <= args.max_seq_len, cfg,
            f"[training] seq_len = {cfg.training.seq_len} exceeds the model's max_seq_len = "
            f"{args.max_seq_len} ([model] max_seq_len)")
+    _float8_backend(cfg, args)
     _parallel(cfg, args.n_experts, world_size)
     if world_size is not None:
         cfg.parallel.ep = resolve_ep(cfg.parallel.ep, args.n_experts, world_size,

@@ -194,3 +194,24 @@ def test_defaults_are_a_valid_config():
 @pytest.mark.parametrize("world, ep", [(1, 1), (2, 2), (3, 1), (4, 4), (16, 8)])
 def test_ep_zero_resolves_to_the_largest_degree_dividing_experts_and_ranks(world, ep):
     assert load_config(None, ["--parallel.ep=0"], world_size=world).parallel.ep == ep
+
+
+@pytest.mark.parametrize("supported, overrides, message", [
+    (True, ["--model.expert_hidden_dim=40"], "multiples of 16"),
+    (False, [], "compute capability 9.0 or 10.0"),
+])
+def test_float8_cuda_backend_that_cannot_run_here_is_a_config_error(monkeypatch, supported, overrides,
+                                                                     message):
+    # A GPU is faked: the check must name the backend, the sizes and the reason before any
+    # process group exists, instead of failing in the first forward.
+    from ep_fp8.ops import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_has_scaled_grouped_mm", lambda device_type, index: supported)
+    base = ["--float8.enabled=true", "--float8.backend=cuda"]
+    with pytest.raises(ConfigError, match=re.escape('[float8] backend = "cuda"')) as err:
+        load_config(None, base + overrides)
+    assert message in str(err.value) and "expert_hidden_dim" in str(err.value)
+    if supported:  # aligned sizes on a supported GPU are fine
+        load_config(None, base)
