@@ -136,11 +136,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _Dequantize(torch.autograd.Function):
-    """data / scale in the handle's dtype; the gradient goes to the handle unchanged."""
+    """The rows dequantized in the handle's dtype; the gradient goes to the handle unchanged."""
 
     @staticmethod
     def forward(ctx, handle_MD, data_MD, scale_M):
-        return (data_MD.float() / scale_M[:, None]).to(handle_MD.dtype)
+        from ep_fp8.ops import dequantize_rows
+
+        return dequantize_rows(data_MD, scale_M, handle_MD.dtype)
 
     @staticmethod
     def backward(ctx, grad):

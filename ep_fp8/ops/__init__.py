@@ -2,8 +2,10 @@
 
 from ep_fp8.ops.backends import resolve_backend
 from ep_fp8.ops.grouped_mm import quantize_rows, scaled_grouped_mm
+from ep_fp8.ops.quant_ref import dequantize_rows
 
 __all__ = [
+    "dequantize_rows",
     "quantize_rows",
     "resolve_backend",
     "scaled_grouped_mm",

@@ -10,13 +10,14 @@ from typing import Optional
 import torch
 
 from ep_fp8.ops import backends
+from ep_fp8.ops.quant_ref import dequantize_rows
 
 
 def _x_values(x, x_data, x_scale):
     """The high-precision x: x itself, or x_fp8 dequantized to x's dtype."""
     if x_data is None:
         return x
-    return (x_data.float() * torch.reciprocal(x_scale)[:, None]).to(x.dtype)
+    return dequantize_rows(x_data, x_scale, x.dtype)
 
 
 def _hp_fwd_impl(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],

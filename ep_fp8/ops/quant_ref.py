@@ -77,6 +77,12 @@ def scaled_to_fp8(v_scaled: torch.Tensor) -> torch.Tensor:
     return v_scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """data (M, C) float8_e4m3fn, scale (M,) float32 from quantize_rows -> (M, C) in dtype:
+    data * descale with descale = 1 / scale, the inverse this module defines."""
+    return (data.float() * torch.reciprocal(scale)[:, None]).to(dtype)
+
+
 def quantize_rows_ref(a: torch.Tensor, exact_scales: bool = False):
     """Per-row quantization of a (M, C) -> (q (M, C) e4m3 contiguous, scale (M,), descale (M,))."""
     v = a.float()

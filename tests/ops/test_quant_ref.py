@@ -125,3 +125,19 @@ def test_zero_rows_past_end_reads_offs_on_device_only():
     out = torch.ones(10, 3)
     R.zero_rows_past_end_ref(out, offsets([2, 4]))
     assert out[:6].eq(1).all() and out[6:].eq(0).all()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_dequantize_rows_inverts_quantize_rows_within_e4m3_rounding(exact):
+    from ep_fp8.ops import dequantize_rows, quantize_rows
+
+    x = torch.randn(33, 80, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 3
+    data, scale = quantize_rows(x.float(), exact)
+    back = dequantize_rows(data, scale, torch.float32)
+    assert back.dtype == torch.float32 and back.shape == x.shape
+    # Each value is data * (1 / scale): exact in float64 for power-of-two scales.
+    want = data.double() * (1.0 / scale.double())[:, None]
+    tol = 0 if not exact else 1e-6
+    torch.testing.assert_close(back.double(), want, rtol=tol, atol=0)
+    # e4m3 keeps 3 mantissa bits: relative rounding at most 2^-4 for normal values.
+    assert ((back.double() - x).abs() <= x.abs() * 2**-4 + 1e-3).all()
