@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -72,9 +73,9 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ep_fp8.train.config import ConfigError, load_config
     from ep_fp8.train.data import DataLoader, build_source
-    from ep_fp8.train.loop import build_model, resolve_device, resolve_dtype, train_step
+    from ep_fp8.train.loop import (build_model, build_optimizer_and_scheduler, resolve_device,
+                                   resolve_dtype, train_step)
     from ep_fp8.train.main import init_distributed, parse_cli
-    from ep_fp8.train.optim import build_optimizer, build_scheduler
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warmup", type=int, default=5)
@@ -86,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup and --steps must be at least 1")
     try:
         path, overrides = parse_cli(rest)
-        import os
         cfg = load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -98,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(device.type)
     rank, world = dist.get_rank(), dist.get_world_size()
     t = cfg.training
-    model, args, dims = build_model(cfg, device, resolve_dtype(cfg, device))
-    o = cfg.optimizer
-    optimizer = build_optimizer(model, o.lr, tuple(o.betas), o.weight_decay, o.eps)
-    scheduler = build_scheduler(optimizer, t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio)
+    model, _, _ = build_model(cfg, device, resolve_dtype(cfg, device))
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
     loader = DataLoader(build_source(cfg), t.batch_size, rank, world)
 
     def step():

@@ -129,6 +129,16 @@ def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype)
          f"dispatch payload {dispatch_payload(cfg)}")
 
 
+def build_optimizer_and_scheduler(cfg: Config, model):
+    """AdamW over `model` as [optimizer] says, and the warm-up + cosine schedule of
+    [lr_schedule] over [training] steps."""
+    o = cfg.optimizer
+    optimizer = build_optimizer(model, o.lr, tuple(o.betas), o.weight_decay, o.eps)
+    scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.lr_schedule.warmup_steps,
+                                cfg.lr_schedule.min_lr_ratio)
+    return optimizer, scheduler
+
+
 def train_step(model, loader: DataLoader, optimizer, scheduler, grad_accum: int,
                max_norm: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step over `grad_accum` micro-batches. Returns (this rank's mean loss,
@@ -167,10 +177,7 @@ def train(cfg: Config) -> dict:
     _save_and_print_config(cfg)
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
-    o = cfg.optimizer
-    optimizer = build_optimizer(model, o.lr, tuple(o.betas), o.weight_decay, o.eps)
-    scheduler = build_scheduler(optimizer, t.steps, cfg.lr_schedule.warmup_steps,
-                                cfg.lr_schedule.min_lr_ratio)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
     source = build_source(cfg)
     loader = DataLoader(source, t.batch_size, rank, world)
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep_last)
