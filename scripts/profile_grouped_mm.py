@@ -4,9 +4,10 @@
     python scripts/profile_grouped_mm.py [--shape M,G,K,N ...] [--backend cuda]
 
 For each shape (uniform groups): the GPU kernels of one forward+backward (torch.profiler,
-summed per kernel name, with the bytes each quantization kernel must move and the GB/s
-that gives), the host time per call (forward alone and forward+backward, without waiting
-for the GPU), and the float8 GEMMs alone with and without fast accumulation.
+summed per kernel name), the host time per call (forward alone and forward+backward,
+without waiting for the GPU; with --cprofile, where it goes), each quantization kernel
+pair alone with the bytes it moves per second, and the float8 GEMMs alone with and
+without fast accumulation.
 """
 from __future__ import annotations
 
@@ -94,10 +95,47 @@ def gemm_times(x, w, offs):
     print(f"  bf16 GEMM 2Dx3D {tb * 1e3:.1f} us")
 
 
+def quant_times(x, w, g, offs):
+    """Each quantization kernel pair alone: median time and the bytes it must move (read
+    the input once per pass, write each float8 copy once) over that time."""
+    from triton.testing import do_bench
+
+    from ep_fp8.ops import quant_kernels as QK
+
+    w_t = w.detach().transpose(-2, -1)
+    amax = QK.quantize_weight_fwd_triton(w_t)[2]
+    cases = [("weight fwd (rows + column amax)", lambda: QK.quantize_weight_fwd_triton(w_t), 3 * w.numel()),
+             ("weight bwd cast", lambda: QK.quantize_weight_bwd_triton(w_t, amax), 3 * w.numel())]
+    for name, a in (("x", x.detach()), ("grad_out", g)):
+        cases += [(f"{name} rows", lambda a=a: QK.quantize_rows_triton(a), 3 * a.numel()),
+                  (f"{name} token-group cols", lambda a=a: QK.quantize_cols_grouped_triton(a, offs), 5 * a.numel()),
+                  (f"{name} rows + cols", lambda a=a: QK.quantize_rows_cols_grouped_triton(a, offs), 6 * a.numel())]
+    for name, fn, nbytes in cases:
+        t = do_bench(fn, return_mode="median") * 1e-3
+        print(f"  {name:34s} {t * 1e6:8.1f} us  {nbytes / t / 1e12:5.2f} TB/s of {nbytes / 1e9:.2f} GB")
+
+
+def host_profile(step, n=100, top=18):
+    """cProfile of n forward+backward calls: where the host time goes."""
+    import cProfile
+    import pstats
+
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[])
     p.add_argument("--backend", default="cuda")
+    p.add_argument("--cprofile", action="store_true", help="also profile the host time of forward+backward")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_grouped_mm.py needs a CUDA GPU", file=sys.stderr)
@@ -118,6 +156,16 @@ def main(argv=None):
 
         kernel_table(step)
         print(f"  host us per call: fwd {host_time(fwd):.1f}, fwd+bwd {host_time(step):.1f}")
+
+        def raw_step():
+            torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(g)
+            x.grad = w.grad = None
+
+        print(f"  host us per call of raw torch._grouped_mm fwd+bwd: {host_time(raw_step):.1f}")
+        if args.cprofile:
+            host_profile(step)
+        if args.backend == "cuda":
+            quant_times(x, w, g, offs)
         gemm_times(x, w, offs)
         del x, w, g
         torch.cuda.empty_cache()

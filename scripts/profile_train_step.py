@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 # Order matters: the first category whose patterns match a kernel name takes it.
 CATEGORIES = [
-    ("float8 quantization", ("_quant", "_weight_amax", "_weight_cast", "_cols_amax", "_cols_cast",
+    ("float8 quantization", ("_quant", "_weight_fwd", "_weight_bwd_cast", "_cols_amax", "_cols_cast",
                              "_zero_rows", "quant_")),
     ("dispatch", ("_group_indices", "_scatter_rows", "_gather_rows", "index", "scatter", "gather",
                   "nccl", "alltoall", "sort", "histc", "bincount", "cumsum", "topk")),

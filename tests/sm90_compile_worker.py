@@ -57,7 +57,9 @@ def main() -> int:
         quant_kernels.quantize_rows_triton(torch.randn(4, 20000, generator=g), exact)  # multi-block rows
         quant_kernels.quantize_weight_triton(w_t, exact)
         quant_kernels.quantize_weight_triton(w_t.transpose(-2, -1).contiguous().transpose(-2, -1), exact)
+        quant_kernels.quantize_weight_triton(torch.randn(2, 9000, 16, generator=g), exact)  # multi-block rows
         quant_kernels.quantize_cols_grouped_triton(x, offs, exact)
+        quant_kernels.quantize_rows_cols_grouped_triton(x, offs, exact)
         q, _, descale = quant_kernels.quantize_rows_triton(x, exact)
         quant_kernels.quantize_cols_grouped_triton(q, offs, exact, row_descale=descale)
     quant_kernels.zero_rows_past_end_triton(torch.randn(64, 48, dtype=torch.bfloat16), offs)

@@ -9,6 +9,7 @@ bf16      no quantization: torch._grouped_mm in the input dtype.
 from __future__ import annotations
 
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -99,16 +100,21 @@ def kernels_for(backend: str, device: torch.device):
     return _REF
 
 
-class _Kernels:
-    def __init__(self, rows, weight, cols_grouped, zero_rows_past_end):
-        self.rows, self.weight = rows, weight
-        self.cols_grouped, self.zero_rows_past_end = cols_grouped, zero_rows_past_end
+class _Kernels(NamedTuple):
+    rows: Callable
+    weight_fwd: Callable
+    weight_bwd: Callable
+    cols_grouped: Callable
+    rows_cols_grouped: Callable
+    zero_rows_past_end: Callable
 
 
-_REF = _Kernels(quant_ref.quantize_rows_ref, quant_ref.quantize_weight_ref,
-                quant_ref.quantize_cols_grouped_ref, quant_ref.zero_rows_past_end_ref)
-_TRITON = _Kernels(quant_kernels.quantize_rows_triton, quant_kernels.quantize_weight_triton,
-                   quant_kernels.quantize_cols_grouped_triton, quant_kernels.zero_rows_past_end_triton)
+_REF = _Kernels(quant_ref.quantize_rows_ref, quant_ref.quantize_weight_fwd_ref, quant_ref.quantize_weight_bwd_ref,
+                quant_ref.quantize_cols_grouped_ref, quant_ref.quantize_rows_cols_grouped_ref,
+                quant_ref.zero_rows_past_end_ref)
+_TRITON = _Kernels(quant_kernels.quantize_rows_triton, quant_kernels.quantize_weight_fwd_triton,
+                   quant_kernels.quantize_weight_bwd_triton, quant_kernels.quantize_cols_grouped_triton,
+                   quant_kernels.quantize_rows_cols_grouped_triton, quant_kernels.zero_rows_past_end_triton)
 
 
 def _grouped_mm_accepts(t: torch.Tensor) -> bool:

@@ -2,10 +2,13 @@
 
 Forward and backward are custom ops (opaque to torch.compile, so no graph breaks):
 
-  forward   x_q (M, K) per row, w_fwd_q per (g, n) -> out = x @ w_t per group
-            and, for backward, only float8 tensors: w_bwd_q per (g, k), and the transposed
-            group-padded xT_q per (group, k). No high-precision x or w is saved.
-  backward  grad_x = grad_out_q (per row) @ w_bwd_q^T          (2D x 3D)
+  forward   x_q (M, K) per row, w_fwd_q per (g, n) -> out = x @ w_t per group.
+            Saved for backward: the weight itself (the parameter, no copy), its amax per
+            (g, k), and the transposed, group-padded float8 xT_q per (group, k) (x's rows
+            and xT_q come from one kernel pair). No high-precision activation is saved.
+  backward  grad_out's row copy and token-group copy from one kernel pair;
+            grad_x = grad_out_q (per row) @ w_bwd_q^T   (2D x 3D; w_bwd_q per (g, k), cast
+                     now from the weight with the forward's amax, freed before grad_w exists)
             grad_w = per group, grad_outT_q @ xT_q^T over tokens  (2D x 2D, scales per group)
 """
 
@@ -22,40 +25,38 @@ def _empty(device, dtype=torch.float32):
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def _saved_shapes(M, K, N, G, need_w_bwd, need_xT):
+def _saved_shapes(M, K, G, need_w_bwd, need_xT):
     P = padded_length(M, G)
-    return ((G, K, N) if need_w_bwd else (0,), (G, K) if need_w_bwd else (0,),
-            (K, P) if need_xT else (0,), (G, K) if need_xT else (0,), (G,) if need_xT else (0,))
+    return ((G, K) if need_w_bwd else (0,), (K, P) if need_xT else (0,), (G, K) if need_xT else (0,),
+            (G,) if need_xT else (0,))
 
 
 def _fwd_impl(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
          x_scale: Optional[torch.Tensor], backend: str, exact_scales: bool, out_dtype: torch.dtype,
          need_w_bwd: bool, need_xT: bool, fallback_note: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> out (M, N), w_bwd_q (G, K, N), w_bwd_descale (G, K), xT_q (K, P), xT_descale (G, K), poffs (G,)."""
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out (M, N), w_amax_bwd (G, K), xT_q (K, P), xT_descale (G, K), poffs (G,)."""
     if fallback_note:
         backends.warn_once(fallback_note)
     kern = backends.kernels_for(backend, x.device)
-    if x_data is None:
+    xT = None
+    if x_data is None and need_xT:
+        x_q, _, x_descale, *xT = kern.rows_cols_grouped(x, offs, exact_scales)
+    elif x_data is None:
         x_q, _, x_descale = kern.rows(x, exact_scales)
     else:
         # The GEMM takes row-major rows 16-byte aligned: copy only data that is not.
         aligned = x_data.stride(1) == 1 and x_data.stride(0) % 16 == 0
         x_q, x_descale = (x_data if aligned else x_data.contiguous()), torch.reciprocal(x_scale)
-    w_fwd_q, w_fwd_descale, w_bwd_q, w_bwd_descale = kern.weight(w_t, exact_scales, True, need_w_bwd)
+        if need_xT:
+            xT = kern.cols_grouped(x_q, offs, exact_scales, row_descale=x_descale)
+    w_fwd_q, w_fwd_descale, w_amax_bwd = kern.weight_fwd(w_t, exact_scales, need_w_bwd)
     out = backends.gemm_2d3d(x_q, x_descale, w_fwd_q.transpose(-2, -1), w_fwd_descale, offs, backend)
     del w_fwd_q
     out = kern.zero_rows_past_end(out.to(out_dtype), offs)
-    if need_xT:
-        if x_data is None:
-            xT_q, xT_descale, poffs = kern.cols_grouped(x, offs, exact_scales)
-        else:
-            xT_q, xT_descale, poffs = kern.cols_grouped(x_q, offs, exact_scales, row_descale=x_descale)
-    else:
-        xT_q, xT_descale, poffs = _empty(x.device, FP8_DTYPE), _empty(x.device), _empty(x.device, torch.int32)
-    if not need_w_bwd:
-        w_bwd_q, w_bwd_descale = _empty(x.device, FP8_DTYPE), _empty(x.device)
-    return out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs
+    if xT is None:
+        xT = (_empty(x.device, FP8_DTYPE), _empty(x.device), _empty(x.device, torch.int32))
+    return (out, w_amax_bwd, *xT)
 
 
 _fwd = torch.library.custom_op("ep_fp8::scaled_grouped_mm_fwd", mutates_args=())(_fwd_impl)
@@ -64,26 +65,31 @@ _fwd = torch.library.custom_op("ep_fp8::scaled_grouped_mm_fwd", mutates_args=())
 @_fwd.register_fake
 def _(x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, fallback_note):
     (M, K), (G, _, N) = x.shape, w_t.shape
-    s = _saved_shapes(M, K, N, G, need_w_bwd, need_xT)
-    return (x.new_empty((M, N), dtype=out_dtype), x.new_empty(s[0], dtype=FP8_DTYPE),
-            x.new_empty(s[1], dtype=torch.float32), x.new_empty(s[2], dtype=FP8_DTYPE),
-            x.new_empty(s[3], dtype=torch.float32), x.new_empty(s[4], dtype=torch.int32))
+    s = _saved_shapes(M, K, G, need_w_bwd, need_xT)
+    return (x.new_empty((M, N), dtype=out_dtype), x.new_empty(s[0], dtype=torch.float32),
+            x.new_empty(s[1], dtype=FP8_DTYPE), x.new_empty(s[2], dtype=torch.float32),
+            x.new_empty(s[3], dtype=torch.int32))
 
 
-def _bwd_impl(grad_out: torch.Tensor, w_bwd_q: torch.Tensor, w_bwd_descale: torch.Tensor, xT_q: torch.Tensor,
+def _bwd_impl(grad_out: torch.Tensor, w_t: torch.Tensor, w_amax_bwd: torch.Tensor, xT_q: torch.Tensor,
          xT_descale: torch.Tensor, poffs: torch.Tensor, offs: torch.Tensor, backend: str, exact_scales: bool,
          x_dtype: torch.dtype, w_dtype: torch.dtype, need_grad_x: bool, need_grad_w: bool, w_nk: bool
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> grad_x (M, K), grad_w_t (G, K, N) (a transposed (G, N, K) buffer when w_nk)."""
     kern = backends.kernels_for(backend, grad_out.device)
     grad_x = grad_w = _empty(grad_out.device)
-    if need_grad_x:
+    if need_grad_x and need_grad_w:
+        g_q, _, g_descale, gT_q, gT_descale, _ = kern.rows_cols_grouped(grad_out, offs, exact_scales)
+    elif need_grad_x:
         g_q, _, g_descale = kern.rows(grad_out, exact_scales)
+    elif need_grad_w:
+        gT_q, gT_descale, _ = kern.cols_grouped(grad_out, offs, exact_scales)
+    if need_grad_x:
+        w_bwd_q, w_bwd_descale = kern.weight_bwd(w_t, w_amax_bwd, exact_scales)
         grad_x = backends.gemm_2d3d(g_q, g_descale, w_bwd_q.transpose(-2, -1), w_bwd_descale, offs, backend)
-        del g_q  # free before the weight-gradient copies exist: lower peak memory
+        del g_q, w_bwd_q  # freed before the weight gradient exists: lower peak memory
         grad_x = kern.zero_rows_past_end(grad_x.to(x_dtype), offs)
     if need_grad_w:
-        gT_q, gT_descale, _ = kern.cols_grouped(grad_out, offs, exact_scales)
         if w_nk:  # the weight is stored (G, N, K): compute its gradient in that layout
             grad_w = backends.gemm_2d2d(gT_q, gT_descale, xT_q, xT_descale, poffs, backend)
             grad_w = grad_w.to(w_dtype).transpose(-2, -1)
@@ -96,11 +102,10 @@ _bwd = torch.library.custom_op("ep_fp8::scaled_grouped_mm_bwd", mutates_args=())
 
 
 @_bwd.register_fake
-def _(grad_out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs, backend, exact_scales,
+def _(grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, backend, exact_scales,
       x_dtype, w_dtype, need_grad_x, need_grad_w, w_nk):
     M, N = grad_out.shape
-    G = offs.shape[0]
-    K = xT_q.shape[0] if need_grad_w else w_bwd_q.shape[1]
+    G, K, _ = w_t.shape
     grad_x = grad_out.new_empty((M, K) if need_grad_x else (0,), dtype=x_dtype if need_grad_x else torch.float32)
     if not need_grad_w:
         return grad_x, grad_out.new_empty((0,))
@@ -111,19 +116,19 @@ def _(grad_out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs, backend, 
 
 def _setup_context(ctx, inputs, output):
     x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, _ = inputs
-    _, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs = output
+    _, w_amax_bwd, xT_q, xT_descale, poffs = output
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs)
+    ctx.save_for_backward(w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs)
     ctx.backend, ctx.exact_scales = backend, exact_scales
     ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
     ctx.w_nk = w_t.stride(-2) == 1 and w_t.stride(-1) != 1
 
 
 def _backward(ctx, grad_out, *_unused):
-    w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
+    w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x, grad_w = torch.ops.ep_fp8.scaled_grouped_mm_bwd(
-        grad_out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs, ctx.backend,
+        grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, ctx.backend,
         ctx.exact_scales, ctx.x_dtype, ctx.w_dtype, need_x, need_w, ctx.w_nk)
     return (grad_x if need_x else None, grad_w if need_w else None) + (None,) * 9
 
@@ -139,9 +144,9 @@ class EagerScaledGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT,
                 fallback_note):
-        out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs = _fwd_impl(
+        out, w_amax_bwd, xT_q, xT_descale, poffs = _fwd_impl(
             x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, fallback_note)
-        ctx.save_for_backward(w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs)
+        ctx.save_for_backward(w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs)
         ctx.backend, ctx.exact_scales = backend, exact_scales
         ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
         ctx.w_nk = w_t.stride(-2) == 1 and w_t.stride(-1) != 1
@@ -149,8 +154,8 @@ class EagerScaledGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
+        w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_w = _bwd_impl(grad_out, w_bwd_q, w_bwd_descale, xT_q, xT_descale, poffs, offs, ctx.backend,
+        grad_x, grad_w = _bwd_impl(grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, ctx.backend,
                                    ctx.exact_scales, ctx.x_dtype, ctx.w_dtype, need_x, need_w, ctx.w_nk)
         return (grad_x if need_x else None, grad_w if need_w else None) + (None,) * 9

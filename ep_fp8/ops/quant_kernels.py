@@ -23,9 +23,10 @@ _PAD = tl.constexpr(GROUP_PAD)
 # One program holds a whole row up to this many elements (amax, scale and cast from
 # registers); longer rows take a second pass.
 _MAX_ROW_BLOCK = 8192
-# The weight amax pass: tiles of 64 k x this many n, this many tiles along k per program.
-WEIGHT_AMAX_BLOCK_N = 256
-WEIGHT_AMAX_K_TILES = 8
+# Rows of a per program in the first pass of the token-group column kernels.
+_PASS1_ROWS = 64
+# The forward weight kernel quantizes this many rows (g, n) per program.
+WEIGHT_ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
@@ -124,43 +125,60 @@ def quantize_rows_triton(a: torch.Tensor, exact_scales: bool = False):
 
 
 # ---------------------------------------------------------------------------------------
-# Weights: w_t (G, K, N) -> the forward copy scaled per (g, n) and the backward copy
-# scaled per (g, k). Pass 1 reads w once for both amaxes (tile maxima combined with
-# atomic max, which is order-independent, hence deterministic); pass 2 reads w once more
-# and writes both float8 copies.
+# Weights: w_t (G, K, N) -> the forward copy scaled per (g, n), made in forward, and the
+# backward copy scaled per (g, k), made in backward from the (g, k) amax the forward
+# measured. The experts store w as (G, N, K), so each (g, n) is a contiguous row of K:
+# the forward kernel is a row kernel (read once, amax, cast from registers) that also
+# gathers the column maxima for the backward copy.
 
 
 @triton.jit
-def _weight_amax_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr, K, N,
-                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_TILES: tl.constexpr,
-                        FWD: tl.constexpr, BWD: tl.constexpr):
-    # Each program sweeps K_TILES tiles along k: the (g, n) maxima build up in registers
-    # and take one atomic per n at the end; the (g, k) maxima one atomic per k per tile.
-    # Wide tiles along n keep the per-k atomics at 1 / BLOCK_N of the elements. H200,
-    # (8, 16384, 5120) read 1.34 GB: 64 x 256 tiles, 8 along k, 4 warps 553 us; the same
-    # with 8 warps 888 us; the earlier n-sweep of 64 x 128 tiles 778 us; copy speed ~330.
+def _weight_fwd_kernel(w_ptr, s_g, s_k, s_n, q_ptr, d_ptr, amax_bwd_ptr, K, N,
+                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                       BWD: tl.constexpr, EXACT: tl.constexpr):
+    # ROWS consecutive n of one expert, one after another. The |w| maxima per k over them
+    # build up in registers and take one atomic per k per program (values >= 0, NaN as
+    # +inf: atomic max is order-independent, hence deterministic).
     g = tl.program_id(0).to(tl.int64)
-    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = ns < N
-    acc_n = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in range(K_TILES):
-        ks = (tl.program_id(1) * K_TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mk = ks < K
-        v = tl.load(w_ptr + g * s_g + ks[:, None].to(tl.int64) * s_k + ns[None, :].to(tl.int64) * s_n,
-                    mask=mk[:, None] & mn[None, :], other=0.0).to(tl.float32)
-        va = _abs_nan_as_inf(v)
-        if BWD:
-            tl.atomic_max(amax_bwd_ptr + g * K + ks, tl.max(va, axis=1), mask=mk)
-        acc_n = tl.maximum(acc_n, tl.max(va, axis=0))
-    if FWD:
-        tl.atomic_max(amax_fwd_ptr + g * N + ns, acc_n, mask=mn)
+    n0 = tl.program_id(1) * ROWS
+    ks = tl.arange(0, BLOCK_K)
+    acc_k = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r in range(ROWS):
+        n = n0 + r
+        live = n < N
+        w_row = w_ptr + g * s_g + n.to(tl.int64) * s_n
+        q_row = q_ptr + (g * N + n) * K
+        if ONE_BLOCK:
+            mk = (ks < K) & live
+            v = tl.load(w_row + ks.to(tl.int64) * s_k, mask=mk, other=0.0).to(tl.float32)
+            va = _abs_nan_as_inf(v)
+            scale, descale = _scales_from_amax(tl.max(va, axis=0), EXACT)
+            tl.store(q_row + ks, _to_fp8(v * scale), mask=mk)
+            acc_k = tl.maximum(acc_k, va)
+        else:  # rows longer than one block: amax first, then cast (and column atomics) per block
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mk = (k0 + ks < K) & live
+                v = tl.load(w_row + (k0 + ks).to(tl.int64) * s_k, mask=mk, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, _abs_nan_as_inf(v))
+            scale, descale = _scales_from_amax(tl.max(acc, axis=0), EXACT)
+            for k0 in range(0, K, BLOCK_K):
+                mk = (k0 + ks < K) & live
+                v = tl.load(w_row + (k0 + ks).to(tl.int64) * s_k, mask=mk, other=0.0).to(tl.float32)
+                tl.store(q_row + k0 + ks, _to_fp8(v * scale), mask=mk)
+                if BWD:
+                    tl.atomic_max(amax_bwd_ptr + g * K + k0 + ks, _abs_nan_as_inf(v), mask=mk)
+        tl.store(d_ptr + g * N + n, descale, mask=live)
+    if BWD:
+        if ONE_BLOCK:
+            tl.atomic_max(amax_bwd_ptr + g * K + ks, acc_k, mask=ks < K)
 
 
 @triton.jit
-def _weight_cast_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr,
-                        q_fwd_ptr, d_fwd_ptr, q_bwd_ptr, d_bwd_ptr, K, N,
-                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        FWD: tl.constexpr, BWD: tl.constexpr, EXACT: tl.constexpr):
+def _weight_bwd_cast_kernel(w_ptr, s_g, s_k, s_n, amax_ptr, q_ptr, d_ptr, K, N,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr):
+    # Tiles of 64 k x 64 n: scaled per k, written (G, K, N) contiguous (transposed, the
+    # column-major (G, N, K) operand of grad_x = grad_out @ w_t^T).
     g = tl.program_id(0).to(tl.int64)
     pk, pn = tl.program_id(1), tl.program_id(2)
     ks = pk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -168,46 +186,56 @@ def _weight_cast_kernel(w_ptr, s_g, s_k, s_n, amax_fwd_ptr, amax_bwd_ptr,
     mk, mn = ks < K, ns < N
     mask = mk[:, None] & mn[None, :]
     ks64, ns64 = ks.to(tl.int64), ns.to(tl.int64)
-    v = tl.load(w_ptr + g * s_g + ks64[:, None] * s_k + ns64[None, :] * s_n,
-                mask=mask, other=0.0).to(tl.float32)
-    if FWD:
-        scale, descale = _scales_from_amax(tl.load(amax_fwd_ptr + g * N + ns, mask=mn, other=0.0), EXACT)
-        q = _to_fp8(v * scale[None, :])
-        # (G, N, K) contiguous: the column-major (G, K, N) operand of the forward GEMM.
-        tl.store(q_fwd_ptr + g * N * K + ns64[None, :] * K + ks64[:, None], q, mask=mask)
-        tl.store(d_fwd_ptr + g * N + ns, descale, mask=mn & (pk == 0))
-    if BWD:
-        scale, descale = _scales_from_amax(tl.load(amax_bwd_ptr + g * K + ks, mask=mk, other=0.0), EXACT)
-        q = _to_fp8(v * scale[:, None])
-        # (G, K, N) contiguous: transposed, the column-major (G, N, K) operand of grad_x.
-        tl.store(q_bwd_ptr + g * K * N + ks64[:, None] * N + ns64[None, :], q, mask=mask)
-        tl.store(d_bwd_ptr + g * K + ks, descale, mask=mk & (pn == 0))
+    v = tl.load(w_ptr + g * s_g + ks64[:, None] * s_k + ns64[None, :] * s_n, mask=mask, other=0.0).to(tl.float32)
+    scale, descale = _scales_from_amax(tl.load(amax_ptr + g * K + ks, mask=mk, other=0.0), EXACT)
+    tl.store(q_ptr + g * K * N + ks64[:, None] * N + ns64[None, :], _to_fp8(v * scale[:, None]), mask=mask)
+    tl.store(d_ptr + g * K + ks, descale, mask=mk & (pn == 0))
+
+
+def quantize_weight_fwd_triton(w_t: torch.Tensor, exact_scales: bool = False, bwd_amax: bool = True):
+    """Triton twin of quant_ref.quantize_weight_fwd_ref: -> (q_fwd (G, N, K), descale_fwd (G, N), amax_bwd (G, K)).
+
+    Fast when w_t's k stride is 1 (w stored (G, N, K), as the experts keep it); any
+    strides work.
+    """
+    G, K, N = w_t.shape
+    dev = w_t.device
+    q_fwd = torch.empty((G, N, K), dtype=FP8_DTYPE, device=dev)
+    d_fwd = torch.empty((G, N), dtype=torch.float32, device=dev)
+    amax_bwd = torch.zeros((G, K) if bwd_amax else (0,), dtype=torch.float32, device=dev)
+    if w_t.numel() == 0:
+        return q_fwd, d_fwd, amax_bwd
+    block_k = min(triton.next_power_of_2(K), _MAX_ROW_BLOCK)
+    _weight_fwd_kernel[(G, triton.cdiv(N, WEIGHT_ROWS_PER_PROGRAM))](
+        w_t, w_t.stride(0), w_t.stride(1), w_t.stride(2), q_fwd, d_fwd, amax_bwd, K, N,
+        ROWS=WEIGHT_ROWS_PER_PROGRAM, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, BWD=bwd_amax, EXACT=exact_scales,
+        num_warps=4 if block_k <= 2048 else 8)
+    return q_fwd, d_fwd, amax_bwd
+
+
+def quantize_weight_bwd_triton(w_t: torch.Tensor, amax_bwd: torch.Tensor, exact_scales: bool = False):
+    """Triton twin of quant_ref.quantize_weight_bwd_ref: -> (q_bwd (G, K, N), descale_bwd (G, K))."""
+    G, K, N = w_t.shape
+    dev = w_t.device
+    q_bwd = torch.empty((G, K, N), dtype=FP8_DTYPE, device=dev)
+    d_bwd = torch.empty((G, K), dtype=torch.float32, device=dev)
+    if w_t.numel() == 0:
+        return q_bwd, d_bwd
+    block_k, block_n = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(N))
+    _weight_bwd_cast_kernel[(G, triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
+        w_t, w_t.stride(0), w_t.stride(1), w_t.stride(2), amax_bwd, q_bwd, d_bwd, K, N,
+        BLOCK_K=block_k, BLOCK_N=block_n, EXACT=exact_scales)
+    return q_bwd, d_bwd
 
 
 def quantize_weight_triton(w_t: torch.Tensor, exact_scales: bool = False, fwd: bool = True, bwd: bool = True):
     """Triton twin of quant_ref.quantize_weight_ref (same outputs, same layouts)."""
-    G, K, N = w_t.shape
-    dev = w_t.device
-    q_fwd = torch.empty((G, N, K) if fwd else (0,), dtype=FP8_DTYPE, device=dev)
-    d_fwd = torch.empty((G, N) if fwd else (0,), dtype=torch.float32, device=dev)
-    q_bwd = torch.empty((G, K, N) if bwd else (0,), dtype=FP8_DTYPE, device=dev)
-    d_bwd = torch.empty((G, K) if bwd else (0,), dtype=torch.float32, device=dev)
-    if not (fwd or bwd) or w_t.numel() == 0:
-        return q_fwd, d_fwd, q_bwd, d_bwd
-    amax = torch.zeros(G * (N + K), dtype=torch.float32, device=dev)  # one memset for both
-    amax_fwd, amax_bwd = amax[: G * N], amax[G * N:]
-    block_k = min(64, triton.next_power_of_2(K))
-    block_n = min(WEIGHT_AMAX_BLOCK_N, triton.next_power_of_2(N))
-    k_tiles = min(WEIGHT_AMAX_K_TILES, triton.cdiv(K, block_k))
-    strides = (w_t.stride(0), w_t.stride(1), w_t.stride(2))
-    _weight_amax_kernel[(G, triton.cdiv(K, block_k * k_tiles), triton.cdiv(N, block_n))](
-        w_t, *strides, amax_fwd, amax_bwd, K, N,
-        BLOCK_K=block_k, BLOCK_N=block_n, K_TILES=k_tiles, FWD=fwd, BWD=bwd, num_warps=4)
-    block_n = min(64, triton.next_power_of_2(N))
-    _weight_cast_kernel[(G, triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
-        w_t, *strides, amax_fwd, amax_bwd, q_fwd, d_fwd, q_bwd, d_bwd, K, N,
-        BLOCK_K=block_k, BLOCK_N=block_n, FWD=fwd, BWD=bwd, EXACT=exact_scales)
-    return q_fwd, d_fwd, q_bwd, d_bwd
+    q_fwd, d_fwd, amax_bwd = quantize_weight_fwd_triton(w_t, exact_scales, bwd)
+    if not fwd:
+        q_fwd, d_fwd = q_fwd.new_empty(0), d_fwd.new_empty(0)
+    if not bwd:
+        return q_fwd, d_fwd, q_fwd.new_empty(0), d_fwd.new_empty(0)
+    return (q_fwd, d_fwd) + quantize_weight_bwd_triton(w_t, amax_bwd, exact_scales)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,31 +278,44 @@ def _group_of_block(offs_ptr, p0, M, G, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _cols_amax_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr, M, C, G,
-                      BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ROW_DESCALE: tl.constexpr):
-    # Pass 1, one program per (GROUP_PAD padded columns, BLOCK_C columns of a): the tile's
-    # column maxima, combined per (group, column) by atomic max. The values are >= 0
-    # (NaN as +inf), for which float max is order-independent: deterministic. H200,
-    # 131072 x 2048 bf16: 233 us; 8 tiles per atomic measured the same (not the limit).
-    p0 = tl.program_id(0) * _PAD
-    h, start, size, pstart, psize = _group_of_block(offs_ptr, p0, M, G, BLOCK_G)
-    local = p0 - pstart
-    if (h < G) & (local < size):  # tiles of padding only have nothing to add
-        rr = tl.arange(0, _PAD)
-        mr = local + rr < size
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mc = cs < C
-        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, start + local + rr, mr, cs.to(tl.int64), mc,
-                            HAS_ROW_DESCALE)
-        tl.atomic_max(amax_ptr + h.to(tl.int64) * C + cs, tl.max(_abs_nan_as_inf(v), axis=0), mask=mc)
+def _cols_amax_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr, row_amax_ptr, M, C, G,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                      HAS_ROW_DESCALE: tl.constexpr, ROWS: tl.constexpr):
+    # Pass 1, one program per (BLOCK_R rows of a) x (BLOCK_C columns): the tile's column
+    # maxima, combined per (group, column) by atomic max, and with ROWS its row maxima per
+    # row. The load needs no group, so it is issued before the program finds the groups of
+    # its rows in offs. The values are >= 0 (NaN as +inf), for which float max is
+    # order-independent: deterministic.
+    r0 = tl.program_id(0) * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    mr = rows < M
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cs < C
+    va = _abs_nan_as_inf(_load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs.to(tl.int64), mc,
+                                         HAS_ROW_DESCALE))
+    if ROWS:
+        tl.atomic_max(row_amax_ptr + rows, tl.max(va, axis=1), mask=mr)
+    # Row r is in group h = #{g : end_g <= r} (ends clamped into [0, M], as quant_ref's
+    # group_bounds); h == G past offs[-1]. A tile usually lies in one group.
+    gi = tl.arange(0, BLOCK_G)
+    live = gi < G
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + gi, mask=live, other=0), 0), M)
+    h_first = tl.sum((live & (ends <= r0)).to(tl.int32), axis=0)
+    h_last = tl.sum((live & (ends <= tl.minimum(r0 + BLOCK_R, M) - 1)).to(tl.int32), axis=0)
+    for h in range(h_first, tl.minimum(h_last, G - 1) + 1):
+        start = tl.minimum(tl.maximum(tl.load(offs_ptr + h - 1, mask=h > 0, other=0), 0), M)
+        end = tl.minimum(tl.maximum(tl.load(offs_ptr + h), 0), M)
+        sel = (rows >= start) & (rows < end)
+        tl.atomic_max(amax_ptr + h * C + cs, tl.max(tl.where(sel[:, None], va, 0.0), axis=0), mask=mc)
 
 
 @triton.jit
 def _cols_cast_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr,
-                      qT_ptr, descale_ptr, poffs_ptr, M, C, P, G,
-                      BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-                      HAS_ROW_DESCALE: tl.constexpr, EXACT: tl.constexpr):
-    # Pass 2, the same tiles: scale, cast, and write transposed into qT (C, P).
+                      qT_ptr, descale_ptr, poffs_ptr, row_amax_ptr, q_ptr, scale_ptr, row_descale_out_ptr,
+                      M, C, P, G, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                      HAS_ROW_DESCALE: tl.constexpr, ROWS: tl.constexpr, EXACT: tl.constexpr):
+    # Pass 2, one program per (GROUP_PAD padded columns) x (BLOCK_C columns of a): scale,
+    # cast, and write transposed into qT (C, P); with ROWS also the row-scaled copy q (M, C).
     p0 = tl.program_id(0) * _PAD
     pc = tl.program_id(1)
     h, start, size, pstart, psize = _group_of_block(offs_ptr, p0, M, G, BLOCK_G)
@@ -282,12 +323,19 @@ def _cols_cast_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr,
         local = p0 - pstart
         rr = tl.arange(0, _PAD)
         mr = local + rr < size
+        rows = start + local + rr
         cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = cs < C
         cs64 = cs.to(tl.int64)
         h64 = h.to(tl.int64)
         scale, descale = _scales_from_amax(tl.load(amax_ptr + h64 * C + cs, mask=mc, other=0.0), EXACT)
-        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, start + local + rr, mr, cs64, mc, HAS_ROW_DESCALE)
+        v = _load_rows_tile(a_ptr, s_am, s_ac, row_descale_ptr, rows, mr, cs64, mc, HAS_ROW_DESCALE)
+        if ROWS:
+            r_scale, r_descale = _scales_from_amax(tl.load(row_amax_ptr + rows, mask=mr, other=0.0), EXACT)
+            tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cs64[None, :], _to_fp8(v * r_scale[:, None]),
+                     mask=mr[:, None] & mc[None, :])
+            tl.store(scale_ptr + rows, r_scale, mask=mr & (pc == 0))
+            tl.store(row_descale_out_ptr + rows, r_descale, mask=mr & (pc == 0))
         v = tl.where(mr[:, None], v * scale[None, :], 0.0)  # padding is 0, even if scale is NaN
         tl.store(qT_ptr + cs64[None, :] * P + (p0 + rr)[:, None], _to_fp8(v), mask=mc[None, :])
         first = local == 0  # the group's first tile writes its descale and padded end
@@ -296,13 +344,7 @@ def _cols_cast_kernel(a_ptr, s_am, s_ac, row_descale_ptr, offs_ptr, amax_ptr,
             tl.store(poffs_ptr + h, pstart + psize)
 
 
-def quantize_cols_grouped_triton(a: torch.Tensor, offs: torch.Tensor, exact_scales: bool = False,
-                                 row_descale: torch.Tensor | None = None):
-    """Triton twin of quant_ref.quantize_cols_grouped_ref: -> (qT (C, P), descale (G, C), poffs (G,)).
-
-    Two launches over (GROUP_PAD padded columns) x (BLOCK_C columns of a) tiles: column
-    amaxes by atomic max, then the cast. Each tile lies in one group by construction.
-    """
+def _cols_grouped(a, offs, exact_scales, row_descale, rows):
     M, C = a.shape
     G = offs.shape[0]
     P = padded_length(M, G)
@@ -310,17 +352,44 @@ def quantize_cols_grouped_triton(a: torch.Tensor, offs: torch.Tensor, exact_scal
     qT = torch.empty((C, P), dtype=FP8_DTYPE, device=dev)
     descale = torch.empty((G, C), dtype=torch.float32, device=dev)
     poffs = torch.empty(G, dtype=torch.int32, device=dev)
+    q = torch.empty((M, C) if rows else (0,), dtype=FP8_DTYPE, device=dev)
+    r_scale = torch.empty(M if rows else 0, dtype=torch.float32, device=dev)
+    r_descale = torch.empty(M if rows else 0, dtype=torch.float32, device=dev)
+    outs = (q, r_scale, r_descale, qT, descale, poffs)
     if G == 0:
-        return qT, descale, poffs
-    amax = torch.zeros((G, C), dtype=torch.float32, device=dev)
+        return outs
+    amax = torch.zeros(G * C + (M if rows else 0), dtype=torch.float32, device=dev)  # one memset for both
+    col_amax, row_amax = amax[: G * C], amax[G * C:]
     block_c = min(128, triton.next_power_of_2(max(C, 1)))
-    grid = (P // GROUP_PAD, triton.cdiv(C, block_c))
     rd = row_descale if row_descale is not None else amax  # unread without row_descale
-    common = dict(BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(G), HAS_ROW_DESCALE=row_descale is not None)
-    _cols_amax_kernel[grid](a, a.stride(0), a.stride(1), rd, offs, amax, M, C, G, **common)
-    _cols_cast_kernel[grid](a, a.stride(0), a.stride(1), rd, offs, amax, qT, descale, poffs, M, C, P, G,
-                            EXACT=exact_scales, **common)
-    return qT, descale, poffs
+    common = dict(BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(G), HAS_ROW_DESCALE=row_descale is not None,
+                  ROWS=rows)
+    if M:
+        _cols_amax_kernel[(triton.cdiv(M, _PASS1_ROWS), triton.cdiv(C, block_c))](
+            a, a.stride(0), a.stride(1), rd, offs, col_amax, row_amax, M, C, G, BLOCK_R=_PASS1_ROWS, **common)
+    _cols_cast_kernel[(P // GROUP_PAD, triton.cdiv(C, block_c))](
+        a, a.stride(0), a.stride(1), rd, offs, col_amax, qT, descale, poffs, row_amax, q, r_scale, r_descale,
+        M, C, P, G, EXACT=exact_scales, **common)
+    return outs
+
+
+def quantize_cols_grouped_triton(a: torch.Tensor, offs: torch.Tensor, exact_scales: bool = False,
+                                 row_descale: torch.Tensor | None = None):
+    """Triton twin of quant_ref.quantize_cols_grouped_ref: -> (qT (C, P), descale (G, C), poffs (G,)).
+
+    Two launches: column amaxes by atomic max over tiles of source rows, then the cast
+    over tiles of GROUP_PAD padded columns, each of which lies in one group by construction.
+    """
+    return _cols_grouped(a, offs, exact_scales, row_descale, rows=False)[3:]
+
+
+def quantize_rows_cols_grouped_triton(a: torch.Tensor, offs: torch.Tensor, exact_scales: bool = False):
+    """Triton twin of quant_ref.quantize_rows_cols_grouped_ref: the row-scaled and the
+    token-group column-scaled copies of a in the same two launches (a read twice, not four
+    times). -> (q (M, C), scale (M,), descale (M,), qT (C, P), descale_T (G, C), poffs (G,));
+    q, scale and descale are unwritten for rows past offs[-1].
+    """
+    return _cols_grouped(a, offs, exact_scales, None, rows=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -91,27 +91,46 @@ def quantize_rows_ref(a: torch.Tensor, exact_scales: bool = False):
     return scaled_to_fp8(v * scale[:, None]).contiguous(), scale, descale
 
 
+def quantize_weight_fwd_ref(w_t: torch.Tensor, exact_scales: bool = False, bwd_amax: bool = True):
+    """The forward half of quantize_weight_ref: the float8 copy for x @ w_t, and (for the
+    backward copy, made later by quantize_weight_bwd_ref) the per-(expert, k) amax.
+
+    w_t (G, K, N), any strides -> (q_fwd (G, N, K) contiguous, descale_fwd (G, N),
+    amax_bwd (G, K) float32 with NaN counted as +inf, or an empty tensor if not bwd_amax).
+    """
+    v = w_t.float()
+    vabs = abs_nan_as_inf(v)
+    scale, d_fwd = scales_from_amax(vabs.amax(dim=1), exact_scales)  # (G, N)
+    q_fwd = scaled_to_fp8((v * scale[:, None, :]).transpose(1, 2).contiguous())
+    if not bwd_amax:
+        return q_fwd, d_fwd, torch.empty(0, dtype=torch.float32, device=w_t.device)
+    return q_fwd, d_fwd, vabs.amax(dim=2)
+
+
+def quantize_weight_bwd_ref(w_t: torch.Tensor, amax_bwd: torch.Tensor, exact_scales: bool = False):
+    """The backward half of quantize_weight_ref: w_t (G, K, N) scaled per (expert, k) with
+    the amax (G, K) the forward half measured -> (q_bwd (G, K, N) contiguous, descale_bwd (G, K))."""
+    scale, d_bwd = scales_from_amax(amax_bwd, exact_scales)
+    return scaled_to_fp8((w_t.float() * scale[:, :, None]).contiguous()), d_bwd
+
+
 def quantize_weight_ref(w_t: torch.Tensor, exact_scales: bool = False, fwd: bool = True, bwd: bool = True):
     """Both float8 copies of an expert weight w_t (G, K, N), any strides.
 
     Returns (q_fwd (G, N, K), descale_fwd (G, N), q_bwd (G, K, N), descale_bwd (G, K)),
     q tensors contiguous. q_fwd is scaled per (expert, output column n) for the forward
     x @ w_t; q_bwd per (expert, input column k) for grad_x = grad_out @ w_t^T. A copy
-    not asked for is returned as an empty tensor.
+    not asked for is returned as an empty tensor. The op makes them in two halves
+    (quantize_weight_fwd_ref in forward, quantize_weight_bwd_ref in backward).
     """
-    G, K, N = w_t.shape
-    v = w_t.float()
-    vabs = abs_nan_as_inf(v)
     empty_q = torch.empty(0, dtype=FP8_DTYPE, device=w_t.device)
     empty_s = torch.empty(0, dtype=torch.float32, device=w_t.device)
-    q_fwd, d_fwd, q_bwd, d_bwd = empty_q, empty_s, empty_q, empty_s
-    if fwd:
-        scale, d_fwd = scales_from_amax(vabs.amax(dim=1), exact_scales)  # (G, N)
-        q_fwd = scaled_to_fp8((v * scale[:, None, :]).transpose(1, 2).contiguous())
-    if bwd:
-        scale, d_bwd = scales_from_amax(vabs.amax(dim=2), exact_scales)  # (G, K)
-        q_bwd = scaled_to_fp8((v * scale[:, :, None]).contiguous())
-    return q_fwd, d_fwd, q_bwd, d_bwd
+    q_fwd, d_fwd, amax_bwd = quantize_weight_fwd_ref(w_t, exact_scales, bwd)
+    if not fwd:
+        q_fwd, d_fwd = empty_q, empty_s
+    if not bwd:
+        return q_fwd, d_fwd, empty_q, empty_s
+    return (q_fwd, d_fwd) + quantize_weight_bwd_ref(w_t, amax_bwd, exact_scales)
 
 
 def group_bounds(offs: torch.Tensor, M: int):
@@ -167,6 +186,15 @@ def quantize_cols_grouped_ref(a: torch.Tensor, offs: torch.Tensor, exact_scales:
     v_src = v[src.clamp(0, max(M - 1, 0))] if M else v.new_zeros(P, C)
     vq = torch.where(valid[:, None], v_src * scale[h], 0.0)  # (P, C)
     return scaled_to_fp8(vq.t().contiguous()), descale, poffs
+
+
+def quantize_rows_cols_grouped_ref(a: torch.Tensor, offs: torch.Tensor, exact_scales: bool = False):
+    """Both float8 copies of one tensor that feeds two GEMMs (x in forward, grad_out in
+    backward): quantize_rows_ref(a) + quantize_cols_grouped_ref(a, offs), as one tuple
+    (q, scale, descale, qT, descale_T, poffs). The kernel reads a twice for both instead
+    of four times, and leaves q, scale and descale of rows past offs[-1] unwritten.
+    """
+    return quantize_rows_ref(a, exact_scales) + quantize_cols_grouped_ref(a, offs, exact_scales)
 
 
 def zero_rows_past_end_ref(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

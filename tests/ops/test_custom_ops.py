@@ -37,7 +37,7 @@ def test_float8_ops_pass_opcheck(exact):
     _, *saved = fwd(x.detach(), w_t.detach(), offs, None, None, "emulated", exact, torch.float32, True, True, "")
     bwd = torch.ops.ep_fp8.scaled_grouped_mm_bwd.default
     for need_x, need_w in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(bwd, (grad_out, *saved, offs, "emulated", exact, torch.float32, torch.float32,
+        torch.library.opcheck(bwd, (grad_out, w_t.detach(), *saved, offs, "emulated", exact, torch.float32, torch.float32,
                                     need_x, need_w, True), test_utils=FP8_IN_OPCHECKS)
     torch.library.opcheck(torch.ops.ep_fp8.quantize_rows.default, (x.detach(), exact), test_utils=OPCHECKS)
 

@@ -69,13 +69,27 @@ def test_weight_kernels_match_reference_bitwise(layout, exact):
             assert g.shape == wnt.shape and same_bits(g, wnt)
 
 
-def test_weight_amax_combines_tiles_along_k_and_programs_along_n():
+def test_weight_column_amax_combines_programs_along_n():
     gen = torch.Generator().manual_seed(14)
-    G, Kd, N = 2, 150, 300  # three 64-row k tiles in one program, two programs along n
+    G, Kd, N = 2, 150, 300  # 19 programs of 16 rows along n, the last one masked
     w = (torch.randn(G, Kd, N, generator=gen) * torch.logspace(-3, 3, Kd)[:, None]).bfloat16().to(DEVICE)
     w[1, 140, 290] = 1e6  # the maxima of a row and a column in the last, masked tiles
     for g, wnt in zip(K.quantize_weight_triton(w), R.quantize_weight_ref(w)):
         assert g.shape == wnt.shape and same_bits(g, wnt)
+
+
+def test_weight_halves_match_reference_and_rows_longer_than_one_block():
+    gen = torch.Generator().manual_seed(15)
+    G, Kd, N = 2, K._MAX_ROW_BLOCK + 77, 20  # (g, n) rows of K longer than one block: the two-pass path
+    w = (torch.randn(G, N, Kd, generator=gen) * torch.logspace(-4, 4, N)[:, None]).bfloat16()
+    w[1, 3, Kd - 1] = float("nan")  # in the last, masked block of a row: its row and its column are NaN
+    w_t = w.to(DEVICE).transpose(1, 2)
+    got_fwd, want_fwd = K.quantize_weight_fwd_triton(w_t), R.quantize_weight_fwd_ref(w_t)
+    for g, wnt in zip(got_fwd, want_fwd):
+        assert g.shape == wnt.shape and same_bits(g, wnt)
+    for g, wnt in zip(K.quantize_weight_bwd_triton(w_t, got_fwd[2]), R.quantize_weight_bwd_ref(w_t, want_fwd[2])):
+        assert g.shape == wnt.shape and same_bits(g, wnt)
+    assert K.quantize_weight_fwd_triton(w_t, bwd_amax=False)[2].numel() == 0
 
 
 # 70 and 130 rows span several GROUP_PAD tiles of one group; C = 136 two column blocks;
@@ -112,3 +126,26 @@ def test_zero_rows_past_end_kernel_matches_reference(sizes):
     want = R.zero_rows_past_end_ref(out.clone(), offsets(sizes, DEVICE))
     got = K.zero_rows_past_end_triton(out, offsets(sizes, DEVICE))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sizes,C", [([0, 7, 70, 0, 16], 40), ([130, 1, 64], 136), ([0, 0, 0], 24)])
+@pytest.mark.parametrize("exact", [False, True])
+def test_rows_and_cols_in_one_kernel_pair_match_both_references(sizes, C, exact):
+    gen = torch.Generator().manual_seed(16)
+    M = sum(sizes) + 5  # 5 rows past offs[-1]: in no group
+    a = torch.randn(M, C, generator=gen) * torch.logspace(-8, 8, M)[:, None]
+    if sum(sizes):
+        a[0] = _specials(a[0])
+        a[min(8, sum(sizes) - 1), 2] = float("-inf")
+    a = a.bfloat16().to(DEVICE)
+    offs = offsets(sizes, DEVICE)
+    for src in (a, a.t().contiguous().t()):
+        got = K.quantize_rows_cols_grouped_triton(src, offs, exact)
+        want = R.quantize_rows_cols_grouped_ref(src, offs, exact)
+        end = sum(sizes)  # rows past the last group: unwritten by the kernel
+        for g, wnt in zip(got[:3], want[:3]):
+            assert g.shape == wnt.shape and same_bits(g[:end], wnt[:end])
+        qT, descale, poffs = got[3:]
+        assert torch.equal(poffs, want[5]) and same_bits(descale, want[4])
+        pend = want[5][-1].item()
+        assert qT.shape == want[3].shape and same_bits(qT[:, :pend], want[3][:, :pend])

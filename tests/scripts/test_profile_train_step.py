@@ -16,7 +16,7 @@ def prof():
 
 @pytest.mark.parametrize("name, category", [
     ("_quant_rows_kernel", "float8 quantization"),
-    ("_weight_cast_kernel", "float8 quantization"),
+    ("_weight_bwd_cast_kernel", "float8 quantization"),
     ("_cols_amax_kernel", "float8 quantization"),
     ("_scatter_rows_kernel", "dispatch"),
     ("ncclDevKernel_SendRecv", "dispatch"),
