@@ -78,9 +78,11 @@ def test_weight_column_amax_combines_programs_along_n():
         assert g.shape == wnt.shape and same_bits(g, wnt)
 
 
-def test_weight_halves_match_reference_and_rows_longer_than_one_block():
+# K = 5000: one row at a time in one block; K = MAX + 77: rows longer than one block (two passes).
+@pytest.mark.parametrize("Kd", [5000, K._MAX_ROW_BLOCK + 77])
+def test_weight_halves_match_reference_for_long_rows(Kd):
     gen = torch.Generator().manual_seed(15)
-    G, Kd, N = 2, K._MAX_ROW_BLOCK + 77, 20  # (g, n) rows of K longer than one block: the two-pass path
+    G, N = 2, 20
     w = (torch.randn(G, N, Kd, generator=gen) * torch.logspace(-4, 4, N)[:, None]).bfloat16()
     w[1, 3, Kd - 1] = float("nan")  # in the last, masked block of a row: its row and its column are NaN
     w_t = w.to(DEVICE).transpose(1, 2)
