@@ -84,18 +84,44 @@ def _bwd_impl(grad_out: torch.Tensor, w_t: torch.Tensor, w_amax_bwd: torch.Tenso
         g_q, _, g_descale = kern.rows(grad_out, exact_scales)
     elif need_grad_w:
         gT_q, gT_descale, _ = kern.cols_grouped(grad_out, offs, exact_scales)
-    if need_grad_x:
+
+    def grad_x_gemm():
         w_bwd_q, w_bwd_descale = kern.weight_bwd(w_t, w_amax_bwd, exact_scales)
-        grad_x = backends.gemm_2d3d(g_q, g_descale, w_bwd_q.transpose(-2, -1), w_bwd_descale, offs, backend)
-        del g_q, w_bwd_q  # freed before the weight gradient exists: lower peak memory
-        grad_x = kern.zero_rows_past_end(grad_x.to(x_dtype), offs)
-    if need_grad_w:
+        out = backends.gemm_2d3d(g_q, g_descale, w_bwd_q.transpose(-2, -1), w_bwd_descale, offs, backend)
+        return kern.zero_rows_past_end(out.to(x_dtype), offs)
+
+    def grad_w_gemm():
         if w_nk:  # the weight is stored (G, N, K): compute its gradient in that layout
-            grad_w = backends.gemm_2d2d(gT_q, gT_descale, xT_q, xT_descale, poffs, backend)
-            grad_w = grad_w.to(w_dtype).transpose(-2, -1)
-        else:
-            grad_w = backends.gemm_2d2d(xT_q, xT_descale, gT_q, gT_descale, poffs, backend).to(w_dtype)
+            return backends.gemm_2d2d(gT_q, gT_descale, xT_q, xT_descale, poffs, backend).to(w_dtype).transpose(-2, -1)
+        return backends.gemm_2d2d(xT_q, xT_descale, gT_q, gT_descale, poffs, backend).to(w_dtype)
+
+    # Each float8 operand is freed as soon as its last GEMM is done; the order that peaks
+    # lower goes first.
+    if need_grad_w and need_grad_x and grad_w_first(grad_out.shape[0], *w_t.shape, x_dtype, w_dtype):
+        grad_w = grad_w_gemm()
+        del gT_q
+        grad_x = grad_x_gemm()
+    else:
+        if need_grad_x:
+            grad_x = grad_x_gemm()
+            del g_q
+        if need_grad_w:
+            grad_w = grad_w_gemm()
     return grad_x, grad_w
+
+
+def grad_w_first(M: int, G: int, K: int, N: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """Whether backward peaks lower computing grad_w before grad_x, from the sizes alone.
+
+    Alive besides what both orders share: grad_out's float8 row copy and token-group copy
+    (about M N bytes each) until their GEMM is done, the weight's float8 backward copy
+    (G K N bytes) during the grad_x GEMM, and each gradient from its GEMM on.
+    """
+    mn, w_q = M * N, G * K * N
+    grad_x, grad_w = M * K * x_dtype.itemsize, G * K * N * w_dtype.itemsize
+    x_first = max(2 * mn + w_q + grad_x, mn + grad_x + grad_w)
+    w_first = max(2 * mn + grad_w, mn + grad_w + w_q + grad_x)
+    return w_first < x_first
 
 
 _bwd = torch.library.custom_op("ep_fp8::scaled_grouped_mm_bwd", mutates_args=())(_bwd_impl)

@@ -256,3 +256,20 @@ def test_no_tokens_at_all_gives_empty_output_and_zero_weight_grad(backend):
     out.sum().backward()
     assert out.shape == (0, 32) and x.grad.shape == (0, 16)
     assert bool((w.grad == 0).all())
+
+
+def test_backward_order_is_chosen_by_size_and_does_not_change_the_result(monkeypatch):
+    from ep_fp8.ops import fp8_ops
+
+    bf16 = torch.bfloat16
+    # grad_x first where the weight dominates, grad_w first where grad_out's copies do.
+    assert not fp8_ops.grad_w_first(16384, 8, 5120, 16384, bf16, bf16)
+    assert fp8_ops.grad_w_first(65536, 4, 4096, 14336, bf16, bf16)
+    sizes, tail, K, N = SHAPES["rows_past_end"]
+    x, w, w_t, offs, grad_out = _inputs(sizes, tail, K, N, bf16, "gnk", seed=8)
+    results = []
+    for first in (False, True):
+        monkeypatch.setattr(fp8_ops, "grad_w_first", lambda *args, first=first: first)
+        results.append(_run(x, w, _w_t_of("gnk"), offs, grad_out, backend="emulated"))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
