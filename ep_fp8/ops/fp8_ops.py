@@ -8,8 +8,9 @@ Forward and backward are custom ops (opaque to torch.compile, so no graph breaks
             and xT_q come from one kernel pair). No high-precision activation is saved.
   backward  grad_out's row copy and token-group copy from one kernel pair;
             grad_x = grad_out_q (per row) @ w_bwd_q^T   (2D x 3D; w_bwd_q per (g, k), cast
-                     now from the weight with the forward's amax, freed before grad_w exists)
+                     now from the weight with the forward's amax, freed right after)
             grad_w = per group, grad_outT_q @ xT_q^T over tokens  (2D x 2D, scales per group)
+            in the order that peaks lower for these sizes (grad_w_first).
 """
 
 from typing import Optional
