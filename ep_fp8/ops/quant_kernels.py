@@ -29,15 +29,21 @@ _MAX_ROW_BLOCK = 8192
 # per program and 4 warps, the first version, took 634 us.
 COLS_PASS1_CONFIG = (128, 64, 8, 2)
 COLS_PASS2_CONFIG = (256, 4)
-# The forward weight kernel: rows (g, n) per program, rows loaded at once (rows up to 4096
-# long; longer ones one at a time), warps. H200, with the next rows' load issued ahead:
-# (8, 16384, 5120) 778 us, (8, 7168, 2048) 117 us (without that prefetch: 887 and 160 us;
-# 16 rows per program 970 us).
-WEIGHT_FWD_CONFIG = (64, 2, 4)
+# The forward weight kernel: (g, n) rows per program; then, by row length, rows loaded at
+# once and warps. H200, with the next rows' load issued ahead and the maxima taken in
+# bf16: (8, 16384, 5120) 716 us, (8, 5120, 8192) 298 us, (8, 7168, 2048) 119 us (without
+# either: 887, 356 and 160 us; 16 rows per program: 970 us on the first).
+WEIGHT_FWD_ROWS = 64
+WEIGHT_FWD_SHORT_ROWS = (2, 4)  # rows up to 4096 long: two at once, 4 warps
+WEIGHT_FWD_LONG_ROWS = (1, 8)  # longer rows: one at a time (two spill registers), 8 warps
 
 
 @triton.jit
 def _abs_nan_as_inf(v):
+    """|v| with NaN as +inf, in v's dtype (exact; the interpreter, which has no bfloat16
+    constants, works in float32)."""
+    if _INTERPRET:
+        v = v.to(tl.float32)
     return tl.where(v != v, float("inf"), tl.abs(v))
 
 
@@ -153,27 +159,30 @@ def _weight_fwd_kernel(w_ptr, s_g, s_k, s_n, q_ptr, d_ptr, amax_bwd_ptr, K, N,
     ks = tl.arange(0, BLOCK_K)
     if ONE_BLOCK:
         mk = ks < K
-        acc_k = tl.zeros([BLOCK_K], dtype=tl.float32)
         w_g = w_ptr + g * s_g + ks[None, :].to(tl.int64) * s_k
         ns = n0 + tl.arange(0, AT_ONCE)
         # The next rows' load is issued before this row's work: two row loads in flight
         # per program. Kept in w's dtype until used.
         v_next = tl.load(w_g + ns[:, None].to(tl.int64) * s_n, mask=(ns < N)[:, None] & mk[None, :], other=0.0)
+        acc_k = tl.max(_abs_nan_as_inf(v_next), axis=0)  # in w's dtype; the first rows count again below
         for r in range(0, ROWS, AT_ONCE):
             ns = n0 + r + tl.arange(0, AT_ONCE)
             live = ns < N
             m = live[:, None] & mk[None, :]
-            v = v_next.to(tl.float32)
+            v = v_next
             ns_next = ns + AT_ONCE
             v_next = tl.load(w_g + ns_next[:, None].to(tl.int64) * s_n,
                              mask=((ns_next < N) & (r + AT_ONCE < ROWS))[:, None] & mk[None, :], other=0.0)
+            # Maxima in w's own dtype (exact: |v| and max round nothing): half the registers
+            # of float32 for bf16 weights.
             va = _abs_nan_as_inf(v)
-            scale, descale = _scales_from_amax(tl.max(va, axis=1), EXACT)
-            tl.store(q_ptr + (g * N + ns[:, None]) * K + ks[None, :], _to_fp8(v * scale[:, None]), mask=m)
+            scale, descale = _scales_from_amax(tl.max(va, axis=1).to(tl.float32), EXACT)
+            tl.store(q_ptr + (g * N + ns[:, None]) * K + ks[None, :], _to_fp8(v.to(tl.float32) * scale[:, None]),
+                     mask=m)
             tl.store(d_ptr + g * N + ns, descale, mask=live)
             acc_k = tl.maximum(acc_k, tl.max(va, axis=0))
         if BWD:
-            tl.atomic_max(amax_bwd_ptr + g * K + ks, acc_k, mask=mk, sem="relaxed")
+            tl.atomic_max(amax_bwd_ptr + g * K + ks, acc_k.to(tl.float32), mask=mk, sem="relaxed")
     else:  # rows longer than one block, one at a time: amax, then cast (and column atomics) per block
         for r in range(ROWS):
             n = n0 + r
@@ -227,12 +236,11 @@ def quantize_weight_fwd_triton(w_t: torch.Tensor, exact_scales: bool = False, bw
     if w_t.numel() == 0:
         return q_fwd, d_fwd, amax_bwd
     block_k = min(triton.next_power_of_2(K), _MAX_ROW_BLOCK)
-    rows, at_once, warps = WEIGHT_FWD_CONFIG
-    at_once = at_once if block_k <= 4096 else 1  # two rows of 8192 at once spill registers
-    _weight_fwd_kernel[(G, triton.cdiv(N, rows))](
+    at_once, warps = WEIGHT_FWD_SHORT_ROWS if block_k <= 4096 else WEIGHT_FWD_LONG_ROWS
+    _weight_fwd_kernel[(G, triton.cdiv(N, WEIGHT_FWD_ROWS))](
         w_t, w_t.stride(0), w_t.stride(1), w_t.stride(2), q_fwd, d_fwd, amax_bwd, K, N,
-        ROWS=rows, AT_ONCE=at_once, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, BWD=bwd_amax, EXACT=exact_scales,
-        num_warps=warps)
+        ROWS=WEIGHT_FWD_ROWS, AT_ONCE=at_once, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, BWD=bwd_amax,
+        EXACT=exact_scales, num_warps=warps)
     return q_fwd, d_fwd, amax_bwd
 
 
