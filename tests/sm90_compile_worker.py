@@ -55,9 +55,11 @@ def main() -> int:
     for exact in (False, True):
         quant_kernels.quantize_rows_triton(x, exact)
         quant_kernels.quantize_rows_triton(torch.randn(4, 20000, generator=g), exact)  # multi-block rows
-        quant_kernels.quantize_weight_triton(w_t, exact)
-        quant_kernels.quantize_weight_triton(w_t.transpose(-2, -1).contiguous().transpose(-2, -1), exact)
-        quant_kernels.quantize_weight_triton(torch.randn(2, 9000, 16, generator=g), exact)  # multi-block rows
+        for w in (w_t, w_t.transpose(-2, -1).contiguous().transpose(-2, -1),
+                  torch.randn(2, 9000, 16, generator=g)):  # the last: rows longer than one block
+            amax = quant_kernels.quantize_weight_fwd_triton(w, exact)[2]
+            quant_kernels.quantize_weight_fwd_triton(w, exact, bwd_amax=False)
+            quant_kernels.quantize_weight_bwd_triton(w, amax, exact)
         quant_kernels.quantize_cols_grouped_triton(x, offs, exact)
         quant_kernels.quantize_rows_cols_grouped_triton(x, offs, exact)
         q, _, descale = quant_kernels.quantize_rows_triton(x, exact)

@@ -259,16 +259,6 @@ def quantize_weight_bwd_triton(w_t: torch.Tensor, amax_bwd: torch.Tensor, exact_
     return q_bwd, d_bwd
 
 
-def quantize_weight_triton(w_t: torch.Tensor, exact_scales: bool = False, fwd: bool = True, bwd: bool = True):
-    """Triton twin of quant_ref.quantize_weight_ref (same outputs, same layouts)."""
-    q_fwd, d_fwd, amax_bwd = quantize_weight_fwd_triton(w_t, exact_scales, bwd)
-    if not fwd:
-        q_fwd, d_fwd = q_fwd.new_empty(0), d_fwd.new_empty(0)
-    if not bwd:
-        return q_fwd, d_fwd, q_fwd.new_empty(0), d_fwd.new_empty(0)
-    return (q_fwd, d_fwd) + quantize_weight_bwd_triton(w_t, amax_bwd, exact_scales)
-
-
 # ---------------------------------------------------------------------------------------
 # Token groups: x (M, K) and grad_out (M, N) for grad_w, scaled per (group, column) and
 # written transposed with each group padded (see quant_ref.quantize_cols_grouped_ref).

@@ -114,22 +114,16 @@ def quantize_weight_bwd_ref(w_t: torch.Tensor, amax_bwd: torch.Tensor, exact_sca
     return scaled_to_fp8((w_t.float() * scale[:, :, None]).contiguous()), d_bwd
 
 
-def quantize_weight_ref(w_t: torch.Tensor, exact_scales: bool = False, fwd: bool = True, bwd: bool = True):
+def quantize_weight_ref(w_t: torch.Tensor, exact_scales: bool = False):
     """Both float8 copies of an expert weight w_t (G, K, N), any strides.
 
     Returns (q_fwd (G, N, K), descale_fwd (G, N), q_bwd (G, K, N), descale_bwd (G, K)),
     q tensors contiguous. q_fwd is scaled per (expert, output column n) for the forward
-    x @ w_t; q_bwd per (expert, input column k) for grad_x = grad_out @ w_t^T. A copy
-    not asked for is returned as an empty tensor. The op makes them in two halves
-    (quantize_weight_fwd_ref in forward, quantize_weight_bwd_ref in backward).
+    x @ w_t; q_bwd per (expert, input column k) for grad_x = grad_out @ w_t^T. The op
+    makes them in two halves (quantize_weight_fwd_ref in forward, quantize_weight_bwd_ref
+    in backward).
     """
-    empty_q = torch.empty(0, dtype=FP8_DTYPE, device=w_t.device)
-    empty_s = torch.empty(0, dtype=torch.float32, device=w_t.device)
-    q_fwd, d_fwd, amax_bwd = quantize_weight_fwd_ref(w_t, exact_scales, bwd)
-    if not fwd:
-        q_fwd, d_fwd = empty_q, empty_s
-    if not bwd:
-        return q_fwd, d_fwd, empty_q, empty_s
+    q_fwd, d_fwd, amax_bwd = quantize_weight_fwd_ref(w_t, exact_scales)
     return (q_fwd, d_fwd) + quantize_weight_bwd_ref(w_t, amax_bwd, exact_scales)
 
 

@@ -48,6 +48,20 @@ def test_rows_kernel_two_pass_path_for_rows_longer_than_one_block():
         assert same_bits(g, w)
 
 
+def _weight_halves_match(w_t, exact=False):
+    """Both halves of the weight quantization, kernel against reference, bit for bit: the
+    forward copy with and without the (g, k) amax, then the backward copy from that amax."""
+    got, want = K.quantize_weight_fwd_triton(w_t, exact), R.quantize_weight_fwd_ref(w_t, exact)
+    for g, wnt in zip(got, want):
+        assert g.shape == wnt.shape and same_bits(g, wnt)
+    no_amax = K.quantize_weight_fwd_triton(w_t, exact, bwd_amax=False)
+    assert no_amax[2].numel() == 0
+    for g, wnt in zip(no_amax[:2], want[:2]):
+        assert same_bits(g, wnt)
+    for g, wnt in zip(K.quantize_weight_bwd_triton(w_t, got[2], exact), R.quantize_weight_bwd_ref(w_t, want[2], exact)):
+        assert g.shape == wnt.shape and same_bits(g, wnt)
+
+
 @pytest.mark.parametrize("layout", ["gkn", "gnk", "sliced"])
 @pytest.mark.parametrize("exact", [False, True])
 def test_weight_kernels_match_reference_bitwise(layout, exact):
@@ -62,11 +76,7 @@ def test_weight_kernels_match_reference_bitwise(layout, exact):
         w = w.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "sliced":
         w = torch.cat([w, w], dim=2)[:, :, ::2]
-    for fwd, bwd in ((True, True), (True, False), (False, True)):
-        got = K.quantize_weight_triton(w, exact, fwd, bwd)
-        want = R.quantize_weight_ref(w, exact, fwd, bwd)
-        for g, wnt in zip(got, want):
-            assert g.shape == wnt.shape and same_bits(g, wnt)
+    _weight_halves_match(w, exact)
 
 
 def test_weight_column_amax_combines_programs_along_n():
@@ -74,8 +84,7 @@ def test_weight_column_amax_combines_programs_along_n():
     G, Kd, N = 2, 150, 300  # 5 programs of 64 rows along n, the last one masked
     w = (torch.randn(G, Kd, N, generator=gen) * torch.logspace(-3, 3, Kd)[:, None]).bfloat16().to(DEVICE)
     w[1, 140, 290] = 1e6  # the maxima of a row and a column in the last, masked tiles
-    for g, wnt in zip(K.quantize_weight_triton(w), R.quantize_weight_ref(w)):
-        assert g.shape == wnt.shape and same_bits(g, wnt)
+    _weight_halves_match(w)
 
 
 # K = 5000: one row at a time in one block; K = MAX + 77: rows longer than one block (two passes).
@@ -85,13 +94,7 @@ def test_weight_halves_match_reference_for_long_rows(Kd):
     G, N = 2, 20
     w = (torch.randn(G, N, Kd, generator=gen) * torch.logspace(-4, 4, N)[:, None]).bfloat16()
     w[1, 3, Kd - 1] = float("nan")  # in the last, masked block of a row: its row and its column are NaN
-    w_t = w.to(DEVICE).transpose(1, 2)
-    got_fwd, want_fwd = K.quantize_weight_fwd_triton(w_t), R.quantize_weight_fwd_ref(w_t)
-    for g, wnt in zip(got_fwd, want_fwd):
-        assert g.shape == wnt.shape and same_bits(g, wnt)
-    for g, wnt in zip(K.quantize_weight_bwd_triton(w_t, got_fwd[2]), R.quantize_weight_bwd_ref(w_t, want_fwd[2])):
-        assert g.shape == wnt.shape and same_bits(g, wnt)
-    assert K.quantize_weight_fwd_triton(w_t, bwd_amax=False)[2].numel() == 0
+    _weight_halves_match(w.to(DEVICE).transpose(1, 2))
 
 
 # 70 and 130 rows span several GROUP_PAD tiles of one group; C = 136 two column blocks;
