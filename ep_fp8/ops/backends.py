@@ -117,6 +117,13 @@ _TRITON = _Kernels(quant_kernels.quantize_rows_triton, quant_kernels.quantize_we
                    quant_kernels.quantize_rows_cols_grouped_triton, quant_kernels.zero_rows_past_end_triton)
 
 
+def stored_nk(w_t: torch.Tensor) -> bool:
+    """w_t (G, K, N) is the transposed view of a weight stored (G, N, K) row-major, as the
+    experts keep it: its gradient is then computed in that layout, so that autograd does
+    not copy it into the parameter's strides afterwards."""
+    return w_t.stride(-2) == 1 and w_t.stride(-1) != 1
+
+
 def _grouped_mm_accepts(t: torch.Tensor) -> bool:
     """torch._grouped_mm's operand rule: row- or column-major in the last two dims, the
     other stride a multiple of 16 bytes, data 16-byte aligned."""

@@ -148,7 +148,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs)
     ctx.backend, ctx.exact_scales = backend, exact_scales
     ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
-    ctx.w_nk = w_t.stride(-2) == 1 and w_t.stride(-1) != 1
+    ctx.w_nk = backends.stored_nk(w_t)
 
 
 def _backward(ctx, grad_out, *_unused):
@@ -176,7 +176,7 @@ class EagerScaledGroupedMM(torch.autograd.Function):
         ctx.save_for_backward(w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs)
         ctx.backend, ctx.exact_scales = backend, exact_scales
         ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
-        ctx.w_nk = w_t.stride(-2) == 1 and w_t.stride(-1) != 1
+        ctx.w_nk = backends.stored_nk(w_t)
         return out
 
     @staticmethod

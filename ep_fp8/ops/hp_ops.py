@@ -43,7 +43,7 @@ def _hp_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, off
     grad_x = grad_w = grad_out.new_empty((0,))
     if x.shape[0] == 0:
         grad_w = w_t.new_zeros(w_t.shape if need_grad_w else (0,))
-        if need_grad_w and w_t.stride(-2) == 1 and w_t.stride(-1) != 1:
+        if need_grad_w and backends.stored_nk(w_t):
             grad_w = w_t.new_zeros(w_t.transpose(-2, -1).shape).transpose(-2, -1)
         return x.new_zeros(x.shape if need_grad_x else (0,)), grad_w
     if need_grad_x:
@@ -51,9 +51,7 @@ def _hp_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, off
         grad_x = backends.kernels_for("bf16", x.device).zero_rows_past_end(grad_x, offs)
     if need_grad_w:
         x_v = _x_values(x, x_data, x_scale)
-        if w_t.stride(-2) == 1 and w_t.stride(-1) != 1:
-            # The weight is stored (G, N, K): compute its gradient in that layout, so that
-            # autograd does not copy it into the parameter's strides afterwards.
+        if backends.stored_nk(w_t):  # compute the gradient in the weight's (G, N, K) layout
             grad_w = backends.grouped_mm(grad_out.t(), x_v, offs).transpose(-2, -1)
         else:
             grad_w = backends.grouped_mm(x_v.t(), grad_out, offs)
@@ -66,7 +64,7 @@ _hp_bwd = torch.library.custom_op("ep_fp8::grouped_mm_hp_bwd", mutates_args=())(
 @_hp_bwd.register_fake
 def _(grad_out, x, w_t, offs, x_data, x_scale, need_grad_x, need_grad_w):
     grad_x = x.new_empty(x.shape if need_grad_x else (0,))
-    if need_grad_w and w_t.stride(-2) == 1 and w_t.stride(-1) != 1:
+    if need_grad_w and backends.stored_nk(w_t):
         return grad_x, w_t.new_empty(w_t.transpose(-2, -1).shape).transpose(-2, -1)
     grad_w = w_t.new_empty(w_t.shape if need_grad_w else (0,))
     return grad_x, grad_w
