@@ -141,23 +141,32 @@ def _(grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, backend, exact_s
     return grad_x, grad_out.new_empty((G, K, N), dtype=w_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, _ = inputs
-    _, w_amax_bwd, xT_q, xT_descale, poffs = output
-    ctx.mark_non_differentiable(*output[1:])
+def _save(ctx, x, w_t, offs, backend, exact_scales, fwd_out):
+    """What backward needs, for the custom op's autograd and the eager Function alike."""
+    _, w_amax_bwd, xT_q, xT_descale, poffs = fwd_out
     ctx.save_for_backward(w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs)
     ctx.backend, ctx.exact_scales = backend, exact_scales
     ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
     ctx.w_nk = backends.stored_nk(w_t)
 
 
-def _backward(ctx, grad_out, *_unused):
+def _grads(ctx, grad_out, bwd):
+    """(grad_x, grad_w_t, None for the other forward inputs) through bwd (the custom op or its impl)."""
     w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_w = torch.ops.ep_fp8.scaled_grouped_mm_bwd(
-        grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, ctx.backend,
-        ctx.exact_scales, ctx.x_dtype, ctx.w_dtype, need_x, need_w, ctx.w_nk)
+    grad_x, grad_w = bwd(grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, ctx.backend,
+                         ctx.exact_scales, ctx.x_dtype, ctx.w_dtype, need_x, need_w, ctx.w_nk)
     return (grad_x if need_x else None, grad_w if need_w else None) + (None,) * 9
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_t, offs, _, _, backend, exact_scales = inputs[:7]
+    ctx.mark_non_differentiable(*output[1:])
+    _save(ctx, x, w_t, offs, backend, exact_scales, output)
+
+
+def _backward(ctx, grad_out, *_unused):
+    return _grads(ctx, grad_out, torch.ops.ep_fp8.scaled_grouped_mm_bwd)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -171,18 +180,11 @@ class EagerScaledGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT,
                 fallback_note):
-        out, w_amax_bwd, xT_q, xT_descale, poffs = _fwd_impl(
-            x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT, fallback_note)
-        ctx.save_for_backward(w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs)
-        ctx.backend, ctx.exact_scales = backend, exact_scales
-        ctx.x_dtype, ctx.w_dtype = x.dtype, w_t.dtype
-        ctx.w_nk = backends.stored_nk(w_t)
-        return out
+        fwd_out = _fwd_impl(x, w_t, offs, x_data, x_scale, backend, exact_scales, out_dtype, need_w_bwd, need_xT,
+                            fallback_note)
+        _save(ctx, x, w_t, offs, backend, exact_scales, fwd_out)
+        return fwd_out[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_w = _bwd_impl(grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, ctx.backend,
-                                   ctx.exact_scales, ctx.x_dtype, ctx.w_dtype, need_x, need_w, ctx.w_nk)
-        return (grad_x if need_x else None, grad_w if need_w else None) + (None,) * 9
+        return _grads(ctx, grad_out, _bwd_impl)
