@@ -71,15 +71,19 @@ def _(grad_out, x, w_t, offs, x_data, x_scale, need_grad_x, need_grad_w):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_t, offs, x_data, x_scale, _ = inputs
-    ctx.save_for_backward(x, w_t, offs, x_data, x_scale)
+    ctx.save_for_backward(*inputs[:5])  # x, w_t, offs, x_data, x_scale
+
+
+def _grads(ctx, grad_out, bwd):
+    """(grad_x, grad_w_t, None for the other forward inputs) through bwd (the custom op or its impl)."""
+    x, w_t, offs, x_data, x_scale = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_w = bwd(grad_out, x, w_t, offs, x_data, x_scale, need_x, need_w)
+    return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None
 
 
 def _backward(ctx, grad_out):
-    x, w_t, offs, x_data, x_scale = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_w = torch.ops.ep_fp8.grouped_mm_hp_bwd(grad_out, x, w_t, offs, x_data, x_scale, need_x, need_w)
-    return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None
+    return _grads(ctx, grad_out, torch.ops.ep_fp8.grouped_mm_hp_bwd)
 
 
 _hp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -91,12 +95,9 @@ class EagerGroupedMMHP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_t, offs, x_data, x_scale, out_dtype):
-        ctx.save_for_backward(x, w_t, offs, x_data, x_scale)
+        _setup_context(ctx, (x, w_t, offs, x_data, x_scale), None)
         return _hp_fwd_impl(x, w_t, offs, x_data, x_scale, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_t, offs, x_data, x_scale = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_w = _hp_bwd_impl(grad_out, x, w_t, offs, x_data, x_scale, need_x, need_w)
-        return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None
+        return _grads(ctx, grad_out, _hp_bwd_impl)
