@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ep_fp8.ops import backends, fp8_ops, hp_ops, quant_kernels, quant_ref  # noqa: F401  (registers the ops)
-from ep_fp8.ops.validation import check_grouped_mm_args, check_high_precision_2d
+from ep_fp8.ops.validation import check_dequantize_rows_args, check_grouped_mm_args, check_high_precision_2d
 
 
 def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype | None = None,
@@ -88,3 +88,14 @@ def quantize_rows(x: torch.Tensor, exact_scales: bool = False) -> tuple[torch.Te
         raise TypeError(f"exact_scales must be a bool, got {type(exact_scales).__name__}")
     return torch.ops.ep_fp8.quantize_rows(x.detach(), exact_scales)
 
+
+
+def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of quantize_rows up to its rounding: data (M, C) float8_e4m3fn and scale
+    (M,) float32 -> (M, C) in dtype (bfloat16 or float32), data * (1 / scale) per row.
+
+    Raises TypeError for another dtype of data, scale or the result, ValueError for shapes
+    that do not fit (data not 2-D, scale not one per row) or tensors on two devices.
+    """
+    check_dequantize_rows_args(data, scale, dtype)
+    return quant_ref.dequantize_rows(data, scale, dtype)

@@ -23,6 +23,29 @@ def check_high_precision_2d(name: str, x) -> None:
         raise TypeError(f"{name} must be torch.bfloat16 or torch.float32, got {x.dtype}")
 
 
+def check_fp8_rows(data_name: str, data, scale_name: str, scale) -> None:
+    """data float8_e4m3fn and scale float32 tensors, as quantize_rows returns them."""
+    _check_tensor(data_name, data)
+    _check_tensor(scale_name, scale)
+    if data.dtype != FP8_DTYPE:
+        raise TypeError(f"{data_name} must be torch.float8_e4m3fn, got {data.dtype}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{scale_name} must be torch.float32, got {scale.dtype}")
+
+
+def check_dequantize_rows_args(data, scale, dtype) -> None:
+    """Raise TypeError / ValueError naming the first problem with dequantize_rows' arguments."""
+    check_fp8_rows("data", data, "scale", scale)
+    if data.dim() != 2:
+        raise ValueError(f"data must be 2-D (M, C), got shape {tuple(data.shape)}")
+    if tuple(scale.shape) != (data.shape[0],):
+        raise ValueError(f"scale must have shape {(data.shape[0],)} (one per row of data), got {tuple(scale.shape)}")
+    if scale.device != data.device:
+        raise ValueError(f"data and scale must be on one device, got {data.device}, {scale.device}")
+    if dtype not in HIGH_PRECISION:
+        raise TypeError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+
+
 def check_grouped_mm_args(x, w_t, offs, out_dtype, x_fp8, exact_scales) -> None:
     """Raise TypeError / ValueError naming the first problem with the arguments."""
     check_high_precision_2d("x", x)
@@ -54,12 +77,7 @@ def check_grouped_mm_args(x, w_t, offs, out_dtype, x_fp8, exact_scales) -> None:
         if not (isinstance(x_fp8, (tuple, list)) and len(x_fp8) == 2):
             raise TypeError("x_fp8 must be a (data, scale) pair from quantize_rows")
         data, scale = x_fp8
-        _check_tensor("x_fp8 data", data)
-        _check_tensor("x_fp8 scale", scale)
-        if data.dtype != FP8_DTYPE:
-            raise TypeError(f"x_fp8 data must be torch.float8_e4m3fn, got {data.dtype}")
-        if scale.dtype != torch.float32:
-            raise TypeError(f"x_fp8 scale must be torch.float32, got {scale.dtype}")
+        check_fp8_rows("x_fp8 data", data, "x_fp8 scale", scale)
         if tuple(data.shape) != (M, K):
             raise ValueError(f"x_fp8 data must have x's shape {(M, K)}, got {tuple(data.shape)}")
         if tuple(scale.shape) != (M,):

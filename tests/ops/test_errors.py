@@ -1,4 +1,4 @@
-"""Every bad input to scaled_grouped_mm / quantize_rows / resolve_backend raises a
+"""Every bad input to scaled_grouped_mm / quantize_rows / dequantize_rows / resolve_backend raises a
 TypeError or ValueError naming the problem, before any kernel runs."""
 
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from ep_fp8.ops import backends, quantize_rows, resolve_backend, scaled_grouped_mm
+from ep_fp8.ops import backends, dequantize_rows, quantize_rows, resolve_backend, scaled_grouped_mm
 from tests.ops._helpers import offsets
 
 
@@ -108,3 +108,20 @@ def test_resolve_backend_rejects_unknown_name():
 def test_quantize_rows_rejects_bad_input(bad, exc, words):
     with pytest.raises(exc, match=words):
         quantize_rows(bad)
+
+
+_DATA = torch.zeros(4, 16).to(torch.float8_e4m3fn)
+_SCALE = torch.ones(4)
+
+
+@pytest.mark.parametrize("data, scale, dtype, exc, words", [
+    (torch.zeros(4, 16), _SCALE, torch.bfloat16, TypeError, "data must be torch.float8_e4m3fn"),
+    (_DATA, _SCALE.double(), torch.bfloat16, TypeError, "scale must be torch.float32"),
+    (_DATA, _SCALE, torch.float16, TypeError, "dtype must be torch.bfloat16 or torch.float32"),
+    (_DATA.view(64), torch.ones(64), torch.bfloat16, ValueError, "data must be 2-D"),
+    (_DATA, torch.ones(5), torch.bfloat16, ValueError, "scale must have shape \\(4,\\)"),
+    ([1.0], _SCALE, torch.bfloat16, TypeError, "data must be a torch.Tensor"),
+])
+def test_dequantize_rows_rejects_bad_input(data, scale, dtype, exc, words):
+    with pytest.raises(exc, match=words):
+        dequantize_rows(data, scale, dtype)
