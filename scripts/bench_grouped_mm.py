@@ -10,9 +10,13 @@ each group-size mode (uniform: M/G rows each; uneven: seeded, multiples of 16, s
 groups 2-3x others) and each method, on fresh random inputs (x (M, K) bf16 requiring grad;
 w (G, N, K) bf16 passed as w.transpose(-2, -1), as the experts do; grad_out (M, N) bf16):
 
-- fwd_ms / fwd_bwd_ms: median of triton.testing.do_bench after its warm-up. The forward is
-  timed with autograd recording (as in training); fwd+bwd = forward -> backward(grad_out),
-  with x.grad and w.grad set to None before each timed run.
+- fwd_ms / fwd_bwd_ms: the median over --rounds rounds (5) of triton.testing.do_bench's
+  median after its warm-up. Each round times every method once, in an order rotated (and
+  reversed) from round to round, so that a slow spell of the GPU (clocks, power) falls on
+  all methods alike rather than on whichever ran then; fwd_bwd_spread is (max - min) /
+  median of the rounds' forward+backward times. The forward is timed with autograd
+  recording (as in training); fwd+bwd = forward -> backward(grad_out), with x.grad and
+  w.grad set to None before each timed run.
 - TFLOP/s: 2*M*K*N per forward, 6*M*K*N per forward+backward.
 - peak_mem_gib: see PEAK_MEM_NOTE.
 - rel_err: ||y - y_ref|| / ||y_ref|| (Frobenius) of the forward output, y_ref computed in
@@ -166,6 +170,10 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _percent(fraction) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -183,14 +191,15 @@ def format_table(records: list[dict], summaries: list[dict] | None = None) -> st
     """A fixed-width text table of the records (after add_ratios), then the geometric
     means (from geomeans) when there are any. Missing values print as '-'."""
     header = ["M,G,K,N", "groups", "method", "fwd ms", "fwd TF/s", "fwd x bf16",
-              "f+b ms", "f+b TF/s", "f+b x bf16", "f+b x torchao", "peak GiB", "rel err",
-              "note"]
+              "f+b ms", "f+b spread", "f+b TF/s", "f+b x bf16", "f+b x torchao", "peak GiB",
+              "rel err", "note"]
     rows = []
     for r in records:
         rows.append([
             ",".join(map(str, r["shape"])), r["groups"], r["method"],
             _fmt(r.get("fwd_ms"), ".3f"), _fmt(r.get("fwd_tflops"), ".0f"),
             _fmt(r.get("fwd_x_bf16"), ".2f"), _fmt(r.get("fwd_bwd_ms"), ".3f"),
+            _percent(r.get("fwd_bwd_spread")),
             _fmt(r.get("fwd_bwd_tflops"), ".0f"), _fmt(r.get("fwd_bwd_x_bf16"), ".2f"),
             _fmt(r.get("fwd_bwd_x_torchao"), ".2f"), _fmt(r.get("peak_mem_gib"), ".2f"),
             _fmt(r.get("rel_err"), ".2e"), _clip(r.get("note", ""), 72),
@@ -299,14 +308,13 @@ def build_forward(method: str, x, w, offs, torchao_fn, torchao_note: str):
             False, "forward only, operands pre-quantized")
 
 
-def measure(method, shape, groups, sizes, inputs, ref, torchao, warmup, rep) -> dict:
-    """One record: times, TFLOP/s, peak memory and relative error of one method."""
-    from triton.testing import do_bench
-
-    M, G, K, N = shape
+def prepare(method, shape, groups, sizes, inputs, ref, torchao) -> dict:
+    """One method ready to time: {"rec": its record (error, peak memory, note), "forward",
+    "has_backward"}; the record's status is "skipped" or "error" where it cannot run."""
     x, w, offs, grad_out = inputs
     rec = {"shape": list(shape), "groups": groups, "group_sizes": sizes, "method": method,
-           "status": "ok", "note": ""}
+           "status": "ok", "note": "", "fwd_ms_rounds": [], "fwd_bwd_ms_rounds": []}
+    state = {"rec": rec, "forward": None, "has_backward": False}
     try:
         forward, has_backward, rec["note"] = build_forward(method, x, w, offs, *torchao)
         y = forward()  # first call: compiles and autotunes kernels
@@ -322,21 +330,59 @@ def measure(method, shape, groups, sizes, inputs, ref, torchao, warmup, rep) -> 
             forward().backward(grad_out)
             torch.cuda.synchronize()
             rec["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
-            x.grad = w.grad = None
-        rec["fwd_ms"] = do_bench(forward, warmup=warmup, rep=rep, return_mode="median")
-        rec["fwd_tflops"] = flops(M, K, N, "fwd") / rec["fwd_ms"] / 1e9
-        if has_backward:
-            step = lambda: forward().backward(grad_out)
-            rec["fwd_bwd_ms"] = do_bench(step, warmup=warmup, rep=rep, grad_to_none=[x, w],
-                                         return_mode="median")
-            rec["fwd_bwd_tflops"] = flops(M, K, N, "fwd_bwd") / rec["fwd_bwd_ms"] / 1e9
+        state.update(forward=forward, has_backward=has_backward)
     except Unavailable as e:
         rec.update(status="skipped", note=str(e))
     except Exception as e:  # noqa: BLE001 - one failing method must not end the run
         rec.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     finally:
         x.grad = w.grad = None
-        torch.cuda.empty_cache()
+    return state
+
+
+def time_once(state: dict, inputs, warmup: float, rep: float) -> None:
+    """One round of timing for a prepared method: appends the do_bench medians of the
+    forward and of forward+backward to its record's *_rounds lists."""
+    from triton.testing import do_bench
+
+    rec, forward = state["rec"], state["forward"]
+    if rec["status"] != "ok":
+        return
+    x, w, _, grad_out = inputs
+    try:
+        rec["fwd_ms_rounds"].append(do_bench(forward, warmup=warmup, rep=rep, return_mode="median"))
+        if state["has_backward"]:
+            step = lambda: forward().backward(grad_out)
+            rec["fwd_bwd_ms_rounds"].append(do_bench(step, warmup=warmup, rep=rep, grad_to_none=[x, w],
+                                                     return_mode="median"))
+    except Exception as e:  # noqa: BLE001
+        rec.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    finally:
+        x.grad = w.grad = None
+
+
+def round_order(methods: list[str], r: int) -> list[str]:
+    """The order of the methods in round r: rotated by r and reversed in odd rounds, so
+    that no method is always timed first, nor always right after the same other one."""
+    k = r % len(methods) if methods else 0
+    order = list(methods[k:]) + list(methods[:k])
+    return order[::-1] if r % 2 else order
+
+
+def summarize_rounds(rec: dict, shape) -> dict:
+    """The record's fwd_ms / fwd_bwd_ms (median over rounds), TFLOP/s and fwd_bwd_spread
+    ((max - min) / median of the rounds' forward+backward times; None with one round)."""
+    M, _, K, N = shape
+    for phase in ("fwd", "fwd_bwd"):
+        times = sorted(rec.get(f"{phase}_ms_rounds") or [])
+        if not times:
+            continue
+        n = len(times)
+        median = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
+        rec[f"{phase}_ms"] = median
+        rec[f"{phase}_tflops"] = flops(M, K, N, phase) / median / 1e9
+        if phase == "fwd_bwd":
+            rec["fwd_bwd_spread"] = (times[-1] - times[0]) / median if n > 1 else None
     return rec
 
 
@@ -372,7 +418,9 @@ def environment(args) -> dict:
             "torchao": torchao_version,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "warmup_ms": args.warmup, "rep_ms": args.rep, "seed": args.seed,
-            "timing": "triton.testing.do_bench median, ms", "peak_mem": PEAK_MEM_NOTE,
+            "rounds": args.rounds,
+            "timing": "median over rounds (methods interleaved) of triton.testing.do_bench medians, ms",
+            "peak_mem": PEAK_MEM_NOTE,
             "ratios": "x_bf16 / x_torchao = baseline time / method time (> 1: faster)"}
 
 
@@ -390,6 +438,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="do_bench warm-up, ms (25)")
     p.add_argument("--rep", type=float, default=None, help="do_bench repetition, ms (100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds per shape, the methods interleaved in each (5; --quick: 1)")
     args = p.parse_args(argv)
     try:
         shapes = [parse_shape(s) for s in args.shape]
@@ -406,6 +456,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     args.warmup = args.warmup if args.warmup is not None else (5.0 if args.quick else 25.0)
     args.rep = args.rep if args.rep is not None else (20.0 if args.quick else 100.0)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -434,15 +487,20 @@ def main(argv=None) -> int:
             inputs = make_inputs(shape, sizes, args.seed)
             ref = reference_output(inputs[0].detach(), inputs[1].detach().transpose(-2, -1),
                                    inputs[2])
+            states = {m: prepare(m, shape, mode, sizes, inputs, ref, torchao) for m in args.methods}
+            for r in range(args.rounds):
+                for method in round_order(args.methods, r):
+                    time_once(states[method], inputs, args.warmup, args.rep)
             for method in args.methods:
-                rec = measure(method, shape, mode, sizes, inputs, ref, torchao,
-                              args.warmup, args.rep)
+                rec = summarize_rounds(states[method]["rec"], shape)
                 records.append(rec)
+                spread = rec.get("fwd_bwd_spread")
                 print(f"{shape} {mode:7s} {method:13s} {rec['status']:7s} "
                       f"fwd {_fmt(rec.get('fwd_ms'), '.3f')} ms, "
-                      f"fwd+bwd {_fmt(rec.get('fwd_bwd_ms'), '.3f')} ms {rec['note']}",
+                      f"fwd+bwd {_fmt(rec.get('fwd_bwd_ms'), '.3f')} ms "
+                      f"(spread {_percent(spread)}) {rec['note']}",
                       flush=True)
-            del inputs, ref
+            del inputs, ref, states
             torch.cuda.empty_cache()
             _write_json(out, header, add_ratios(records))  # partial results survive a crash
     records = add_ratios(records)

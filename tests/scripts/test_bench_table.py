@@ -26,6 +26,7 @@ def fake_records(bench, shapes, seed=0):
                     "shape": list(shape), "groups": groups, "method": method,
                     "status": "ok", "note": "", "fwd_ms": rng.uniform(0.2, 2.0),
                     "fwd_bwd_ms": None if fwd_only else rng.uniform(0.6, 6.0),
+                    "fwd_bwd_spread": None if fwd_only else rng.uniform(0.0, 0.2),
                     "peak_mem_gib": None if fwd_only else rng.uniform(1, 9),
                     "rel_err": rng.uniform(0.01, 0.05)})
     return records
@@ -129,8 +130,9 @@ def test_format_table_prints_each_record_its_ratios_and_the_geomeans(bench):
     (row,) = [ln for ln in lines if ln.startswith("16384,8,8192,5120") and " uneven " in ln
               and " ep_fp8 " in ln]
     cells = row.split()
-    assert cells[3:12] == [f"{r['fwd_ms']:.3f}", "-", f"{r['fwd_x_bf16']:.2f}",
-                           f"{r['fwd_bwd_ms']:.3f}", "-", f"{r['fwd_bwd_x_bf16']:.2f}",
+    assert cells[3:13] == [f"{r['fwd_ms']:.3f}", "-", f"{r['fwd_x_bf16']:.2f}",
+                           f"{r['fwd_bwd_ms']:.3f}", f"{100 * r['fwd_bwd_spread']:.1f}%", "-",
+                           f"{r['fwd_bwd_x_bf16']:.2f}",
                            f"{r['fwd_bwd_x_torchao']:.2f}", f"{r['peak_mem_gib']:.2f}",
                            f"{r['rel_err']:.2e}"]
     (skipped,) = [ln for ln in lines if " torchao_x " in ln]
@@ -212,12 +214,41 @@ def test_bad_options_stop_before_any_work(bench, capsys, argv, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_round_order_varies_the_first_method_and_each_ones_predecessor(bench):
+    methods = list(bench.METHODS)
+    orders = [bench.round_order(methods, r) for r in range(5)]
+    assert all(sorted(o) == sorted(methods) for o in orders)
+    assert orders[0] == methods and len({o[0] for o in orders}) >= 3
+    for m in methods:  # the method timed just before m is not always the same
+        assert len({o[o.index(m) - 1] if o.index(m) else None for o in orders}) > 1, m
+
+
+def test_summarize_rounds_takes_the_median_round_and_the_spread(bench):
+    rng = random.Random(3)
+    fwd = [rng.uniform(1, 2) for _ in range(5)]
+    fb = [rng.uniform(3, 6) for _ in range(4)]
+    rec = bench.summarize_rounds({"fwd_ms_rounds": fwd, "fwd_bwd_ms_rounds": fb}, (4096, 8, 512, 1024))
+    assert rec["fwd_ms"] == sorted(fwd)[2]  # odd count: the middle one
+    median_fb = (sorted(fb)[1] + sorted(fb)[2]) / 2  # even count: the mean of the middle two
+    assert rec["fwd_bwd_ms"] == pytest.approx(median_fb)
+    assert rec["fwd_bwd_spread"] == pytest.approx((max(fb) - min(fb)) / median_fb)
+    assert rec["fwd_bwd_tflops"] == pytest.approx(6 * 4096 * 512 * 1024 / median_fb / 1e9)
+    one = bench.summarize_rounds({"fwd_ms_rounds": [1.5], "fwd_bwd_ms_rounds": [4.0]}, (16, 1, 16, 16))
+    assert one["fwd_ms"] == 1.5 and one["fwd_bwd_spread"] is None
+    skipped = bench.summarize_rounds({"status": "skipped", "fwd_ms_rounds": [], "fwd_bwd_ms_rounds": []},
+                                     (16, 1, 16, 16))
+    assert "fwd_ms" not in skipped and "fwd_bwd_spread" not in skipped
+
+
 def test_parse_args_defaults_and_quick(bench):
     args = bench.parse_args([])
     assert args.shapes == bench.DEFAULT_SHAPES and args.group_modes == ("uniform", "uneven")
     assert args.methods == list(bench.METHODS) and (args.warmup, args.rep) == (25.0, 100.0)
     quick = bench.parse_args(["--quick", "--groups", "uneven", "--methods", "bf16"])
     assert len(quick.shapes) == 2 and quick.group_modes == ("uneven",) and quick.rep < 100
+    assert args.rounds == 5 and quick.rounds == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
