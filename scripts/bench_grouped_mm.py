@@ -21,6 +21,9 @@ w (G, N, K) bf16 passed as w.transpose(-2, -1), as the experts do; grad_out (M, 
 - peak_mem_gib: see PEAK_MEM_NOTE.
 - rel_err: ||y - y_ref|| / ||y_ref|| (Frobenius) of the forward output, y_ref computed in
   float64 from the same bf16 inputs: a sanity check, not a benchmark.
+- gpu: the SM clock, power draw and clock event reasons that nvidia-smi reported every
+  0.5 s while the shape was timed (the H200 runs these GEMMs at its power limit, which
+  lowers its clocks; see docs/benchmarks.md).
 - x_bf16 / x_torchao: speed-ups, baseline time / method time (> 1: faster than baseline).
 
 Methods: bf16 (torch._grouped_mm), ep_fp8 (ep_fp8.ops.scaled_grouped_mm backend="cuda"),
@@ -39,6 +42,7 @@ import importlib
 import inspect
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +180,36 @@ def _percent(fraction) -> str:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+GPU_FIELDS = "clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_event_reasons.active"
+POWER_CAP_BITS = 0x4 | 0x80  # clock event reasons: software power cap, hardware power brake
+
+
+def summarize_gpu_samples(lines: list[str]) -> dict | None:
+    """nvidia-smi CSV lines of GPU_FIELDS ('1650 MHz, 1980 MHz, 693.29 W, 700.00 W,
+    0x0000000000000004') -> {n, sm_mhz_median, sm_mhz_min, sm_mhz_max_rated, power_w_median,
+    power_limit_w, power_capped}: power_capped is the fraction of samples whose clocks were
+    held down by the power cap. Lines that do not parse are skipped; None without any."""
+    rows = []
+    for line in lines:
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != 5:
+            continue
+        try:
+            sm, sm_max = (float(c.split()[0]) for c in cells[:2])
+            power, limit = (float(c.split()[0]) for c in cells[2:4])
+            reasons = int(cells[4], 16)
+        except (ValueError, IndexError):
+            continue
+        rows.append((sm, sm_max, power, limit, reasons))
+    if not rows:
+        return None
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"n": len(rows), "sm_mhz_median": median([r[0] for r in rows]),
+            "sm_mhz_min": min(r[0] for r in rows), "sm_mhz_max_rated": rows[0][1],
+            "power_w_median": median([r[2] for r in rows]), "power_limit_w": rows[0][3],
+            "power_capped": sum(1 for r in rows if r[4] & POWER_CAP_BITS) / len(rows)}
 
 
 def _render(header: list[str], rows: list[list[str]], n_left: int) -> str:
@@ -399,6 +433,45 @@ def make_inputs(shape, sizes, seed: int):
     return x, w, offs, grad_out
 
 
+class GpuMonitor:
+    """Samples the GPU's SM clock, power and clock event reasons with nvidia-smi every
+    0.5 s into a file while the benchmark runs; take() returns the samples since the last
+    call, summarized (summarize_gpu_samples). Without nvidia-smi there are no samples."""
+
+    def __init__(self, path: Path):
+        self.path, self.proc, self.seen = path, None, 0
+        cmd = ["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader", "-lms", "500",
+               "-i", str(torch.cuda.current_device())]
+        if shutil.which("stdbuf"):  # line-buffered, so that take() sees each sample at once
+            cmd = ["stdbuf", "-oL"] + cmd
+        try:
+            with path.open("w") as f:
+                self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+
+    def take(self) -> dict | None:
+        if self.proc is None:
+            return None
+        lines = self.path.read_text().splitlines()
+        new, self.seen = lines[self.seen:], len(lines)
+        return summarize_gpu_samples(new)
+
+    def take_all(self) -> dict | None:
+        """The summary of every sample of the run."""
+        if self.proc is None or not self.path.exists():
+            return None
+        return summarize_gpu_samples(self.path.read_text().splitlines())
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def environment(args) -> dict:
     """The JSON header: GPU, driver (from nvidia-smi when present), versions, date, settings."""
     import triton
@@ -462,6 +535,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def bench_shape(args, shape, mode: str, torchao, monitor: GpuMonitor) -> list[dict]:
+    """All methods on one (shape, groups mode): prepared, then timed in interleaved rounds.
+    Each record gets "gpu": the clock and power samples taken while this shape was timed."""
+    sizes = group_sizes(shape[0], shape[1], mode, args.seed)
+    inputs = make_inputs(shape, sizes, args.seed)
+    ref = reference_output(inputs[0].detach(), inputs[1].detach().transpose(-2, -1), inputs[2])
+    states = {m: prepare(m, shape, mode, sizes, inputs, ref, torchao) for m in args.methods}
+    monitor.take()  # drop the samples of the set-up
+    for r in range(args.rounds):
+        for method in round_order(args.methods, r):
+            time_once(states[method], inputs, args.warmup, args.rep)
+    gpu = monitor.take()
+    records = []
+    for method in args.methods:
+        rec = summarize_rounds(states[method]["rec"], shape)
+        rec["gpu"] = gpu
+        records.append(rec)
+        print(f"{shape} {mode:7s} {method:13s} {rec['status']:7s} "
+              f"fwd {_fmt(rec.get('fwd_ms'), '.3f')} ms, fwd+bwd {_fmt(rec.get('fwd_bwd_ms'), '.3f')} ms "
+              f"(spread {_percent(rec.get('fwd_bwd_spread'))}) {rec['note']}", flush=True)
+    if gpu:
+        print(f"  GPU while timed: SM clock median {gpu['sm_mhz_median']:.0f} MHz (rated "
+              f"{gpu['sm_mhz_max_rated']:.0f}), power {gpu['power_w_median']:.0f} W of "
+              f"{gpu['power_limit_w']:.0f}, power-capped in {100 * gpu['power_capped']:.0f}% of samples")
+    del inputs, ref, states
+    torch.cuda.empty_cache()
+    return records
+
+
 def _write_json(path: Path, header: dict, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"header": header, "records": records,
@@ -481,32 +583,27 @@ def main(argv=None) -> int:
     if "torchao" in args.methods:
         print(f"torchao: {torchao[1]}" + ("" if torchao[0] else " -> method skipped"))
     out, records = Path(args.out), []
-    for shape in args.shapes:
-        for mode in args.group_modes:
-            sizes = group_sizes(shape[0], shape[1], mode, args.seed)
-            inputs = make_inputs(shape, sizes, args.seed)
-            ref = reference_output(inputs[0].detach(), inputs[1].detach().transpose(-2, -1),
-                                   inputs[2])
-            states = {m: prepare(m, shape, mode, sizes, inputs, ref, torchao) for m in args.methods}
-            for r in range(args.rounds):
-                for method in round_order(args.methods, r):
-                    time_once(states[method], inputs, args.warmup, args.rep)
-            for method in args.methods:
-                rec = summarize_rounds(states[method]["rec"], shape)
-                records.append(rec)
-                spread = rec.get("fwd_bwd_spread")
-                print(f"{shape} {mode:7s} {method:13s} {rec['status']:7s} "
-                      f"fwd {_fmt(rec.get('fwd_ms'), '.3f')} ms, "
-                      f"fwd+bwd {_fmt(rec.get('fwd_bwd_ms'), '.3f')} ms "
-                      f"(spread {_percent(spread)}) {rec['note']}",
-                      flush=True)
-            del inputs, ref, states
-            torch.cuda.empty_cache()
-            _write_json(out, header, add_ratios(records))  # partial results survive a crash
+    out.parent.mkdir(parents=True, exist_ok=True)
+    monitor = GpuMonitor(out.with_name(out.stem + "_gpu_samples.csv"))
+    try:
+        for shape in args.shapes:
+            for mode in args.group_modes:
+                records += bench_shape(args, shape, mode, torchao, monitor)
+                _write_json(out, header, add_ratios(records))  # partial results survive a crash
+    finally:
+        monitor.close()
+    header["gpu_during_run"] = monitor.take_all()
     records = add_ratios(records)
+    _write_json(out, header, records)
     print(f"\n{header['gpu']}, driver {header['driver']}, torch {header['torch']}, "
           f"triton {header['triton']}, torchao {header['torchao']}, {header['date']}\n")
     print(format_table(records, geomeans(records)))
+    gpu = header["gpu_during_run"]
+    if gpu:
+        print(f"\nGPU over the run ({gpu['n']} samples): SM clock median {gpu['sm_mhz_median']:.0f} MHz, "
+              f"min {gpu['sm_mhz_min']:.0f} (rated {gpu['sm_mhz_max_rated']:.0f}); power median "
+              f"{gpu['power_w_median']:.0f} W of {gpu['power_limit_w']:.0f}; power-capped in "
+              f"{100 * gpu['power_capped']:.0f}% of samples")
     print(f"\n{PEAK_MEM_NOTE}\nwrote {out}")
     return 0
 

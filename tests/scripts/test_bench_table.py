@@ -240,6 +240,18 @@ def test_summarize_rounds_takes_the_median_round_and_the_spread(bench):
     assert "fwd_ms" not in skipped and "fwd_bwd_spread" not in skipped
 
 
+def test_summarize_gpu_samples_reads_nvidia_smi_lines(bench):
+    lines = ["1650 MHz, 1980 MHz, 693.29 W, 700.00 W, 0x0000000000000004",
+             "1980 MHz, 1980 MHz, 120.50 W, 700.00 W, 0x0000000000000000",
+             "garbage line", "[N/A], 1980 MHz, 1 W, 700 W, 0x0",
+             "1440 MHz, 1980 MHz, 699.00 W, 700.00 W, 0x0000000000000084"]
+    s = bench.summarize_gpu_samples(lines)
+    assert s["n"] == 3 and s["sm_mhz_median"] == 1650 and s["sm_mhz_min"] == 1440
+    assert s["sm_mhz_max_rated"] == 1980 and s["power_limit_w"] == 700
+    assert s["power_w_median"] == pytest.approx(693.29) and s["power_capped"] == pytest.approx(2 / 3)
+    assert bench.summarize_gpu_samples(["", "no samples"]) is None
+
+
 def test_parse_args_defaults_and_quick(bench):
     args = bench.parse_args([])
     assert args.shapes == bench.DEFAULT_SHAPES and args.group_modes == ("uniform", "uneven")
@@ -267,6 +279,7 @@ def test_quick_gpu_run_writes_sane_json(bench, tmp_path):
     assert result["header"]["gpu"] and result["header"]["torch"] == torch.__version__
     records = result["records"]
     assert len(records) == 2 * 2 * len(bench.METHODS)
+    assert all("gpu" in r for r in records) and "gpu_during_run" in result["header"]
     for r in records:
         assert r["status"] in ("ok", "skipped"), r  # "error" means a method failed
         if r["status"] == "ok":
