@@ -46,8 +46,6 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
     x_data, x_scale = x_fp8 if x_fp8 is not None else (None, None)
     eager = not torch.compiler.is_compiling()  # eager: skip the custom-op dispatch (host time)
     if chosen == "bf16":
-        if eager and hp_ops.native_autograd_ok(x, w_t, x_data, out_dtype):
-            return hp_ops.grouped_mm_native(x, w_t, offs)
         if eager:
             return hp_ops.EagerGroupedMMHP.apply(x, w_t, offs, x_data, x_scale, out_dtype)
         return torch.ops.ep_fp8.grouped_mm_hp_fwd(x, w_t, offs, x_data, x_scale, out_dtype)

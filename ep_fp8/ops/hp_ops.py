@@ -89,36 +89,6 @@ def _backward(ctx, grad_out):
 _hp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Eager calls below this many multiply-adds (M * K * N) run on torch._grouped_mm's own
-# autograd instead of EagerGroupedMMHP: at these sizes the host, not the GPU, sets the
-# pace, and a Python backward plus two Triton launches cost more host time than the GEMMs
-# (H200, 4096 x 2048 x 768: 370-510 us per forward+backward against 130-140 us for raw
-# torch._grouped_mm; docs/perf_notes.md, v6). Masking rows past offs[-1] with torch ops
-# costs three extra passes over x, out and grad_x on the GPU, a few percent at these
-# sizes and up to ~10% on large ones, where the Function runs instead.
-NATIVE_AUTOGRAD_MAX_MACS = 2**37
-
-
-def native_autograd_ok(x: torch.Tensor, w_t: torch.Tensor, x_data, out_dtype: torch.dtype) -> bool:
-    """Whether an eager bf16 call can run on torch._grouped_mm's own autograd: a small
-    problem (NATIVE_AUTOGRAD_MAX_MACS), x itself (no x_fp8), the output in x's dtype, and
-    operands torch._grouped_mm accepts as they are."""
-    (M, K), N = x.shape, w_t.shape[2]
-    return (x_data is None and out_dtype == x.dtype and 0 < M * K * N < NATIVE_AUTOGRAD_MAX_MACS
-            and backends._grouped_mm_accepts(x) and backends._grouped_mm_accepts(w_t))
-
-
-def grouped_mm_native(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm(x, w_t, offs) with its own autograd, rows past offs[-1] zero in the
-    output and in grad_x: x enters through masked_fill, whose backward zeroes those rows of
-    grad_x (the GEMM leaves them unwritten), and the output is masked in place. Every
-    backward step is a C++ autograd node: no Python runs in backward."""
-    past = (torch.arange(x.shape[0], device=x.device) >= offs[-1]).unsqueeze(1)
-    if torch.is_grad_enabled() and x.requires_grad:
-        x = x.masked_fill(past, 0)
-    return torch._grouped_mm(x, w_t, offs=offs).masked_fill_(past, 0)
-
-
 class EagerGroupedMMHP(torch.autograd.Function):
     """The bf16 custom ops' forward and backward called directly, for eager mode (less
     host time per call than the custom-op dispatch; see fp8_ops.EagerScaledGroupedMM)."""

@@ -10,7 +10,6 @@ is float32 accumulation: EXACT_TOL = 1e-5.
 import pytest
 import torch
 
-from ep_fp8.ops import hp_ops
 from ep_fp8.ops import quant_ref as R
 from ep_fp8.ops import quantize_rows, resolve_backend, scaled_grouped_mm
 from tests.ops._helpers import grouped_mm_f64, offsets, rel_err
@@ -78,44 +77,6 @@ def test_forward_and_both_grads_match_float64(shape, dtype, w_layout, backend):
     for g, size in enumerate(sizes):
         if size == 0:
             assert bool((gw[g] == 0).all())  # an empty group has no gradient
-
-
-@pytest.mark.parametrize("shape", ["uneven_with_empty", "rows_past_end", "empty_first_and_last"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("path", ["native", "function"])
-def test_bf16_eager_paths_match_float64_and_zero_rows_past_end(shape, dtype, path, monkeypatch):
-    # Small eager calls run on torch._grouped_mm's own autograd (rows past offs[-1] masked
-    # by torch ops), larger ones through EagerGroupedMMHP: both must give the same numbers,
-    # and zeros where the GEMM leaves rows unwritten (garbage on CPU too).
-    if path == "function":
-        monkeypatch.setattr(hp_ops, "NATIVE_AUTOGRAD_MAX_MACS", 0)
-    sizes, tail, K, N = SHAPES[shape]
-    x, w, w_t, offs, grad_out = _inputs(sizes, tail, K, N, dtype, "gnk", seed=11)
-    xl, wl = x.detach().requires_grad_(), w.detach().requires_grad_()
-    out = scaled_grouped_mm(xl, wl.transpose(1, 2), offs, backend="bf16")
-    is_function = "EagerGroupedMMHP" in type(out.grad_fn).__name__
-    assert is_function == (path == "function"), type(out.grad_fn).__name__
-    out.backward(grad_out)
-    gx, gw = xl.grad, wl.grad.transpose(1, 2)
-    ref_out, ref_gx, ref_gw = grouped_mm_f64(x, w_t, offs, grad_out)
-    tol = BF16_TOL if dtype == torch.bfloat16 else EXACT_TOL
-    for got, ref in ((out, ref_out), (gx, ref_gx), (gw, ref_gw)):
-        assert got.dtype == dtype and rel_err(got, ref) < tol
-    end = sum(sizes)
-    assert bool((out[end:] == 0).all()) and bool((gx[end:] == 0).all())
-    for g, size in enumerate(sizes):
-        if size == 0:
-            assert bool((gw[g] == 0).all())
-
-
-def test_bf16_native_path_leaves_x_alone_without_grad():
-    sizes, tail, K, N = SHAPES["rows_past_end"]
-    x, w, w_t, offs, _ = _inputs(sizes, tail, K, N, torch.bfloat16, "gnk", seed=12)
-    x_before = x.clone()
-    with torch.no_grad():
-        out = scaled_grouped_mm(x, w_t, offs, backend="bf16")
-    assert torch.equal(x, x_before) and bool((out[sum(sizes):] == 0).all())
-    assert rel_err(out, grouped_mm_f64(x, w_t, offs)) < BF16_TOL
 
 
 @pytest.mark.parametrize("exact", [False, True])
