@@ -18,6 +18,9 @@ w (G, N, K) bf16 passed as w.transpose(-2, -1), as the experts do; grad_out (M, 
   recording (as in training); fwd+bwd = forward -> backward(grad_out), with x.grad and
   w.grad set to None before each timed run.
 - TFLOP/s: 2*M*K*N per forward, 6*M*K*N per forward+backward.
+- --cuda-graph: every call is captured once in a CUDA graph and its replays are timed:
+  the GPU time alone, without the host time of the Python calls and kernel launches (what
+  a training step captured in CUDA graphs pays).
 - peak_mem_gib: see PEAK_MEM_NOTE.
 - rel_err: ||y - y_ref|| / ||y_ref|| (Frobenius) of the forward output, y_ref computed in
   float64 from the same bf16 inputs: a sanity check, not a benchmark.
@@ -342,13 +345,30 @@ def build_forward(method: str, x, w, offs, torchao_fn, torchao_note: str):
             False, "forward only, operands pre-quantized")
 
 
-def prepare(method, shape, groups, sizes, inputs, ref, torchao) -> dict:
-    """One method ready to time: {"rec": its record (error, peak memory, note), "forward",
-    "has_backward"}; the record's status is "skipped" or "error" where it cannot run."""
+def capture(fn):
+    """fn captured in a CUDA graph after a warm-up on a side stream -> the graph's replay:
+    the same GPU work with no host time per call (what CUDA graphs give a training step)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def prepare(method, shape, groups, sizes, inputs, ref, torchao, cuda_graph: bool = False) -> dict:
+    """One method ready to time: {"rec": its record (error, peak memory, note), "fwd" and
+    "step" (the calls to time: forward, forward+backward), "graphed"}; the record's status
+    is "skipped" or "error" where it cannot run. With cuda_graph both calls are replays of
+    CUDA graphs captured here."""
     x, w, offs, grad_out = inputs
     rec = {"shape": list(shape), "groups": groups, "group_sizes": sizes, "method": method,
            "status": "ok", "note": "", "fwd_ms_rounds": [], "fwd_bwd_ms_rounds": []}
-    state = {"rec": rec, "forward": None, "has_backward": False}
+    state = {"rec": rec, "fwd": None, "step": None, "graphed": cuda_graph}
     try:
         forward, has_backward, rec["note"] = build_forward(method, x, w, offs, *torchao)
         y = forward()  # first call: compiles and autotunes kernels
@@ -364,7 +384,19 @@ def prepare(method, shape, groups, sizes, inputs, ref, torchao) -> dict:
             forward().backward(grad_out)
             torch.cuda.synchronize()
             rec["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
-        state.update(forward=forward, has_backward=has_backward)
+        x.grad = w.grad = None
+
+        def step():
+            forward().backward(grad_out)
+
+        def step_from_no_grads():  # captured once: the replays rewrite the same grad buffers
+            x.grad = w.grad = None
+            step()
+
+        if cuda_graph:
+            state.update(fwd=capture(forward), step=capture(step_from_no_grads) if has_backward else None)
+        else:
+            state.update(fwd=forward, step=step if has_backward else None)
     except Unavailable as e:
         rec.update(status="skipped", note=str(e))
     except Exception as e:  # noqa: BLE001 - one failing method must not end the run
@@ -379,20 +411,21 @@ def time_once(state: dict, inputs, warmup: float, rep: float) -> None:
     forward and of forward+backward to its record's *_rounds lists."""
     from triton.testing import do_bench
 
-    rec, forward = state["rec"], state["forward"]
+    rec = state["rec"]
     if rec["status"] != "ok":
         return
-    x, w, _, grad_out = inputs
+    x, w = inputs[:2]
+    grads = [] if state["graphed"] else [x, w]  # a graph replay keeps its own gradient buffers
     try:
-        rec["fwd_ms_rounds"].append(do_bench(forward, warmup=warmup, rep=rep, return_mode="median"))
-        if state["has_backward"]:
-            step = lambda: forward().backward(grad_out)
-            rec["fwd_bwd_ms_rounds"].append(do_bench(step, warmup=warmup, rep=rep, grad_to_none=[x, w],
+        rec["fwd_ms_rounds"].append(do_bench(state["fwd"], warmup=warmup, rep=rep, return_mode="median"))
+        if state["step"] is not None:
+            rec["fwd_bwd_ms_rounds"].append(do_bench(state["step"], warmup=warmup, rep=rep, grad_to_none=grads,
                                                      return_mode="median"))
     except Exception as e:  # noqa: BLE001
         rec.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     finally:
-        x.grad = w.grad = None
+        if not state["graphed"]:
+            x.grad = w.grad = None
 
 
 def round_order(methods: list[str], r: int) -> list[str]:
@@ -491,7 +524,7 @@ def environment(args) -> dict:
             "torchao": torchao_version,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "warmup_ms": args.warmup, "rep_ms": args.rep, "seed": args.seed,
-            "rounds": args.rounds,
+            "rounds": args.rounds, "cuda_graph": args.cuda_graph,
             "timing": "median over rounds (methods interleaved) of triton.testing.do_bench medians, ms",
             "peak_mem": PEAK_MEM_NOTE,
             "ratios": "x_bf16 / x_torchao = baseline time / method time (> 1: faster)"}
@@ -511,6 +544,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="do_bench warm-up, ms (25)")
     p.add_argument("--rep", type=float, default=None, help="do_bench repetition, ms (100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time replays of CUDA graphs of each call: GPU time without host overhead")
     p.add_argument("--rounds", type=int, default=None,
                    help="timing rounds per shape, the methods interleaved in each (5; --quick: 1)")
     args = p.parse_args(argv)
@@ -541,7 +576,7 @@ def bench_shape(args, shape, mode: str, torchao, monitor: GpuMonitor) -> list[di
     sizes = group_sizes(shape[0], shape[1], mode, args.seed)
     inputs = make_inputs(shape, sizes, args.seed)
     ref = reference_output(inputs[0].detach(), inputs[1].detach().transpose(-2, -1), inputs[2])
-    states = {m: prepare(m, shape, mode, sizes, inputs, ref, torchao) for m in args.methods}
+    states = {m: prepare(m, shape, mode, sizes, inputs, ref, torchao, args.cuda_graph) for m in args.methods}
     monitor.take()  # drop the samples of the set-up
     for r in range(args.rounds):
         for method in round_order(args.methods, r):

@@ -272,6 +272,20 @@ def test_main_without_cuda_says_so_and_writes_nothing(bench, tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quick_gpu_run_in_cuda_graphs(bench, tmp_path):
+    out = tmp_path / "g.json"
+    argv = ["--quick", "--cuda-graph", "--methods", "bf16,ep_fp8_auto", "--groups", "uneven",
+            "--out", str(out), "--warmup", "1", "--rep", "5"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["header"]["cuda_graph"] is True
+    for r in result["records"]:
+        assert r["status"] == "ok", r
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["rel_err"] < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quick_gpu_run_writes_sane_json(bench, tmp_path):
     out = tmp_path / "r.json"
     assert bench.main(["--quick", "--out", str(out), "--warmup", "1", "--rep", "5"]) == 0
