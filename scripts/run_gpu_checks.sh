@@ -4,7 +4,8 @@
 #   bash scripts/run_gpu_checks.sh OUT_DIR [tests] [bench] [train]   (no stage: all three)
 #
 #   tests  every GPU test (pytest -m gpu), log in OUT_DIR/gpu_tests.log
-#   bench  scripts/bench_grouped_mm.py (all shapes) and scripts/bench_dispatch.py (local
+#   bench  scripts/bench_grouped_mm.py (all shapes; the small ones and one large one again
+#          in CUDA graphs) and scripts/bench_dispatch.py (local
 #          path on 1 GPU; all-to-all over every visible GPU when there are several)
 #   train  moe_1b_h200.toml for 50 steps with float8 on and off (torch.compile on), then
 #          scripts/profile_train_step.py for each: tokens/s, MFU, memory, time by category
@@ -50,6 +51,9 @@ for stage in $stages; do
             run gpu_tests python3 -m pytest -m gpu -q -o addopts="" -p no:cacheprovider tests ;;
         bench)
             run bench_grouped_mm python3 scripts/bench_grouped_mm.py --out "$out/bench_grouped_mm.json"
+            run bench_grouped_mm_cuda_graph python3 scripts/bench_grouped_mm.py --cuda-graph \
+                --shape 8192,16,2048,2816 --shape 8192,16,1408,2048 --shape 4096,32,2048,768 \
+                --shape 16384,8,5120,16384 --out "$out/bench_grouped_mm_cuda_graph.json"
             run bench_dispatch_local python3 scripts/bench_dispatch.py --out "$out/bench_dispatch_local.json"
             if [ "$ngpu" -gt 1 ]; then
                 run bench_dispatch_ep python3 -m torch.distributed.run --standalone \
