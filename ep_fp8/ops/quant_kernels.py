@@ -36,6 +36,11 @@ COLS_PASS2_CONFIG = (256, 4)
 WEIGHT_FWD_ROWS = 64
 WEIGHT_FWD_SHORT_ROWS = (2, 4)  # rows up to 4096 long: two at once, 4 warps
 WEIGHT_FWD_LONG_ROWS = (1, 8)  # longer rows: one at a time (two spill registers), 8 warps
+# Rows longer than 4096 that a power-of-two block would pad by much are held as a block
+# and a tail (weight_fwd_blocks), one row at a time with 4 warps: (8, 16384, 5120) 711 ->
+# 639 us (8 warps: 704 us; two rows at a time: 1.4-1.7 ms). Shorter rows gain nothing
+# from it ((16, 2048, 1408): 62 us as one block, 72 us at best as two).
+WEIGHT_FWD_SPLIT_ROWS = (1, 4)
 
 
 @triton.jit
@@ -147,7 +152,7 @@ def quantize_rows_triton(a: torch.Tensor, exact_scales: bool = False):
 
 @triton.jit
 def _weight_fwd_kernel(w_ptr, s_g, s_k, s_n, q_ptr, d_ptr, amax_bwd_ptr, K, N,
-                       ROWS: tl.constexpr, AT_ONCE: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ROWS: tl.constexpr, AT_ONCE: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
                        ONE_BLOCK: tl.constexpr, BWD: tl.constexpr, EXACT: tl.constexpr):
     # ROWS consecutive n of one expert, AT_ONCE rows at a time. The |w| maxima per k over
     # them build up in registers and take one atomic per k per program (values >= 0, NaN as
@@ -158,6 +163,8 @@ def _weight_fwd_kernel(w_ptr, s_g, s_k, s_n, q_ptr, d_ptr, amax_bwd_ptr, K, N,
     n0 = tl.program_id(1) * ROWS
     ks = tl.arange(0, BLOCK_K)
     if ONE_BLOCK:
+        # A row is held as a block of BLOCK_K columns plus, when TAIL_K > 0, a second block
+        # of TAIL_K columns after it (K = 5120 as 4096 + 1024 rather than one block of 8192).
         mk = ks < K
         w_g = w_ptr + g * s_g + ks[None, :].to(tl.int64) * s_k
         ns = n0 + tl.arange(0, AT_ONCE)
@@ -165,24 +172,43 @@ def _weight_fwd_kernel(w_ptr, s_g, s_k, s_n, q_ptr, d_ptr, amax_bwd_ptr, K, N,
         # per program. Kept in w's dtype until used.
         v_next = tl.load(w_g + ns[:, None].to(tl.int64) * s_n, mask=(ns < N)[:, None] & mk[None, :], other=0.0)
         acc_k = tl.max(_abs_nan_as_inf(v_next), axis=0)  # in w's dtype; the first rows count again below
+        if TAIL_K > 0:
+            kt = BLOCK_K + tl.arange(0, TAIL_K)
+            mkt = kt < K
+            w_gt = w_ptr + g * s_g + kt[None, :].to(tl.int64) * s_k
+            vt_next = tl.load(w_gt + ns[:, None].to(tl.int64) * s_n, mask=(ns < N)[:, None] & mkt[None, :],
+                              other=0.0)
+            acc_t = tl.max(_abs_nan_as_inf(vt_next), axis=0)
         for r in range(0, ROWS, AT_ONCE):
             ns = n0 + r + tl.arange(0, AT_ONCE)
             live = ns < N
-            m = live[:, None] & mk[None, :]
             v = v_next
             ns_next = ns + AT_ONCE
-            v_next = tl.load(w_g + ns_next[:, None].to(tl.int64) * s_n,
-                             mask=((ns_next < N) & (r + AT_ONCE < ROWS))[:, None] & mk[None, :], other=0.0)
+            live_next = ((ns_next < N) & (r + AT_ONCE < ROWS))[:, None]
+            v_next = tl.load(w_g + ns_next[:, None].to(tl.int64) * s_n, mask=live_next & mk[None, :], other=0.0)
             # Maxima in w's own dtype (exact: |v| and max round nothing): half the registers
             # of float32 for bf16 weights.
             va = _abs_nan_as_inf(v)
-            scale, descale = _scales_from_amax(tl.max(va, axis=1).to(tl.float32), EXACT)
-            tl.store(q_ptr + (g * N + ns[:, None]) * K + ks[None, :], _to_fp8(v.to(tl.float32) * scale[:, None]),
-                     mask=m)
+            row_amax = tl.max(va, axis=1)
+            if TAIL_K > 0:
+                vt = vt_next
+                vt_next = tl.load(w_gt + ns_next[:, None].to(tl.int64) * s_n, mask=live_next & mkt[None, :],
+                                  other=0.0)
+                vta = _abs_nan_as_inf(vt)
+                row_amax = tl.maximum(row_amax, tl.max(vta, axis=1))
+            scale, descale = _scales_from_amax(row_amax.to(tl.float32), EXACT)
+            q_rows = q_ptr + (g * N + ns[:, None]) * K
+            tl.store(q_rows + ks[None, :], _to_fp8(v.to(tl.float32) * scale[:, None]), mask=live[:, None] & mk[None, :])
             tl.store(d_ptr + g * N + ns, descale, mask=live)
             acc_k = tl.maximum(acc_k, tl.max(va, axis=0))
+            if TAIL_K > 0:
+                tl.store(q_rows + kt[None, :], _to_fp8(vt.to(tl.float32) * scale[:, None]),
+                         mask=live[:, None] & mkt[None, :])
+                acc_t = tl.maximum(acc_t, tl.max(vta, axis=0))
         if BWD:
             tl.atomic_max(amax_bwd_ptr + g * K + ks, acc_k.to(tl.float32), mask=mk, sem="relaxed")
+            if TAIL_K > 0:
+                tl.atomic_max(amax_bwd_ptr + g * K + kt, acc_t.to(tl.float32), mask=mkt, sem="relaxed")
     else:  # rows longer than one block, one at a time: amax, then cast (and column atomics) per block
         for r in range(ROWS):
             n = n0 + r
@@ -222,6 +248,19 @@ def _weight_bwd_cast_kernel(w_ptr, s_g, s_k, s_n, amax_ptr, q_ptr, d_ptr, K, N,
     tl.store(d_ptr + g * K + ks, descale, mask=mk & (pn == 0))
 
 
+def weight_fwd_blocks(K: int) -> tuple[int, int]:
+    """(BLOCK_K, TAIL_K): how the forward weight kernel holds a row of K. Up to
+    _MAX_ROW_BLOCK, one power-of-two block; rows longer than 4096 as two (4096 and a
+    power-of-two tail) when that leaves fewer lanes idle: 5120 -> (4096, 1024), 7168 ->
+    (8192, 0), 1408 -> (2048, 0). Longer rows: (_MAX_ROW_BLOCK, 0), walked block by block."""
+    full = min(triton.next_power_of_2(K), _MAX_ROW_BLOCK)
+    if K > full or full <= 4096:
+        return full, 0
+    head = full // 2
+    tail = triton.next_power_of_2(K - head)
+    return (head, tail) if head + tail < full else (full, 0)
+
+
 def quantize_weight_fwd_triton(w_t: torch.Tensor, exact_scales: bool = False, bwd_amax: bool = True):
     """Triton twin of quant_ref.quantize_weight_fwd_ref: -> (q_fwd (G, N, K), descale_fwd (G, N), amax_bwd (G, K)).
 
@@ -235,12 +274,15 @@ def quantize_weight_fwd_triton(w_t: torch.Tensor, exact_scales: bool = False, bw
     amax_bwd = torch.zeros((G, K) if bwd_amax else (0,), dtype=torch.float32, device=dev)
     if w_t.numel() == 0:
         return q_fwd, d_fwd, amax_bwd
-    block_k = min(triton.next_power_of_2(K), _MAX_ROW_BLOCK)
-    at_once, warps = WEIGHT_FWD_SHORT_ROWS if block_k <= 4096 else WEIGHT_FWD_LONG_ROWS
+    block_k, tail_k = weight_fwd_blocks(K)
+    if tail_k:
+        at_once, warps = WEIGHT_FWD_SPLIT_ROWS
+    else:
+        at_once, warps = WEIGHT_FWD_SHORT_ROWS if block_k <= 4096 else WEIGHT_FWD_LONG_ROWS
     _weight_fwd_kernel[(G, triton.cdiv(N, WEIGHT_FWD_ROWS))](
         w_t, w_t.stride(0), w_t.stride(1), w_t.stride(2), q_fwd, d_fwd, amax_bwd, K, N,
-        ROWS=WEIGHT_FWD_ROWS, AT_ONCE=at_once, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, BWD=bwd_amax,
-        EXACT=exact_scales, num_warps=warps)
+        ROWS=WEIGHT_FWD_ROWS, AT_ONCE=at_once, BLOCK_K=block_k, TAIL_K=tail_k, ONE_BLOCK=K <= block_k + tail_k,
+        BWD=bwd_amax, EXACT=exact_scales, num_warps=warps)
     return q_fwd, d_fwd, amax_bwd
 
 

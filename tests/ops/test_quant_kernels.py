@@ -87,8 +87,19 @@ def test_weight_column_amax_combines_programs_along_n():
     _weight_halves_match(w)
 
 
-# K = 5000: one row at a time in one block; K = MAX + 77: rows longer than one block (two passes).
-@pytest.mark.parametrize("Kd", [5000, K._MAX_ROW_BLOCK + 77])
+def test_weight_fwd_blocks_split_a_row_only_where_it_saves_lanes():
+    assert K.weight_fwd_blocks(5120) == (4096, 1024) and K.weight_fwd_blocks(6144) == (4096, 2048)
+    assert K.weight_fwd_blocks(7168) == (8192, 0)  # 4096 + 4096 saves nothing
+    assert K.weight_fwd_blocks(1408) == (2048, 0)  # rows up to 4096: one block
+    assert K.weight_fwd_blocks(K._MAX_ROW_BLOCK + 1) == (K._MAX_ROW_BLOCK, 0)
+    for Kd in range(1, K._MAX_ROW_BLOCK + 1, 37):
+        head, tail = K.weight_fwd_blocks(Kd)
+        assert head + tail >= Kd and head & (head - 1) == 0 and tail & (tail - 1) == 0
+
+
+# K = 5000: a row as a block of 4096 and a tail of 1024; 7000: one block of 8192 (a tail
+# would save nothing); K = MAX + 77: rows longer than one block (two passes).
+@pytest.mark.parametrize("Kd", [5000, 7000, K._MAX_ROW_BLOCK + 77])
 def test_weight_halves_match_reference_for_long_rows(Kd):
     gen = torch.Generator().manual_seed(15)
     G, N = 2, 20
