@@ -45,6 +45,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -466,6 +467,13 @@ def make_inputs(shape, sizes, seed: int):
     return x, w, offs, grad_out
 
 
+def nvidia_smi_id(cuda_index: int, visible: str | None) -> str:
+    """The id nvidia-smi knows CUDA device cuda_index by: its entry in CUDA_VISIBLE_DEVICES
+    (an index or a GPU-... UUID) when that is set, else the index itself."""
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    return entries[cuda_index] if cuda_index < len(entries) else str(cuda_index)
+
+
 class GpuMonitor:
     """Samples the GPU's SM clock, power and clock event reasons with nvidia-smi every
     0.5 s into a file while the benchmark runs; take() returns the samples since the last
@@ -474,7 +482,7 @@ class GpuMonitor:
     def __init__(self, path: Path):
         self.path, self.proc, self.seen = path, None, 0
         cmd = ["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader", "-lms", "500",
-               "-i", str(torch.cuda.current_device())]
+               "-i", nvidia_smi_id(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES"))]
         if shutil.which("stdbuf"):  # line-buffered, so that take() sees each sample at once
             cmd = ["stdbuf", "-oL"] + cmd
         try:

@@ -252,6 +252,12 @@ def test_summarize_gpu_samples_reads_nvidia_smi_lines(bench):
     assert bench.summarize_gpu_samples(["", "no samples"]) is None
 
 
+def test_nvidia_smi_id_follows_cuda_visible_devices(bench):
+    assert bench.nvidia_smi_id(0, None) == "0" and bench.nvidia_smi_id(1, "") == "1"
+    assert bench.nvidia_smi_id(0, "3,5") == "3" and bench.nvidia_smi_id(1, "3, 5") == "5"
+    assert bench.nvidia_smi_id(0, "GPU-8f3a") == "GPU-8f3a"
+
+
 def test_parse_args_defaults_and_quick(bench):
     args = bench.parse_args([])
     assert args.shapes == bench.DEFAULT_SHAPES and args.group_modes == ("uniform", "uneven")
