@@ -20,7 +20,7 @@ w (G, N, K) bf16 passed as w.transpose(-2, -1), as the experts do; grad_out (M, 
 - TFLOP/s: 2*M*K*N per forward, 6*M*K*N per forward+backward.
 - --cuda-graph: every call is captured once in a CUDA graph and its replays are timed:
   the GPU time alone, without the host time of the Python calls and kernel launches (what
-  a training step captured in CUDA graphs pays).
+  a training step captured in CUDA graphs pays). Peak memory is still measured eagerly.
 - peak_mem_gib: see PEAK_MEM_NOTE.
 - rel_err: ||y - y_ref|| / ||y_ref|| (Frobenius) of the forward output, y_ref computed in
   float64 from the same bf16 inputs: a sanity check, not a benchmark.
@@ -248,7 +248,7 @@ def format_table(records: list[dict], summaries: list[dict] | None = None) -> st
                       "fwd x torchao", "f+b x torchao"]
         sum_rows = [[s["groups"], s["method"], str(s["n_shapes"])]
                     + [_fmt(s[k], ".3f") for k in RATIO_KEYS] for s in summaries]
-        text += ("\n\nGeometric means over the large shapes "
+        text += ("\n\nGeometric means over those of the large shapes that were run ('shapes': how many) of "
                  + "; ".join(",".join(map(str, s)) for s in LARGE_SHAPES) + "\n"
                  + _render(sum_header + [""], [r + [""] for r in sum_rows], 2))
     return text
@@ -430,17 +430,20 @@ def time_once(state: dict, inputs, warmup: float, rep: float) -> None:
 
 
 def round_order(methods: list[str], r: int) -> list[str]:
-    """The order of the methods in round r: rotated by r and reversed in odd rounds, so
-    that no method is always timed first, nor always right after the same other one."""
-    k = r % len(methods) if methods else 0
+    """The order of the methods in round r: rotated by r // 2 and reversed in odd rounds,
+    so that no method is always timed first, nor always right after the same other one."""
+    k = (r // 2) % len(methods) if methods else 0
     order = list(methods[k:]) + list(methods[:k])
     return order[::-1] if r % 2 else order
 
 
 def summarize_rounds(rec: dict, shape) -> dict:
     """The record's fwd_ms / fwd_bwd_ms (median over rounds), TFLOP/s and fwd_bwd_spread
-    ((max - min) / median of the rounds' forward+backward times; None with one round)."""
+    ((max - min) / median of the rounds' forward+backward times; None with one round).
+    A record whose status is not "ok" (a round failed) gets no times."""
     M, _, K, N = shape
+    if rec.get("status", "ok") != "ok":
+        return rec
     for phase in ("fwd", "fwd_bwd"):
         times = sorted(rec.get(f"{phase}_ms_rounds") or [])
         if not times:
@@ -474,6 +477,31 @@ def nvidia_smi_id(cuda_index: int, visible: str | None) -> str:
     return entries[cuda_index] if cuda_index < len(entries) else str(cuda_index)
 
 
+def _this_gpu_for_nvidia_smi() -> str:
+    """The current CUDA device as nvidia-smi's -i wants it: by UUID (CUDA's and
+    nvidia-smi's device orders can differ), else through CUDA_VISIBLE_DEVICES."""
+    index = torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid:
+        text = str(uuid)
+        return text if text.startswith("GPU-") else f"GPU-{text}"
+    return nvidia_smi_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _parent_death_signal():
+    """A preexec_fn for Popen that has the child sent SIGTERM when this process dies, even by
+    SIGKILL (Linux prctl PR_SET_PDEATHSIG), or None where there is no prctl. Looked up
+    here, in the parent: the child only makes the call."""
+    try:
+        import ctypes
+        import signal
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
+
+
 class GpuMonitor:
     """Samples the GPU's SM clock, power and clock event reasons with nvidia-smi every
     0.5 s into a file while the benchmark runs; take() returns the samples since the last
@@ -482,19 +510,21 @@ class GpuMonitor:
     def __init__(self, path: Path):
         self.path, self.proc, self.seen = path, None, 0
         cmd = ["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader", "-lms", "500",
-               "-i", nvidia_smi_id(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES"))]
+               "-i", _this_gpu_for_nvidia_smi()]
         if shutil.which("stdbuf"):  # line-buffered, so that take() sees each sample at once
             cmd = ["stdbuf", "-oL"] + cmd
         try:
             with path.open("w") as f:
-                self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL)
+                self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL,
+                                             preexec_fn=_parent_death_signal())
         except OSError:
             self.proc = None
 
     def take(self) -> dict | None:
         if self.proc is None:
             return None
-        lines = self.path.read_text().splitlines()
+        text = self.path.read_text()
+        lines = text[:text.rfind("\n") + 1].splitlines()  # whole lines only: the last may be half written
         new, self.seen = lines[self.seen:], len(lines)
         return summarize_gpu_samples(new)
 

@@ -3,7 +3,8 @@
 #
 #   bash scripts/run_gpu_checks.sh OUT_DIR [tests] [bench] [train]   (no stage: all three)
 #
-#   tests  every GPU test (pytest -m gpu), log in OUT_DIR/gpu_tests.log
+#   tests  every GPU test (pytest -m gpu), log in OUT_DIR/gpu_tests.log, and the kernel
+#          tests on CUDA tensors (OUT_DIR/gpu_kernel_tests.log)
 #   bench  scripts/bench_grouped_mm.py (all shapes; the small ones and one large one again
 #          in CUDA graphs) and scripts/bench_dispatch.py (local
 #          path on 1 GPU; all-to-all over every visible GPU when there are several)
@@ -48,7 +49,11 @@ train_recipe() {  # train_recipe FLOAT8(true|false)
 for stage in $stages; do
     case "$stage" in
         tests)
-            run gpu_tests python3 -m pytest -m gpu -q -o addopts="" -p no:cacheprovider tests ;;
+            run gpu_tests python3 -m pytest -m gpu -q -o addopts="" -p no:cacheprovider tests
+            # Not marked gpu (they run on CPU too), but on CUDA tensors when a GPU is present:
+            # the Triton kernels bit for bit against their torch references.
+            run gpu_kernel_tests python3 -m pytest -q -o addopts="" -p no:cacheprovider \
+                tests/ops/test_quant_kernels.py tests/ops/test_permute.py ;;
         bench)
             run bench_grouped_mm python3 scripts/bench_grouped_mm.py --out "$out/bench_grouped_mm.json"
             run bench_grouped_mm_cuda_graph python3 scripts/bench_grouped_mm.py --cuda-graph \

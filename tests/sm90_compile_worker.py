@@ -56,7 +56,8 @@ def main() -> int:
         quant_kernels.quantize_rows_triton(x, exact)
         quant_kernels.quantize_rows_triton(torch.randn(4, 20000, generator=g), exact)  # multi-block rows
         for w in (w_t, w_t.transpose(-2, -1).contiguous().transpose(-2, -1),
-                  torch.randn(2, 9000, 16, generator=g)):  # the last: rows longer than one block
+                  torch.randn(2, 9000, 16, generator=g),  # rows longer than one block
+                  torch.randn(2, 5000, 16, generator=g)):  # rows held as a block of 4096 and a tail
             amax = quant_kernels.quantize_weight_fwd_triton(w, exact)[2]
             quant_kernels.quantize_weight_fwd_triton(w, exact, bwd_amax=False)
             quant_kernels.quantize_weight_bwd_triton(w, amax, exact)

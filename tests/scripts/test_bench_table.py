@@ -4,6 +4,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 import types
 
@@ -214,11 +215,12 @@ def test_bad_options_stop_before_any_work(bench, capsys, argv, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_round_order_varies_the_first_method_and_each_ones_predecessor(bench):
-    methods = list(bench.METHODS)
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_round_order_varies_the_first_method_and_each_ones_predecessor(bench, n):
+    methods = list(bench.METHODS)[:n]
     orders = [bench.round_order(methods, r) for r in range(5)]
     assert all(sorted(o) == sorted(methods) for o in orders)
-    assert orders[0] == methods and len({o[0] for o in orders}) >= 3
+    assert orders[0] == methods and len({o[0] for o in orders}) >= min(n, 3)
     for m in methods:  # the method timed just before m is not always the same
         assert len({o[o.index(m) - 1] if o.index(m) else None for o in orders}) > 1, m
 
@@ -238,6 +240,9 @@ def test_summarize_rounds_takes_the_median_round_and_the_spread(bench):
     skipped = bench.summarize_rounds({"status": "skipped", "fwd_ms_rounds": [], "fwd_bwd_ms_rounds": []},
                                      (16, 1, 16, 16))
     assert "fwd_ms" not in skipped and "fwd_bwd_spread" not in skipped
+    failed = bench.summarize_rounds({"status": "error", "fwd_ms_rounds": [1.0, 1.1], "fwd_bwd_ms_rounds": [3.0]},
+                                    (16, 1, 16, 16))  # a later round failed: no times from the others
+    assert "fwd_ms" not in failed and "fwd_bwd_ms" not in failed
 
 
 def test_summarize_gpu_samples_reads_nvidia_smi_lines(bench):
@@ -250,6 +255,19 @@ def test_summarize_gpu_samples_reads_nvidia_smi_lines(bench):
     assert s["sm_mhz_max_rated"] == 1980 and s["power_limit_w"] == 700
     assert s["power_w_median"] == pytest.approx(693.29) and s["power_capped"] == pytest.approx(2 / 3)
     assert bench.summarize_gpu_samples(["", "no samples"]) is None
+
+
+def test_gpu_monitor_takes_whole_lines_only(bench, tmp_path):
+    monitor = bench.GpuMonitor.__new__(bench.GpuMonitor)  # no nvidia-smi here: feed its file by hand
+    monitor.path, monitor.proc, monitor.seen = tmp_path / "s.csv", object(), 0
+    line = "1650 MHz, 1980 MHz, 693.29 W, 700.00 W, 0x0000000000000004\n"
+    monitor.path.write_text(line + line[:20])  # the second sample half written
+    first = monitor.take()
+    assert first["n"] == 1
+    monitor.path.write_text(line + line + "1980 MHz, 1980 MHz, 120.00 W, 700.00 W, 0x0\n")
+    second = monitor.take()  # the completed sample and the next, not the first again
+    assert second["n"] == 2 and second["power_capped"] == 0.5
+    assert monitor.take() is None  # nothing new
 
 
 def test_nvidia_smi_id_follows_cuda_visible_devices(bench):
@@ -278,13 +296,17 @@ def test_main_without_cuda_says_so_and_writes_nothing(bench, tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_quick_gpu_run_in_cuda_graphs(bench, tmp_path):
+def test_quick_gpu_run_in_cuda_graphs(bench, tmp_path, monkeypatch):
     out = tmp_path / "g.json"
     argv = ["--quick", "--cuda-graph", "--methods", "bf16,ep_fp8_auto", "--groups", "uneven",
             "--out", str(out), "--warmup", "1", "--rep", "5"]
+    captured = []
+    real_capture = bench.capture
+    monkeypatch.setattr(bench, "capture", lambda fn: captured.append(fn) or real_capture(fn))
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["header"]["cuda_graph"] is True
+    assert len(captured) == 2 * 2 * len(bench.QUICK_SHAPES)  # forward and forward+backward, 2 methods
     for r in result["records"]:
         assert r["status"] == "ok", r
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["rel_err"] < 1e-2
@@ -300,6 +322,8 @@ def test_quick_gpu_run_writes_sane_json(bench, tmp_path):
     records = result["records"]
     assert len(records) == 2 * 2 * len(bench.METHODS)
     assert all("gpu" in r for r in records) and "gpu_during_run" in result["header"]
+    if shutil.which("nvidia-smi"):  # sampled every 0.5 s over a run of several seconds
+        assert result["header"]["gpu_during_run"]["n"] > 0
     for r in records:
         assert r["status"] in ("ok", "skipped"), r  # "error" means a method failed
         if r["status"] == "ok":
