@@ -89,7 +89,6 @@ def quantize_rows(x: torch.Tensor, exact_scales: bool = False) -> tuple[torch.Te
     return torch.ops.ep_fp8.quantize_rows(x.detach(), exact_scales)
 
 
-
 def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of quantize_rows up to its rounding: data (M, C) float8_e4m3fn and scale
     (M,) float32 -> (M, C) in dtype (bfloat16 or float32), data * (1 / scale) per row.

@@ -121,6 +121,7 @@ _SCALE = torch.ones(4)
     (_DATA.view(64), torch.ones(64), torch.bfloat16, ValueError, "data must be 2-D"),
     (_DATA, torch.ones(5), torch.bfloat16, ValueError, "scale must have shape \\(4,\\)"),
     ([1.0], _SCALE, torch.bfloat16, TypeError, "data must be a torch.Tensor"),
+    (_DATA, torch.ones(4, device="meta"), torch.bfloat16, ValueError, "data and scale must be on one device"),
 ])
 def test_dequantize_rows_rejects_bad_input(data, scale, dtype, exc, words):
     with pytest.raises(exc, match=words):
