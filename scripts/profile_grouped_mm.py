@@ -4,32 +4,68 @@
     python scripts/profile_grouped_mm.py [--shape M,G,K,N ...] [--backend cuda]
 
 For each shape (uniform groups): the GPU kernels of one forward+backward (torch.profiler,
-summed per kernel name), the host time per call (forward alone and forward+backward,
-without waiting for the GPU; with --cprofile, where it goes), each quantization kernel
-pair alone with the bytes it moves per second, and the float8 GEMMs alone with and
-without fast accumulation.
+summed per kernel name) and of raw bf16 torch._grouped_mm's, and from them the bound the
+float8 path would reach with its quantization at copy speed; the host time per call
+(forward alone and forward+backward, without waiting for the GPU; with --cprofile, where
+it goes); each quantization kernel pair alone with the bytes it moves per second; and the
+float8 GEMMs alone with and without fast accumulation.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
 import torch
 
 DEFAULT = ["16384,8,5120,16384", "8192,16,1408,2048"]
+# Device-to-device copy on the H200 (read + write), ../shared measurements: the speed a
+# memory-bound quantization pass can reach at best.
+COPY_TB_S = 4.29
 
 
-def _inputs(M, G, K, N):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-    w = (torch.randn(G, N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * K**-0.5).requires_grad_()
-    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=gen)
-    offs = torch.full((G,), M // G, device="cuda", dtype=torch.int32).cumsum(0).to(torch.int32)
-    return x, w, g, offs
+def kernel_category(name: str) -> str:
+    """'gemm' for the CUTLASS GEMMs (float8 and bf16), 'quant' for ep_fp8's Triton kernels
+    (named _..._kernel), 'other' for the rest (fills, the GEMMs' argument setup)."""
+    low = name.lower()
+    if "gemm" in low and "prepare" not in low:
+        return "gemm"
+    if name.startswith("_") and name.endswith("_kernel"):
+        return "quant"
+    return "other"
 
 
-def kernel_table(step, n_iter=5):
+def quant_bytes(M: int, G: int, K: int, N: int) -> int:
+    """Bytes the float8 forward+backward's quantization kernels move for bf16 x (M, K),
+    w (G, N, K) and grad_out (M, N): the weight read twice and written twice in float8
+    (forward rows, backward columns); x and grad_out each read twice (amax pass, cast pass)
+    and written twice (row copy, token-group copy)."""
+    return 6 * G * K * N + 6 * M * K + 6 * M * N
+
+
+def bound_summary(fp8_rounds: list[dict], bf16_rounds: list[dict], nbytes: int) -> str:
+    """The kernel-time ratio bf16 / float8, and the same with float8's quantization kernels
+    replaced by nbytes at COPY_TB_S (what faster quantization kernels could reach at most
+    with the same bytes): medians over rounds, each round's float8 and bf16 kernel times
+    (per-category dicts, us) taken one right after the other, with the range over rounds."""
+    at_copy = nbytes / (COPY_TB_S * 1e12) * 1e6
+    med = lambda v: statistics.median(v)  # noqa: E731
+    f8 = [sum(r.values()) for r in fp8_rounds]
+    b16 = [sum(r.values()) for r in bf16_rounds]
+    ratio = [b / f for b, f in zip(b16, f8)]
+    bound = [b / (f - r.get("quant", 0.0) + at_copy) for b, f, r in zip(b16, f8, fp8_rounds)]
+    cat = {c: med([r.get(c, 0.0) for r in fp8_rounds]) for c in ("gemm", "quant", "other")}
+    return (f"  kernel time per forward+backward, median of {len(f8)} rounds: float8 {med(f8):.0f} us (GEMMs "
+            f"{cat['gemm']:.0f}, quantization {cat['quant']:.0f}, other {cat['other']:.0f}), bf16 {med(b16):.0f} us: "
+            f"{med(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f})\n"
+            f"  with quantization at copy speed ({nbytes / 1e9:.2f} GB in {at_copy:.0f} us): "
+            f"{med(bound):.2f}x ({min(bound):.2f}-{max(bound):.2f})")
+
+
+def kernel_table(step, n_iter=5, show=True):
+    """GPU kernel time of one step by kernel category (us), from n_iter steps under
+    torch.profiler; with show, the per-kernel table is printed too."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -44,9 +80,15 @@ def kernel_table(step, n_iter=5):
             t, c = rows.get(e.name, (0.0, 0))
             rows[e.name] = (t + e.device_time, c + 1)  # device_time: us
     total = sum(t for t, _ in rows.values()) / n_iter
-    print(f"  GPU kernel time per step: {total:.1f} us")
+    if show:
+        print(f"  GPU kernel time per step: {total:.1f} us")
+    by_category = {}
     for name, (t, c) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
-        print(f"    {t / n_iter:9.1f} us  x{c // n_iter:<3d} {name[:110]}")
+        if show:
+            print(f"    {t / n_iter:9.1f} us  x{c // n_iter:<3d} {name[:110]}")
+        cat = kernel_category(name)
+        by_category[cat] = by_category.get(cat, 0.0) + t / n_iter
+    return by_category
 
 
 def host_time(fn, n=50):
@@ -131,10 +173,18 @@ def host_profile(step, n=100, top=18):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[])
     p.add_argument("--backend", default="cuda")
+    p.add_argument("--rounds", type=_positive_int, default=5, help="rounds of float8 and bf16 kernel profiles")
     p.add_argument("--cprofile", action="store_true", help="also profile the host time of forward+backward")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -154,13 +204,22 @@ def main(argv=None):
             fwd().backward(g)
             x.grad = w.grad = None
 
-        kernel_table(step)
-        print(f"  host us per call: fwd {host_time(fwd):.1f}, fwd+bwd {host_time(step):.1f}")
-
         def raw_step():
             torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(g)
             x.grad = w.grad = None
 
+        # The GPU's clock moves with its power draw (docs/benchmarks.md): float8 and bf16
+        # are profiled one right after the other, in several rounds.
+        fp8_rounds, bf16_rounds = [], []
+        for r in range(args.rounds):
+            if r == 0:
+                print("  float8:")
+            fp8_rounds.append(kernel_table(step, show=r == 0))
+            if r == 0:
+                print("  raw bf16 torch._grouped_mm:")
+            bf16_rounds.append(kernel_table(raw_step, show=r == 0))
+        print(bound_summary(fp8_rounds, bf16_rounds, quant_bytes(M, G, K, N)))
+        print(f"  host us per call: fwd {host_time(fwd):.1f}, fwd+bwd {host_time(step):.1f}")
         print(f"  host us per call of raw torch._grouped_mm fwd+bwd: {host_time(raw_step):.1f}")
         if args.cprofile:
             host_profile(step)

@@ -26,3 +26,8 @@ def compare_runs():
 @pytest.fixture(scope="session")
 def bench():
     return load_script("bench_grouped_mm")
+
+
+@pytest.fixture(scope="session")
+def profile_mm():
+    return load_script("profile_grouped_mm")

@@ -1,0 +1,47 @@
+"""The CPU-testable parts of scripts/profile_grouped_mm.py: kernel categories, the bytes
+the quantization moves, and the bound it prints."""
+import random
+import re
+
+import pytest
+
+# Kernel names as torch.profiler reports them on the H200 (shortened template arguments).
+CUTLASS_FP8 = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int>, "
+               "cutlass::gemm::collective::CollectiveMma<...float_e4m3_t...>>>(...)")
+CUTLASS_BF16 = "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<...bfloat16_t...>>(...)"
+PREPARE = "void at::cuda::detail::prepare_grouped_gemm_data<cutlass::float_e4m3_t, ...>(...)"
+FILL = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, ...>(...)"
+
+
+def test_kernel_categories(profile_mm):
+    cat = profile_mm.kernel_category
+    assert cat(CUTLASS_FP8) == cat(CUTLASS_BF16) == "gemm"
+    assert cat(PREPARE) == "other"  # the GEMM's argument setup, not a GEMM
+    assert cat(FILL) == "other"
+    for name in ("_weight_fwd_kernel", "_cols_amax_kernel", "_cols_cast_kernel", "_zero_rows_past_end_kernel"):
+        assert cat(name) == "quant"
+
+
+def test_quant_bytes_counts_each_pass(profile_mm):
+    M, G, K, N = 16384, 8, 5120, 16384
+    # weight: read bf16 twice (2 + 2 bytes), written in float8 twice (1 + 1); x and
+    # grad_out: read twice (amax pass, cast pass), two float8 copies each.
+    want = 6 * G * K * N + 6 * M * K + 6 * M * N
+    assert profile_mm.quant_bytes(M, G, K, N) == want == 6_140_461_056
+
+
+def test_bound_summary_medians_and_bound(profile_mm):
+    rng = random.Random(0)
+    fp8, bf16 = [], []
+    for _ in range(5):
+        fp8.append({"gemm": rng.uniform(5000, 6000), "quant": rng.uniform(1500, 2000), "other": 8.0})
+        bf16.append({"gemm": rng.uniform(10000, 12000), "other": 5.0})
+    nbytes = 4_290_000_000  # 1000 us at COPY_TB_S
+    assert profile_mm.COPY_TB_S == 4.29
+    text = profile_mm.bound_summary(fp8, bf16, nbytes)
+    ratios = sorted(sum(b.values()) / sum(f.values()) for f, b in zip(fp8, bf16))
+    bounds = sorted(sum(b.values()) / (f["gemm"] + f["other"] + 1000.0) for f, b in zip(fp8, bf16))
+    m = re.search(r": (\d\.\d\d)x \((\d\.\d\d)-(\d\.\d\d)\)\n", text)
+    assert m and [float(v) for v in m.groups()] == pytest.approx([ratios[2], ratios[0], ratios[4]], abs=0.005)
+    m = re.search(r"4\.29 GB in 1000 us\): (\d\.\d\d)x \((\d\.\d\d)-(\d\.\d\d)\)", text)
+    assert m and [float(v) for v in m.groups()] == pytest.approx([bounds[2], bounds[0], bounds[4]], abs=0.005)
