@@ -63,6 +63,15 @@ def bound_summary(fp8_rounds: list[dict], bf16_rounds: list[dict], nbytes: int) 
             f"{med(bound):.2f}x ({min(bound):.2f}-{max(bound):.2f})")
 
 
+def _inputs(M, G, K, N):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    w = (torch.randn(G, N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * K**-0.5).requires_grad_()
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+    offs = torch.full((G,), M // G, device="cuda", dtype=torch.int32).cumsum(0).to(torch.int32)
+    return x, w, g, offs
+
+
 def kernel_table(step, n_iter=5, show=True):
     """GPU kernel time of one step by kernel category (us), from n_iter steps under
     torch.profiler; with show, the per-kernel table is printed too."""
@@ -226,7 +235,7 @@ def main(argv=None):
         if args.backend == "cuda":
             quant_times(x, w, g, offs)
         gemm_times(x, w, offs)
-        del x, w, g
+        x = w = g = None  # free them before the next shape
         torch.cuda.empty_cache()
     return 0
 
