@@ -5,10 +5,11 @@ import re
 
 import pytest
 
-# Kernel names as torch.profiler reports them on the H200 (shortened template arguments).
-CUTLASS_FP8 = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int>, "
-               "cutlass::gemm::collective::CollectiveMma<...float_e4m3_t...>>>(...)")
-CUTLASS_BF16 = "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<...bfloat16_t...>>(...)"
+# Kernel names as torch.profiler reported them on the H200 (torch 2.11; the CUTLASS GEMMs
+# mangled, cut short here).
+CUTLASS_FP8 = "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShapeIN4cute5tupleIJiiiEEEEENS1_10"
+CUTLASS_BF16 = ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversal"
+                "INS5_17Gr")
 PREPARE = "void at::cuda::detail::prepare_grouped_gemm_data<cutlass::float_e4m3_t, ...>(...)"
 FILL = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, ...>(...)"
 
