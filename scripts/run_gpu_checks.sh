@@ -6,7 +6,8 @@
 #   tests  every GPU test (pytest -m gpu), log in OUT_DIR/gpu_tests.log, and the kernel
 #          tests on CUDA tensors (OUT_DIR/gpu_kernel_tests.log)
 #   bench  scripts/bench_grouped_mm.py (all shapes; the small ones and one large one again
-#          in CUDA graphs) and scripts/bench_dispatch.py (local
+#          in CUDA graphs), scripts/profile_grouped_mm.py (kernel times of the four large
+#          shapes, OUT_DIR/profile_grouped_mm.log) and scripts/bench_dispatch.py (local
 #          path on 1 GPU; all-to-all over every visible GPU when there are several)
 #   train  moe_1b_h200.toml for 50 steps with float8 on and off (torch.compile on), then
 #          scripts/profile_train_step.py for each: tokens/s, MFU, memory, time by category
@@ -59,6 +60,8 @@ for stage in $stages; do
             run bench_grouped_mm_cuda_graph python3 scripts/bench_grouped_mm.py --cuda-graph \
                 --shape 8192,16,2048,2816 --shape 8192,16,1408,2048 --shape 4096,32,2048,768 \
                 --shape 16384,8,5120,16384 --out "$out/bench_grouped_mm_cuda_graph.json"
+            run profile_grouped_mm python3 scripts/profile_grouped_mm.py --shape 16384,8,5120,16384 \
+                --shape 16384,8,8192,5120 --shape 32768,8,7168,4096 --shape 32768,8,2048,7168
             run bench_dispatch_local python3 scripts/bench_dispatch.py --out "$out/bench_dispatch_local.json"
             if [ "$ngpu" -gt 1 ]; then
                 run bench_dispatch_ep python3 -m torch.distributed.run --standalone \
