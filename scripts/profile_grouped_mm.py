@@ -3,12 +3,12 @@
 
     python scripts/profile_grouped_mm.py [--shape M,G,K,N ...] [--backend cuda]
 
-For each shape (uniform groups): the GPU kernels of one forward+backward (torch.profiler,
-summed per kernel name) and of raw bf16 torch._grouped_mm's, and from them the bound the
-float8 path would reach with its quantization at copy speed; the host time per call
-(forward alone and forward+backward, without waiting for the GPU; with --cprofile, where
-it goes); each quantization kernel pair alone with the bytes it moves per second; and the
-float8 GEMMs alone with and without fast accumulation.
+For each shape (uniform groups), first the host time per call (forward alone and
+forward+backward, without waiting for the GPU; with --cprofile, where it goes), each
+quantization kernel pair alone with the bytes it moves per second, and the float8 GEMMs
+alone with and without fast accumulation; then the GPU kernels of one forward+backward
+(torch.profiler, summed per kernel name) and of raw bf16 torch._grouped_mm's, and from
+them the ratio the float8 path would reach with its quantization at copy speed.
 """
 from __future__ import annotations
 
@@ -20,18 +20,21 @@ import time
 import torch
 
 DEFAULT = ["16384,8,5120,16384", "8192,16,1408,2048"]
-# Device-to-device copy on the H200 (read + write), ../shared measurements: the speed a
-# memory-bound quantization pass can reach at best.
+# A large device-to-device torch copy on the H200, bytes read + written per second: the
+# speed a memory-bound quantization pass can reach at best.
 COPY_TB_S = 4.29
+# ep_fp8 kernels that are not quantization (2-4 us per call): counted as 'other'.
+NOT_QUANT = ("_zero_rows_past_end_kernel",)
 
 
 def kernel_category(name: str) -> str:
-    """'gemm' for the CUTLASS GEMMs (float8 and bf16), 'quant' for ep_fp8's Triton kernels
-    (named _..._kernel), 'other' for the rest (fills, the GEMMs' argument setup)."""
+    """'gemm' for the CUTLASS GEMMs (float8 and bf16), 'quant' for ep_fp8's Triton
+    quantization kernels (named _..._kernel), 'other' for the rest (fills, the GEMMs'
+    argument setup, zeroing the rows past offs[-1])."""
     low = name.lower()
     if "gemm" in low and "prepare" not in low:
         return "gemm"
-    if name.startswith("_") and name.endswith("_kernel"):
+    if name.startswith("_") and name.endswith("_kernel") and name not in NOT_QUANT:
         return "quant"
     return "other"
 
@@ -45,22 +48,26 @@ def quant_bytes(M: int, G: int, K: int, N: int) -> int:
 
 
 def bound_summary(fp8_rounds: list[dict], bf16_rounds: list[dict], nbytes: int) -> str:
-    """The kernel-time ratio bf16 / float8, and the same with float8's quantization kernels
+    """The kernel-time ratio bf16 / float8; the same with float8's quantization kernels
     replaced by nbytes at COPY_TB_S (what faster quantization kernels could reach at most
-    with the same bytes): medians over rounds, each round's float8 and bf16 kernel times
-    (per-category dicts, us) taken one right after the other, with the range over rounds."""
+    with the same memory traffic); and with no quantization at all. Each round's float8
+    and bf16 kernel times (per-category dicts, us) were taken one right after the other:
+    each ratio is the median over rounds of that round's ratio, with the range over rounds.
+    Kernel times are medians over rounds per category."""
     at_copy = nbytes / (COPY_TB_S * 1e12) * 1e6
     med = lambda v: statistics.median(v)  # noqa: E731
     f8 = [sum(r.values()) for r in fp8_rounds]
     b16 = [sum(r.values()) for r in bf16_rounds]
     ratio = [b / f for b, f in zip(b16, f8)]
     bound = [b / (f - r.get("quant", 0.0) + at_copy) for b, f, r in zip(b16, f8, fp8_rounds)]
+    free = [b / (f - r.get("quant", 0.0)) for b, f, r in zip(b16, f8, fp8_rounds)]
     cat = {c: med([r.get(c, 0.0) for r in fp8_rounds]) for c in ("gemm", "quant", "other")}
-    return (f"  kernel time per forward+backward, median of {len(f8)} rounds: float8 {med(f8):.0f} us (GEMMs "
-            f"{cat['gemm']:.0f}, quantization {cat['quant']:.0f}, other {cat['other']:.0f}), bf16 {med(b16):.0f} us: "
-            f"{med(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f})\n"
-            f"  with quantization at copy speed ({nbytes / 1e9:.2f} GB in {at_copy:.0f} us): "
-            f"{med(bound):.2f}x ({min(bound):.2f}-{max(bound):.2f})")
+    span = lambda v: f"{med(v):.2f}x ({min(v):.2f}-{max(v):.2f})"  # noqa: E731
+    return (f"  kernel time per forward+backward, medians of {len(f8)} rounds: float8 {med(f8):.0f} us (GEMMs "
+            f"{cat['gemm']:.0f}, quantization {cat['quant']:.0f}, other {cat['other']:.0f}), bf16 {med(b16):.0f} us\n"
+            f"  bf16 / float8 per round: {span(ratio)}\n"
+            f"  with quantization at copy speed ({nbytes / 1e9:.2f} GB in {at_copy:.0f} us): {span(bound)}\n"
+            f"  with no quantization at all: {span(free)}")
 
 
 def _inputs(M, G, K, N):
@@ -182,6 +189,22 @@ def host_profile(step, n=100, top=18):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def _steps(scaled_grouped_mm, x, w, g, offs, backend):
+    """(the op's forward+backward, raw bf16 torch._grouped_mm's, the op's forward)."""
+    def fwd():
+        return scaled_grouped_mm(x, w.transpose(-2, -1), offs, backend=backend)
+
+    def step():
+        fwd().backward(g)
+        x.grad = w.grad = None
+
+    def raw_step():
+        torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(g)
+        x.grad = w.grad = None
+
+    return step, raw_step, fwd
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -192,50 +215,50 @@ def _positive_int(text: str) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[])
-    p.add_argument("--backend", default="cuda")
+    p.add_argument("--backend", default="cuda", choices=("cuda", "auto", "bf16"),
+                   help="ep_fp8's backend (auto and bf16: to see what the bf16 path adds to raw torch._grouped_mm)")
     p.add_argument("--rounds", type=_positive_int, default=5, help="rounds of float8 and bf16 kernel profiles")
     p.add_argument("--cprofile", action="store_true", help="also profile the host time of forward+backward")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_grouped_mm.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from ep_fp8.ops import scaled_grouped_mm
+    from ep_fp8.ops import resolve_backend, scaled_grouped_mm
 
-    for s in args.shape or DEFAULT:
-        M, G, K, N = map(int, s.split(","))
+    shapes = [tuple(map(int, s.split(","))) for s in args.shape or DEFAULT]
+    # Timings of launches first, for every shape: once torch.profiler has run, every later
+    # launch in the process costs more host time (small kernels timed with do_bench then
+    # measure the host, not the GPU).
+    for M, G, K, N in shapes:
         x, w, g, offs = _inputs(M, G, K, N)
-        print(f"shape {s} backend {args.backend}")
-
-        def fwd():
-            return scaled_grouped_mm(x, w.transpose(-2, -1), offs, backend=args.backend)
-
-        def step():
-            fwd().backward(g)
-            x.grad = w.grad = None
-
-        def raw_step():
-            torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(g)
-            x.grad = w.grad = None
-
-        # The GPU's clock moves with its power draw (docs/benchmarks.md): float8 and bf16
-        # are profiled one right after the other, in several rounds.
-        fp8_rounds, bf16_rounds = [], []
-        for r in range(args.rounds):
-            if r == 0:
-                print("  float8:")
-            fp8_rounds.append(kernel_table(step, show=r == 0))
-            if r == 0:
-                print("  raw bf16 torch._grouped_mm:")
-            bf16_rounds.append(kernel_table(raw_step, show=r == 0))
-        print(bound_summary(fp8_rounds, bf16_rounds, quant_bytes(M, G, K, N)))
+        chosen = resolve_backend(args.backend, x.device, K, N, M)
+        print(f"shape {M},{G},{K},{N} backend {args.backend} (runs {chosen}): host time and kernels alone")
+        step, raw_step, fwd = _steps(scaled_grouped_mm, x, w, g, offs, args.backend)
         print(f"  host us per call: fwd {host_time(fwd):.1f}, fwd+bwd {host_time(step):.1f}")
         print(f"  host us per call of raw torch._grouped_mm fwd+bwd: {host_time(raw_step):.1f}")
         if args.cprofile:
             host_profile(step)
-        if args.backend == "cuda":
+        if chosen == "cuda":
             quant_times(x, w, g, offs)
         gemm_times(x, w, offs)
         x = w = g = None  # free them before the next shape
+        torch.cuda.empty_cache()
+    for M, G, K, N in shapes:
+        x, w, g, offs = _inputs(M, G, K, N)
+        chosen = resolve_backend(args.backend, x.device, K, N, M)
+        print(f"shape {M},{G},{K},{N} backend {args.backend} (runs {chosen}): GPU kernels of forward+backward")
+        step, raw_step, _ = _steps(scaled_grouped_mm, x, w, g, offs, args.backend)
+        # The GPU's clock moves with its power draw (docs/benchmarks.md): the op and raw
+        # bf16 are profiled one right after the other, in several rounds, in alternating order.
+        rounds = {"op": [], "raw": []}
+        for r in range(args.rounds):
+            for who in ("op", "raw") if r % 2 == 0 else ("raw", "op"):
+                if r == 0:
+                    print(f"  ep_fp8 ({chosen}):" if who == "op" else "  raw bf16 torch._grouped_mm:")
+                rounds[who].append(kernel_table(step if who == "op" else raw_step, show=r == 0))
+        if chosen == "cuda":
+            print(bound_summary(rounds["op"], rounds["raw"], quant_bytes(M, G, K, N)))
+        x = w = g = None
         torch.cuda.empty_cache()
     return 0
 

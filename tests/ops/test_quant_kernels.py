@@ -81,7 +81,7 @@ def test_weight_kernels_match_reference_bitwise(layout, exact):
 
 def test_weight_column_amax_combines_programs_along_n():
     gen = torch.Generator().manual_seed(14)
-    G, Kd, N = 2, 150, 300  # 5 programs of 64 rows along n, the last one masked
+    G, Kd, N = 2, 150, 301  # 5 programs of 64 rows along n, the last one masked (rows loaded 4 at a time)
     w = (torch.randn(G, Kd, N, generator=gen) * torch.logspace(-3, 3, Kd)[:, None]).bfloat16().to(DEVICE)
     w[1, 140, 290] = 1e6  # the maxima of a row and a column in the last, masked tiles
     _weight_halves_match(w)
@@ -97,9 +97,10 @@ def test_weight_fwd_blocks_split_a_row_only_where_it_saves_lanes():
         assert head + tail >= Kd and head & (head - 1) == 0 and tail & (tail - 1) == 0
 
 
-# K = 5000: a row as a block of 4096 and a tail of 1024; 7000: one block of 8192 (a tail
-# would save nothing); K = MAX + 77: rows longer than one block (two passes).
-@pytest.mark.parametrize("Kd", [5000, 7000, K._MAX_ROW_BLOCK + 77])
+# K = 3000: one block of 4096, one row at a time; 5000: a row as a block of 4096 and a
+# tail of 1024; 7000: one block of 8192 (a tail would save nothing); K = MAX + 77: rows
+# longer than one block (two passes).
+@pytest.mark.parametrize("Kd", [3000, 5000, 7000, K._MAX_ROW_BLOCK + 77])
 def test_weight_halves_match_reference_for_long_rows(Kd):
     gen = torch.Generator().manual_seed(15)
     G, N = 2, 20
@@ -110,12 +111,17 @@ def test_weight_halves_match_reference_for_long_rows(Kd):
 
 # 70 and 130 rows span several GROUP_PAD tiles of one group; C = 136 two column blocks;
 # [300, 5, 200] has more tiles than one amax program takes (a group across two programs).
-@pytest.mark.parametrize("sizes,C", [([0, 7, 70, 0, 16], 40), ([33], 40), ([0, 0, 0], 40), ([130, 1, 64], 136),
-                                     ([300, 5, 200], 40)])
+# Pass 1 takes tiles of 128 rows: [128, 0, 0, 256, 0, 3] has two tiles inside group 3
+# (after two empty groups that end where they start), a group ending on a tile boundary
+# and a last tile with rows past offs[-1]; [128, 0, 200] with no rows past offs[-1] ends
+# in a partial tile that lies in one group. tail: rows of a past offs[-1].
+@pytest.mark.parametrize("sizes,C,tail", [([0, 7, 70, 0, 16], 40, 5), ([33], 40, 5), ([0, 0, 0], 40, 5),
+                                          ([130, 1, 64], 136, 5), ([300, 5, 200], 40, 5),
+                                          ([128, 0, 0, 256, 0, 3], 40, 10), ([128, 0, 200], 40, 0)])
 @pytest.mark.parametrize("exact", [False, True])
-def test_cols_grouped_kernel_matches_reference_bitwise(sizes, C, exact):
+def test_cols_grouped_kernel_matches_reference_bitwise(sizes, C, tail, exact):
     gen = torch.Generator().manual_seed(13)
-    M = sum(sizes) + 5
+    M = sum(sizes) + tail
     a = torch.randn(M, C, generator=gen)
     a[: min(M, 8)] *= 1e5
     if sizes[0] > 0:
@@ -144,8 +150,10 @@ def test_zero_rows_past_end_kernel_matches_reference(sizes):
     assert torch.equal(got, want)
 
 
-# C = 1100: more column blocks than one pass-1 program takes.
-@pytest.mark.parametrize("sizes,C", [([0, 7, 70, 0, 16], 40), ([130, 1, 64], 136), ([0, 0, 0], 24), ([50, 30], 1100)])
+# C = 1100: more column blocks than one pass-1 program takes; [128, 0, 0, 256, 0, 3]: see
+# the test above.
+@pytest.mark.parametrize("sizes,C", [([0, 7, 70, 0, 16], 40), ([130, 1, 64], 136), ([0, 0, 0], 24), ([50, 30], 1100),
+                                     ([128, 0, 0, 256, 0, 3], 24)])
 @pytest.mark.parametrize("exact", [False, True])
 def test_rows_and_cols_in_one_kernel_pair_match_both_references(sizes, C, exact):
     gen = torch.Generator().manual_seed(16)

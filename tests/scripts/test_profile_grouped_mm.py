@@ -19,8 +19,10 @@ def test_kernel_categories(profile_mm):
     assert cat(CUTLASS_FP8) == cat(CUTLASS_BF16) == "gemm"
     assert cat(PREPARE) == "other"  # the GEMM's argument setup, not a GEMM
     assert cat(FILL) == "other"
-    for name in ("_weight_fwd_kernel", "_cols_amax_kernel", "_cols_cast_kernel", "_zero_rows_past_end_kernel"):
+    for name in ("_weight_fwd_kernel", "_weight_bwd_cast_kernel", "_cols_amax_kernel", "_cols_cast_kernel",
+                 "_quant_rows_kernel"):
         assert cat(name) == "quant"
+    assert cat("_zero_rows_past_end_kernel") == "other"  # ep_fp8's, but not quantization
 
 
 def test_quant_bytes_counts_each_pass(profile_mm):
@@ -42,7 +44,15 @@ def test_bound_summary_medians_and_bound(profile_mm):
     text = profile_mm.bound_summary(fp8, bf16, nbytes)
     ratios = sorted(sum(b.values()) / sum(f.values()) for f, b in zip(fp8, bf16))
     bounds = sorted(sum(b.values()) / (f["gemm"] + f["other"] + 1000.0) for f, b in zip(fp8, bf16))
-    m = re.search(r": (\d\.\d\d)x \((\d\.\d\d)-(\d\.\d\d)\)\n", text)
-    assert m and [float(v) for v in m.groups()] == pytest.approx([ratios[2], ratios[0], ratios[4]], abs=0.005)
-    m = re.search(r"4\.29 GB in 1000 us\): (\d\.\d\d)x \((\d\.\d\d)-(\d\.\d\d)\)", text)
-    assert m and [float(v) for v in m.groups()] == pytest.approx([bounds[2], bounds[0], bounds[4]], abs=0.005)
+    free = sorted(sum(b.values()) / (f["gemm"] + f["other"]) for f, b in zip(fp8, bf16))
+    for label, want in (("bf16 / float8 per round", ratios), (r"4\.29 GB in 1000 us\)", bounds),
+                        ("with no quantization at all", free)):
+        m = re.search(label + r": (\d\.\d\d)x \((\d\.\d\d)-(\d\.\d\d)\)", text)
+        assert m, label
+        assert [float(v) for v in m.groups()] == pytest.approx([want[2], want[0], want[4]], abs=0.005)
+    m = re.search(r"float8 (\d+) us \(GEMMs (\d+), quantization (\d+), other (\d+)\), bf16 (\d+) us", text)
+    assert m
+    med = lambda v: sorted(v)[2]  # noqa: E731
+    assert [int(v) for v in m.groups()] == pytest.approx(
+        [med(sum(f.values()) for f in fp8), med(f["gemm"] for f in fp8), med(f["quant"] for f in fp8), 8,
+         med(sum(b.values()) for b in bf16)], abs=1)
