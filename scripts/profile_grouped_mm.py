@@ -154,9 +154,11 @@ def gemm_times(x, w, offs):
 
 
 def quant_times(x, w, g, offs):
-    """Each quantization kernel pair alone: median time and the bytes it must move (read
-    the input once per pass, write each float8 copy once) over that time."""
-    from triton.testing import do_bench
+    """Each quantization kernel pair alone: median GPU time (replays of a CUDA graph: a
+    launch's host time can exceed a small pair's GPU time, which plain do_bench would then
+    measure) and the bytes it must move (read the input once per pass, write each float8
+    copy once) over that time."""
+    from triton.testing import do_bench_cudagraph
 
     from ep_fp8.ops import quant_kernels as QK
 
@@ -169,7 +171,7 @@ def quant_times(x, w, g, offs):
                   (f"{name} token-group cols", lambda a=a: QK.quantize_cols_grouped_triton(a, offs), 5 * a.numel()),
                   (f"{name} rows + cols", lambda a=a: QK.quantize_rows_cols_grouped_triton(a, offs), 6 * a.numel())]
     for name, fn, nbytes in cases:
-        t = do_bench(fn, return_mode="median") * 1e-3
+        t = do_bench_cudagraph(fn, return_mode="median") * 1e-3
         print(f"  {name:34s} {t * 1e6:8.1f} us  {nbytes / t / 1e12:5.2f} TB/s of {nbytes / 1e9:.2f} GB")
 
 
