@@ -191,6 +191,20 @@ def host_profile(step, n=100, top=18):
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def _each_shape(shapes, backend, what):
+    """For each (M, G, K, N): prints its heading and yields (shape, the backend that runs,
+    its inputs (x, w, grad_out, offs), _steps' three calls); the cache is emptied after."""
+    from ep_fp8.ops import resolve_backend, scaled_grouped_mm
+
+    for M, G, K, N in shapes:
+        inputs = _inputs(M, G, K, N)
+        chosen = resolve_backend(backend, inputs[0].device, K, N, M)
+        print(f"shape {M},{G},{K},{N} backend {backend} (runs {chosen}): {what}")
+        yield (M, G, K, N), chosen, inputs, _steps(scaled_grouped_mm, *inputs, backend)
+        del inputs
+        torch.cuda.empty_cache()
+
+
 def _steps(scaled_grouped_mm, x, w, g, offs, backend):
     """(the op's forward+backward, raw bf16 torch._grouped_mm's, the op's forward)."""
     def fwd():
@@ -225,17 +239,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("profile_grouped_mm.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from ep_fp8.ops import resolve_backend, scaled_grouped_mm
-
     shapes = [tuple(map(int, s.split(","))) for s in args.shape or DEFAULT]
-    # Timings of launches first, for every shape: once torch.profiler has run, every later
-    # launch in the process costs more host time (small kernels timed with do_bench then
-    # measure the host, not the GPU).
-    for M, G, K, N in shapes:
-        x, w, g, offs = _inputs(M, G, K, N)
-        chosen = resolve_backend(args.backend, x.device, K, N, M)
-        print(f"shape {M},{G},{K},{N} backend {args.backend} (runs {chosen}): host time and kernels alone")
-        step, raw_step, fwd = _steps(scaled_grouped_mm, x, w, g, offs, args.backend)
+    # Host times and the kernels alone first, for every shape: once torch.profiler has
+    # run, launches took longer on the host in the same process (docs/perf_notes.md, v8).
+    for (M, G, K, N), chosen, (x, w, g, offs), (step, raw_step, fwd) in _each_shape(
+            shapes, args.backend, "host time and kernels alone"):
         print(f"  host us per call: fwd {host_time(fwd):.1f}, fwd+bwd {host_time(step):.1f}")
         print(f"  host us per call of raw torch._grouped_mm fwd+bwd: {host_time(raw_step):.1f}")
         if args.cprofile:
@@ -243,13 +251,8 @@ def main(argv=None):
         if chosen == "cuda":
             quant_times(x, w, g, offs)
         gemm_times(x, w, offs)
-        x = w = g = None  # free them before the next shape
-        torch.cuda.empty_cache()
-    for M, G, K, N in shapes:
-        x, w, g, offs = _inputs(M, G, K, N)
-        chosen = resolve_backend(args.backend, x.device, K, N, M)
-        print(f"shape {M},{G},{K},{N} backend {args.backend} (runs {chosen}): GPU kernels of forward+backward")
-        step, raw_step, _ = _steps(scaled_grouped_mm, x, w, g, offs, args.backend)
+    for (M, G, K, N), chosen, _, (step, raw_step, _) in _each_shape(
+            shapes, args.backend, "GPU kernels of forward+backward"):
         # The GPU's clock moves with its power draw (docs/benchmarks.md): the op and raw
         # bf16 are profiled one right after the other, in several rounds, in alternating order.
         rounds = {"op": [], "raw": []}
@@ -260,8 +263,6 @@ def main(argv=None):
                 rounds[who].append(kernel_table(step if who == "op" else raw_step, show=r == 0))
         if chosen == "cuda":
             print(bound_summary(rounds["op"], rounds["raw"], quant_bytes(M, G, K, N)))
-        x = w = g = None
-        torch.cuda.empty_cache()
     return 0
 
 
