@@ -47,6 +47,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -445,15 +446,14 @@ def summarize_rounds(rec: dict, shape) -> dict:
     if rec.get("status", "ok") != "ok":
         return rec
     for phase in ("fwd", "fwd_bwd"):
-        times = sorted(rec.get(f"{phase}_ms_rounds") or [])
+        times = rec.get(f"{phase}_ms_rounds") or []
         if not times:
             continue
-        n = len(times)
-        median = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
+        median = statistics.median(times)
         rec[f"{phase}_ms"] = median
         rec[f"{phase}_tflops"] = flops(M, K, N, phase) / median / 1e9
         if phase == "fwd_bwd":
-            rec["fwd_bwd_spread"] = (times[-1] - times[0]) / median if n > 1 else None
+            rec["fwd_bwd_spread"] = (max(times) - min(times)) / median if len(times) > 1 else None
     return rec
 
 
