@@ -55,7 +55,7 @@ def bound_summary(fp8_rounds: list[dict], bf16_rounds: list[dict], nbytes: int) 
     each ratio is the median over rounds of that round's ratio, with the range over rounds.
     Kernel times are medians over rounds per category."""
     at_copy = nbytes / (COPY_TB_S * 1e12) * 1e6
-    med = lambda v: statistics.median(v)  # noqa: E731
+    med = statistics.median
     f8 = [sum(r.values()) for r in fp8_rounds]
     b16 = [sum(r.values()) for r in bf16_rounds]
     ratio = [b / f for b, f in zip(b16, f8)]
