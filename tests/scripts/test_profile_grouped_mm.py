@@ -2,6 +2,7 @@
 the quantization moves, and the bound it prints."""
 import random
 import re
+from statistics import median
 
 import pytest
 
@@ -52,7 +53,6 @@ def test_bound_summary_medians_and_bound(profile_mm):
         assert [float(v) for v in m.groups()] == pytest.approx([want[2], want[0], want[4]], abs=0.005)
     m = re.search(r"float8 (\d+) us \(GEMMs (\d+), quantization (\d+), other (\d+)\), bf16 (\d+) us", text)
     assert m
-    med = lambda v: sorted(v)[2]  # noqa: E731
     assert [int(v) for v in m.groups()] == pytest.approx(
-        [med(sum(f.values()) for f in fp8), med(f["gemm"] for f in fp8), med(f["quant"] for f in fp8), 8,
-         med(sum(b.values()) for b in bf16)], abs=1)
+        [median(sum(f.values()) for f in fp8), median(f["gemm"] for f in fp8), median(f["quant"] for f in fp8), 8,
+         median(sum(b.values()) for b in bf16)], abs=1)
