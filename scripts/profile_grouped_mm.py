@@ -193,7 +193,10 @@ def host_profile(step, n=100, top=18):
 
 def _each_shape(shapes, backend, what):
     """For each (M, G, K, N): prints its heading and yields (shape, the backend that runs,
-    its inputs (x, w, grad_out, offs), _steps' three calls); the cache is emptied after."""
+    its inputs (x, w, grad_out, offs), _steps' three calls). Its own references are dropped
+    and the cache emptied before the next shape is made, but what the caller's loop
+    variables still hold of the previous shape is freed only when they are rebound, so two
+    shapes' tensors can briefly coexist."""
     from ep_fp8.ops import resolve_backend, scaled_grouped_mm
 
     for M, G, K, N in shapes:
