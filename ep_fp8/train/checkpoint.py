@@ -146,15 +146,19 @@ class Checkpointer:
         """Restore everything saved in checkpoint `path` in place; returns its step.
         Model and optimizer are resharded to the current layout. RNG states are restored
         when the world size matches the saved one (else the caller's seeding stands).
-        Raises ValueError when `path` is not a complete checkpoint. Collective."""
+        The hyperparameters stay those `optimizer` and `scheduler` were built with (see
+        _keep_hyperparameters). Raises ValueError when `path` is not a complete
+        checkpoint. Collective."""
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = self._state(model, optimizer, scheduler, loader, step=0)
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=_single())
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         scheduler.load_state_dict(state["train"]["scheduler"])
+        _keep_hyperparameters(optimizer, scheduler, built)
         loader.load_state_dict(state["train"]["data"])
         rank, world = _rank_world()
         with open(os.path.join(path, MARKER)) as f:
@@ -165,3 +169,17 @@ class Checkpointer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return int(state["train"]["step"])
+
+
+def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:
+    """Put back the hyperparameters the optimizer was built with (`built`: each param
+    group's entries but its params), which loading its state overwrote with the saved
+    ones, and set each group's lr to what the schedule gives at the restored step. A
+    resumed run thus follows its config: a lowered [optimizer] lr, another weight decay or
+    a longer [training] steps take effect from the first resumed step, while the moments,
+    the step count and the schedule's position come from the checkpoint."""
+    for group, hyperparameters in zip(optimizer.param_groups, built):
+        group.update(hyperparameters)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)

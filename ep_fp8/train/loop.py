@@ -157,7 +157,7 @@ def train_step(model, loader: DataLoader, optimizer, scheduler, grad_accum: int,
         loss_sum += loss.detach() / grad_accum
     grad_norm = clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    lr = scheduler.get_last_lr()[0]
+    lr = optimizer.param_groups[0]["lr"]   # the lr this step used
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, lr

@@ -11,7 +11,7 @@ import torch
 
 from ep_fp8.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
 from ep_fp8.train.data import DataLoader, MarkovSource
-from ep_fp8.train.optim import build_optimizer, build_scheduler
+from ep_fp8.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def make_state(seed):
@@ -51,6 +51,23 @@ def test_round_trip_restores_model_optimizer_schedule_data_position_and_rng(tmp_
     assert restored[2].last_epoch == 3
     assert restored[1].param_groups[0]["lr"] == saved[1].param_groups[0]["lr"]
     assert restored[3].state_dict() == {"samples_seen": 6}
+
+
+def test_resume_takes_lr_weight_decay_betas_and_schedule_length_from_the_new_config(tmp_path):
+    saved = make_state(0)   # lr 1e-2, weight decay 0.1, betas (0.9, 0.95), 10 steps
+    train_steps(saved, 3)
+    path = Checkpointer(str(tmp_path), keep_last=2).save(3, *saved)
+    model, _, _, loader = make_state(1)
+    opt = build_optimizer(model, 1e-5, (0.8, 0.9), 0.0, 1e-6)
+    sched = build_scheduler(opt, steps=20, warmup_steps=2, min_lr_ratio=0.1)
+    Checkpointer(str(tmp_path), keep_last=2).load(path, model, opt, sched, loader)
+    for p, q in zip(saved[0].parameters(), model.parameters()):   # the moments are the saved ones
+        assert torch.equal(saved[1].state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+    for group in opt.param_groups:
+        assert (group["weight_decay"], group["betas"], group["eps"]) == (0.0, (0.8, 0.9), 1e-6)
+        assert group["lr"] == pytest.approx(1e-5 * lr_factor(3, 20, 2, 0.1), rel=1e-12)
+    train_steps((model, opt, sched, loader), 1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5 * lr_factor(4, 20, 2, 0.1), rel=1e-12)
 
 
 def test_keep_last_prunes_and_latest_ignores_incomplete_folders(tmp_path):
