@@ -220,9 +220,9 @@ def train(cfg: Config) -> dict:
                     f"loss is {loss_avg} and gradient norm {norm} at step {step}: stopping. "
                     f"The last complete checkpoint is {last_ckpt or 'none'}; lower "
                     f"[optimizer] lr or raise [lr_schedule] warmup_steps before resuming.")
-            metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"])
             if n_stop > 0:
                 stopped = f"stopped by SIGTERM after step {step}"
+            metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"], last=bool(stopped))
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):
                 last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)

@@ -119,11 +119,12 @@ class MetricsLogger:
             f.write(json.dumps(obj) + "\n")
 
     def step(self, step: int, loss: float, grad_norm: float, lr: float,
-             load_imbalance: float) -> dict | None:
-        """Record one optimizer step; returns the record on a log step, else None."""
+             load_imbalance: float, last: bool = False) -> dict | None:
+        """Record one optimizer step; returns the record on a log step (every log_every-th,
+        the run's final step, and `last`: a step the run stops after early), else None."""
         self._window_steps += 1
         self._imbalance.append(load_imbalance)
-        if step % self.log_every != 0 and step != self.steps:
+        if step % self.log_every != 0 and step != self.steps and not last:
             return None
         now = time.perf_counter()
         tokens_per_s = self.tokens_per_step * self._window_steps / max(now - self._window_start, 1e-9)

@@ -41,6 +41,15 @@ def test_jsonl_has_the_run_header_then_a_record_per_log_step_and_the_last(tmp_pa
     assert "loss 7.0000" in format_line(r, 7)
 
 
+def test_a_step_the_run_stops_after_early_is_logged_and_ends_the_summary(tmp_path):
+    m = make(tmp_path)   # log_every 3, 7 steps
+    m.start("name", {}, resumed_step=0)
+    for step in range(1, 5):
+        m.step(step, loss=10.0 - step, grad_norm=0.5, lr=1e-3, load_imbalance=1.0, last=step == 4)
+    assert [r["step"] for r in read(tmp_path)[1:]] == [3, 4]
+    assert "summary: 4/7 steps" in m.summary(stopped="stopped by SIGTERM after step 4")
+
+
 def test_a_resumed_run_drops_the_steps_it_will_redo_and_appends_a_header(tmp_path):
     m = make(tmp_path, log_every=1)
     m.start("a", {}, resumed_step=0)

@@ -39,8 +39,10 @@ TWO_RANK_PLAN = [
     {"name": "resumed", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                       "--checkpoint.interval=10"],
      "resume_from": ["ep2", 10]},
+    # Logged every 4th step: the step it stops after must be logged all the same.
     {"name": "sigterm", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
-                                      "--checkpoint.interval=100"], "sigterm_after": 3},
+                                      "--checkpoint.interval=100", "--metrics.log_every=4"],
+     "sigterm_after": 3},
     # The debug recipe's path: EP = 2, float8 experts (emulated) with a float8 payload.
     {"name": "ep2_float8", "overrides": ["--parallel.ep=2", "--float8.enabled=true",
                                          "--float8.dispatch_payload=float8"]},
