@@ -42,7 +42,10 @@ class JsonTokenizer:
         except ImportError:
             raise ValueError(f"tokenizer {path!r} needs the 'tokenizers' package "
                              "(pip install tokenizers), or use tokenizer = \"bytes\"") from None
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:   # the tokenizers package raises a bare Exception on a bad file
+            raise ValueError(f"tokenizer file {path!r} could not be read: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = next((i for i in map(self._tok.token_to_id, _EOS_NAMES) if i is not None),
                            None)
@@ -60,7 +63,7 @@ class JsonTokenizer:
 
 def load_tokenizer(spec: str) -> ByteTokenizer | JsonTokenizer:
     """`spec` is "bytes" or the path of a tokenizer.json. Raises ValueError for a missing
-    file or a missing `tokenizers` package."""
+    or unreadable file or a missing `tokenizers` package."""
     if spec == "bytes":
         return ByteTokenizer()
     if not os.path.isfile(spec):

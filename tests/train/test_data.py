@@ -3,6 +3,8 @@ and the checkpointed position."""
 
 import json
 import math
+import sys
+import types
 from collections import Counter
 
 import pytest
@@ -107,3 +109,16 @@ def test_byte_tokenizer_round_trip_and_json_tokenizer_errors(tmp_path):
         (tmp_path / "tokenizer.json").write_text("{}")
         with pytest.raises(ValueError, match="needs the 'tokenizers' package"):
             load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_an_unreadable_tokenizer_file_is_a_value_error_naming_it(tmp_path, monkeypatch):
+    class Tokenizer:   # stands in for the tokenizers package, which raises a bare Exception
+        @staticmethod
+        def from_file(path):
+            raise Exception("expected ',' or '}' at line 1 column 7")
+
+    monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=Tokenizer))
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{ bad")
+    with pytest.raises(ValueError, match=r"tokenizer file .*tokenizer.json' could not be read: expected"):
+        load_tokenizer(str(path))
