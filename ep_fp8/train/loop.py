@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ep_fp8.train.checkpoint import Checkpointer
-from ep_fp8.train.config import (Config, checkpoint_dir, resolve_model_args, run_dir, to_dict,
-                                 to_toml)
+from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
+                                 to_dict, to_toml)
 from ep_fp8.train.data import DataLoader, MarkovSource, build_source
 from ep_fp8.train.metrics import MetricsLogger, peak_flops
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_
@@ -167,18 +167,22 @@ def train(cfg: Config) -> dict:
     """Train as `cfg` says. Returns {"step", "records", "stopped", "checkpoint"}: the last
     step done, the logged metric records, why it stopped early ("" if it did not), and the
     last checkpoint written. Raises NonFiniteLossError naming the step when the loss or
-    the gradient norm becomes NaN or Inf."""
+    the gradient norm becomes NaN or Inf, and ConfigError when the data files do not hold
+    what [data] asks (before anything is written)."""
     from ep_fp8.model import flops_per_token
     from ep_fp8.moe import update_router_biases
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device, t = resolve_device(cfg), cfg.training
     dtype = resolve_dtype(cfg, device)
+    try:   # reading the data finds what validation could not (too few tokens, a bad line)
+        source = build_source(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: [data] {e}") from None
     _save_and_print_config(cfg)
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
-    source = build_source(cfg)
     loader = DataLoader(source, t.batch_size, rank, world)
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep_last)
 

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         train(cfg)
+    except ConfigError as e:   # found on reading the data files, before anything was written
+        print(f"config error: {e}", file=sys.stderr)
+        code = 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1

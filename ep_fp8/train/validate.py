@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ep_fp8.train.config import Config, ConfigError, checkpoint_dir, resolve_model_args
+from ep_fp8.train.config import Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir
 
 
 def _check(ok: bool, cfg: Config, message: str) -> None:
@@ -126,7 +126,8 @@ def _data(cfg: Config, vocab_size: int) -> None:
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError for a value out of range or an impossible combination; with
     `world_size`, also check the parallel degrees against it and resolve `ep = 0` (auto)
-    to its value. Reads the data files' names and the tokenizer file; writes nothing."""
+    to its value. Reads the data files' names and the tokenizer file, and checks that the
+    run's and the checkpoints' folders can be written; writes nothing."""
     _ranges(cfg)
     _device(cfg)
     try:
@@ -144,8 +145,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         cfg.parallel.ep = resolve_ep(cfg.parallel.ep, args.n_experts, world_size,
                                      cfg.parallel.dp_replicate)
     _data(cfg, args.vocab_size)
+    _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")
     if cfg.checkpoint.enabled:
         _checkpoint_folder(cfg)
+
+
+def _can_create_folder(cfg: Config, folder: str, what: str) -> None:
+    """`folder` exists as a folder this process may write in, or can be made: its nearest
+    existing ancestor is a writable folder. Checked here so that a run does not fail at its
+    first write (the config file, or a checkpoint after `interval` steps)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    _check(os.path.isdir(path), cfg,
+           f"{what} {folder!r} cannot be made: {path!r} is a file, not a folder")
+    _check(os.access(path, os.W_OK | os.X_OK), cfg,
+           f"{what} {folder!r} cannot be written: no write permission on {path!r}")
 
 
 def _checkpoint_folder(cfg: Config) -> None:
@@ -154,8 +169,7 @@ def _checkpoint_folder(cfg: Config) -> None:
     from ep_fp8.train.checkpoint import complete_checkpoints
 
     folder = checkpoint_dir(cfg)
-    _check(not os.path.isfile(folder), cfg,
-           f"[checkpoint] folder {folder!r} is a file, not a folder")
+    _can_create_folder(cfg, folder, "[checkpoint] folder")
     if cfg.checkpoint.resume:
         return
     found = complete_checkpoints(folder)

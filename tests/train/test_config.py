@@ -88,6 +88,8 @@ def test_toml_round_trip_gives_an_equal_config(tmp_path):
      "has 257 tokens, more than the model's vocab_size = 200"),
     ("[model]\nn_expert_groups = 4\nn_limited_groups = 1\ntop_k = 3",
      "[model] model.top_k (3) must be <= model.n_limited_groups (1)"),
+    ("[job]\noutput_dir = '{cfg}'", "the run's folder ([job] output_dir / name) '{cfg}/"),
+    ("[checkpoint]\nenabled = true\nfolder = '{cfg}/ckpt'", "[checkpoint] folder '{cfg}/ckpt' cannot be made: '{cfg}' is a file"),
     ("job = 3", "top-level key 'job' must be a [section]"),
     ("[training\nsteps = 3", "not valid TOML"),
 ])
@@ -96,6 +98,7 @@ def test_each_bad_value_is_an_error_naming_the_file_and_key(tmp_path, text, key)
     write(tmp_path, text.replace("{cfg}", path), "bad.toml")
     with pytest.raises(ConfigError) as err:
         load_config(path, world_size=2)
+    key = key.replace("{cfg}", path)
     assert path in str(err.value) and key in str(err.value), str(err.value)
 
 
@@ -125,6 +128,26 @@ def test_a_bad_config_stops_main_before_any_process_group_or_file(tmp_path, caps
                  f"--job.output_dir={out}"])
     assert code == 2
     assert "[parallel] parallel.ep (3) must divide" in capsys.readouterr().err
+    assert not out.exists()
+    assert not torch.distributed.is_initialized()
+
+
+def test_data_too_short_for_a_sample_stops_main_with_a_config_error_before_any_file(
+        tmp_path, capsys, monkeypatch):
+    from ep_fp8.train.main import free_port
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)   # the one-process group main makes, undone after
+    (tmp_path / "tiny.txt").write_text("hi")
+    out = tmp_path / "out"
+    code = main(["--config", os.path.join(ROOT, "train_configs", "debug_model.toml"),
+                 "--data.source=text", f"--data.path={tmp_path / 'tiny.txt'}",
+                 f"--job.output_dir={out}", "--training.device=cpu", "--parallel.ep=1",
+                 "--model.vocab_size=512"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "[data] data path" in err and "fewer than seq_len + 1 = 65" in err, err
     assert not out.exists()
     assert not torch.distributed.is_initialized()
 
