@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ep_fp8.ops.backends import grouped_mm
+
 try:  # DTensor weights (FSDP2 / expert parallelism) compute on their local shard.
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without distributed
@@ -92,12 +94,15 @@ class GroupedExperts(nn.Module):
             h = F.silu(gmm(x_MD, w1, up, x_fp8)) * gmm(x_MD, w3, up, x_fp8)
             return gmm(h, w2, down)
 
+        if dtype not in _GROUPED_MM_DTYPES:
+            raise TypeError(f"x must be bfloat16, float16 or float32 (torch._grouped_mm), got {dtype}")
         if x_fp8 is not None:  # float8 payload into bf16 experts: dequantize first
             x_MD = _Dequantize.apply(x_MD, *x_fp8)
 
         def gmm(a, w):
-            # torch._grouped_mm's backward fails on non-contiguous (e.g. stride-0) grads.
-            out = torch._grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=offs)
+            # grouped_mm pads sizes torch._grouped_mm rejects (rows not a multiple of 16
+            # bytes); torch._grouped_mm's backward fails on non-contiguous (e.g. stride-0) grads.
+            out = grouped_mm(a, w.to(dtype).transpose(-2, -1), offs)
             return _ContiguousGrad.apply(out)
 
         return gmm(F.silu(gmm(x_MD, w1)) * gmm(x_MD, w3), w2)
@@ -118,7 +123,13 @@ class FeedForward(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        """(..., D) -> (..., D) in x's dtype (the weights follow the activations, as in
+        GroupedExperts)."""
+        w1, w2, w3 = (lin.weight.to(x.dtype) for lin in (self.w1, self.w2, self.w3))
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+_GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
@@ -132,7 +143,9 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        # An empty tensor counts as contiguous whatever its strides, so contiguous() would
+        # pass a stride-0 empty gradient through: give it fresh strides.
+        return grad.contiguous() if grad.numel() else torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
 class _Dequantize(torch.autograd.Function):

@@ -111,8 +111,9 @@ class Router(nn.Module):
 
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward, plus the (T, E) float32 scores the sequence loss needs."""
-        if x_TD.dim() != 2:
-            raise ValueError(f"router input must be (tokens, dim), got shape {tuple(x_TD.shape)}")
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.gate.in_features:
+            raise ValueError(f"router input must be (tokens, {self.gate.in_features}), "
+                             f"got shape {tuple(x_TD.shape)}")
         # Gate in the activation dtype, scores in float32 (softmax/sigmoid and the top-k
         # comparison are where precision matters).
         logits_TE = F.linear(x_TD, self.gate.weight.to(x_TD.dtype)).float()
@@ -165,6 +166,10 @@ class Router(nn.Module):
         if n_seqs < 1 or T % n_seqs:
             raise ValueError(f"{T} tokens do not split into {n_seqs} sequences")
         S, k = T // n_seqs, topk_idx.shape[1]
+        if S == 0:  # empty sequences: nothing to balance (and f would divide by zero)
+            loss = scores_TE.sum() * 0.0
+            self.last_aux_loss = loss.detach()
+            return loss
         probs_BSE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(n_seqs, S, E)
         with torch.no_grad():
             idx_B = topk_idx.reshape(n_seqs, S * k)

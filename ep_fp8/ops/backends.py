@@ -143,10 +143,12 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     a (M, K) with b (G, K, N) -> (M, N), or a (R, P) with b (P, S) grouped along P ->
     (G, R, S); contiguous. Operands torch._grouped_mm would reject (odd strides, or
     sizes that are not a multiple of 16 bytes) are copied into zero-padded aligned
-    buffers first: zeros add nothing to the sums, and the padding is sliced off.
+    buffers first: zeros add nothing to the sums, and the padding is sliced off. So are
+    operands whose result rows (N or S) are not a multiple of 16 bytes: torch._grouped_mm
+    computes those, but its autograd backward rejects their gradient.
     """
-    if not (_grouped_mm_accepts(a) and _grouped_mm_accepts(b)):
-        align = 16 // a.element_size()
+    align = 16 // a.element_size()
+    if not (_grouped_mm_accepts(a) and _grouped_mm_accepts(b)) or b.shape[-1] % align:
         up = lambda n: (n + align - 1) // align * align  # noqa: E731
         if b.dim() == 3:
             (M, K), (G, _, N) = a.shape, b.shape

@@ -74,6 +74,34 @@ def test_zero_rows_give_zero_outputs_and_no_weight_gradient():
     assert torch.equal(ex.w2.grad, torch.zeros_like(ex.w2))
 
 
+def test_bf16_path_takes_feature_sizes_that_are_not_a_multiple_of_16_bytes():
+    # torch._grouped_mm rejects rows of 10 float32 (40 bytes): the experts pad them.
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    ex = GroupedExperts(10, 20, E)
+    offs = torch.tensor([5, 5, 12, 21], dtype=torch.int32)
+    x = torch.randn(21, 10, generator=gen, requires_grad=True)
+    y = ex(x, offs)
+    grad = torch.randn(y.shape, generator=gen)
+    y.backward(grad)
+    y_ref, x64, (w1, w2, w3) = _reference(ex, x, offs)
+    y_ref.backward(grad.double())
+    tol = dict(rtol=1e-4, atol=1e-6)  # float32 grouped matmuls against float64
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    for got, want in ((ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad), (ex.w3.grad, w3.grad)):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_no_rows_at_all_give_an_empty_output_and_zero_weight_gradients():
+    ex = _experts()
+    x = torch.randn(0, D, requires_grad=True)
+    y = ex(x, torch.zeros(E, dtype=torch.int32))
+    y.sum().backward()   # an empty stride-0 gradient: must not trip the grouped matmul's backward
+    assert y.shape == (0, D) and x.grad.shape == (0, D)
+    assert torch.equal(ex.w1.grad, torch.zeros_like(ex.w1))
+
+
 def test_bad_expert_input_raises_clear_errors():
     ex = _experts()
     x = torch.randn(16, D)
@@ -85,6 +113,8 @@ def test_bad_expert_input_raises_clear_errors():
         ex(torch.randn(16, D + 1), torch.tensor([4, 8, 12, 16], dtype=torch.int32))
     with pytest.raises(ValueError, match="hidden_dim"):
         GroupedExperts(D, 0, E)
+    with pytest.raises(TypeError, match="x must be bfloat16, float16 or float32.*float64"):
+        ex(x.double(), torch.tensor([4, 8, 12, 16], dtype=torch.int32))
 
 
 @needs_fp8_ops

@@ -97,9 +97,29 @@ def test_float8_layer_close_to_bf16_layer():
     assert 0 < rel < 0.1  # e4m3 matmuls differ from bf16 by a few percent
 
 
+def test_shared_experts_follow_the_activation_dtype():
+    moe = _moe(n_shared_experts=1)   # float32 weights, as before mixed precision casts them
+    x = torch.randn(B, S, D).bfloat16()
+    y = moe(x)
+    y_ref, _, _ = _reference(moe, x, moe.router(x.reshape(-1, D))[0])
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < 2e-2   # bf16: ~3 significant digits
+
+
+def test_empty_sequences_give_an_empty_output_and_a_zero_aux_loss():
+    moe = _moe(aux_loss_coef=0.01)
+    x = torch.randn(B, 0, D, requires_grad=True)
+    y = moe(x)
+    assert y.shape == (B, 0, D)
+    assert moe.router.last_aux_loss.item() == 0.0
+    y.sum().backward()
+
+
 def test_bad_layer_input_raises_clear_errors():
     with pytest.raises(ValueError, match=r"\(batch, seq, dim\)"):
         _moe()(torch.randn(4, D))
+    with pytest.raises(ValueError, match=rf"router input must be \(tokens, {D}\), got shape \(12, 12\)"):
+        _moe()(torch.randn(B, S, 12))
     with pytest.raises(ValueError, match="n_shared_experts"):
         MoE(D, H, E, K, n_shared_experts=-1)
 
