@@ -147,6 +147,12 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
                          f"got {dispatch_payload!r}")
     if not isinstance(compile, (bool, str)) or compile == "":
         raise TypeError(f"compile.enabled must be a bool or a backend name, got {compile!r}")
+    if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"compile.enabled: {compile!r} is not a torch.compile backend; known: "
+                         f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
+    for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
     if not fsdp and dims.world_size > 1:
         raise ValueError(f"fsdp=False needs world_size 1, got {dims.world_size}: without "
                          "FSDP2 nothing reduces the dense gradients across ranks")
@@ -157,6 +163,12 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
                          f"got {mesh!r}")
     if mesh.size() != dims.world_size:
         raise ValueError(f"mesh has {mesh.size()} ranks but world_size is {dims.world_size}")
+    if tuple(mesh.shape) != (dims.dp_replicate, dims.efsdp, dims.ep):
+        # Another layout of the same ranks would reduce gradients over the wrong groups.
+        raise ValueError(f"mesh has shape {tuple(mesh.shape)} over {MESH_DIMS} but dims "
+                         f"(parallel.dp_replicate = {dims.dp_replicate}, parallel.ep = {dims.ep}) "
+                         f"need {(dims.dp_replicate, dims.efsdp, dims.ep)}: build it with "
+                         "dims.build_mesh")
 
     if dims.ep > 1:
         apply_expert_parallel(model, submesh(mesh, "ep"), dispatch_payload)

@@ -163,6 +163,13 @@ def two_ranks(rank: int, world: int) -> dict:
     out["meta_init.max_diff"] = max((full(p.data) - plain_params[n]).abs().max().item()
                                     for n, p in meta_model.named_parameters())
     out["meta_init.expert_placements"] = str(meta_model.layers[1].moe.experts.w1.placements)
+
+    # A mesh of the right size but another layout would reduce over the wrong groups.
+    try:
+        parallelize_model(Transformer(ARGS), ParallelDims(world, ep=1), dims.build_mesh("cpu"))
+        out["mesh_mismatch.error"] = ""
+    except ValueError as e:
+        out["mesh_mismatch.error"] = str(e)
     return out
 
 

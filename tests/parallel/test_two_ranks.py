@@ -67,3 +67,8 @@ def test_float8_payload_reaches_float8_experts_uncast(results):
 def test_meta_device_model_initialised_after_sharding_equals_unsharded_init(results):
     assert results["meta_init.max_diff"] == 0.0
     assert "Shard(dim=0)" in results["meta_init.expert_placements"]
+
+
+def test_a_mesh_of_another_layout_than_dims_is_rejected(results):
+    assert "mesh has shape (1, 1, 2)" in results["mesh_mismatch.error"]
+    assert "parallel.ep = 1" in results["mesh_mismatch.error"]

@@ -47,6 +47,9 @@ def model():
     (dict(ac_mode="some"), ValueError, "activation_checkpoint.mode"),
     (dict(dispatch_payload="fp4"), ValueError, "dispatch_payload"),
     (dict(compile=3), TypeError, "compile.enabled"),
+    (dict(compile="inductr"), ValueError, "compile.enabled: 'inductr' is not a torch.compile backend"),
+    (dict(param_dtype="bfloat16"), TypeError, "param_dtype must be a floating-point torch.dtype"),
+    (dict(reduce_dtype=torch.int32), TypeError, "reduce_dtype must be a floating-point torch.dtype"),
     (dict(fsdp=False), ValueError, "fsdp=False"),
 ])
 def test_bad_arguments_raise_naming_the_key(model, kwargs, error, key):
