@@ -78,6 +78,8 @@ def read_metrics(path) -> tuple[dict, list[dict]]:
             step = obj.get("step")
             if not isinstance(step, int) or isinstance(step, bool):
                 raise ValueError(f"{path}:{lineno}: 'step' must be an integer, got {step!r}")
+            if not _is_number(obj["loss"]):
+                raise ValueError(f"{path}:{lineno}: 'loss' must be a number, got {obj['loss']!r}")
             for key in NUMERIC_KEYS:
                 if obj.get(key) is not None and not _is_number(obj[key]):
                     raise ValueError(f"{path}:{lineno}: {key!r} must be a number, "
@@ -125,13 +127,13 @@ def steady_median(records: list[dict], key: str) -> float | None:
 
 def summarize(runs: list[Run]) -> list[dict]:
     """One dict per run: label, last_step, final_loss, final_loss_vs_first_pct (None for the
-    first run), tokens_per_s, tokens_per_s_per_gpu, mfu, peak_mem_gib."""
+    first run, and when the first run's final loss is 0), tokens_per_s, tokens_per_s_per_gpu, mfu, peak_mem_gib."""
     first = final_loss(runs[0].records)
     out = []
     for i, run in enumerate(runs):
         loss = final_loss(run.records)
         row = {"label": run.label, "last_step": run.records[-1]["step"], "final_loss": loss,
-               "final_loss_vs_first_pct": None if i == 0 else 100.0 * (loss / first - 1.0)}
+               "final_loss_vs_first_pct": None if i == 0 or first == 0 else 100.0 * (loss / first - 1.0)}
         for key in ("tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"):
             row[key] = steady_median(run.records, key)
         out.append(row)
@@ -148,7 +150,8 @@ def format_markdown(summary: list[dict]) -> str:
              "| tokens/s/GPU | MFU (%) | peak mem (GiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(summary):
-        rel = "ref" if i == 0 else fmt(row["final_loss_vs_first_pct"], "+.2f") + "%"
+        pct = row["final_loss_vs_first_pct"]
+        rel = "ref" if i == 0 else "n/a" if pct is None else f"{pct:+.2f}%"
         cells = [row["label"].replace("|", "\\|"), str(row["last_step"]),
                  fmt(row["final_loss"], ".4f"), rel, fmt(row["tokens_per_s"], ",.0f"),
                  fmt(row["tokens_per_s_per_gpu"], ",.0f"),
@@ -232,6 +235,10 @@ def main(argv=None) -> int:
     try:
         if args.smooth < 1:
             raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
+        if Path(args.out).suffix.lower() != ".png":
+            raise ValueError(f"--out must name a .png file, got {args.out!r}")
+        if args.table and Path(args.table).is_dir():
+            raise ValueError(f"--table must name a file, got the folder {args.table!r}")
         runs = load_runs(args.metrics, args.labels)
         table = format_markdown(summarize(runs))
         plot(runs, Path(args.out), args.smooth)

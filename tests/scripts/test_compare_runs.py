@@ -145,16 +145,19 @@ def _bad_files(tmp_path):
     bad_step.write_text(text[0] + '\n{"step": "2", "loss": 1.0}\n')
     not_object = tmp_path / "list.jsonl"
     not_object.write_text("[1, 2]\n")
+    null_loss = tmp_path / "null_loss.jsonl"
+    null_loss.write_text(text[0] + '\n{"step": 2, "loss": null}\n')
     return good, {
         "missing": (tmp_path / "missing.jsonl", "missing.jsonl: no such file"),
         "not json": (bad_json, "bad_json.jsonl:3: not valid JSON"),
         "no loss": (no_loss, "no_loss.jsonl: no loss records"),
         "bad step": (bad_step, "bad_step.jsonl:2: 'step' must be an integer"),
         "not object": (not_object, "list.jsonl:1: expected a JSON object"),
+        "null loss": (null_loss, "null_loss.jsonl:2: 'loss' must be a number, got None"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "not json", "no loss", "bad step", "not object"])
+@pytest.mark.parametrize("case", ["missing", "not json", "no loss", "bad step", "not object", "null loss"])
 def test_bad_input_names_file_and_line_and_writes_nothing(compare_runs, tmp_path, capsys, case):
     good, cases = _bad_files(tmp_path)
     bad, message = cases[case]
@@ -163,6 +166,31 @@ def test_bad_input_names_file_and_line_and_writes_nothing(compare_runs, tmp_path
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and not table.exists()
+
+
+@pytest.mark.parametrize("out, table, message", [
+    ("plot", None, "--out must name a .png file, got"),
+    ("plot.png", ".", "--table must name a file, got the folder"),
+])
+def test_bad_output_paths_are_errors_before_anything_is_written(compare_runs, tmp_path, capsys,
+                                                                out, table, message):
+    for name in ("a", "b"):
+        write_metrics(tmp_path / f"{name}.jsonl", name, [1, 2], [2.0, 1.5], seed=0)
+    args = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / out)]
+    if table:
+        args += ["--table", str(tmp_path / table)]
+    assert compare_runs.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_a_reference_final_loss_of_zero_gives_no_relative_difference(compare_runs, tmp_path):
+    write_metrics(tmp_path / "a.jsonl", "a", [1, 2], [1.0, 0.0], seed=0)
+    write_metrics(tmp_path / "b.jsonl", "b", [1, 2], [1.0, 0.5], seed=1)
+    rows = compare_runs.summarize(compare_runs.load_runs([str(tmp_path / "a.jsonl"),
+                                                          str(tmp_path / "b.jsonl")], None))
+    assert rows[1]["final_loss_vs_first_pct"] is None
+    assert parse_table(compare_runs.format_markdown(rows))[1][3] == "n/a"
 
 
 def test_cli_exits_with_message_for_a_missing_file(tmp_path):
