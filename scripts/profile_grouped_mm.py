@@ -19,7 +19,7 @@ import time
 
 import torch
 
-DEFAULT = ["16384,8,5120,16384", "8192,16,1408,2048"]
+DEFAULT = [(16384, 8, 5120, 16384), (8192, 16, 1408, 2048)]
 # A large device-to-device torch copy on the H200, bytes read + written per second: the
 # speed a memory-bound quantization pass can reach at best.
 COPY_TB_S = 4.29
@@ -231,18 +231,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        M, G, K, N = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be four integers M,G,K,N, got {text!r}") from None
+    if min(M, G, K, N) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return M, G, K, N
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", action="append", default=[])
+    p.add_argument("--shape", action="append", default=[], type=_shape, help="M,G,K,N (repeatable)")
     p.add_argument("--backend", default="cuda", choices=("cuda", "auto", "bf16"),
                    help="ep_fp8's backend (auto and bf16: to see what the bf16 path adds to raw torch._grouped_mm)")
     p.add_argument("--rounds", type=_positive_int, default=5, help="rounds of float8 and bf16 kernel profiles")
     p.add_argument("--cprofile", action="store_true", help="also profile the host time of forward+backward")
     args = p.parse_args(argv)
+    shapes = args.shape or DEFAULT
+    for M, G, K, N in shapes:
+        if args.backend == "cuda" and (K % 16 or N % 16):
+            p.error(f"--backend cuda needs K and N to be multiples of 16, got {M},{G},{K},{N}")
     if not torch.cuda.is_available():
         print("profile_grouped_mm.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    shapes = [tuple(map(int, s.split(","))) for s in args.shape or DEFAULT]
     # Host times and the kernels alone first, for every shape: once torch.profiler has
     # run, launches took longer on the host in the same process (docs/perf_notes.md, v8).
     for (M, G, K, N), chosen, (x, w, g, offs), (step, raw_step, fwd) in _each_shape(

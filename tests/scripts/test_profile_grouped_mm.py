@@ -56,3 +56,15 @@ def test_bound_summary_medians_and_bound(profile_mm):
     assert [int(v) for v in m.groups()] == pytest.approx(
         [median(sum(f.values()) for f in fp8), median(f["gemm"] for f in fp8), median(f["quant"] for f in fp8), 8,
          median(sum(b.values()) for b in bf16)], abs=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "1,2,3"], "must be four integers M,G,K,N, got '1,2,3'"),
+    (["--shape", "8192,8,0,2048"], "sizes must be positive"),
+    (["--shape", "8192,8,100,2048"], "--backend cuda needs K and N to be multiples of 16"),
+])
+def test_bad_shapes_are_usage_errors_before_anything_runs(profile_mm, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_mm.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
