@@ -25,6 +25,11 @@ if [ -z "${NGPU:-}" ]; then
     fi
 fi
 
+if ! [[ "$NGPU" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_train.sh: NGPU must be a positive integer (processes to start), got '$NGPU'" >&2
+    exit 2
+fi
+
 if ! command -v nvidia-smi > /dev/null 2>&1 && [ -z "${OMP_NUM_THREADS:-}" ]; then
     # CPU processes share the cores; more threads than cores per process only thrash.
     cores="$(nproc 2> /dev/null || echo "$NGPU")"
