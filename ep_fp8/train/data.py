@@ -22,10 +22,14 @@ from ep_fp8.train.tokenizer import load_tokenizer
 
 
 def list_files(pattern: str) -> list[str]:
-    """Files matching `pattern` (a path or a glob; `**` recurses), sorted, so every rank
-    and every run sees the same order. Raises ValueError when nothing matches."""
-    files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    """Files matching `pattern` (a path or a glob; `**` recurses), sorted and each once, so
+    every rank and every run sees the same order. An existing file is taken as it is named,
+    even when its name holds glob characters ([, *, ?). Raises ValueError when nothing
+    matches."""
+    path = os.path.expanduser(pattern)
+    if os.path.isfile(path):
+        return [path]
+    files = sorted({p for p in glob.glob(path, recursive=True) if os.path.isfile(p)})
     if not files:
         raise ValueError(f"data path {pattern!r} matches no file")
     return files
@@ -85,19 +89,28 @@ def _documents(files: list[str], source: str, field: str):
                 if not line.strip():
                     continue
                 try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the "
+                                     f"line: {e.reason})") from None
+                try:
                     text = json.loads(line)[field]
                 except (ValueError, KeyError, TypeError):
                     raise ValueError(f"{path}:{lineno}: not a JSON object with a string "
                                      f"field {field!r}") from None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
-                yield text.encode("utf-8")
+                # JSON may escape lone surrogates (\ud800), which UTF-8 cannot hold.
+                yield text.encode("utf-8", errors="replace")
 
 
 class TokenFileSource:
     """Local text or JSONL files, tokenized once into one token stream (documents joined by
-    the tokenizer's end-of-document token), cut into non-overlapping windows of seq_len + 1
-    tokens. Each epoch visits every window once, in an order shuffled by (seed, epoch)."""
+    the tokenizer's end-of-document token), cut into windows of seq_len + 1 tokens that
+    start every seq_len tokens (window w is tokens w*seq_len .. (w+1)*seq_len, so each
+    token is a target once per epoch). The last (tokens - 1) % seq_len tokens of the
+    stream fill no window and are never trained on. Each epoch visits every window once,
+    in an order shuffled by (seed, epoch)."""
 
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):

@@ -90,6 +90,26 @@ def test_jsonl_reads_the_named_field_and_names_the_bad_line(tmp_path):
         TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0, field="body")
 
 
+def test_jsonl_that_is_not_utf8_is_named_and_a_lone_surrogate_is_replaced(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "abcd"}\n{"text": "caf\xe9 au lait"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not UTF-8 \\(byte 13 of the line"):
+        TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0)
+    path.write_text('{"text": "ab\\ud800cd"}\n')   # valid JSON, but no UTF-8 for \ud800
+    src = TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0)
+    assert src.tokens.tolist() == list(b"ab?cd") + [256]
+
+
+def test_a_file_named_with_glob_characters_is_read_and_overlapping_globs_list_files_once(tmp_path):
+    named = tmp_path / "data[1].txt"
+    named.write_text("abcdefgh")
+    assert list_files(str(named)) == [str(named)]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.txt").write_text("x")
+    assert list_files(str(tmp_path / "**" / "**" / "*.txt")) == sorted(
+        [str(named), str(tmp_path / "s" / "a.txt")])
+
+
 def test_too_little_text_and_no_match_are_errors(tmp_path):
     (tmp_path / "a.txt").write_text("abc")
     with pytest.raises(ValueError, match="fewer than seq_len"):
