@@ -179,6 +179,14 @@ def _pyplot():
     return plt
 
 
+def _image_formats() -> set[str]:
+    """The file suffixes (without the dot) savefig can write: it picks the format from it."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot(runs: list[Run], out: Path, smooth: int = 1) -> None:
     """Writes the two-panel PNG (loss; relative difference to runs[0] in %) to `out`."""
     plt = _pyplot()
@@ -228,15 +236,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", nargs="+", help="metrics JSONL files; the first is the reference")
     p.add_argument("--labels", help="comma-separated labels, one per file")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="image to write (.png, or another format by its suffix: .svg, .pdf, ...)")
     p.add_argument("--table", help="markdown file to write the table to")
     p.add_argument("--smooth", type=int, default=1, help="moving average window (points)")
     args = p.parse_args(argv)
     try:
         if args.smooth < 1:
             raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
-        if Path(args.out).suffix.lower() != ".png":
-            raise ValueError(f"--out must name a .png file, got {args.out!r}")
+        formats = _image_formats()
+        if Path(args.out).suffix.lower().lstrip(".") not in formats:
+            raise ValueError(f"--out must end in an image format matplotlib writes "
+                             f"({', '.join('.' + f for f in sorted(formats))}), got {args.out!r}")
         if args.table and Path(args.table).is_dir():
             raise ValueError(f"--table must name a file, got the folder {args.table!r}")
         runs = load_runs(args.metrics, args.labels)

@@ -499,7 +499,10 @@ def _zero_rows_past_end_kernel(out_ptr, s_m, s_n, offs_ptr, G, M, N,
 
 
 def zero_rows_past_end_triton(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Triton twin of quant_ref.zero_rows_past_end_ref (in place on out (M, N))."""
+    """Triton twin of quant_ref.zero_rows_past_end_ref, but in place on out (M, N): a copy
+    would cost a pass over the GEMM result. Safe where selective activation checkpointing
+    keeps that result for the recompute (the reason the reference is out of place): the
+    recompute zeroes the same rows of the same tensor again, which changes nothing."""
     M, N = out.shape
     if M and N:
         _zero_rows_past_end_kernel[(triton.cdiv(M, 32),)](

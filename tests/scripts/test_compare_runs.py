@@ -169,7 +169,8 @@ def test_bad_input_names_file_and_line_and_writes_nothing(compare_runs, tmp_path
 
 
 @pytest.mark.parametrize("out, table, message", [
-    ("plot", None, "--out must name a .png file, got"),
+    ("plot", None, "--out must end in an image format matplotlib writes ("),
+    ("plot.txt", None, "--out must end in an image format matplotlib writes"),
     ("plot.png", ".", "--table must name a file, got the folder"),
 ])
 def test_bad_output_paths_are_errors_before_anything_is_written(compare_runs, tmp_path, capsys,
@@ -206,3 +207,11 @@ def test_table_explains_missing_mfu_only_when_a_run_lacks_it(compare_runs):
            "tokens_per_s": 1.0, "tokens_per_s_per_gpu": 1.0, "mfu": 0.4, "peak_mem_gib": 1.0}
     assert "MFU n/a" not in compare_runs.format_markdown([row, dict(row, label="b")])
     assert "MFU n/a" in compare_runs.format_markdown([row, dict(row, label="b", mfu=0.0)])
+
+
+def test_out_may_be_another_image_format_by_its_suffix(compare_runs, tmp_path):
+    for name in ("a", "b"):
+        write_metrics(tmp_path / f"{name}.jsonl", name, [1, 2], [2.0, 1.5], seed=0)
+    out = tmp_path / "cmp.svg"
+    assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(out)]) == 0
+    assert out.read_text().lstrip().startswith("<?xml") and "<svg" in out.read_text()
