@@ -48,7 +48,8 @@ def _has_scaled_grouped_mm(device_type: str, index: int) -> bool:
     return torch.cuda.get_device_capability(index) in ((9, 0), (10, 0))
 
 
-def choose_backend(backend: str, device: torch.device, K: int, N: int, M: int | None = None) -> tuple[str, str]:
+def choose_backend(backend: str, device: torch.device, K: int, N: int, M: int | None = None,
+                   G: int | None = None) -> tuple[str, str]:
     """(backend that runs, why auto fell back or ''); raises ValueError like resolve_backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -70,23 +71,27 @@ def choose_backend(backend: str, device: torch.device, K: int, N: int, M: int | 
     if not aligned:
         return "emulated", (f"scaled_grouped_mm: K={K}, N={N} are not both multiples of 16, which "
                             "torch._scaled_grouped_mm needs; backend='auto' runs 'emulated' instead")
+    if G is not None and G >= MAX_CUDA_GROUPS:
+        return "emulated", (f"scaled_grouped_mm: G={G} groups, torch._scaled_grouped_mm takes fewer "
+                            f"than {MAX_CUDA_GROUPS}; backend='auto' runs 'emulated' instead")
     if M is not None and M * K * N < AUTO_FP8_MIN_MACS:
         return "bf16", ""
     return "cuda", ""
 
 
-def resolve_backend(backend: str, device: torch.device, K: int, N: int, M: int | None = None) -> str:
-    """What scaled_grouped_mm runs for `backend` on `device` with in features K, out features N
-    and M token rows (None: not known, the size rule is not applied).
+def resolve_backend(backend: str, device: torch.device, K: int, N: int, M: int | None = None,
+                    G: int | None = None) -> str:
+    """What scaled_grouped_mm runs for `backend` on `device` with in features K, out features N,
+    M token rows and G groups (None: not known, the rule on it is not applied).
 
     Returns "cuda", "emulated" or "bf16". "auto" picks "cuda" on a GPU of compute
-    capability 9.0 or 10.0 when K and N are multiples of 16 and M * K * N is at least
-    AUTO_FP8_MIN_MACS, "bf16" there on smaller problems (float8 would be slower), and
-    "emulated" elsewhere, warning once when it falls back for K or N.
+    capability 9.0 or 10.0 when K and N are multiples of 16, G is below MAX_CUDA_GROUPS and
+    M * K * N is at least AUTO_FP8_MIN_MACS, "bf16" there on smaller problems (float8 would
+    be slower), and "emulated" elsewhere, warning once when it falls back for K, N or G.
 
     Raises ValueError for an unknown backend, and for backend="cuda" where it cannot run.
     """
-    chosen, note = choose_backend(backend, device, K, N, M)
+    chosen, note = choose_backend(backend, device, K, N, M, G)
     if note:
         warn_once(note)
     return chosen

@@ -41,7 +41,8 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
     """
     check_grouped_mm_args(x, w_t, offs, out_dtype, x_fp8, exact_scales)
     (M, K), (G, _, N) = x.shape, w_t.shape
-    chosen, note = backends.choose_backend(backend, x.device, K, N, M)
+    chosen, note = backends.choose_backend(backend, x.device, K, N, M, G)
+    offs = offs.contiguous()  # the kernels index offs as a dense vector (a no-op when it is one)
     out_dtype = out_dtype or x.dtype
     x_data, x_scale = x_fp8 if x_fp8 is not None else (None, None)
     eager = not torch.compiler.is_compiling()  # eager: skip the custom-op dispatch (host time)

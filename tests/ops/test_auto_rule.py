@@ -54,3 +54,25 @@ def test_auto_on_a_small_problem_computes_what_bf16_computes(pretend_sm90):
     for a, b in zip(grads["auto"], grads["bf16"]):
         assert torch.equal(a, b)
     assert grads["bf16"][2].stride() == w.stride()  # grad in the stored layout, no copy
+
+
+def test_auto_runs_emulated_with_a_warning_from_1024_groups(pretend_sm90):
+    big = 2**30   # well above the size rule
+    assert backends.choose_backend("auto", GPU, 32, 32, big, G=backends.MAX_CUDA_GROUPS - 1) == ("cuda", "")
+    with pytest.warns(UserWarning, match="G=1024 groups, torch._scaled_grouped_mm takes fewer than 1024"):
+        assert resolve_backend("auto", GPU, 32, 32, big, G=1024) == "emulated"
+    assert resolve_backend("cuda", GPU, 32, 32, big, G=1024) == "cuda"   # scaled_grouped_mm raises for it
+
+
+def test_strided_offs_give_the_same_result_through_the_triton_kernels(monkeypatch):
+    # The cuda backend's kernels (here in the Triton interpreter) index offs as a dense vector.
+    monkeypatch.setattr(backends, "kernels_for", lambda backend, device: backends._TRITON)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 32, generator=gen)
+    w = torch.randn(2, 16, 32, generator=gen)
+    dense = offsets([16, 16])   # ends 16, 32: rows 32..47 are in no group
+    strided = torch.stack([dense, torch.zeros_like(dense)], dim=1)[:, 0]   # stride 2
+    assert not strided.is_contiguous()
+    want = scaled_grouped_mm(x, w.transpose(1, 2), dense, backend="emulated")
+    got = scaled_grouped_mm(x, w.transpose(1, 2), strided, backend="emulated")
+    assert torch.equal(got, want) and bool(want[32:].eq(0).all()) and bool(want[16:32].ne(0).any())
