@@ -127,7 +127,8 @@ def steady_median(records: list[dict], key: str) -> float | None:
 
 def summarize(runs: list[Run]) -> list[dict]:
     """One dict per run: label, last_step, final_loss, final_loss_vs_first_pct (None for the
-    first run, and when the first run's final loss is 0), tokens_per_s, tokens_per_s_per_gpu, mfu, peak_mem_gib."""
+    first run, and when the first run's final loss is 0), tokens_per_s,
+    tokens_per_s_per_gpu, mfu, peak_mem_gib."""
     first = final_loss(runs[0].records)
     out = []
     for i, run in enumerate(runs):
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", nargs="+", help="metrics JSONL files; the first is the reference")
     p.add_argument("--labels", help="comma-separated labels, one per file")
-    p.add_argument("--out", required=True, help="image to write (.png, or another format by its suffix: .svg, .pdf, ...)")
+    p.add_argument("--out", required=True,
+                   help="image to write (.png, or another format by its suffix: .svg, .pdf, ...)")
     p.add_argument("--table", help="markdown file to write the table to")
     p.add_argument("--smooth", type=int, default=1, help="moving average window (points)")
     args = p.parse_args(argv)

@@ -145,7 +145,9 @@ class _ContiguousGrad(torch.autograd.Function):
     def backward(ctx, grad):
         # An empty tensor counts as contiguous whatever its strides, so contiguous() would
         # pass a stride-0 empty gradient through: give it fresh strides.
-        return grad.contiguous() if grad.numel() else torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+        if grad.numel() == 0:
+            return torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+        return grad.contiguous()
 
 
 class _Dequantize(torch.autograd.Function):

@@ -37,10 +37,8 @@ def _reference(experts, x, offs):
     return torch.cat(out), x64, ws
 
 
-def test_bf16_path_output_and_gradients_match_float64_loop():
-    gen = torch.Generator().manual_seed(0)
-    ex = _experts()
-    x, offs = _grouped_input(gen)
+def _assert_float32_path_matches_float64(ex, x, offs, gen):
+    """Output, grad_x and the three weight gradients of float32 experts against _reference."""
     x.requires_grad_()
     y = ex(x, offs)
     grad = torch.randn(y.shape, generator=gen)
@@ -52,6 +50,12 @@ def test_bf16_path_output_and_gradients_match_float64_loop():
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
     for got, want in ((ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad), (ex.w3.grad, w3.grad)):
         torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_bf16_path_output_and_gradients_match_float64_loop():
+    gen = torch.Generator().manual_seed(0)
+    x, offs = _grouped_input(gen)
+    _assert_float32_path_matches_float64(_experts(), x, offs, gen)
 
 
 def test_bfloat16_activations_stay_bfloat16_and_close_to_float64():
@@ -80,17 +84,7 @@ def test_bf16_path_takes_feature_sizes_that_are_not_a_multiple_of_16_bytes():
     torch.manual_seed(3)
     ex = GroupedExperts(10, 20, E)
     offs = torch.tensor([5, 5, 12, 21], dtype=torch.int32)
-    x = torch.randn(21, 10, generator=gen, requires_grad=True)
-    y = ex(x, offs)
-    grad = torch.randn(y.shape, generator=gen)
-    y.backward(grad)
-    y_ref, x64, (w1, w2, w3) = _reference(ex, x, offs)
-    y_ref.backward(grad.double())
-    tol = dict(rtol=1e-4, atol=1e-6)  # float32 grouped matmuls against float64
-    torch.testing.assert_close(y.double(), y_ref, **tol)
-    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
-    for got, want in ((ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad), (ex.w3.grad, w3.grad)):
-        torch.testing.assert_close(got.double(), want, **tol)
+    _assert_float32_path_matches_float64(ex, torch.randn(21, 10, generator=gen), offs, gen)
 
 
 def test_no_rows_at_all_give_an_empty_output_and_zero_weight_gradients():
