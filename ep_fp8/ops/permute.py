@@ -241,8 +241,9 @@ def gather_rows_sum(
     if _use_triton(backend, rows_MD) and R * D > 0:
         out = rows_MD.new_empty((R, D))
         BLOCK_D = min(triton.next_power_of_2(D), 1024)
+        w = w_Rk if w_Rk is not None else idx_Rk  # any (R, k) tensor when unweighted: not read
         _gather_rows_kernel[(R, triton.cdiv(D, BLOCK_D))](
-            rows_MD, rows_MD.stride(0), idx_Rk.contiguous(), w_Rk if w_Rk is not None else idx_Rk,
+            rows_MD, rows_MD.stride(0), rows_MD.stride(1), idx_Rk.contiguous(), w, w.stride(0), w.stride(1),
             out, D, k, HAS_W=w_Rk is not None, ACC=_tl_dtype(_acc_dtype(rows_MD.dtype)), BLOCK_D=BLOCK_D,
         )
         return out
@@ -270,9 +271,11 @@ def gather_rows_sum_backward(
         grad_RD = grad_RD.contiguous()
         BLOCK_D = min(triton.next_power_of_2(D), 1024)
         acc = _tl_dtype(_acc_dtype(grad_RD.dtype))
+        rows = rows_MD if need_w else grad_RD  # rows are read only for grad_w
+        w = w_Rk if w_Rk is not None else idx_Rk  # any (R, k) tensor when unweighted: not read
         _gather_rows_bwd_kernel[(R,)](
-            grad_RD, rows_MD if need_w else grad_RD, rows_MD.stride(0) if need_w else 0, idx_Rk.contiguous(),
-            w_Rk if w_Rk is not None else grad_RD, grad_rows if need_rows else grad_RD,
+            grad_RD, rows, rows.stride(0), rows.stride(1), idx_Rk.contiguous(), w, w.stride(0), w.stride(1),
+            grad_rows if need_rows else grad_RD,
             grad_w if need_w else grad_RD, D, k, HAS_W=w_Rk is not None, NEED_ROWS=need_rows,
             NEED_W=need_w, ACC=acc, BLOCK_D=BLOCK_D,
         )
@@ -306,7 +309,7 @@ def _scatter_rows_kernel(src_ptr, src_stride, src_col_stride, idx_ptr, out_ptr, 
 
 
 @triton.jit
-def _gather_rows_kernel(rows_ptr, rows_stride, idx_ptr, w_ptr, out_ptr, D, K,
+def _gather_rows_kernel(rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, w_stride, w_col_stride, out_ptr, D, K,
                         HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -314,15 +317,16 @@ def _gather_rows_kernel(rows_ptr, rows_stride, idx_ptr, w_ptr, out_ptr, D, K,
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
     for j in range(K):
         src = tl.load(idx_ptr + r * K + j)
-        v = tl.load(rows_ptr + src * rows_stride + cols, mask=mask).to(ACC)
+        v = tl.load(rows_ptr + src * rows_stride + cols * rows_col_stride, mask=mask).to(ACC)
         if HAS_W:
-            v = v * tl.load(w_ptr + r * K + j).to(ACC)
+            v = v * tl.load(w_ptr + r * w_stride + j * w_col_stride).to(ACC)
         acc += v
     tl.store(out_ptr + r * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, idx_ptr, w_ptr, grad_rows_ptr, grad_w_ptr, D, K,
+def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, w_stride, w_col_stride,
+                            grad_rows_ptr, grad_w_ptr, D, K,
                             HAS_W: tl.constexpr, NEED_ROWS: tl.constexpr, NEED_W: tl.constexpr,
                             ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per token row: its gradient is read once per choice (from cache after
@@ -331,7 +335,7 @@ def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, idx_ptr, w_ptr, gra
     for j in range(K):
         dst = tl.load(idx_ptr + r * K + j)
         if HAS_W:
-            wj = tl.load(w_ptr + r * K + j).to(ACC)
+            wj = tl.load(w_ptr + r * w_stride + j * w_col_stride).to(ACC)
         dot = tl.zeros((BLOCK_D,), dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -344,6 +348,6 @@ def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, idx_ptr, w_ptr, gra
                     g_row = g
                 tl.store(grad_rows_ptr + dst * D + cols, g_row.to(grad_rows_ptr.dtype.element_ty), mask=mask)
             if NEED_W:
-                dot += g * tl.load(rows_ptr + dst * rows_stride + cols, mask=mask, other=0).to(ACC)
+                dot += g * tl.load(rows_ptr + dst * rows_stride + cols * rows_col_stride, mask=mask, other=0).to(ACC)
         if NEED_W:
             tl.store(grad_w_ptr + r * K + j, tl.sum(dot, axis=0).to(grad_w_ptr.dtype.element_ty))

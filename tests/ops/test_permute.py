@@ -117,6 +117,32 @@ def test_scatter_rows_kernel_matches_reference(dtype):
     assert torch.equal(got, want)
 
 
+def _check_gather_kernels(rows, idx, fill, w, grad):
+    """gather_rows_sum and its backward: the Triton kernels against the torch reference."""
+    k, dtype = idx.shape[1], rows.dtype
+    # Both sum in the same order: exact, except that the interpreter's float32 -> bfloat16
+    # cast may round one step differently, and compiled kernels may fuse multiply-adds. A
+    # fused multiply-add rounds once where the reference rounds twice: a difference of a few
+    # ulps of the largest of the k terms, not of their sum, which can cancel (H200: 2.7e-8
+    # on a float32 sum of 6e-3, 4e-6 relative).
+    if dtype == torch.bfloat16:
+        tol = dict(rtol=2**-7, atol=1e-6)
+    elif FUSED:
+        largest_term = float(rows.abs().max()) * (float(w.max()) if w is not None else 1.0)
+        tol = dict(rtol=0, atol=4 * k * torch.finfo(dtype).eps * largest_term)
+    else:
+        tol = dict(rtol=0, atol=0)
+    torch.testing.assert_close(gather_rows_sum(rows, idx, w, backend="triton"),
+                               gather_rows_sum(rows, idx, w, backend="torch"), **tol)
+    g_rows, g_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="triton")
+    r_rows, r_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="torch")
+    torch.testing.assert_close(g_rows, r_rows, **tol)
+    if w is not None:  # dot products: the kernel sums in another order
+        torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-5)
+    else:
+        assert g_w is None and r_w is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_gather_rows_kernels_match_reference(dtype, weighted):
@@ -126,27 +152,28 @@ def test_gather_rows_kernels_match_reference(dtype, weighted):
     rows = torch.randn(R * k + n_fill, D, generator=gen).to(DEVICE, dtype)
     w = torch.rand(R, k, generator=gen).to(DEVICE) if weighted else None
     grad = torch.randn(R, D, generator=gen).to(DEVICE, dtype)
-    # Both sum in the same order: exact, except that the interpreter's float32 -> bfloat16
-    # cast may round one step differently, and compiled kernels may fuse multiply-adds. A
-    # fused multiply-add rounds once where the reference rounds twice: a difference of a few
-    # ulps of the largest of the k terms, not of their sum, which can cancel (H200: 2.7e-8
-    # on a float32 sum of 6e-3, 4e-6 relative).
-    if dtype == torch.bfloat16:
-        tol = dict(rtol=2**-7, atol=1e-6)
-    elif FUSED:
-        largest_term = float(rows.abs().max()) * (float(w.max()) if weighted else 1.0)
-        tol = dict(rtol=0, atol=4 * k * torch.finfo(dtype).eps * largest_term)
+    _check_gather_kernels(rows, idx, fill, w, grad)
+
+
+@pytest.mark.parametrize("layout", ["w_every_other_column", "w_expanded", "w_column_major", "rows_column_major"])
+def test_gather_rows_kernels_follow_strides(layout):
+    """Weights and rows in any strides: the kernels read them through their strides (they
+    once read them as dense row-major, which gave wrong sums without an error)."""
+    gen = torch.Generator().manual_seed(6)
+    R, k, D, n_fill = 6, 3, 40, 9
+    idx, fill = _row_layout(R, k, n_fill, gen, DEVICE)
+    rows = torch.randn(R * k + n_fill, D, generator=gen).to(DEVICE)
+    w = torch.rand(R, k, generator=gen).to(DEVICE)
+    if layout == "w_every_other_column":
+        w = torch.rand(R, 2 * k, generator=gen).to(DEVICE)[:, ::2]
+    elif layout == "w_expanded":
+        w = torch.rand(1, k, generator=gen).to(DEVICE).expand(R, k)
+    elif layout == "w_column_major":
+        w = w.t().contiguous().t()
     else:
-        tol = dict(rtol=0, atol=0)
-    torch.testing.assert_close(gather_rows_sum(rows, idx, w, backend="triton"),
-                               gather_rows_sum(rows, idx, w, backend="torch"), **tol)
-    g_rows, g_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="triton")
-    r_rows, r_w = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], backend="torch")
-    torch.testing.assert_close(g_rows, r_rows, **tol)
-    if weighted:  # dot products: the kernel sums in another order
-        torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-5)
-    else:
-        assert g_w is None and r_w is None
+        rows = rows.t().contiguous().t()
+    assert not w.is_contiguous() or not rows.is_contiguous()
+    _check_gather_kernels(rows, idx, fill, w, torch.randn(R, D, generator=gen).to(DEVICE))
 
 
 def test_gather_rows_reference_matches_float64_loop():
