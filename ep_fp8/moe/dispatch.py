@@ -70,6 +70,10 @@ def check_combine_inputs(y_grouped: torch.Tensor, topk_w: torch.Tensor, state: D
         raise ValueError(
             f"topk_w must have shape {tuple(state.idx_Tk.shape)} (as topk_idx), got {tuple(topk_w.shape)}"
         )
+    if not topk_w.is_floating_point():
+        raise TypeError(f"topk_w must be a floating-point tensor (the routing weights), got {topk_w.dtype}")
+    if topk_w.device != y_grouped.device:
+        raise ValueError(f"topk_w is on {topk_w.device}, y_grouped on {y_grouped.device}: they must share a device")
 
 
 def out_of_range_count(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:

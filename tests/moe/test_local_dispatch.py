@@ -98,6 +98,10 @@ def test_bad_dispatch_input_raises_clear_errors():
         d.combine(xg[:-1], torch.ones(3, 2), state)
     with pytest.raises(ValueError, match="topk_w"):
         d.combine(xg, torch.ones(3, 1), state)
+    with pytest.raises(TypeError, match="topk_w must be a floating-point tensor"):  # topk_idx passed by mistake
+        d.combine(xg, torch.zeros(3, 2, dtype=torch.int64), state)
+    with pytest.raises(ValueError, match="share a device"):
+        d.combine(xg, torch.ones(3, 2, device="meta"), state)
     with pytest.raises(ValueError, match="n_experts"):
         LocalDispatcher(0)
 
