@@ -20,7 +20,7 @@ class MoE(nn.Module):
 
     float8 / float8_backend / exact_scales choose the experts' matmuls (see
     GroupedExperts). With aux_loss_coef > 0 the sequence-level balance loss is trained
-    through the output, with gradient router.aux_grad_scale (1; a loop accumulating n
+    through the routing weights (its gradient joins theirs in backward), with gradient router.aux_grad_scale (1; a loop accumulating n
     micro-batches sets 1/n with moe.set_aux_grad_scale); router.last_aux_loss keeps its
     value. Raises ValueError on inconsistent sizes (see Router).
     """
@@ -74,13 +74,15 @@ class MoE(nn.Module):
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
         topk_idx, topk_w, scores_TE = self.router.route(x_TD)  # (T, k), (T, k), (T, E)
+        if self.router.aux_loss_coef > 0:
+            aux = self.router.aux_loss(scores_TE, topk_idx, n_seqs=B)
+            if torch.is_grad_enabled():
+                # On the routing weights, whose gradient always comes back through combine,
+                # rather than on the output: that stays an ordinary tensor, writable in place.
+                topk_w = attach_aux_loss(topk_w, aux, self.router.aux_grad_scale)
         x_grouped, offs, state = self.dispatcher.dispatch(x_TD, topk_idx)
         y_grouped = self.experts(x_grouped, offs, x_fp8=state.x_fp8)
         y_TD = self.dispatcher.combine(y_grouped, topk_w, state)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        if self.router.aux_loss_coef > 0:
-            aux = self.router.aux_loss(scores_TE, topk_idx, n_seqs=B)
-            if torch.is_grad_enabled():
-                y_TD = attach_aux_loss(y_TD, aux, self.router.aux_grad_scale)
         return y_TD.view(B, S, D)

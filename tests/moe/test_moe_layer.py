@@ -65,14 +65,15 @@ def test_output_and_all_gradients_match_float64_reference(kw):
         torch.testing.assert_close(param.grad.double(), p[name].grad, **tol, msg=name)
 
 
-def test_aux_loss_trains_the_gate_through_the_output():
+def test_aux_loss_trains_the_gate_and_leaves_the_output_writable():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(B, S, D, generator=gen)
     plain, with_aux = _moe(), _moe(aux_loss_coef=0.3)
     plain(x).sum().backward()
     y = with_aux(x)
+    y.add_(1.0)  # an ordinary tensor: in-place writes are allowed, as without the aux loss
     y.sum().backward()
-    torch.testing.assert_close(y, plain(x))  # the loss changes gradients, not outputs
+    torch.testing.assert_close(y - 1.0, plain(x))  # the loss changes gradients, not outputs
     aux_only = _moe(aux_loss_coef=0.3)
     idx, _, scores = aux_only.router.route(x.reshape(-1, D))
     aux_only.router.aux_loss(scores, idx, n_seqs=B).backward()
@@ -106,11 +107,12 @@ def test_shared_experts_follow_the_activation_dtype():
     assert ((y.double() - y_ref).norm() / y_ref.norm()) < 2e-2   # bf16: ~3 significant digits
 
 
-def test_empty_sequences_give_an_empty_output_and_a_zero_aux_loss():
+@pytest.mark.parametrize("shape", [(B, 0, D), (0, S, D)], ids=["empty_sequences", "empty_batch"])
+def test_no_tokens_give_an_empty_output_and_a_zero_aux_loss(shape):
     moe = _moe(aux_loss_coef=0.01)
-    x = torch.randn(B, 0, D, requires_grad=True)
+    x = torch.randn(shape, requires_grad=True)
     y = moe(x)
-    assert y.shape == (B, 0, D)
+    assert y.shape == shape
     assert moe.router.last_aux_loss.item() == 0.0
     y.sum().backward()
 
