@@ -89,6 +89,10 @@ class ModelArgs:
                     f"({self.n_limited_groups}) * model.n_experts ({self.n_experts}) / "
                     f"model.n_expert_groups ({self.n_expert_groups}) = {reachable}, the "
                     f"experts a token can reach")
+            if self.top_k == 1 and self.route_norm:
+                raise ValueError("model.route_norm = true with model.top_k = 1 makes every routing "
+                                 "weight 1, so the gate would get no gradient from the loss: set "
+                                 "model.route_norm = false")
         if self.aux_loss_coef < 0:
             raise ValueError(f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:

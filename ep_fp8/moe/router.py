@@ -71,6 +71,9 @@ class Router(nn.Module):
                 f"top_k ({top_k}) exceeds the experts in {n_limited_groups} of "
                 f"{n_expert_groups} groups ({n_limited_groups * (n_experts // n_expert_groups)})"
             )
+        if top_k == 1 and route_norm:
+            raise ValueError("route_norm=True with top_k=1 makes every routing weight 1, so the "
+                             "gate would get no gradient from the loss: pass route_norm=False")
         if aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {aux_loss_coef}")
         self.n_experts, self.top_k = n_experts, top_k

@@ -67,6 +67,7 @@ def test_bad_tokens_raise_naming_the_problem():
     (dict(n_expert_groups=3), "model.n_expert_groups"),
     # 8 experts in 4 groups, 1 group kept: a token reaches 2 experts, so top-3 is impossible.
     (dict(n_expert_groups=4, n_limited_groups=1, top_k=3), r"model.top_k \(3\) must be <="),
+    (dict(top_k=1), "model.route_norm = true with model.top_k = 1"),
 ])
 def test_inconsistent_args_raise_value_error_naming_the_field(change, key):
     with pytest.raises(ValueError, match=key):

@@ -134,6 +134,9 @@ def test_bad_router_arguments_raise_clear_errors():
         Router(D, E, 2, n_expert_groups=2, n_limited_groups=3)
     with pytest.raises(ValueError, match="top_k"):
         Router(D, E, 3, n_expert_groups=4, n_limited_groups=1)
+    with pytest.raises(ValueError, match="route_norm=True with top_k=1"):
+        Router(D, E, 1)
+    Router(D, E, 1, route_norm=False)  # top-1 with the raw score as its weight trains the gate
     r = Router(D, E, 2)
     with pytest.raises(ValueError, match="sequences"):
         idx, _, scores = r.route(_x(10))
