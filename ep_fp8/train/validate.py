@@ -146,8 +146,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                      cfg.parallel.dp_replicate)
     _data(cfg, args.vocab_size)
     _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")
-    if cfg.checkpoint.enabled:
-        _checkpoint_folder(cfg)
+    _checkpoint_folder(cfg)
 
 
 def _can_create_folder(cfg: Config, folder: str, what: str) -> None:
@@ -164,18 +163,24 @@ def _can_create_folder(cfg: Config, folder: str, what: str) -> None:
 
 
 def _checkpoint_folder(cfg: Config) -> None:
-    """A new run (resume = false) must not write among an earlier run's checkpoints: pruning
-    keeps the highest steps, so theirs could outlive its own and a later resume load them."""
+    """A run that does not resume (resume = false, or checkpoints off) must not start among
+    an earlier run's checkpoints: pruning keeps the highest steps, so theirs could outlive
+    its own and a later resume load them; and it would replace that run's config.toml and
+    metrics.jsonl, so a later resume would join two runs' curves in one file."""
     from ep_fp8.train.checkpoint import complete_checkpoints
 
-    folder = checkpoint_dir(cfg)
-    _can_create_folder(cfg, folder, "[checkpoint] folder")
-    if cfg.checkpoint.resume:
-        return
+    c, folder = cfg.checkpoint, checkpoint_dir(cfg)
+    if c.enabled:
+        _can_create_folder(cfg, folder, "[checkpoint] folder")
+        if c.resume:
+            return
     found = complete_checkpoints(folder)
+    setting = "resume = false" if c.enabled else "enabled = false"
+    fix = ("Set [checkpoint] resume = true to continue that run" if c.enabled else
+           "Set [checkpoint] enabled = true (with resume = true) to continue that run")
     _check(not found, cfg,
-           f"[checkpoint] resume = false, but the checkpoint folder {folder!r} ([checkpoint] "
+           f"[checkpoint] {setting}, but the checkpoint folder {folder!r} ([checkpoint] "
            f"folder of [job] name {cfg.job.name!r}) already holds {len(found)} complete "
            f"checkpoint(s) of an earlier run (newest: step {found[-1][0] if found else 0}). "
-           f"Set [checkpoint] resume = true to continue that run, or choose another [job] "
-           f"name or [checkpoint] folder (or delete the old checkpoints)")
+           f"{fix}, or choose another [job] name or [checkpoint] folder (or delete the old "
+           f"checkpoints)")

@@ -195,6 +195,10 @@ def test_a_new_run_in_a_folder_with_an_earlier_runs_checkpoints_is_an_error(tmp_
         assert words in str(err.value), str(err.value)
     load_config(None, run)                                          # resume = true: fine
     load_config(None, run + ["--checkpoint.resume=false", "--job.name=other"])
+    # Checkpoints off would still replace that run's config.toml and metrics.jsonl.
+    with pytest.raises(ConfigError, match=r"\[checkpoint\] enabled = false, but .* step 1500"):
+        load_config(None, run + ["--checkpoint.enabled=false"])
+    load_config(None, run + ["--checkpoint.enabled=false", "--job.name=other"])
 
 
 def test_config_choices_are_the_ones_the_lower_layers_accept():
