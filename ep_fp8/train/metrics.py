@@ -57,10 +57,17 @@ def format_line(r: dict, steps: int, mfu: bool = True, memory: bool = True) -> s
 
 
 def _drop_steps_after(path: str, step: int) -> None:
-    """Rewrite `path` without the records of steps > `step` (a resumed run redoes them)."""
+    """Rewrite `path` without the records of steps > `step` (a resumed run redoes them),
+    and without a line that is not JSON (the torn last line of a crash or a full disk)."""
+    keep = []
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("step", -1) <= step]
+        for ln in f:
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", -1) <= step:
+                keep.append(ln if ln.endswith("\n") else ln + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

@@ -63,6 +63,17 @@ def test_a_resumed_run_drops_the_steps_it_will_redo_and_appends_a_header(tmp_pat
     assert len(read(tmp_path)) == 1
 
 
+def test_a_resume_drops_a_torn_last_line(tmp_path):
+    m = make(tmp_path, log_every=1)
+    m.start("a", {}, resumed_step=0)
+    for step in range(1, 4):
+        m.step(step, 1.0, 0.0, 0.0, 1.0)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 5.46')   # a crash (or a full disk) in the middle of a write
+    make(tmp_path, log_every=1).start("a", {}, resumed_step=3)
+    assert [r.get("step") for r in read(tmp_path)] == [None, 1, 2, 3, None]
+
+
 def test_other_ranks_write_nothing(tmp_path):
     m = make(tmp_path, rank=1)
     m.start("a", {}, resumed_step=0)
