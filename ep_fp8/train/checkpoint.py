@@ -24,6 +24,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
@@ -148,15 +149,20 @@ class Checkpointer:
         when the world size matches the saved one (else the caller's seeding stands).
         The hyperparameters stay those `optimizer` and `scheduler` were built with (see
         _keep_hyperparameters). Raises ValueError when `path` is not a complete
-        checkpoint. Collective."""
+        checkpoint, CheckpointMismatchError (on every rank) when its tensors do not fit
+        the model or optimizer (another size or a missing key). Collective."""
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = self._state(model, optimizer, scheduler, loader, step=0)
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path, no_dist=_single())
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        try:
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=path, no_dist=_single())
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        except (CheckpointException, ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointMismatchError(f"{path} does not fit this model and optimizer: "
+                                          f"{_first_failure(e)}") from None
         scheduler.load_state_dict(state["train"]["scheduler"])
         _keep_hyperparameters(optimizer, scheduler, built)
         loader.load_state_dict(state["train"]["data"])
@@ -169,6 +175,17 @@ class Checkpointer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return int(state["train"]["step"])
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model or optimizer it is loaded into."""
+
+
+def _first_failure(e: BaseException) -> str:
+    """The message of the error behind `e`: a CheckpointException wraps one per rank."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
 def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:

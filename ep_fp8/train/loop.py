@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ep_fp8.train.checkpoint import Checkpointer
+from ep_fp8.train.checkpoint import CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
 from ep_fp8.train.data import DataLoader, MarkovSource, build_source
@@ -167,8 +167,9 @@ def train(cfg: Config) -> dict:
     """Train as `cfg` says. Returns {"step", "records", "stopped", "checkpoint"}: the last
     step done, the logged metric records, why it stopped early ("" if it did not), and the
     last checkpoint written. Raises NonFiniteLossError naming the step when the loss or
-    the gradient norm becomes NaN or Inf, and ConfigError when the data files do not hold
-    what [data] asks (before anything is written)."""
+    the gradient norm becomes NaN or Inf, and ConfigError (before anything is written) when
+    the data files do not hold what [data] asks or the checkpoint to resume from does not
+    fit the model this config builds."""
     from ep_fp8.model import flops_per_token
     from ep_fp8.moe import update_router_biases
 
@@ -179,7 +180,6 @@ def train(cfg: Config) -> dict:
         source = build_source(cfg)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [data] {e}") from None
-    _save_and_print_config(cfg)
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
@@ -188,13 +188,20 @@ def train(cfg: Config) -> dict:
 
     step, last_ckpt = 0, None
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (found := ckpt.latest()):
-        step = ckpt.load(found[1], model, optimizer, scheduler, loader)
+        try:
+            step = ckpt.load(found[1], model, optimizer, scheduler, loader)
+        except CheckpointMismatchError as e:   # raised on every rank: all exit alike
+            raise ConfigError(
+                f"{cfg.source}: cannot resume: {e}. Resume with the config that run was saved "
+                f"with ({os.path.join(run_dir(cfg), 'config.toml')}), or choose another [job] "
+                f"name") from None
         last_ckpt = found[1]
         _say(f"resumed from {found[1]} (step {step})")
         if step >= t.steps:
             _say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
                  f"is {t.steps}; raise training.steps to continue")
 
+    _save_and_print_config(cfg)   # after the resume: a config that cannot resume writes nothing
     metrics = MetricsLogger(
         run_dir(cfg), rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,
         tokens_per_step=world * t.batch_size * t.seq_len * t.grad_accum,

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         train(cfg)
-    except ConfigError as e:   # found on reading the data files, before anything was written
+    except ConfigError as e:   # found on reading the data or a checkpoint, before anything was written
         print(f"config error: {e}", file=sys.stderr)
         code = 2
     except NonFiniteLossError as e:

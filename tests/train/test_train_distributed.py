@@ -53,6 +53,10 @@ ONE_RANK_PLAN = [
      "resume_from": ["ep2", 10]},
     {"name": "nan", "overrides": ["--optimizer.lr=1e30", "--lr_schedule.warmup_steps=0",
                                   "--training.max_norm=0"]},
+    # A checkpoint of another model size: a config error, and nothing written.
+    {"name": "resume_misfit", "overrides": ["--parallel.ep=1", "--checkpoint.enabled=true",
+                                            "--model.dim=32"],
+     "resume_from": ["ep2", 10]},
 ]
 
 
@@ -152,3 +156,11 @@ def test_nan_loss_stops_the_run_naming_the_step(runs):
     with open(os.path.join(runs, "nan", "metrics.jsonl")) as f:
         logged = [json.loads(line).get("step") for line in f][1:]
     assert logged == list(range(1, step))                     # finite steps only were logged
+
+
+def test_resuming_from_a_checkpoint_of_another_model_is_a_config_error_that_writes_nothing(runs):
+    (result,) = results(runs, "resume_misfit", 1)
+    error = result.get("error", "")
+    assert "ConfigError" in error and "cannot resume" in error and "Size mismatch" in error, result
+    assert "checkpoints/step-10 does not fit this model" in error
+    assert sorted(os.listdir(os.path.join(runs, "resume_misfit"))) == ["checkpoints", "result-rank0.json"]
