@@ -28,7 +28,7 @@ def _ranges(cfg: Config) -> None:
         "[optimizer] lr": o.lr, "[optimizer] eps": o.eps,
     }
     for key, value in positive.items():
-        _check(value > 0, cfg, f"{key} must be > 0, got {value}")
+        _check(value > 0 and math.isfinite(value), cfg, f"{key} must be finite and > 0, got {value}")
     non_negative = {
         "[job] seed": cfg.job.seed, "[parallel] ep": cfg.parallel.ep, "[data] seed": cfg.data.seed,
         "[training] max_norm": t.max_norm, "[optimizer] weight_decay": o.weight_decay,
@@ -37,7 +37,7 @@ def _ranges(cfg: Config) -> None:
         "[metrics] peak_flops": m.peak_flops,
     }
     for key, value in non_negative.items():
-        _check(value >= 0, cfg, f"{key} must be >= 0, got {value}")
+        _check(value >= 0 and math.isfinite(value), cfg, f"{key} must be finite and >= 0, got {value}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, cfg,
            f"[lr_schedule] min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     _check(all(0.0 <= b < 1.0 for b in o.betas), cfg,
