@@ -89,7 +89,8 @@ def _documents(files: list[str], source: str, field: str):
                 if not line.strip():
                     continue
                 try:
-                    line = line.decode("utf-8")
+                    # A file may open with a byte-order mark, which json.loads rejects.
+                    line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the "
                                      f"line: {e.reason})") from None

@@ -88,6 +88,10 @@ def test_jsonl_reads_the_named_field_and_names_the_bad_line(tmp_path):
     path.write_text(json.dumps({"body": "ok"}) + "\n" + json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: not a JSON object with a string field 'body'"):
         TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0, field="body")
+    # A byte-order mark opening the file (as some editors write it) is not part of the data.
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"body": "abc"}).encode() + b"\r\n")
+    src = TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0, field="body")
+    assert src.tokens.tolist() == list(b"abc") + [256]
 
 
 def test_jsonl_that_is_not_utf8_is_named_and_a_lone_surrogate_is_replaced(tmp_path):
