@@ -22,7 +22,7 @@ from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_mo
                                  to_dict, to_toml)
 from ep_fp8.train.data import DataLoader, MarkovSource, build_source
 from ep_fp8.train.metrics import MetricsLogger, peak_flops
-from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, schedule_note
 from ep_fp8.train.validate import resolve_ep
 
 
@@ -182,6 +182,8 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"{cfg.source}: [data] {e}") from None
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
+    if note := schedule_note(t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio):
+        _say(note)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
     loader = DataLoader(source, t.batch_size, rank, world)
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep_last)

@@ -47,6 +47,17 @@ def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_note(steps: int, warmup_steps: int, min_lr_ratio: float) -> str:
+    """A warning when the schedule has no decay: warm-up that fills the whole run (warmup_steps
+    >= steps - 1) leaves the lr rising, or at its peak, at the last step; '' otherwise."""
+    if warmup_steps < steps - 1 or min_lr_ratio == 1.0:
+        return ""
+    last = lr_factor(steps - 1, steps, warmup_steps, min_lr_ratio)
+    return (f"warning: [lr_schedule] warmup_steps = {warmup_steps} >= [training] steps - 1 = "
+            f"{steps - 1}: the lr warms up for the whole run and ends at {last:.3g} x lr, "
+            f"with no decay to min_lr_ratio = {min_lr_ratio}")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int,
                     min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR applying `lr_factor`; call `.step()` once after each optimizer step."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_factor
+from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_factor, schedule_note
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -17,6 +17,15 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     mid = warm + (steps - 1 - warm) / 2
     assert lr_factor(int(mid), steps, warm, floor) == pytest.approx(
         floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (int(mid) - warm) / (steps - 1 - warm))))
+
+
+def test_a_warm_up_as_long_as_the_run_is_named_with_the_lr_it_ends_at():
+    assert schedule_note(20, 4, 0.1) == "" and schedule_note(6, 4, 0.1) == ""   # one step decays
+    assert schedule_note(6, 10, 1.0) == ""                                    # nothing to decay to
+    note = schedule_note(6, 10, 0.1)   # the debug config's warm-up in a 6-step run
+    assert "warmup_steps = 10 >= [training] steps - 1 = 5" in note
+    assert f"ends at {lr_factor(5, 6, 10, 0.1):.3g} x lr" in note and "0.545" in note
+    assert "ends at 1 x lr" in schedule_note(5, 4, 0.1)                       # at the peak
 
 
 def test_scheduler_applies_the_factor_to_the_optimizer_lr():
