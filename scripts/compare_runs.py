@@ -12,7 +12,8 @@ The markdown table (printed, and written to --table when given) has, per run: th
 step; the final loss, the mean loss over the last 10% of the logged steps (at least one),
 and its difference from the first run's in %; and tokens/s, tokens/s per GPU, MFU (logged
 as a fraction, shown in %; a logged 0 means no known peak and shows n/a) and peak memory
-as the median over the logged steps after the first 10% (warm-up).
+as the median over the logged steps after the first 10% (warm-up; at least after the
+first, whose window holds compilation, when two or more were logged).
 
 Metrics files are the training loop's: one JSON object per line, a header
 {"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...}. Objects without
@@ -30,6 +31,8 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ep_fp8.paths import output_path_problem
 
 NUMERIC_KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
                 "peak_mem_gib", "load_imbalance", "time_s")
@@ -118,9 +121,10 @@ def final_loss(records: list[dict]) -> float:
 
 
 def steady_median(records: list[dict], key: str) -> float | None:
-    """Median of `key` over the records after the first WARMUP_FRACTION (all records when
-    that leaves none); None when no such record has the key."""
-    skip = int(WARMUP_FRACTION * len(records))
+    """Median of `key` over the records after the first WARMUP_FRACTION of them, and at
+    least after the first (whose window holds compilation and warm-up) when there are two
+    or more; None when no such record has the key."""
+    skip = max(1, math.ceil(WARMUP_FRACTION * len(records))) if len(records) > 1 else 0
     values = [r[key] for r in records[skip:] if r.get(key) is not None]
     return statistics.median(values) if values else None
 
@@ -249,8 +253,9 @@ def main(argv=None) -> int:
         if Path(args.out).suffix.lower().lstrip(".") not in formats:
             raise ValueError(f"--out must end in an image format matplotlib writes "
                              f"({', '.join('.' + f for f in sorted(formats))}), got {args.out!r}")
-        if args.table and Path(args.table).is_dir():
-            raise ValueError(f"--table must name a file, got the folder {args.table!r}")
+        for flag, path in (("--out", args.out), ("--table", args.table)):
+            if path and (problem := output_path_problem(path)):
+                raise ValueError(f"{flag} {path!r} {problem}")
         runs = load_runs(args.metrics, args.labels)
         table = format_markdown(summarize(runs))
         plot(runs, Path(args.out), args.smooth)

@@ -5,10 +5,10 @@ config source and the key(s) involved."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from ep_fp8.paths import output_path_problem
 from ep_fp8.train.config import Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir
 
 
@@ -153,13 +153,8 @@ def _can_create_folder(cfg: Config, folder: str, what: str) -> None:
     """`folder` exists as a folder this process may write in, or can be made: its nearest
     existing ancestor is a writable folder. Checked here so that a run does not fail at its
     first write (the config file, or a checkpoint after `interval` steps)."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    _check(os.path.isdir(path), cfg,
-           f"{what} {folder!r} cannot be made: {path!r} is a file, not a folder")
-    _check(os.access(path, os.W_OK | os.X_OK), cfg,
-           f"{what} {folder!r} cannot be written: no write permission on {path!r}")
+    problem = output_path_problem(folder, folder=True)
+    _check(not problem, cfg, f"{what} {folder!r} {problem}")
 
 
 def _checkpoint_folder(cfg: Config) -> None:

@@ -1,0 +1,30 @@
+"""Whether an output path can be written, checked before any work that would end in writing it."""
+
+from __future__ import annotations
+
+import os
+
+
+def output_path_problem(path: str, *, folder: bool = False) -> str:
+    """Why this process could not write the file `path` (or make and write in the folder
+    `path`, with folder=True), as words to follow the path in a message; '' when it can.
+
+    It can when `path` is already a writable file (folder) or does not exist and its nearest
+    existing ancestor is a writable folder (missing folders in between are made by the
+    writer).
+    """
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        if os.path.isdir(target) != folder:
+            kind = "a folder, not a file" if folder is False else "a file, not a folder"
+            return f"cannot be written: it is {kind}"
+        where = target
+    else:
+        where = os.path.dirname(target)
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            return f"cannot be made: {where!r} is a file, not a folder"
+    if not os.access(where, os.W_OK | (os.X_OK if os.path.isdir(where) else 0)):
+        return f"cannot be written: no write permission on {where!r}"
+    return ""
