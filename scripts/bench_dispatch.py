@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ep_fp8.moe import AllToAllDispatcher, LocalDispatcher
 from ep_fp8.moe.all_to_all import float8_row_bytes
+from ep_fp8.paths import output_path_problem
 
 FULL = dict(tokens=4096, dim=7168, top_k=8, experts=256)  # DeepSeek-V3-like
 QUICK = dict(tokens=256, dim=512, top_k=4, experts=16)
@@ -226,6 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = set(args.payloads.split(",")) - {"bf16", "float8"}
     if bad:
         p.error(f"unknown payloads {sorted(bad)}; choose from bf16, float8")
+    if problem := output_path_problem(args.out):
+        p.error(f"--out {args.out!r} {problem}")
     return args
 
 

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from ep_fp8.paths import output_path_problem
+
 DEFAULT_SHAPES = [  # (M, G, K, N); the first four are the "large" ones of the geomean
     (16384, 8, 5120, 16384), (16384, 8, 8192, 5120), (32768, 8, 7168, 4096),
     (32768, 8, 2048, 7168), (8192, 16, 2048, 2816), (8192, 16, 1408, 2048),
@@ -605,6 +607,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not (args.warmup > 0 and args.rep > 0):
+        p.error(f"--warmup and --rep must be > 0 ms, got {args.warmup} and {args.rep}")
+    if problem := output_path_problem(args.out):
+        p.error(f"--out {args.out!r} {problem}")
     return args
 
 

@@ -25,6 +25,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from ep_fp8.paths import output_path_problem
+
 # Order matters: the first category whose patterns match a kernel name takes it.
 CATEGORIES = [
     ("float8 quantization", ("_quant", "_weight_fwd", "_weight_bwd_cast", "_cols_amax", "_cols_cast",
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                                    resolve_dtype, train_step)
     from ep_fp8.train.main import init_distributed, parse_cli
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Also --config FILE (the training TOML, required) and --section.key=value "
+               "overrides, as for python -m ep_fp8.train.")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", help="write the summary as JSON here")
@@ -85,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ours, rest = parser.parse_known_args(argv)
     if ours.warmup < 1 or ours.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
+    for flag, path in (("--out", ours.out), ("--trace", ours.trace)):
+        if path and (problem := output_path_problem(path)):
+            parser.error(f"{flag} {path!r} {problem}")
     try:
         path, overrides = parse_cli(rest)
         cfg = load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))

@@ -40,6 +40,7 @@ def test_single_process_run_writes_local_records(bench, tmp_path, capsys):
     (["--top-k", "9", "--experts", "8"], "exceeds --experts"),
     (["--payloads", "bf16,int4"], "unknown payloads"),
     (["--iters", "0"], "must be positive"),
+    (["--out", __file__ + "/dispatch.json"], f"{__file__!r} is a file, not a folder"),
 ])
 def test_bad_options_exit_with_a_message(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as e:

@@ -208,7 +208,11 @@ def test_relative_error_is_the_frobenius_ratio_across_chunks(bench):
 @pytest.mark.parametrize("argv, message", [(["--shape", "100,8,64,64"], "M must be"),
                                            (["--methods", "bf16,fp4"], "unknown ['fp4']"),
                                            (["--shape", "400,16,64,64", "--groups", "uniform"],
-                                            "M/G a multiple of 16")])
+                                            "M/G a multiple of 16"),
+                                           (["--rep", "-1"], "--warmup and --rep must be > 0 ms"),
+                                           (["--warmup", "0"], "--warmup and --rep must be > 0 ms"),
+                                           (["--out", __file__ + "/bench.json"],
+                                            f"{__file__!r} is a file, not a folder")])
 def test_bad_options_stop_before_any_work(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)

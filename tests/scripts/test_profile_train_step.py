@@ -40,3 +40,10 @@ def test_summary_divides_by_steps_and_shares_sum_to_one(prof):
     assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
     assert rows["float8 quantization"]["top_kernels"][0] == {"name": "_quant_rows_kernel", "ms_per_step": pytest.approx(0.2)}
     assert "total GPU kernel time" in prof.format_rows(list(rows.values()))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--trace"])
+def test_an_output_path_that_cannot_be_written_stops_before_the_config_is_read(prof, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        prof.main([flag, __file__ + "/profile.json", "--config", "/nonexistent.toml"])
+    assert e.value.code == 2 and f"{__file__!r} is a file, not a folder" in capsys.readouterr().err
