@@ -65,6 +65,8 @@ def choose_backend(backend: str, device: torch.device, K: int, N: int, M: int | 
                 f"backend='cuda' needs a CUDA GPU of compute capability 9.0 or 10.0, got device {device}")
         if not aligned:
             raise ValueError(f"backend='cuda' needs K and N to be multiples of 16, got K={K}, N={N}")
+        if G is not None and G >= MAX_CUDA_GROUPS:
+            raise ValueError(f"backend='cuda' takes fewer than {MAX_CUDA_GROUPS} groups, got G={G}")
         return "cuda", ""
     if not supported:
         return "emulated", ""

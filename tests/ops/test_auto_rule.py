@@ -61,7 +61,8 @@ def test_auto_runs_emulated_with_a_warning_from_1024_groups(pretend_sm90):
     assert backends.choose_backend("auto", GPU, 32, 32, big, G=backends.MAX_CUDA_GROUPS - 1) == ("cuda", "")
     with pytest.warns(UserWarning, match="G=1024 groups, torch._scaled_grouped_mm takes fewer than 1024"):
         assert resolve_backend("auto", GPU, 32, 32, big, G=1024) == "emulated"
-    assert resolve_backend("cuda", GPU, 32, 32, big, G=1024) == "cuda"   # scaled_grouped_mm raises for it
+    with pytest.raises(ValueError, match="backend='cuda' takes fewer than 1024 groups, got G=1024"):
+        resolve_backend("cuda", GPU, 32, 32, big, G=1024)   # as scaled_grouped_mm does
 
 
 def test_strided_offs_give_the_same_result_through_the_triton_kernels(monkeypatch):
