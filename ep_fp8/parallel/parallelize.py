@@ -153,6 +153,11 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
     for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
+    if fsdp and dims.ep > 1 and reduce_dtype not in (torch.float32, torch.bfloat16):
+        # For other dtypes FSDP2 divides before and after the reduction itself, and with one
+        # rank per expert shard (efsdp 1) divides the experts' gradients once more.
+        raise ValueError(f"reduce_dtype must be torch.float32 or torch.bfloat16 with parallel.ep > 1, "
+                         f"got {reduce_dtype}")
     if not fsdp and dims.world_size > 1:
         raise ValueError(f"fsdp=False needs world_size 1, got {dims.world_size}: without "
                          "FSDP2 nothing reduces the dense gradients across ranks")
@@ -169,6 +174,11 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
                          f"(parallel.dp_replicate = {dims.dp_replicate}, parallel.ep = {dims.ep}) "
                          f"need {(dims.dp_replicate, dims.efsdp, dims.ep)}: build it with "
                          "dims.build_mesh")
+    try:   # the flattened dims build_mesh adds, which the FSDP2 meshes are sliced from
+        submesh(mesh, "dp_shard"), submesh(mesh, "dp")
+    except KeyError:
+        raise ValueError("mesh lacks the flattened 'dp_shard' and 'dp' dims: build it with "
+                         "dims.build_mesh") from None
 
     if dims.ep > 1:
         apply_expert_parallel(model, submesh(mesh, "ep"), dispatch_payload)

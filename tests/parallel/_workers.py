@@ -170,6 +170,18 @@ def two_ranks(rank: int, world: int) -> dict:
         out["mesh_mismatch.error"] = ""
     except ValueError as e:
         out["mesh_mismatch.error"] = str(e)
+    # The right names and shape, but not from build_mesh: no flattened "dp_shard" / "dp".
+    from torch.distributed.device_mesh import init_device_mesh
+    from ep_fp8.parallel.dims import MESH_DIMS
+    bare = init_device_mesh("cpu", (1, 1, world), mesh_dim_names=MESH_DIMS)
+    untouched = Transformer(ARGS)
+    try:
+        parallelize_model(untouched, ParallelDims(world, ep=world), bare)
+        out["mesh_unflattened.error"] = ""
+    except ValueError as e:
+        out["mesh_unflattened.error"] = str(e)
+    out["mesh_unflattened.model_untouched"] = not any(
+        isinstance(p, DTensor) for p in untouched.parameters())
     return out
 
 

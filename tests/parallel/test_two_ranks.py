@@ -69,6 +69,8 @@ def test_meta_device_model_initialised_after_sharding_equals_unsharded_init(resu
     assert "Shard(dim=0)" in results["meta_init.expert_placements"]
 
 
-def test_a_mesh_of_another_layout_than_dims_is_rejected(results):
+def test_a_mesh_of_another_layout_or_without_the_flattened_dims_is_rejected(results):
     assert "mesh has shape (1, 1, 2)" in results["mesh_mismatch.error"]
     assert "parallel.ep = 1" in results["mesh_mismatch.error"]
+    assert "mesh lacks the flattened 'dp_shard' and 'dp' dims" in results["mesh_unflattened.error"]
+    assert results["mesh_unflattened.model_untouched"]

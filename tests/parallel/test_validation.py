@@ -57,6 +57,14 @@ def test_bad_arguments_raise_naming_the_key(model, kwargs, error, key):
         parallelize_model(model, ParallelDims(world_size=2), None, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_reduce_dtype_fsdp2_divides_twice_is_rejected_with_expert_parallelism(model, dtype):
+    # FSDP2 divides such gradients before and after the reduction, and once more for
+    # experts with one rank per shard: they came out ep times too small.
+    with pytest.raises(ValueError, match="reduce_dtype must be torch.float32 or torch.bfloat16 with parallel.ep > 1"):
+        parallelize_model(model, ParallelDims(world_size=2, ep=2), None, reduce_dtype=dtype)
+
+
 def test_ep_not_dividing_n_experts_raises_naming_parallel_ep():
     model = Transformer(dataclasses.replace(PRESETS["debug"], n_experts=6))
     with pytest.raises(ValueError, match="parallel.ep"):
