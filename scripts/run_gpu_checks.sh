@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements behind docs/benchmarks.md, in one command.
 #
-#   bash scripts/run_gpu_checks.sh OUT_DIR [tests] [bench] [train]   (no stage: all three)
+#   bash scripts/run_gpu_checks.sh OUT_DIR [tests] [bench] [train] [ep]   (no stage: all)
 #
 #   tests  every GPU test (pytest -m gpu), log in OUT_DIR/gpu_tests.log, and the kernel
 #          tests on CUDA tensors (OUT_DIR/gpu_kernel_tests.log)
@@ -11,13 +11,17 @@
 #          path on 1 GPU; all-to-all over every visible GPU when there are several)
 #   train  moe_1b_h200.toml for 50 steps with float8 on and off (torch.compile on), then
 #          scripts/profile_train_step.py for each: tokens/s, MFU, memory, time by category
+#   ep     (2 GPUs or more) moe_1b_h200.toml with EP over every GPU for 30 steps, float8
+#          experts with a float8 payload and bf16 experts with a bf16 payload; then the
+#          float8 run resumed from its step-20 checkpoint with EP = 1 (FSDP2 over the same
+#          GPUs), its steps 21-30 beside the uninterrupted run's (OUT_DIR/ep_resume.txt)
 # Each stage writes its logs and JSON under OUT_DIR and goes on after a failure; the exit
 # code is non-zero if any stage failed.
 set -uo pipefail
 
 out="${1:?usage: run_gpu_checks.sh OUT_DIR [tests] [bench] [train]}"
 shift
-stages="${*:-tests bench train}"
+stages="${*:-tests bench train ep}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 mkdir -p "$out"
@@ -45,6 +49,32 @@ train_recipe() {  # train_recipe FLOAT8(true|false)
         --training.steps=50 --compile.enabled=true --checkpoint.enabled=false \
         --float8.enabled="$1" --job.name="gpu_check_moe_1b_float8_$1" &&
         cp "outputs/gpu_check_moe_1b_float8_$1/metrics.jsonl" "$out/train_float8_$1.jsonl"
+}
+
+ep_recipe() {  # ep_recipe NAME EP FLOAT8 PAYLOAD [override ...]: moe_1b_h200 on every GPU
+    local name="$1" ep="$2" f8="$3" payload="$4"
+    shift 4
+    CONFIG_FILE=train_configs/moe_1b_h200.toml NGPU="$ngpu" bash scripts/run_train.sh \
+        --training.steps=30 --compile.enabled=true --metrics.log_every=1 \
+        --parallel.ep="$ep" --float8.enabled="$f8" --float8.dispatch_payload="$payload" \
+        --job.name="gpu_check_$name" "$@" &&
+        cp "outputs/gpu_check_$name/metrics.jsonl" "$out/train_$name.jsonl"
+}
+
+ep_resume() {  # the EP run's step-20 checkpoint resumed with EP = 1, steps 21-30 compared
+    local src="outputs/gpu_check_ep${ngpu}_float8/checkpoints/step-20"
+    mkdir -p outputs/gpu_check_ep1_resumed/checkpoints &&
+        cp -r "$src" outputs/gpu_check_ep1_resumed/checkpoints/ &&
+        ep_recipe ep1_resumed 1 true bf16 --checkpoint.enabled=true --checkpoint.interval=100 &&
+        python3 - "$out/train_ep${ngpu}_float8.jsonl" "$out/train_ep1_resumed.jsonl" <<'PY' | tee "$out/ep_resume.txt"
+import json, sys
+def losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
+full, resumed = losses(sys.argv[1]), losses(sys.argv[2])
+print("step  uninterrupted  resumed_ep1  relative_difference")
+for step in sorted(resumed):
+    print(f"{step:4d}  {full[step]:.4f}  {resumed[step]:.4f}  {resumed[step] / full[step] - 1:+.2e}")
+PY
 }
 
 for stage in $stages; do
@@ -75,7 +105,18 @@ for stage in $stages; do
                     --compile.enabled=true --float8.enabled="$f8" --warmup 6 --steps 3 \
                     --out "$out/profile_float8_$f8.json"
             done ;;
-        *) echo "run_gpu_checks.sh: unknown stage '$stage' (tests, bench, train)" >&2; exit 2 ;;
+        ep)
+            if [ "$ngpu" -lt 2 ]; then
+                echo "== ep: needs 2 GPUs or more, $ngpu visible: skipped"
+                continue
+            fi
+            rm -rf outputs/gpu_check_ep*
+            run "train_ep${ngpu}_float8" ep_recipe "ep${ngpu}_float8" "$ngpu" true float8 \
+                --checkpoint.enabled=true --checkpoint.interval=20 --checkpoint.resume=false
+            run "train_ep${ngpu}_bf16" ep_recipe "ep${ngpu}_bf16" "$ngpu" false bf16 \
+                --checkpoint.enabled=false
+            run ep_resume ep_resume ;;
+        *) echo "run_gpu_checks.sh: unknown stage '$stage' (tests, bench, train, ep)" >&2; exit 2 ;;
     esac
 done
 exit "$failed"
