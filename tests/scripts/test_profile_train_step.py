@@ -20,6 +20,8 @@ def prof():
     ("_cols_amax_kernel", "float8 quantization"),
     ("_scatter_rows_kernel", "dispatch"),
     ("ncclDevKernel_SendRecv", "dispatch"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "other collectives (FSDP2)"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", "other collectives (FSDP2)"),
     ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<GroupProblemShape>>", "expert GEMMs"),
     ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", "dense GEMMs"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
