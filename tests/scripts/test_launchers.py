@@ -23,3 +23,30 @@ def test_slurm_script_sends_the_early_sigterm_to_the_torchrun_agents():
     assert directives == ["--signal=TERM@300"]
     proc = subprocess.run(["bash", "-n", str(SCRIPTS / "run_multinode.slurm")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _fake_slurm(tmp_path, head_address):
+    """scontrol and srun stand-ins: srun answers `hostname --ip-address` with head_address
+    and otherwise prints the command it would have started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'node1\\nnode2\\n'\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nif [[ \" $* \" == *' hostname '* ]]; then echo '%s'; else echo \"SRUN $*\"; fi\n"
+        % head_address)
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "77"}
+
+
+def test_slurm_script_refuses_a_loopback_rendezvous_address_on_several_nodes(tmp_path):
+    env = _fake_slurm(tmp_path, "127.0.1.1")
+    script = str(SCRIPTS / "run_multinode.slurm")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "resolves to 127.0.1.1 (loopback)" in proc.stderr
+    assert "SRUN" not in proc.stdout                                  # nothing started
+    proc = subprocess.run(["bash", script, "--training.steps=5"], env={**env, "RDZV_HOST": "10.1.2.3"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--rdzv_endpoint=10.1.2.3:29500" in proc.stdout and "--training.steps=5" in proc.stdout
