@@ -152,3 +152,33 @@ def test_balancing_buffers_stay_float32_when_the_module_is_cast():
     for _ in range(300):  # 600 counts on one expert: exact in float32, not in bfloat16
         r.tokens_per_expert[0] += 2
     assert r.tokens_per_expert[0].item() == 600
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_group_score_is_sum_of_two_best_with_bias_and_best_without(score_func, bias):
+    # Hand-made scores, three groups of two experts, one group kept, top-2 inside it:
+    #   A = (0.9, 0.05): best 0.90, two best 0.95
+    #   B = (0.6, 0.6):  best 0.60, two best 1.20
+    #   C = (0.1, 0.1)
+    # With load_balance_bias the group score is the sum of its two best biased scores
+    # (DeepSeek-V3) and B wins; without bias it is the group's best score and A wins.
+    # Row 1 mirrors row 0 (A and B swapped) so that no group index is favoured. An identity
+    # gate and x = logit(s) (sigmoid) or log(s) (softmax, which rescales every score alike
+    # and so keeps both rankings) make the router see exactly these scores; the answer is
+    # a set of expert ids, compared exactly.
+    s = torch.tensor([[0.9, 0.05, 0.6, 0.6, 0.1, 0.1],
+                      [0.6, 0.6, 0.05, 0.9, 0.1, 0.1]], dtype=torch.float64)
+    E6 = s.shape[1]
+    r = Router(E6, E6, 2, score_func=score_func, n_expert_groups=3, n_limited_groups=1,
+               load_balance_bias=bias)
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(E6))
+    x = (s.logit() if score_func == "sigmoid" else s.log()).float()
+    idx, _ = r(x)
+    want = [[2, 3], [0, 1]] if bias else [[0, 1], [2, 3]]
+    assert idx.sort(-1).values.tolist() == want
+    if bias:  # the biased scores decide: +0.5 on expert 1 lifts group (0, 1) above the others
+        r.expert_bias[1] = 0.5  # in both rows (row 0 sigmoid: 0.9 + 0.55 = 1.45 > 1.2)
+        idx, _ = r(x)
+        assert idx.sort(-1).values.tolist() == [[0, 1], [0, 1]]

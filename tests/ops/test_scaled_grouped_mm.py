@@ -273,3 +273,40 @@ def test_backward_order_is_chosen_by_size_and_does_not_change_the_result(monkeyp
         results.append(_run(x, w, _w_t_of("gnk"), offs, grad_out, backend="emulated"))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", ["uneven_with_empty", "odd_sizes"])
+@pytest.mark.parametrize("backend", ["emulated", "bf16"])
+def test_grad_of_a_gnk_weight_comes_back_in_the_weights_own_layout(shape, backend):
+    # A weight stored (G, N, K) and passed as w.transpose(1, 2): the gradient the op itself
+    # returns for w_t must be the transpose of a contiguous (G, N, K) buffer, so autograd
+    # has nothing to copy into the parameter's strides. (w.grad keeps the parameter's
+    # strides either way, so the layout is read from the gradient w.r.t. w_t itself.)
+    # Values as in test_forward_and_both_grads_match_float64: E4M3_TOL for emulated,
+    # BF16_TOL for bf16 in bfloat16.
+    sizes, tail, K, N = SHAPES[shape]
+    x, w, _, offs, grad_out = _inputs(sizes, tail, K, N, torch.bfloat16, "gnk", seed=10)
+    w = w.requires_grad_()
+    w_t = w.transpose(1, 2)
+    out = scaled_grouped_mm(x, w_t, offs, backend=backend)
+    (gw_t,) = torch.autograd.grad(out, w_t, grad_out)
+    assert gw_t.shape == (len(sizes), K, N) and gw_t.dtype == torch.bfloat16
+    assert gw_t.transpose(1, 2).is_contiguous()
+    tol = E4M3_TOL if backend == "emulated" else BF16_TOL
+    assert rel_err(gw_t, grouped_mm_f64(x, w_t.detach(), offs, grad_out)[2]) < tol
+    # A (G, K, N) weight passed as it is gets its gradient in (G, K, N) row-major.
+    w_kn = w.detach().transpose(1, 2).contiguous().requires_grad_()
+    (gw_kn,) = torch.autograd.grad(scaled_grouped_mm(x, w_kn, offs, backend=backend), w_kn, grad_out)
+    assert gw_kn.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["emulated", "bf16"])
+def test_grad_of_a_gnk_weight_keeps_its_layout_with_no_tokens(backend):
+    # No token rows (a rank that received none): the zero gradient still comes back as the
+    # transpose of a contiguous (G, N, K) buffer.
+    w = torch.randn(2, 32, 16, requires_grad=True)  # (G, N, K)
+    w_t = w.transpose(1, 2)
+    out = scaled_grouped_mm(torch.randn(0, 16), w_t, offsets([0, 0]), backend=backend)
+    (gw_t,) = torch.autograd.grad(out, w_t, torch.zeros(0, 32))
+    assert gw_t.shape == (2, 16, 32) and bool((gw_t == 0).all())
+    assert gw_t.transpose(1, 2).is_contiguous()
