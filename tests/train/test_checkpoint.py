@@ -148,3 +148,51 @@ def test_a_crash_while_replacing_a_step_keeps_the_old_save_of_that_step(tmp_path
         assert torch.equal(value, saved[key])
     ckpt.save(2, *state)                  # a successful redo replaces it and clears the rest
     assert sorted(os.listdir(tmp_path)) == ["step-2"]
+
+
+def test_a_step_with_both_a_new_and_an_old_save_counts_as_the_new_one(tmp_path):
+    for name in ("step-2.old", "step-2", "step-3.old", "step-1"):   # each with its marker
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / MARKER).write_text("{}")
+    os.makedirs(tmp_path / "step-5.old")                             # no marker: not counted
+    assert complete_checkpoints(str(tmp_path)) == [
+        (1, str(tmp_path / "step-1")), (2, str(tmp_path / "step-2")),
+        (3, str(tmp_path / "step-3.old"))]
+    assert Checkpointer(str(tmp_path)).latest() == (3, str(tmp_path / "step-3.old"))
+    (tmp_path / "step-3").mkdir()
+    (tmp_path / "step-3" / MARKER).write_text("{}")
+    assert Checkpointer(str(tmp_path)).latest() == (3, str(tmp_path / "step-3"))
+
+
+def test_rng_is_left_to_the_callers_seeding_when_the_world_size_differs(tmp_path):
+    import json
+
+    state = make_state(0)
+    train_steps(state, 1)
+    ckpt = Checkpointer(str(tmp_path))
+    path = ckpt.save(1, *state)
+    saved_stream = torch.rand(4)                 # what a restored RNG would give
+    with open(os.path.join(path, MARKER)) as f:
+        marker = json.load(f)
+    assert marker["world_size"] == 1
+    marker["world_size"] = 2                     # saved by two ranks, loaded by one
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump(marker, f)
+    restored = make_state(1)
+    torch.manual_seed(1234)
+    assert ckpt.load(path, *restored) == 1
+    got = torch.rand(4)
+    torch.manual_seed(1234)
+    assert torch.equal(got, torch.rand(4))       # the caller's seed stands
+    assert not torch.equal(got, saved_stream)
+
+
+def test_a_save_clears_a_stale_tmp_folder_of_the_same_step_first(tmp_path):
+    state = make_state(0)
+    os.makedirs(tmp_path / "step-4.tmp")         # left by a crashed save of step 4
+    (tmp_path / "step-4.tmp" / "junk.distcp").write_text("from the crashed save")
+    path = Checkpointer(str(tmp_path)).save(4, *state)
+    assert path == str(tmp_path / "step-4")
+    assert "junk.distcp" not in os.listdir(path)
+    assert not (tmp_path / "step-4.tmp").exists()
+    assert Checkpointer(str(tmp_path)).load(path, *make_state(1)) == 4

@@ -244,3 +244,74 @@ def test_float8_cuda_backend_that_cannot_run_here_is_a_config_error(monkeypatch,
     assert message in str(err.value) and "expert_hidden_dim" in str(err.value)
     if supported:  # aligned sizes on a supported GPU are fine
         load_config(None, base)
+
+
+@pytest.mark.parametrize("section, key, value, bound", [
+    ("training", "steps", "0", "> 0"),
+    ("training", "batch_size", "0", "> 0"),
+    ("training", "seq_len", "0", "> 0"),
+    ("training", "grad_accum", "0", "> 0"),
+    ("parallel", "dp_replicate", "0", "> 0"),
+    ("checkpoint", "interval", "0", "> 0"),
+    ("metrics", "log_every", "0", "> 0"),
+    ("optimizer", "lr", "0.0", "> 0"),
+    ("optimizer", "eps", "0.0", "> 0"),
+    ("job", "seed", "-1", ">= 0"),
+    ("parallel", "ep", "-1", ">= 0"),
+    ("data", "seed", "-1", ">= 0"),
+    ("training", "max_norm", "-1.0", ">= 0"),
+    ("optimizer", "weight_decay", "-1.0", ">= 0"),
+    ("lr_schedule", "warmup_steps", "-1", ">= 0"),
+    ("checkpoint", "keep_last", "-1", ">= 0"),
+    ("router", "bias_update_rate", "-1.0", ">= 0"),
+    ("metrics", "peak_flops", "-1.0", ">= 0"),
+])
+def test_each_positive_and_non_negative_value_is_checked(tmp_path, section, key, value, bound):
+    # One case per key of validate._ranges' `positive` and `non_negative`, each at the
+    # first value out of range, with and without a world size.
+    path = write(tmp_path, f"[{section}]\n{key} = {value}", "bad.toml")
+    message = f"{path}: [{section}] {key} must be finite and {bound}, got {value}"
+    for world in (None, 2):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, world_size=world)
+        assert message in str(err.value), str(err.value)
+
+
+def test_ep_with_dp_replicate_counts_the_ranks_of_one_replica():
+    rep = ["--parallel.dp_replicate=2"]    # world 4: two replicas of 2 ranks (8 experts)
+    assert load_config(None, rep + ["--parallel.ep=0"], world_size=4).parallel.ep == 2
+    assert load_config(None, rep + ["--parallel.ep=2"], world_size=4).parallel.ep == 2
+    assert load_config(None, ["--parallel.dp_replicate=4", "--parallel.ep=0"],
+                       world_size=4).parallel.ep == 1
+    with pytest.raises(ConfigError, match=re.escape(
+            "[parallel] ep = 4 must divide the world size 4 / [parallel] dp_replicate 2 = 2")):
+        load_config(None, rep + ["--parallel.ep=4"], world_size=4)
+    assert load_config(None, ["--parallel.ep=4"], world_size=4).parallel.ep == 4
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "/abs", ""])
+def test_a_job_name_that_is_not_one_folder_name_is_an_error(tmp_path, name):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f'--job.name="{name}"', f"--job.output_dir={tmp_path}"])
+    assert (f"[job] name must be a non-empty folder name without '/', got {name!r}"
+            in str(err.value)), str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("text, override, message", [
+    ("[training]\nmax_norm = true", "--training.max_norm=true",
+     "[training] max_norm must be float, got True (bool)"),
+    ("[optimizer]\nlr = false", "--optimizer.lr=false",
+     "[optimizer] lr must be float, got False (bool)"),
+    ("[optimizer]\nbetas = [0.9, true]", "--optimizer.betas=[0.9, true]",
+     "[optimizer] betas[1] must be float, got True (bool)"),
+])
+def test_a_bool_where_a_float_is_wanted_is_an_error_naming_the_type(tmp_path, text, override,
+                                                                    message):
+    # A bool is an int in Python: true must not pass as 1.0.
+    path = write(tmp_path, text, "bad.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: {message}" in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match=re.escape(f"command line {override}: {message}")):
+        load_config(None, [override])

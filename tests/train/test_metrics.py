@@ -133,3 +133,65 @@ def test_tensorboard_gets_every_metric_of_each_logged_step(tmp_path, monkeypatch
     assert {(tag, step) for tag, _, step in scalars} == {
         (f"train/{k}", s) for k in METRIC_KEYS[1:] for s in (2, 4)}
     assert ("train/loss", 4.0, 4) in scalars and written[-1] == ("close",)
+
+
+def fake_clock(monkeypatch):
+    """The logger's clock, set by the test: `clock[0]` is what perf_counter returns."""
+    import types
+
+    from ep_fp8.train import metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return clock
+
+
+def test_tokens_per_s_counts_the_steps_and_the_time_of_each_window(tmp_path, monkeypatch):
+    clock = fake_clock(monkeypatch)
+    clock[0] = 100.0
+    m = make(tmp_path, jsonl=False)   # log_every 3, 7 steps, 1000 tokens a step, world 2
+    at = {1: 101.0, 2: 102.0, 3: 104.0, 4: 105.0, 5: 106.0, 6: 109.0, 7: 114.0}
+    logged = []
+    for step in range(1, 8):
+        clock[0] = at[step]
+        r = m.step(step, loss=1.0, grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
+        if r is not None:
+            logged.append((r["step"], r["tokens_per_s"], r["tokens_per_s_per_gpu"], r["time_s"]))
+    # Exact: integer ticks. Windows: steps 1-3 in 4 s, 4-6 in 5 s, 7 alone in 5 s.
+    assert logged == [(3, 3 * 1000 / 4, 3 * 1000 / 4 / 2, 4.0),
+                      (6, 3 * 1000 / 5, 3 * 1000 / 5 / 2, 9.0),
+                      (7, 1 * 1000 / 5, 1 * 1000 / 5 / 2, 14.0)]
+
+
+def test_the_summary_averages_leave_out_the_first_window_and_memory_is_the_peak(
+        tmp_path, monkeypatch):
+    from ep_fp8.train import metrics
+
+    clock = fake_clock(monkeypatch)
+    memory = iter([3.0, 5.0, 4.0])             # the peak is the middle record's
+    monkeypatch.setattr(metrics, "peak_memory_gib", lambda device: next(memory))
+    # 2000 tokens a step over 2 ranks; MFU = tokens/s per rank / 1000.
+    m = make(tmp_path, jsonl=False, log_every=1, steps=3, tokens_per_step=2000,
+             flops_per_token=6e9, peak=6e12)
+    for step, t in ((1, 10.0), (2, 12.0), (3, 16.0)):   # 200, 1000, 500 tok/s
+        clock[0] = t
+        m.step(step, loss=4.0 - step, grad_norm=0.5, lr=1e-3, load_imbalance=1.5)
+    assert [r["peak_mem_gib"] for r in m.records] == [3.0, 5.0, 4.0]
+    text = m.summary()
+    # Steps 2 and 3 only: (1000 + 500) / 2 = 750 tok/s, 375 per rank, MFU 37.5 %
+    # (with step 1: 567 tok/s, 283 per rank, 28.3 %).
+    assert "summary: 3/3 steps in 16.0 s" in text
+    assert "throughput  750 tok/s  (375 per rank)  mfu 37.5% of 6 TFLOP/s bf16" in text, text
+    assert "memory      peak 5.00 GiB" in text, text
+    assert "first logged 3.0000  last 1.0000  best 1.0000" in text
+
+
+def test_a_summary_of_one_logged_window_averages_that_window(tmp_path, monkeypatch):
+    clock = fake_clock(monkeypatch)
+    m = make(tmp_path, jsonl=False, log_every=5, steps=5, tokens_per_step=2000,
+             flops_per_token=6e9, peak=6e12)
+    for step in range(1, 6):
+        clock[0] = 2.0 * step
+        m.step(step, loss=1.0, grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
+    # One window: 5 steps of 2000 tokens in 10 s.
+    assert "throughput  1,000 tok/s  (500 per rank)  mfu 50.0%" in m.summary()
