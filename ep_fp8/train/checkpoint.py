@@ -161,7 +161,7 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
         except (CheckpointException, ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointMismatchError(f"{path} does not fit this model and optimizer: "
+            raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
                                           f"{_first_failure(e)}") from None
         scheduler.load_state_dict(state["train"]["scheduler"])
         _keep_hyperparameters(optimizer, scheduler, built)
@@ -178,7 +178,8 @@ class Checkpointer:
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint's tensors do not fit the model or optimizer it is loaded into."""
+    """A checkpoint could not be loaded into the model and optimizer (most often: its tensors
+    have other shapes or names, from another model config)."""
 
 
 def _first_failure(e: BaseException) -> str:

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from ep_fp8.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
+from ep_fp8.train.checkpoint import MARKER, CheckpointMismatchError, Checkpointer, complete_checkpoints
 from ep_fp8.train.data import DataLoader, MarkovSource
 from ep_fp8.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -196,3 +196,14 @@ def test_a_save_clears_a_stale_tmp_folder_of_the_same_step_first(tmp_path):
     assert "junk.distcp" not in os.listdir(path)
     assert not (tmp_path / "step-4.tmp").exists()
     assert Checkpointer(str(tmp_path)).load(path, *make_state(1)) == 4
+
+
+def test_a_checkpoint_of_another_model_shape_is_a_named_mismatch_error(tmp_path):
+    saved = make_state(0)
+    path = Checkpointer(str(tmp_path)).save(1, *saved)
+    torch.manual_seed(0)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 2))
+    opt = build_optimizer(wider, 1e-2, (0.9, 0.95), 0.1, 1e-8)
+    sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    with pytest.raises(CheckpointMismatchError, match=r"could not be loaded into this model and optimizer: .*[Ss]ize"):
+        Checkpointer(str(tmp_path)).load(path, wider, opt, sched, saved[3])

@@ -162,5 +162,5 @@ def test_resuming_from_a_checkpoint_of_another_model_is_a_config_error_that_writ
     (result,) = results(runs, "resume_misfit", 1)
     error = result.get("error", "")
     assert "ConfigError" in error and "cannot resume" in error and "Size mismatch" in error, result
-    assert "checkpoints/step-10 does not fit this model" in error
+    assert "checkpoints/step-10 could not be loaded into this model" in error
     assert sorted(os.listdir(os.path.join(runs, "resume_misfit"))) == ["checkpoints", "result-rank0.json"]
