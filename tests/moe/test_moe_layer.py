@@ -89,13 +89,16 @@ def test_float8_is_a_constructor_choice():
 
 
 @pytest.mark.skipif(not HAS_FP8_OPS, reason="ep_fp8.ops.scaled_grouped_mm not available")
-def test_float8_layer_close_to_bf16_layer():
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(B, S, D, generator=gen).to(torch.bfloat16)
-    y8 = _moe(float8=True, float8_backend="emulated")(x)
-    y16 = _moe()(x)
-    rel = (y8.float() - y16.float()).norm() / y16.float().norm()
-    assert 0 < rel < 0.1  # e4m3 matmuls differ from bf16 by a few percent
+def test_float8_layer_is_within_e4m3_error_of_the_float64_reference():
+    moe = _moe(float8=True, float8_backend="emulated")
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(3))
+    y = moe(x)
+    y_ref, _, _ = _reference(moe, x, moe.router(x.reshape(-1, D))[0])
+    rel = float((y.double() - y_ref).norm() / y_ref.norm())
+    # Six e4m3 operands on the way (x and w1, x and w3, h and w2), each rounded by up to
+    # 2^-4 relative (about 2-3% RMS on random data): measured 5.5% here. Below 10% is
+    # float8's error; above 1% shows the float8 path ran (the float32 layer is at 1.5e-7).
+    assert 0.01 < rel < 0.1, rel
 
 
 def test_shared_experts_follow_the_activation_dtype():
