@@ -16,7 +16,7 @@ def output_path_problem(path: str, *, folder: bool = False) -> str:
     target = os.path.abspath(path)
     if os.path.exists(target):
         if os.path.isdir(target) != folder:
-            kind = "a folder, not a file" if folder is False else "a file, not a folder"
+            kind = "a file, not a folder" if folder else "a folder, not a file"
             return f"cannot be written: it is {kind}"
         where = target
     else:

@@ -73,7 +73,8 @@ def check_combine_inputs(y_grouped: torch.Tensor, topk_w: torch.Tensor, state: D
     if not topk_w.is_floating_point():
         raise TypeError(f"topk_w must be a floating-point tensor (the routing weights), got {topk_w.dtype}")
     if topk_w.device != y_grouped.device:
-        raise ValueError(f"topk_w is on {topk_w.device}, y_grouped on {y_grouped.device}: they must share a device")
+        raise ValueError(f"topk_w is on {topk_w.device}, y_grouped on {y_grouped.device}: "
+                         "they must share a device")
 
 
 def out_of_range_count(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -166,12 +166,12 @@ class Router(nn.Module):
         P only. Also stores the detached value in last_aux_loss.
         """
         T, E = scores_TE.shape
-        if T > 0 and (n_seqs < 1 or T % n_seqs):
-            raise ValueError(f"{T} tokens do not split into {n_seqs} sequences")
         if T == 0:  # no tokens (an empty batch or empty sequences): nothing to balance
             loss = scores_TE.sum() * 0.0
             self.last_aux_loss = loss.detach()
             return loss
+        if n_seqs < 1 or T % n_seqs:
+            raise ValueError(f"{T} tokens do not split into {n_seqs} sequences")
         S, k = T // n_seqs, topk_idx.shape[1]
         probs_BSE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(n_seqs, S, E)
         with torch.no_grad():

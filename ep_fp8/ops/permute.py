@@ -309,8 +309,8 @@ def _scatter_rows_kernel(src_ptr, src_stride, src_col_stride, idx_ptr, out_ptr, 
 
 
 @triton.jit
-def _gather_rows_kernel(rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, w_stride, w_col_stride, out_ptr, D, K,
-                        HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_rows_kernel(rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, w_stride, w_col_stride,
+                        out_ptr, D, K, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -348,6 +348,7 @@ def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, rows_col_stride, id
                     g_row = g
                 tl.store(grad_rows_ptr + dst * D + cols, g_row.to(grad_rows_ptr.dtype.element_ty), mask=mask)
             if NEED_W:
-                dot += g * tl.load(rows_ptr + dst * rows_stride + cols * rows_col_stride, mask=mask, other=0).to(ACC)
+                row = tl.load(rows_ptr + dst * rows_stride + cols * rows_col_stride, mask=mask, other=0)
+                dot += g * row.to(ACC)
         if NEED_W:
             tl.store(grad_w_ptr + r * K + j, tl.sum(dot, axis=0).to(grad_w_ptr.dtype.element_ty))
