@@ -6,6 +6,7 @@ field=value)`, which validates again.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from ep_fp8.moe.router import SCORE_FUNCS
@@ -93,11 +94,12 @@ class ModelArgs:
                 raise ValueError("model.route_norm = true with model.top_k = 1 makes every routing "
                                  "weight 1, so the gate would get no gradient from the loss: set "
                                  "model.route_norm = false")
-        if self.aux_loss_coef < 0:
-            raise ValueError(f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError("model.rope_theta and model.norm_eps must be > 0, got "
-                             f"{self.rope_theta} and {self.norm_eps}")
+        if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
+            raise ValueError(f"model.aux_loss_coef must be finite and >= 0, got {self.aux_loss_coef}")
+        for name in ("route_scale", "rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name} must be finite and > 0, got {value}")
 
     def _divides(self, small: str, big: str) -> None:
         if getattr(self, big) % getattr(self, small):

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,8 +76,10 @@ class Router(nn.Module):
         if top_k == 1 and route_norm:
             raise ValueError("route_norm=True with top_k=1 makes every routing weight 1, so the "
                              "gate would get no gradient from the loss: pass route_norm=False")
-        if aux_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef must be >= 0, got {aux_loss_coef}")
+        if not (math.isfinite(aux_loss_coef) and aux_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef must be finite and >= 0, got {aux_loss_coef}")
+        if not (math.isfinite(route_scale) and route_scale > 0):
+            raise ValueError(f"route_scale must be finite and > 0, got {route_scale}")
         self.n_experts, self.top_k = n_experts, top_k
         self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
         self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups

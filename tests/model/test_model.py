@@ -68,6 +68,12 @@ def test_bad_tokens_raise_naming_the_problem():
     # 8 experts in 4 groups, 1 group kept: a token reaches 2 experts, so top-3 is impossible.
     (dict(n_expert_groups=4, n_limited_groups=1, top_k=3), r"model.top_k \(3\) must be <="),
     (dict(top_k=1), "model.route_norm = true with model.top_k = 1"),
+    (dict(route_scale=0.0), "model.route_scale must be finite and > 0"),
+    (dict(route_scale=float("nan")), "model.route_scale must be finite and > 0"),
+    (dict(aux_loss_coef=float("nan")), "model.aux_loss_coef must be finite and >= 0"),
+    (dict(aux_loss_coef=-0.5), "model.aux_loss_coef must be finite and >= 0"),
+    (dict(rope_theta=float("inf")), "model.rope_theta must be finite and > 0"),
+    (dict(norm_eps=0.0), "model.norm_eps must be finite and > 0"),
 ])
 def test_inconsistent_args_raise_value_error_naming_the_field(change, key):
     with pytest.raises(ValueError, match=key):

@@ -96,6 +96,29 @@ def test_no_rows_at_all_give_an_empty_output_and_zero_weight_gradients():
     assert torch.equal(ex.w1.grad, torch.zeros_like(ex.w1))
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@pytest.mark.parametrize("float8", [False, True])
+def test_rows_past_the_last_group_are_zero_with_zero_gradients(float8):
+    # The local dispatcher sizes its buffer at an upper bound, so rows past offs[-1] are
+    # common. Memory freed just before (filled with NaN) is what a fresh output would get
+    # if those rows were left unwritten.
+    gen = torch.Generator().manual_seed(8)
+    ex = _experts(float8=float8, float8_backend="emulated")
+    M, offs = 96, torch.tensor([16, 16, 48, 64], dtype=torch.int32)
+    x = torch.randn(M, D, generator=gen, dtype=torch.bfloat16)
+    x[64:] = 0  # what the dispatcher puts there
+    x.requires_grad_()
+    junk = [torch.full(s, float("nan"), dtype=torch.bfloat16) for s in ((M, H), (M, H), (M, D)) * 4]
+    del junk
+    with torch.autograd.detect_anomaly():
+        y = ex(x, offs)
+        y.backward(torch.randn(y.shape, generator=gen, dtype=torch.bfloat16))
+    assert torch.equal(y[64:], torch.zeros_like(y[64:]))
+    assert torch.equal(x.grad[64:], torch.zeros_like(x.grad[64:]))
+    for w in (ex.w1, ex.w2, ex.w3):
+        assert torch.isfinite(w.grad).all()
+
+
 def test_bad_expert_input_raises_clear_errors():
     ex = _experts()
     x = torch.randn(16, D)
@@ -107,7 +130,11 @@ def test_bad_expert_input_raises_clear_errors():
         ex(torch.randn(16, D + 1), torch.tensor([4, 8, 12, 16], dtype=torch.int32))
     with pytest.raises(ValueError, match="hidden_dim"):
         GroupedExperts(D, 0, E)
-    with pytest.raises(TypeError, match="x must be bfloat16, float16 or float32.*float64"):
+    with pytest.raises(ValueError, match="float8_backend must be one of.*'bogus'"):
+        GroupedExperts(D, H, E, float8=True, float8_backend="bogus")
+    with pytest.raises(TypeError, match="exact_scales must be a bool"):
+        GroupedExperts(D, H, E, exact_scales=1)
+    with pytest.raises(TypeError, match="x must be bfloat16 or float32.*float64"):
         ex(x.double(), torch.tensor([4, 8, 12, 16], dtype=torch.int32))
 
 

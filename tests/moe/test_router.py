@@ -137,6 +137,12 @@ def test_bad_router_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="route_norm=True with top_k=1"):
         Router(D, E, 1)
     Router(D, E, 1, route_norm=False)  # top-1 with the raw score as its weight trains the gate
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"route_scale must be finite and > 0, got {bad}"):
+            Router(D, E, 2, route_scale=bad)
+    for bad in (-1.0, float("nan"), float("inf")):  # nan > 0 is False: it would turn the loss off
+        with pytest.raises(ValueError, match=f"aux_loss_coef must be finite and >= 0, got {bad}"):
+            Router(D, E, 2, aux_loss_coef=bad)
     r = Router(D, E, 2)
     with pytest.raises(ValueError, match="sequences"):
         idx, _, scores = r.route(_x(10))
