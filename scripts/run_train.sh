@@ -37,5 +37,8 @@ if ! command -v nvidia-smi > /dev/null 2>&1 && [ -z "${OMP_NUM_THREADS:-}" ]; th
 fi
 
 echo "run_train.sh: $NGPU process(es), config $CONFIG_FILE${*:+, overrides: $*}"
+# Check the config once here: a bad one then gets one message and exit code 2, not one per
+# process followed by torchrun's report of failed workers.
+WORLD_SIZE="$NGPU" python3 -m ep_fp8.train --check --config "$CONFIG_FILE" "$@" || exit $?
 exec python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
     -m ep_fp8.train --config "$CONFIG_FILE" "$@"

@@ -150,11 +150,19 @@ class Checkpointer:
         The hyperparameters stay those `optimizer` and `scheduler` were built with (see
         _keep_hyperparameters). Raises ValueError when `path` is not a complete
         checkpoint, CheckpointMismatchError (on every rank) when its tensors do not fit
-        the model or optimizer (another size or a missing key). Collective."""
+        the model or optimizer (another size, a missing key, or model tensors the model
+        does not have). Collective."""
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = self._state(model, optimizer, scheduler, loader, step=0)
+        # DCP loads the keys the model asks for and ignores the rest: a checkpoint of a
+        # model with more layers or experts would load into a smaller one without a word.
+        extra = sorted(_saved_model_keys(path) - set(state["model"]))
+        if extra:
+            shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
+                                          f"it holds model tensors this model does not have: {shown}")
         try:
             with _quiet_single_process():
                 dcp.load(state, checkpoint_id=path, no_dist=_single())
@@ -175,6 +183,13 @@ class Checkpointer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return int(state["train"]["step"])
+
+
+def _saved_model_keys(path: str) -> set[str]:
+    """The model's state-dict keys saved in checkpoint `path` (DCP flattens the nested
+    state with dots, so they are the saved keys under "model.")."""
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {key[len("model."):] for key in keys if key.startswith("model.")}
 
 
 class CheckpointMismatchError(ValueError):

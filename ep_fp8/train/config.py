@@ -271,6 +271,10 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
                 doc = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")

@@ -1,6 +1,6 @@
 """The training loop: build the model from its preset, parallelize it, and train with
 AdamW, warm-up + cosine, clipping and gradient accumulation; update the router biases
-after each step; log, checkpoint, resume, and stop cleanly on SIGTERM or a NaN/Inf loss.
+after each step; log, checkpoint, resume, and stop cleanly on SIGTERM, Ctrl-C (SIGINT) or a NaN/Inf loss.
 
 `train(cfg)` expects the process group to exist (see `ep_fp8.train.main`); it may be
 called several times in one process (the tests do).
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -77,23 +78,35 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype):
 
 
 class _StopFlag:
-    """Set by SIGTERM; the loop finishes the step, saves and exits 0."""
+    """Set by SIGTERM or the first SIGINT (Ctrl-C; under torchrun, which forwards it to
+    its workers): the loop finishes the step, saves and exits 0. A second SIGINT aborts at
+    once, without saving."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.set = False
-        self._old = None
+        self.name = ""   # the signal this process received first ('' while none)
+        self._sigints = 0
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.set = True
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                raise KeyboardInterrupt
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print("SIGINT: stopping after this step (with a checkpoint when [checkpoint] "
+                      "enabled = true); a second SIGINT aborts without saving", file=sys.stderr, flush=True)
+        self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _say(msg: str) -> None:
@@ -220,21 +233,23 @@ def train(cfg: Config) -> dict:
             loss, grad_norm, lr = train_step(model, loader, optimizer, scheduler,
                                              t.grad_accum, t.max_norm, device)
             balance = update_router_biases(model, cfg.router.bias_update_rate, group=dp_group)
-            # One small all-reduce carries the loss and every rank's SIGTERM flag, so all
+            # One small all-reduce carries the loss and every rank's stop flag, so all
             # ranks stop after the same step even when only some were signalled.
-            shared = torch.stack([loss, torch.tensor(float(stop.set), device=device)])
+            flags = torch.tensor([stop.name == "SIGTERM", stop.name == "SIGINT"],
+                                 dtype=loss.dtype, device=device)
+            shared = torch.cat([loss.reshape(1), flags])
             if world > 1:
                 dist.all_reduce(shared)
-            loss_avg, n_stop, norm = torch.stack(
-                [shared[0] / world, shared[1], grad_norm.to(device)]).tolist()
+            loss_avg, n_term, n_int, norm = torch.cat(
+                [shared[:1] / world, shared[1:], grad_norm.to(device).reshape(1)]).tolist()
             if not (math.isfinite(loss_avg) and math.isfinite(norm)):
                 # A non-finite gradient has already reached the weights: stop here.
                 raise NonFiniteLossError(
                     f"loss is {loss_avg} and gradient norm {norm} at step {step}: stopping. "
                     f"The last complete checkpoint is {last_ckpt or 'none'}; lower "
                     f"[optimizer] lr or raise [lr_schedule] warmup_steps before resuming.")
-            if n_stop > 0:
-                stopped = f"stopped by SIGTERM after step {step}"
+            if n_term + n_int > 0:  # the same words on every rank, whichever were signalled
+                stopped = f"stopped by {'SIGTERM' if n_term else 'SIGINT'} after step {step}"
             metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"], last=bool(stopped))
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):

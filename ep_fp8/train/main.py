@@ -16,11 +16,13 @@ import torch.distributed as dist
 
 from ep_fp8.train.config import ConfigError, load_config
 
-USAGE = """usage: python -m ep_fp8.train --config FILE [--section.key=value ...]
+USAGE = """usage: python -m ep_fp8.train [--check] --config FILE [--section.key=value ...]
 
 Trains the model that the TOML file FILE describes; each --section.key=value overrides
 one key of it (e.g. --training.steps=20 --float8.enabled=false). Keys: docs/config.md.
-Several processes: torchrun --nproc-per-node=N -m ep_fp8.train --config FILE"""
+Several processes: torchrun --nproc-per-node=N -m ep_fp8.train --config FILE
+--check: only read and check the config for WORLD_SIZE processes (default 1), start
+nothing and write nothing; exit code 0 when it is fine, 2 with the error when not."""
 
 
 def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
@@ -67,19 +69,23 @@ def init_distributed(device_type: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Returns the process exit code: 0 done (or stopped by SIGTERM after saving), 1 the
-    loss became NaN/Inf, 2 a bad config or command line."""
+    """Returns the process exit code: 0 done (or stopped by SIGTERM or a first SIGINT after
+    saving), 1 the loss became NaN/Inf, 2 a bad config or command line, 130 aborted by a
+    second SIGINT."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    check_only = "--check" in argv
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        path, overrides = parse_cli(argv)
+        path, overrides = parse_cli([a for a in argv if a != "--check"])
         cfg = load_config(path, overrides, world_size=world)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if check_only:
+        return 0
     from ep_fp8.train.loop import NonFiniteLossError, resolve_device, train
 
     init_distributed(resolve_device(cfg).type)
@@ -92,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # a second SIGINT, or one before the training loop started
+        print("interrupted (SIGINT): stopped without saving; complete checkpoints are kept",
+              file=sys.stderr)
+        code = 130
     finally:
         dist.destroy_process_group()
     return code

@@ -5,6 +5,7 @@ config source and the key(s) involved."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -146,6 +147,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                      cfg.parallel.dp_replicate)
     _data(cfg, args.vocab_size)
     _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")
+    for name in ("config.toml",) + (("metrics.jsonl",) if cfg.metrics.jsonl else ()):
+        path = os.path.join(run_dir(cfg), name)
+        problem = output_path_problem(path)
+        _check(not problem, cfg, f"the run's {name} {path!r} {problem}")
     _checkpoint_folder(cfg)
 
 

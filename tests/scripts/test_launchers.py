@@ -15,6 +15,19 @@ def test_run_train_rejects_an_ngpu_that_is_not_a_positive_integer(ngpu):
     assert f"NGPU must be a positive integer (processes to start), got '{ngpu}'" in proc.stderr
 
 
+@pytest.mark.parametrize("env, args, message", [
+    ({"CONFIG_FILE": "/nonexistent/run.toml"}, [], "No such file or directory: '/nonexistent/run.toml'"),
+    ({}, ["--training.stepz=3"], "unknown key 'stepz' in [training]"),
+])
+def test_run_train_reports_a_bad_config_once_with_exit_code_2(env, args, message):
+    # Checked before torchrun starts: one message, not one per process plus torchrun's report.
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_train.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "NGPU": "2", **env}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("config error:") == 1 and message in proc.stderr, proc.stderr
+    assert "torch.distributed" not in proc.stderr
+
+
 def test_slurm_script_sends_the_early_sigterm_to_the_torchrun_agents():
     # For the batch shell (B:TERM) the signal would have to go through srun, which turns a
     # SIGTERM into SIGKILL for its tasks: the workers would never save.

@@ -207,3 +207,16 @@ def test_a_checkpoint_of_another_model_shape_is_a_named_mismatch_error(tmp_path)
     sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
     with pytest.raises(CheckpointMismatchError, match=r"could not be loaded into this model and optimizer: .*[Ss]ize"):
         Checkpointer(str(tmp_path)).load(path, wider, opt, sched, saved[3])
+
+
+def test_a_checkpoint_of_a_larger_model_is_a_named_mismatch_error(tmp_path):
+    # DCP loads only the keys the model asks for: without a check, the first layers of a
+    # deeper model's checkpoint would load into a shallower one without a word.
+    saved = make_state(0)
+    path = Checkpointer(str(tmp_path)).save(1, *saved)
+    torch.manual_seed(0)
+    shallower = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    opt = build_optimizer(shallower, 1e-2, (0.9, 0.95), 0.1, 1e-8)
+    sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    with pytest.raises(CheckpointMismatchError, match=r"model tensors this model does not have: 1\.bias"):
+        Checkpointer(str(tmp_path)).load(path, shallower, opt, sched, saved[3])

@@ -104,6 +104,23 @@ def test_each_bad_value_is_an_error_naming_the_file_and_key(tmp_path, text, key)
     assert path in str(err.value) and key in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("name", ["config.toml", "metrics.jsonl"])
+def test_a_folder_in_place_of_a_file_the_run_writes_is_a_config_error(tmp_path, name):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    with pytest.raises(ConfigError, match=re.escape(f"the run's {name} '{tmp_path}/run/{name}' cannot be "
+                                                    "written: it is a folder, not a file")):
+        load_config(None, [f"--job.output_dir={tmp_path}", "--job.name=run"])
+
+
+def test_a_config_path_that_cannot_be_read_as_toml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: cannot read the config file: Is a directory")):
+        load_config(str(tmp_path))
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_bytes("[training]\nsteps = 3\n".encode("utf-16"))  # starts with the bytes ff fe
+    with pytest.raises(ConfigError, match=re.escape(f"{utf16}: not valid TOML: not UTF-8 text")):
+        load_config(str(utf16))
+
+
 @pytest.mark.parametrize("arg, key", [
     ("--training.steps=abc", "command line --training.steps=abc: [training] steps must be int"),
     ("--training.nope=1", "command line --training.nope=1: unknown key 'nope'"),
