@@ -47,7 +47,7 @@ def _fwd_impl(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Op
         x_q, _, x_descale = kern.rows(x, exact_scales)
     else:
         # The GEMM takes row-major rows 16-byte aligned: copy only data that is not.
-        aligned = x_data.stride(1) == 1 and x_data.stride(0) % 16 == 0
+        aligned = x_data.stride(1) == 1 and x_data.stride(0) % 16 == 0 and x_data.data_ptr() % 16 == 0
         x_q, x_descale = (x_data if aligned else x_data.contiguous()), torch.reciprocal(x_scale)
         if need_xT:
             xT = kern.cols_grouped(x_q, offs, exact_scales, row_descale=x_descale)
@@ -135,7 +135,7 @@ def _(grad_out, w_t, w_amax_bwd, xT_q, xT_descale, poffs, offs, backend, exact_s
     G, K, _ = w_t.shape
     grad_x = grad_out.new_empty((M, K) if need_grad_x else (0,), dtype=x_dtype if need_grad_x else torch.float32)
     if not need_grad_w:
-        return grad_x, grad_out.new_empty((0,))
+        return grad_x, grad_out.new_empty((0,), dtype=torch.float32)  # _empty's placeholder
     if w_nk:
         return grad_x, grad_out.new_empty((G, N, K), dtype=w_dtype).transpose(-2, -1)
     return grad_x, grad_out.new_empty((G, K, N), dtype=w_dtype)

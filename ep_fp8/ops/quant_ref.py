@@ -134,9 +134,10 @@ def group_bounds(offs: torch.Tensor, M: int):
     return starts, ends
 
 
-def padded_group_offsets_ref(offs: torch.Tensor) -> torch.Tensor:
-    """Cumulative group ends (G,) int32 after padding every group to a multiple of GROUP_PAD, at least GROUP_PAD."""
-    starts, ends = group_bounds(offs, torch.iinfo(torch.int32).max)
+def padded_group_offsets_ref(offs: torch.Tensor, M: int) -> torch.Tensor:
+    """Cumulative group ends (G,) int32 after padding every group (its ends clamped into
+    [0, M], as the kernels do) to a multiple of GROUP_PAD, at least GROUP_PAD."""
+    starts, ends = group_bounds(offs, M)
     sizes = (ends - starts).clamp_min(0)
     padded = ((sizes + GROUP_PAD - 1) // GROUP_PAD * GROUP_PAD).clamp_min(GROUP_PAD)
     return padded.cumsum(0).to(torch.int32)
@@ -169,7 +170,7 @@ def quantize_cols_grouped_ref(a: torch.Tensor, offs: torch.Tensor, exact_scales:
     amax.scatter_reduce_(0, gid[:, None].expand(M, C), abs_nan_as_inf(v), "amax")
     scale, descale = scales_from_amax(amax[:G], exact_scales)  # (G, C)
     # Gather: padded column p belongs to group h and holds row starts[h] + (p - pstart[h]).
-    poffs = padded_group_offsets_ref(offs)
+    poffs = padded_group_offsets_ref(offs, M)
     pends = poffs.long()
     pstarts = torch.cat([pends.new_zeros(1), pends[:-1]])
     p = torch.arange(P, device=a.device)

@@ -28,6 +28,7 @@ def fake_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None,
     assert scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32
     assert _row_major(mat_a), f"mat_a must be row-major, strides {mat_a.stride()}"
     assert _col_major(mat_b), f"mat_b must be column-major, strides {mat_b.stride()}"
+    assert mat_a.data_ptr() % 16 == 0 and mat_b.data_ptr() % 16 == 0, "data must be 16-byte aligned"
     assert mat_a.shape[-1] % 16 == 0 and mat_b.shape[-2] % 16 == 0 and mat_b.shape[-1] % 16 == 0
     assert out_dtype == torch.bfloat16 and offs.dtype == torch.int32 and bias is None
     ends = offs.tolist()
@@ -88,6 +89,22 @@ def test_cuda_path_meets_the_gemm_contract_and_matches_emulated(cuda_path_on_cpu
     end = sum(sizes)
     assert bool((results["cuda"][0][end:] == 0).all()) and bool((results["cuda"][1][end:] == 0).all())
     assert bool((results["cuda"][2][1] == 0).all())  # the empty group's gradient
+
+
+def test_x_fp8_data_that_starts_off_16_bytes_is_copied_before_the_gemm(cuda_path_on_cpu):
+    from ep_fp8.ops import quantize_rows
+
+    gen = torch.Generator().manual_seed(2)
+    M, K, N, offs = 32, 32, 48, offsets([12, 20])
+    x, w_t = torch.randn(M, K, generator=gen).bfloat16(), torch.randn(2, K, N, generator=gen).bfloat16()
+    data, scale = quantize_rows(x)
+    buf = torch.zeros(M, 48, dtype=torch.uint8)
+    buf[:, 4:4 + K] = data.view(torch.uint8)
+    shifted = buf[:, 4:4 + K].view(FP8)  # row stride 48 bytes (fine), start 4 bytes off
+    assert shifted.data_ptr() % 16 == 4
+    handle = torch.zeros((), dtype=torch.bfloat16).expand(M, K)
+    out = scaled_grouped_mm(handle, w_t, offs, backend="cuda", x_fp8=(shifted, scale))
+    assert torch.equal(out, scaled_grouped_mm(handle, w_t, offs, backend="cuda", x_fp8=(data, scale)))
 
 
 def test_auto_with_k_not_multiple_of_16_runs_emulated_and_warns_once(cuda_path_on_cpu, monkeypatch):

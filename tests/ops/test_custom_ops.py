@@ -34,11 +34,13 @@ def test_float8_ops_pass_opcheck(exact):
     data, scale = quantize_rows(x)
     torch.library.opcheck(fwd, (x, w_t, offs, data, scale, "emulated", exact, torch.bfloat16, False, True, ""),
                           test_utils=FP8_IN_OPCHECKS)
-    _, *saved = fwd(x.detach(), w_t.detach(), offs, None, None, "emulated", exact, torch.float32, True, True, "")
     bwd = torch.ops.ep_fp8.scaled_grouped_mm_bwd.default
-    for need_x, need_w in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(bwd, (grad_out, w_t.detach(), *saved, offs, "emulated", exact, torch.float32, torch.float32,
-                                    need_x, need_w, True), test_utils=FP8_IN_OPCHECKS)
+    for dtype in (torch.float32, torch.bfloat16):  # the placeholders of gradients not asked for too
+        x_d, w_d, g_d = x.detach().to(dtype), w_t.detach().to(dtype), grad_out.to(dtype)
+        _, *saved = fwd(x_d, w_d, offs, None, None, "emulated", exact, dtype, True, True, "")
+        for need_x, need_w in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(bwd, (g_d, w_d, *saved, offs, "emulated", exact, dtype, dtype, need_x, need_w, True),
+                                  test_utils=FP8_IN_OPCHECKS)
     torch.library.opcheck(torch.ops.ep_fp8.quantize_rows.default, (x.detach(), exact), test_utils=OPCHECKS)
 
 

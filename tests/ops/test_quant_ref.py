@@ -89,7 +89,10 @@ def test_padded_group_offsets_round_up_to_group_pad_and_give_empty_groups_one_pa
     pad = R.GROUP_PAD
     assert pad % 16 == 0  # the 2D x 2D float8 GEMM needs 16-byte aligned groups
     offs = offsets([0, 5, pad, pad + 1, 0, 40])
-    assert R.padded_group_offsets_ref(offs).tolist() == [pad, 2 * pad, 3 * pad, 5 * pad, 6 * pad, 7 * pad]
+    M = pad + 46 + pad
+    assert R.padded_group_offsets_ref(offs, M).tolist() == [pad, 2 * pad, 3 * pad, 5 * pad, 6 * pad, 7 * pad]
+    # Ends past M (outside the contract) are clamped to M, as the Triton kernels do.
+    assert R.padded_group_offsets_ref(offsets([10, 500]), 20).tolist() == [pad, 2 * pad]
     assert R.padded_length(M=2 * pad + 46, G=6) == 3 * pad + 6 * pad
 
 
