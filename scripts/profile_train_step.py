@@ -6,11 +6,12 @@
 
 Builds the model, optimizer and data exactly as the training loop does, runs `--warmup`
 steps, then profiles `--steps` steps and prints GPU kernel time per step by category:
-expert GEMMs (CUTLASS grouped kernels), dense GEMMs (attention projections, dense FFN,
-output head), attention (SDPA kernels), float8 quantization (ep_fp8's Triton quant
-kernels), dispatch (ep_fp8's index and row kernels, index ops, all-to-all), optimizer
-(foreach/fused AdamW and norms), the other collectives (FSDP2's all-gathers and
-reduce-scatters) and everything else (elementwise, norms, reductions). NCCL kernels
+expert GEMMs (CUTLASS grouped kernels and the op's zeroing of rows past the last group),
+dense GEMMs (attention projections, dense FFN, output head), attention (SDPA kernels),
+float8 quantization (ep_fp8's Triton quant kernels), dispatch (ep_fp8's index and row
+kernels, index ops, all-to-all), optimizer (foreach/fused AdamW and norms), the other
+collectives (FSDP2's all-gathers and reduce-scatters) and everything else (elementwise,
+norms, reductions). NCCL kernels
 overlap compute on their own stream and count the time they wait for other ranks.
 Categories come from kernel names, so they are a guide, not an exact accounting.
 """
@@ -32,14 +33,15 @@ from ep_fp8.paths import output_path_problem
 # Order matters: the first category whose patterns match a kernel name takes it.
 CATEGORIES = [
     ("float8 quantization", ("_quant", "_weight_fwd", "_weight_bwd_cast", "_cols_amax", "_cols_cast",
-                             "_zero_rows", "quant_")),
+                             "quant_")),
     # NCCL kernels run on their own stream and their time includes waiting for the peers:
     # the all-to-alls (SendRecv) belong to dispatch, the other collectives are FSDP2's
     # all-gathers and reduce-scatters and the loop's small all-reduces.
     ("dispatch", ("_group_indices", "_scatter_rows", "_gather_rows", "SendRecv", "alltoall",
                   "index", "scatter", "gather", "sort", "histc", "bincount", "cumsum", "topk")),
     ("other collectives (FSDP2)", ("nccl",)),
-    ("expert GEMMs", ("grouped", "cutlass", "Grouped")),
+    # The grouped matmul op zeroes the rows past the last group of its outputs (bf16 too).
+    ("expert GEMMs", ("grouped", "cutlass", "Grouped", "_zero_rows")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("dense GEMMs", ("gemm", "nvjet", "xmma", "cublas", "sm90_", "matmul")),
     ("optimizer", ("adam", "Adam", "multi_tensor", "foreach", "lerp", "_amp_")),

@@ -23,6 +23,7 @@ def prof():
     ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "other collectives (FSDP2)"),
     ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", "other collectives (FSDP2)"),
     ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<GroupProblemShape>>", "expert GEMMs"),
+    ("_zero_rows_past_end_kernel", "expert GEMMs"),  # the op's output rows past the last group, bf16 too
     ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", "dense GEMMs"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
     ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
