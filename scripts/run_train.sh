@@ -36,6 +36,11 @@ if ! command -v nvidia-smi > /dev/null 2>&1 && [ -z "${OMP_NUM_THREADS:-}" ]; th
     export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
 fi
 
+# Seconds torchrun gives its workers between passing on a SIGTERM or Ctrl-C and killing
+# them: time to finish the step and save (read by newer torchrun, such as torch 2.13's;
+# torch 2.11's waits 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
+
 echo "run_train.sh: $NGPU process(es), config $CONFIG_FILE${*:+, overrides: $*}"
 # Check the config once here: a bad one then gets one message and exit code 2, not one per
 # process followed by torchrun's report of failed workers.

@@ -169,6 +169,9 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
         except (CheckpointException, ValueError, RuntimeError, KeyError) as e:
+            if isinstance(e, CheckpointException) and any(
+                    isinstance(failure, KeyboardInterrupt) for failure in _failures(e)):
+                raise KeyboardInterrupt from None  # Ctrl-C during the load, not a misfit
             raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
                                           f"{_first_failure(e)}") from None
         scheduler.load_state_dict(state["train"]["scheduler"])
@@ -195,6 +198,14 @@ def _saved_model_keys(path: str) -> set[str]:
 class CheckpointMismatchError(ValueError):
     """A checkpoint could not be loaded into the model and optimizer (most often: its tensors
     have other shapes or names, from another model config)."""
+
+
+def _failures(e: CheckpointException) -> list[BaseException]:
+    """The exceptions a CheckpointException wraps (its ranks' failures)."""
+    found = []
+    for failure in e.failures.values():
+        found.extend(failure if isinstance(failure, (list, tuple)) else [failure])
+    return [f for f in found if isinstance(f, BaseException)]
 
 
 def _first_failure(e: BaseException) -> str:

@@ -78,31 +78,41 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype):
 
 
 class _StopFlag:
-    """Set by SIGTERM or the first SIGINT (Ctrl-C; under torchrun, which forwards it to
-    its workers): the loop finishes the step, saves and exits 0. A second SIGINT aborts at
-    once, without saving."""
+    """The first SIGTERM or SIGINT (Ctrl-C; under torchrun, which forwards it to its
+    workers) asks the loop to finish the step, save and stop. A second one of either ends
+    the process at once by that signal, without saving (checkpoints are written
+    atomically, so the complete ones stay usable). A SIGINT this process inherited as
+    ignored (a background job) stays ignored."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.name = ""   # the signal this process received first ('' while none)
-        self._sigints = 0
+        self.name = ""   # the first signal received ('' while none)
         self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            for sig in self.SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            self._sigints += 1
-            if self._sigints > 1:
-                raise KeyboardInterrupt
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print("SIGINT: stopping after this step (with a checkpoint when [checkpoint] "
-                      "enabled = true); a second SIGINT aborts without saving", file=sys.stderr, flush=True)
-        self.name = self.name or signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if self.name:  # the second signal: die by it, as if it had not been caught
+            if rank0:
+                print(f"{name} after {self.name}: ending now without saving; complete "
+                      "checkpoints are kept", file=sys.stderr, flush=True)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.name = name
+        if rank0:
+            print(f"{name}: stopping after this step (with a checkpoint when [checkpoint] "
+                  f"enabled = true); a second SIGINT or SIGTERM ends the run at once without "
+                  "saving", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

@@ -22,7 +22,7 @@ Trains the model that the TOML file FILE describes; each --section.key=value ove
 one key of it (e.g. --training.steps=20 --float8.enabled=false). Keys: docs/config.md.
 Several processes: torchrun --nproc-per-node=N -m ep_fp8.train --config FILE
 --check: only read and check the config for WORLD_SIZE processes (default 1), start
-nothing and write nothing; exit code 0 when it is fine, 2 with the error when not."""
+nothing and write no file of the run; exit code 0 when it is fine, 2 with the error when not."""
 
 
 def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
@@ -68,10 +68,15 @@ def init_distributed(device_type: str) -> None:
         dist.init_process_group("gloo")
 
 
+# main's answer when a SIGINT stopped the run (after the save when it reached the loop).
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Returns the process exit code: 0 done (or stopped by SIGTERM or a first SIGINT after
-    saving), 1 the loss became NaN/Inf, 2 a bad config or command line, 130 aborted by a
-    second SIGINT."""
+    """Returns the process exit code: 0 done (or stopped by SIGTERM after saving), 1 the
+    loss became NaN/Inf, 2 a bad config or command line, INTERRUPTED (130) stopped by
+    SIGINT, after saving when the training loop had started (`python -m ep_fp8.train`
+    then ends the process by SIGINT)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -91,17 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(resolve_device(cfg).type)
     code = 0
     try:
-        train(cfg)
+        if train(cfg)["stopped"].startswith("stopped by SIGINT"):
+            code = INTERRUPTED
     except ConfigError as e:   # found on reading the data or a checkpoint, before anything was written
         print(f"config error: {e}", file=sys.stderr)
         code = 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except KeyboardInterrupt:  # a second SIGINT, or one before the training loop started
-        print("interrupted (SIGINT): stopped without saving; complete checkpoints are kept",
-              file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt:  # a SIGINT before the training loop took over SIGINT
+        print("interrupted (SIGINT) before training started: nothing saved", file=sys.stderr)
+        code = INTERRUPTED
     finally:
         dist.destroy_process_group()
     return code

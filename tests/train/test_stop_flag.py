@@ -1,13 +1,23 @@
-"""The training loop's stop flag: SIGTERM or a first SIGINT asks the loop to finish the
-step, save and stop; a second SIGINT aborts at once; the old handlers come back after."""
+"""Stopping a run by signal: the first SIGTERM or SIGINT asks the loop to finish the step,
+save and stop; a second one ends the process by that signal at once; a SIGINT inherited
+as ignored stays ignored; the handlers before come back after. And end to end, a Ctrl-C
+on a single-process run saves a complete checkpoint and ends the process by SIGINT, so a
+calling shell script stops too."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from ep_fp8.train.loop import _StopFlag
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -18,24 +28,65 @@ def test_stop_flag_names_the_first_signal_and_restores_the_handlers(sig):
         os.kill(os.getpid(), sig)
         _wait_for(lambda: stop.name)
         assert stop.name == sig.name
-        os.kill(os.getpid(), signal.SIGTERM)  # a later SIGTERM does not rename the stop
-        time.sleep(0.05)
-        assert stop.name == sig.name
     assert {s: signal.getsignal(s) for s in _StopFlag.SIGNALS} == before
 
 
-def test_a_second_sigint_aborts_at_once():
-    with pytest.raises(KeyboardInterrupt):
+def _run_child(body: str, ignore_sigint: bool = False) -> subprocess.CompletedProcess:
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        from ep_fp8.train.loop import _StopFlag
         with _StopFlag() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
-            _wait_for(lambda: stop.name)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler raises in the main thread before this ends
-            pytest.fail("the second SIGINT did not abort")
+    """) + textwrap.indent(textwrap.dedent(body), "    ")
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=pre)
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM),
+                                           (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_ends_the_process_by_that_signal(first, second):
+    proc = _run_child(f"""
+        os.kill(os.getpid(), {int(first)})
+        while not stop.name:
+            time.sleep(0.01)
+        os.kill(os.getpid(), {int(second)})
+        time.sleep(5)
+        print("still running")
+    """)
+    assert proc.returncode == -second, (proc.returncode, proc.stdout, proc.stderr)
+    assert "still running" not in proc.stdout
+    assert f"{second.name} after {first.name}: ending now without saving" in proc.stderr
+
+
+def test_an_inherited_ignored_sigint_stays_ignored():
+    proc = _run_child("""
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        print("name:", repr(stop.name))
+    """, ignore_sigint=True)
+    assert proc.returncode == 0 and "name: ''" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
+    args = [sys.executable, "-m", "ep_fp8.train", "--config", str(ROOT / "train_configs/debug_model.toml"),
+            f"--job.output_dir={tmp_path}", "--job.name=run", "--training.steps=100000",
+            "--checkpoint.enabled=true", "--checkpoint.interval=100000", "--metrics.log_every=1",
+            "--metrics.tensorboard=false"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and sum(1 for _ in metrics.open()) >= 4, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, err
+    step = max(json.loads(line).get("step", 0) for line in metrics.open())
+    assert f"stopped by SIGINT after step {step}" in out
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
 
 
 def _wait_for(condition, timeout=5.0):
     end = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < end, "timed out waiting for the signal handler"
+        assert time.monotonic() < end, "timed out waiting"
         time.sleep(0.01)
