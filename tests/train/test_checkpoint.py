@@ -220,3 +220,20 @@ def test_a_checkpoint_of_a_larger_model_is_a_named_mismatch_error(tmp_path):
     sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
     with pytest.raises(CheckpointMismatchError, match=r"model tensors this model does not have: 1\.bias"):
         Checkpointer(str(tmp_path)).load(path, shallower, opt, sched, saved[3])
+
+
+def test_a_ctrl_c_during_the_load_is_an_interrupt_not_a_mismatch(tmp_path, monkeypatch):
+    # DCP wraps what a rank raised, a KeyboardInterrupt too, in a CheckpointException.
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import ep_fp8.train.checkpoint as ckpt_mod
+
+    saved = make_state(0)
+    path = Checkpointer(str(tmp_path)).save(1, *saved)
+
+    def interrupted_load(*args, **kwargs):
+        raise CheckpointException("load failed", {0: (KeyboardInterrupt(), None)})
+
+    monkeypatch.setattr(ckpt_mod.dcp, "load", interrupted_load)
+    with pytest.raises(KeyboardInterrupt):
+        Checkpointer(str(tmp_path)).load(path, *make_state(1))
