@@ -22,17 +22,24 @@ from ep_fp8.train.tokenizer import load_tokenizer
 
 
 def list_files(pattern: str) -> list[str]:
-    """Files matching `pattern` (a path or a glob; `**` recurses), sorted and each once, so
-    every rank and every run sees the same order. An existing file is taken as it is named,
-    even when its name holds glob characters ([, *, ?). Raises ValueError when nothing
-    matches."""
+    """Files matching `pattern` (a path or a glob; `**` recurses), sorted and each once (a
+    file reached twice, by a link or by two names, is read at its first name), so every
+    rank and every run sees the same order. An existing file is taken as it is named, even
+    when its name holds glob characters ([, *, ?). Raises ValueError when nothing matches,
+    or when `pattern` is a folder."""
     path = os.path.expanduser(pattern)
     if os.path.isfile(path):
         return [path]
-    files = sorted({p for p in glob.glob(path, recursive=True) if os.path.isfile(p)})
-    if not files:
+    if os.path.isdir(path):
+        raise ValueError(f"data path {pattern!r} is a folder: give its files as a glob, e.g. "
+                         f"'{pattern.rstrip('/')}/**/*.txt'")
+    first: dict[str, str] = {}
+    for p in sorted(glob.glob(path, recursive=True)):
+        if os.path.isfile(p):
+            first.setdefault(os.path.realpath(p), p)
+    if not first:
         raise ValueError(f"data path {pattern!r} matches no file")
-    return files
+    return sorted(first.values())
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -77,37 +84,51 @@ class MarkovSource:
         return torch.stack(tokens, dim=1)
 
 
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors put at a file's start
+
+
 def _documents(files: list[str], source: str, field: str):
     """Yields each document as bytes: a whole file ("text"), or the `field` string of each
-    line of a JSONL file ("jsonl")."""
+    line of a JSONL file ("jsonl"). A byte-order mark at the start of a file is skipped.
+    Raises ValueError naming the file (and line) that cannot be read or parsed."""
     for path in files:
-        with open(path, "rb") as f:
-            if source == "text":
-                yield f.read()
-                continue
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        try:
+            with open(path, "rb") as f:
+                if source == "text":
+                    yield f.read().removeprefix(_BOM)
                     continue
-                try:
-                    # A file may open with a byte-order mark, which json.loads rejects.
-                    line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the "
-                                     f"line: {e.reason})") from None
-                try:
-                    text = json.loads(line)[field]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno}: not a JSON object with a string "
-                                     f"field {field!r}") from None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
-                # JSON may escape lone surrogates (\ud800), which UTF-8 cannot hold.
-                yield text.encode("utf-8", errors="replace")
+                yield from _jsonl_texts(f, path, field)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _jsonl_texts(f, path: str, field: str):
+    for lineno, line in enumerate(f, 1):
+        skipped = len(_BOM) if lineno == 1 and line.startswith(_BOM) else 0
+        line = line[skipped:]
+        if not line.strip():
+            continue
+        try:
+            line = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start + skipped} of the "
+                             f"line: {e.reason})") from None
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column "
+                             f"{e.colno + (skipped > 0)})") from None
+        if not isinstance(doc, dict) or field not in doc:
+            raise ValueError(f"{path}:{lineno}: not a JSON object with a string field {field!r}")
+        if not isinstance(doc[field], str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
+        # JSON may escape lone surrogates (\ud800), which UTF-8 cannot hold.
+        yield doc[field].encode("utf-8", errors="replace")
 
 
 class TokenFileSource:
     """Local text or JSONL files, tokenized once into one token stream (documents joined by
-    the tokenizer's end-of-document token), cut into windows of seq_len + 1 tokens that
+    the tokenizer's end-of-document token; empty documents left out), cut into windows of seq_len + 1 tokens that
     start every seq_len tokens (window w is tokens w*seq_len .. (w+1)*seq_len, so each
     token is a target once per epoch). The last (tokens - 1) % seq_len tokens of the
     stream fill no window and are never trained on. Each epoch visits every window once,
@@ -119,10 +140,14 @@ class TokenFileSource:
         dtype = torch.int16 if self.tokenizer.vocab_size <= 2**15 else torch.int32
         eos = torch.tensor([] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id],
                            dtype=dtype)
-        pieces = []
+        chunks, pieces = [], []
         for doc in _documents(list_files(pattern), source, field):
-            pieces += [self.tokenizer.encode_tensor(doc, dtype), eos]
-        self.tokens = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+            if doc:  # an empty document adds nothing, not even its end token
+                pieces += [self.tokenizer.encode_tensor(doc, dtype), eos]
+            if len(pieces) >= 8192:  # two small tensors per document add up: join as we go
+                chunks.append(torch.cat(pieces))
+                pieces = []
+        self.tokens = torch.cat(chunks + pieces) if chunks or pieces else torch.empty(0, dtype=dtype)
         self.seq_len, self.seed = seq_len, seed
         self.n_windows = (self.tokens.numel() - 1) // seq_len
         if self.n_windows < 1:

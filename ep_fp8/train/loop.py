@@ -201,7 +201,7 @@ def train(cfg: Config) -> dict:
     dtype = resolve_dtype(cfg, device)
     try:   # reading the data finds what validation could not (too few tokens, a bad line)
         source = build_source(cfg)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ConfigError(f"{cfg.source}: [data] {e}") from None
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)

@@ -114,6 +114,46 @@ def test_a_file_named_with_glob_characters_is_read_and_overlapping_globs_list_fi
         [str(named), str(tmp_path / "s" / "a.txt")])
 
 
+def test_a_file_reached_by_a_link_too_is_listed_once_and_a_folder_gets_a_hint(tmp_path):
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    assert list_files(str(tmp_path / "*.txt")) == [str(tmp_path / "a.txt")]
+    with pytest.raises(ValueError, match=f"data path '{tmp_path}' is a folder: give its files as a glob, "
+                                         rf"e.g. '{tmp_path}/\*\*/\*.txt'"):
+        list_files(str(tmp_path))
+
+
+def test_byte_order_marks_and_empty_documents_add_no_tokens(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_bytes(b"\xef\xbb\xbfabcd")
+    assert TokenFileSource(str(text), "text", "bytes", seq_len=1, seed=0).tokens.tolist() == list(b"abcd") + [256]
+    lines = tmp_path / "d.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf\n" + b'{"text": ""}\n{"text": "ab"}\n{"text": ""}\n')
+    assert TokenFileSource(str(lines), "jsonl", "bytes", seq_len=1, seed=0).tokens.tolist() == list(b"ab") + [256]
+    # Byte positions in errors count the mark, as an editor would (0-based, as for any line).
+    lines.write_bytes(b'\xef\xbb\xbf{"text": "a\xff"}\n')
+    with pytest.raises(ValueError, match=f"{lines}:1: not UTF-8 \\(byte 14 of the line"):
+        TokenFileSource(str(lines), "jsonl", "bytes", seq_len=1, seed=0)
+
+
+def test_broken_json_and_an_unreadable_file_are_named(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ab"}\n{"text": "cd"\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON \\(Expecting ',' delimiter at column 14\\)"):
+        TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0)
+    path.write_text('{"text": "abcdef"}\n')
+    real_open = open
+
+    def failing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(ValueError, match=f"{path}: cannot be read \\(Permission denied\\)"):
+        TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0)
+
+
 def test_too_little_text_and_no_match_are_errors(tmp_path):
     (tmp_path / "a.txt").write_text("abc")
     with pytest.raises(ValueError, match="fewer than seq_len"):
