@@ -47,8 +47,12 @@ _MATMUL_OPS = _ops(
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 )
+# A compiled submodule inside a checkpointed block is one such op only where inductor's
+# wrap_inductor_compiled_regions is on; it is off by default and left off here (saving
+# whole compiled regions cost memory and no speed, docs/parallelism.md), so by default
+# compiled regions are recomputed under "selective" as under "full".
 _compiled_region = getattr(torch._higher_order_ops, "inductor_compiled_code", None)
-if _compiled_region is not None:  # a compiled submodule inside a checkpointed block
+if _compiled_region is not None:
     _MATMUL_OPS.add(_compiled_region)
 
 

@@ -53,18 +53,6 @@ def apply_compile(model: Transformer, backend: str) -> None:
                 child.shared_experts.compile(backend=backend)
 
 
-def _let_selective_checkpointing_see_compiled_regions() -> None:
-    """Have inductor run each compiled region as one `inductor_compiled_code` op, which the
-    selective policy saves (checkpointing.py). Without it the compiled attention, norms,
-    dense FFN and shared experts are opaque to the policy and run again in backward, as
-    under "full". A process-wide inductor setting (torch builds without it keep that
-    behaviour)."""
-    import torch._inductor.config as inductor_config
-
-    if hasattr(inductor_config, "wrap_inductor_compiled_regions"):
-        inductor_config.wrap_inductor_compiled_regions = True
-
-
 def _expert_placement(experts: GroupedExperts, dims: ParallelDims):
     """Shard(0) when the local experts split evenly over efsdp ranks; else Shard(1), which
     needs dim 1 of every weight to split evenly (FSDP2 pads only dim 0)."""
@@ -196,8 +184,6 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
         apply_expert_parallel(model, submesh(mesh, "ep"), dispatch_payload)
     apply_activation_checkpointing(model.layers, ac_mode)
     if compile:
-        if ac_mode == "selective":
-            _let_selective_checkpointing_see_compiled_regions()
         apply_compile(model, "inductor" if compile is True else compile)
     if fsdp:
         apply_fsdp(model, dims, mesh, param_dtype, reduce_dtype,
