@@ -140,6 +140,9 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
         raise TypeError(f"model must be ep_fp8.model.Transformer, got {type(model).__name__}")
     if not isinstance(dims, ParallelDims):
         raise TypeError(f"dims must be ParallelDims, got {type(dims).__name__}")
+    if getattr(model, "_ep_fp8_parallelized", False):
+        raise ValueError("model was already passed to parallelize_model: build a fresh model "
+                         "for another layout")
     if ac_mode not in AC_MODES:
         raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {ac_mode!r}")
     if dispatch_payload not in DISPATCH_PAYLOADS:
@@ -180,6 +183,7 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
         raise ValueError("mesh lacks the flattened 'dp_shard' and 'dp' dims: build it with "
                          "dims.build_mesh") from None
 
+    model._ep_fp8_parallelized = True
     if dims.ep > 1:
         apply_expert_parallel(model, submesh(mesh, "ep"), dispatch_payload)
     apply_activation_checkpointing(model.layers, ac_mode)

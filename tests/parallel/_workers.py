@@ -129,6 +129,16 @@ def two_ranks(rank: int, world: int) -> dict:
     compare(out, "ep2", base, ref_loss, ref_grads)
     out["none.a2a_fwd"], out["none.a2a_bwd"], out["none.mm_bwd"] = base[3]
 
+    # A second parallelize_model on the same model is refused before it changes anything.
+    forwards = [block.forward for block in base[2].layers]
+    try:
+        parallelize_model(base[2], ParallelDims(world, ep=1), ParallelDims(world, ep=1).build_mesh("cpu"),
+                          ac_mode="full")
+        out["again.error"] = ""
+    except ValueError as e:
+        out["again.error"] = str(e)
+    out["again.unchanged"] = [block.forward for block in base[2].layers] == forwards
+
     for mode in ("full", "selective"):
         step = parallel_step(rank, world, dims, count=True, ac_mode=mode)
         out[f"{mode}.grad_vs_none"] = grad_error(step[1], base[1])

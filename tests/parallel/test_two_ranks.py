@@ -24,6 +24,11 @@ def test_ep2_loss_and_grads_match_single_process(results):
     assert results["ep2.grad_err"] < FP32_TOL
 
 
+def test_a_model_cannot_be_parallelized_twice(results):
+    assert "already passed to parallelize_model" in results["again.error"]
+    assert results["again.unchanged"]  # refused before activation checkpointing wrapped a block
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_gradients(results, mode):
     # Recomputation replays the same ops on the same inputs: identical up to rounding.
