@@ -57,17 +57,23 @@ def read_metrics(path) -> tuple[dict, list[dict]]:
     ValueError naming the file (and line): missing file, a line that is not a JSON object,
     a non-integer step or a non-numeric metric, or no loss records at all."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a metrics file")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     header, by_step = {}, {}
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, "
                                  f"got {type(obj).__name__}")
@@ -94,15 +100,14 @@ def read_metrics(path) -> tuple[dict, list[dict]]:
 
 
 def moving_average(values: list[float], n: int) -> list[float]:
-    """Trailing mean over the last n values (fewer at the start); same length as values."""
+    """Trailing mean over the last n values (fewer at the start); same length as values.
+    A non-finite value (a NaN loss) is NaN itself and left out of its neighbours' means."""
     if n < 1:
         raise ValueError(f"smoothing window must be >= 1, got {n}")
-    out, total = [], 0.0
+    out = []
     for i, v in enumerate(values):
-        total += v
-        if i >= n:
-            total -= values[i - n]
-        out.append(total / min(i + 1, n))
+        window = [w for w in values[max(0, i - n + 1):i + 1] if math.isfinite(w)]
+        out.append(statistics.fmean(window) if math.isfinite(v) and window else math.nan)
     return out
 
 
@@ -150,7 +155,7 @@ def format_markdown(summary: list[dict]) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
-    first = summary[0]["label"]
+    first = summary[0]["label"].replace("|", "\\|")
     lines = [f"| run | last step | final loss | final loss vs {first} | tokens/s "
              "| tokens/s/GPU | MFU (%) | peak mem (GiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -168,6 +173,9 @@ def format_markdown(summary: list[dict]) -> str:
             "memory: median over the logged steps after the first 10%.")
     if any(not row["mfu"] for row in summary):
         note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
+    if len({row["last_step"] for row in summary}) > 1:
+        note += (" The runs end at different steps, so their final losses are not taken at the "
+                 "same point of training.")
     lines.append(note)
     return "\n".join(lines) + "\n"
 
@@ -256,9 +264,18 @@ def main(argv=None) -> int:
         for flag, path in (("--out", args.out), ("--table", args.table)):
             if path and (problem := output_path_problem(path)):
                 raise ValueError(f"{flag} {path!r} {problem}")
+        if args.table:
+            taken = {Path(m).resolve(): f"metrics file {m!r}" for m in args.metrics}
+            taken[Path(args.out).resolve()] = f"--out {args.out!r}"
+            if Path(args.table).resolve() in taken:
+                raise ValueError(f"--table {args.table!r} is the same file as the "
+                                 f"{taken[Path(args.table).resolve()]}: it would be overwritten")
         runs = load_runs(args.metrics, args.labels)
         table = format_markdown(summarize(runs))
         plot(runs, Path(args.out), args.smooth)
+    except OSError as e:  # savefig could not write (a read-only file system, ...)
+        print(f"compare_runs.py: error: cannot write {args.out!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except (ValueError, ImportError) as e:
         print(f"compare_runs.py: error: {e}", file=sys.stderr)
         return 2

@@ -123,6 +123,11 @@ def test_moving_average_is_a_trailing_mean(compare_runs):
     expected = [np.mean(values[max(0, i - 3):i + 1]) for i in range(20)]
     assert got == pytest.approx(expected, abs=1e-12)
     assert compare_runs.moving_average(values, 1) == pytest.approx(values)
+    # A NaN loss is a gap in the curve, not the end of it.
+    values[5] = math.nan
+    got = compare_runs.moving_average(values, 4)
+    assert math.isnan(got[5]) and all(math.isfinite(v) for i, v in enumerate(got) if i != 5)
+    assert got[7] == pytest.approx(np.mean([values[4], values[6], values[7]]), abs=1e-12)
 
 
 def test_final_and_steady_statistics_round_fractions_as_documented(compare_runs):
@@ -174,6 +179,8 @@ def test_bad_input_names_file_and_line_and_writes_nothing(compare_runs, tmp_path
     ("plot.png", ".", "it is a folder, not a file"),
     ("a.jsonl/plot.png", None, "a.jsonl' is a file, not a folder"),
     ("plot.png", "b.jsonl/table.md", "b.jsonl' is a file, not a folder"),
+    ("plot.png", "b.jsonl", "--table '{tmp}/b.jsonl' is the same file as the metrics file"),
+    ("plot.svg", "plot.svg", "--table '{tmp}/plot.svg' is the same file as the --out"),
 ])
 def test_bad_output_paths_are_errors_before_anything_is_written(compare_runs, tmp_path, capsys,
                                                                 out, table, message):
@@ -182,9 +189,31 @@ def test_bad_output_paths_are_errors_before_anything_is_written(compare_runs, tm
     args = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / out)]
     if table:
         args += ["--table", str(tmp_path / table)]
+    before = (tmp_path / "b.jsonl").read_text()
     assert compare_runs.main(args) == 2
-    assert message in capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert (tmp_path / "b.jsonl").read_text() == before
+
+
+def test_labels_with_a_bar_and_runs_of_different_lengths_are_told_apart(compare_runs, tmp_path, capsys):
+    write_metrics(tmp_path / "a.jsonl", "a", [1, 2, 3], [2.0, 1.5, 1.2], seed=0)
+    write_metrics(tmp_path / "b.jsonl", "b", [1, 2], [2.0, 1.6], seed=1)
+    assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--labels", "x|y,z",
+                              "--out", str(tmp_path / "p.png")]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("| run"))
+    assert header.count(" | ") == 7 and "x\\|y" in header  # eight columns, the bar escaped
+    assert "The runs end at different steps" in text
+
+
+def test_a_metrics_file_that_is_not_utf8_or_is_a_folder_is_named(compare_runs, tmp_path, capsys):
+    write_metrics(tmp_path / "a.jsonl", "a", [1, 2], [2.0, 1.5], seed=0)
+    (tmp_path / "b.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.\xff}\n')
+    (tmp_path / "c").mkdir()
+    for bad, message in (("b.jsonl", "b.jsonl:2: not UTF-8 (byte 22 of the line)"), ("c", "c: is a folder")):
+        assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / bad), "--out", str(tmp_path / "p.png")]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_throughput_skips_the_first_record_of_a_short_run(compare_runs):
