@@ -6,7 +6,9 @@
     python scripts/bench_dispatch.py --quick                                    # small sizes
 
 Defaults are DeepSeek-V3-like: 4096 tokens per rank, D = 7168, top-8 of 256 experts,
-uniformly random routing (--routing skewed sends half of all choices to expert 0's rank).
+uniformly random routing (--routing skewed: half of the tokens add 1 to the scores of the
+first eighth of the experts, so those win most of their choices and the ranks holding
+them receive more rows).
 
 With more than one rank (expert parallelism over all of them), for each payload (bf16,
 float8) and phase:
@@ -106,7 +108,7 @@ def time_ms(fn, device, warmup: int, iters: int, group=None) -> float:
 def make_routing(T, k, E, kind, device, seed):
     gen = torch.Generator(device=device).manual_seed(seed)
     scores = torch.rand(T, E, generator=gen, device=device)
-    if kind == "skewed":  # the experts of rank 0 win about half of all choices
+    if kind == "skewed":  # half of the tokens prefer the first eighth of the experts
         scores[: T // 2, : max(1, E // 8)] += 1.0
     return scores.topk(k, dim=-1).indices
 
@@ -220,8 +222,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if min(args.tokens, args.dim, args.top_k, args.experts, args.iters) < 1 or args.warmup < 0:
-        p.error("sizes and --iters must be positive, --warmup non-negative")
+    for flag in ("tokens", "dim", "top_k", "experts", "iters"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.top_k > args.experts:
         p.error(f"--top-k ({args.top_k}) exceeds --experts ({args.experts})")
     bad = set(args.payloads.split(",")) - {"bf16", "float8"}

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{tokens} tokens/step, wall {wall_ms:.1f} ms/step (unprofiled), "
               f"{tokens / wall_ms * 1e3 / world:,.0f} tokens/s per GPU")
         print(format_rows(rows))
+        for path in (ours.out, ours.trace):  # a missing folder is made, as the check said
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if ours.out:
             with open(ours.out, "w") as f:
                 json.dump({"job": cfg.job.name, "float8": cfg.float8.enabled, "world": world,

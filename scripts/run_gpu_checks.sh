@@ -19,12 +19,22 @@
 # code is non-zero if any stage failed.
 set -uo pipefail
 
-out="${1:?usage: run_gpu_checks.sh OUT_DIR [tests] [bench] [train]}"
+out="${1:?usage: run_gpu_checks.sh OUT_DIR [tests] [bench] [train] [ep]}"
 shift
 stages="${*:-tests bench train ep}"
+for stage in $stages; do
+    case "$stage" in
+        tests|bench|train|ep) ;;
+        *) echo "run_gpu_checks.sh: unknown stage '$stage' (tests, bench, train, ep)" >&2; exit 2 ;;
+    esac
+done
+# OUT_DIR is relative to where the script is called from, not to the repository.
+mkdir -p "$out" 2> /dev/null && out="$(cd "$out" && pwd)" || {
+    echo "run_gpu_checks.sh: cannot make the output folder '$out'" >&2
+    exit 2
+}
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 ngpu="$(python3 -c 'import torch; print(torch.cuda.device_count())')"
 if [ "$ngpu" -lt 1 ]; then
@@ -116,7 +126,6 @@ for stage in $stages; do
             run "train_ep${ngpu}_bf16" ep_recipe "ep${ngpu}_bf16" "$ngpu" false bf16 \
                 --checkpoint.enabled=false
             run ep_resume ep_resume ;;
-        *) echo "run_gpu_checks.sh: unknown stage '$stage' (tests, bench, train, ep)" >&2; exit 2 ;;
     esac
 done
 exit "$failed"

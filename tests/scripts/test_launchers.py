@@ -63,3 +63,35 @@ def test_slurm_script_refuses_a_loopback_rendezvous_address_on_several_nodes(tmp
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--rdzv_endpoint=10.1.2.3:29500" in proc.stdout and "--training.steps=5" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/out", "tests", "bnech"], "unknown stage 'bnech' (tests, bench, train, ep)"),
+    (["{tmp}/a_file", "tests"], "cannot make the output folder '{tmp}/a_file'"),
+])
+def test_run_gpu_checks_refuses_bad_arguments_before_any_work(tmp_path, args, message):
+    (tmp_path / "a_file").write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_gpu_checks.sh"), *args], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message.replace("{tmp}", str(tmp_path)) in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing made
+
+
+def test_run_gpu_checks_puts_a_relative_output_folder_where_it_is_called_from(tmp_path):
+    # Without a GPU it stops after making the folder; the folder is the caller's, not the repo's.
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_gpu_checks.sh"), "rel_out", "tests"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert (tmp_path / "rel_out").is_dir() and not (SCRIPTS.parent / "rel_out").exists(), proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NGPU": "abc"}, "NGPU must be a positive integer (workers per node), got 'abc'"),
+    ({"NGPU": "0"}, "NGPU must be a positive integer (workers per node), got '0'"),
+    ({"SLURM_JOB_NODELIST": ""}, "no SLURM allocation (SLURM_JOB_NODELIST is unset)"),
+])
+def test_slurm_script_refuses_a_bad_ngpu_or_no_allocation(tmp_path, env, message):
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_multinode.slurm")], env={**_fake_slurm(tmp_path, "10.0.0.1"), **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "SRUN" not in proc.stdout
