@@ -39,7 +39,10 @@ def test_single_process_run_writes_local_records(bench, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--top-k", "9", "--experts", "8"], "exceeds --experts"),
     (["--payloads", "bf16,int4"], "unknown payloads"),
-    (["--iters", "0"], "must be positive"),
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--dim", "0"], "--dim must be >= 1, got 0"),
+    (["--tokens", "-5"], "--tokens must be >= 1, got -5"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
     (["--out", __file__ + "/dispatch.json"], f"{__file__!r} is a file, not a folder"),
 ])
 def test_bad_options_exit_with_a_message(bench, capsys, argv, message):
