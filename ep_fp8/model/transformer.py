@@ -86,6 +86,8 @@ class Transformer(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
+        if S < 1:
+            raise ValueError(f"tokens must hold at least one position, got shape {tuple(tokens.shape)}")
         if S > self.args.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len "
                              f"({self.args.max_seq_len})")

@@ -95,9 +95,18 @@ class MetricsLogger:
         self._start = time.perf_counter()
         self._window_start, self._window_steps = self._start, 0
         self._imbalance: list[float] = []
+        self._resumed_step = 0
 
     def start(self, name: str, config: dict, resumed_step: int) -> None:
-        """Write the "run" record (after dropping the lines a resumed run will redo)."""
+        """Write the "run" record (after dropping the lines a resumed run will redo), then
+        start the clock."""
+        self._resumed_step = resumed_step
+        try:
+            self._open(name, config, resumed_step)
+        finally:  # time_s and the first window count from here: setup excluded
+            self._start = self._window_start = time.perf_counter()
+
+    def _open(self, name: str, config: dict, resumed_step: int) -> None:
         if self.rank != 0:
             return
         if self._tb_dir is not None:
@@ -167,12 +176,15 @@ class MetricsLogger:
             return "summary: no step was logged"
         steady = r[1:] if len(r) > 1 else r
         mean = lambda key: sum(x[key] for x in steady) / len(steady)  # noqa: E731
+        ran = f"in {r[-1]['time_s']:.1f} s"
+        if self._resumed_step:  # the records and the clock are this session's
+            ran = (f"({r[-1]['step'] - self._resumed_step} in {r[-1]['time_s']:.1f} s, resumed "
+                   f"from step {self._resumed_step})")
         lines = [
             "=" * 72,
-            f"summary: {r[-1]['step']}/{self.steps} steps in {r[-1]['time_s']:.1f} s"
-            + (f" ({stopped})" if stopped else ""),
-            f"  loss        first logged {r[0]['loss']:.4f}  last {r[-1]['loss']:.4f}  "
-            f"best {min(x['loss'] for x in r):.4f}",
+            f"summary: {r[-1]['step']}/{self.steps} steps {ran}" + (f" ({stopped})" if stopped else ""),
+            f"  loss        first logged{' this session' if self._resumed_step else ''} "
+            f"{r[0]['loss']:.4f}  last {r[-1]['loss']:.4f}  best {min(x['loss'] for x in r):.4f}",
         ]
         if entropy is not None:
             lines.append(f"  data        entropy floor {entropy:.4f} nats/token; last loss is "

@@ -56,6 +56,8 @@ def test_bad_tokens_raise_naming_the_problem():
         model(torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, TINY.max_seq_len + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"at least one position, got shape \(2, 0\)"):
+        model(torch.zeros(2, 0, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("change, key", [

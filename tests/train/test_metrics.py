@@ -195,3 +195,24 @@ def test_a_summary_of_one_logged_window_averages_that_window(tmp_path, monkeypat
         m.step(step, loss=1.0, grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
     # One window: 5 steps of 2000 tokens in 10 s.
     assert "throughput  1,000 tok/s  (500 per rank)  mfu 50.0%" in m.summary()
+
+
+def test_a_resumed_run_times_from_its_start_and_says_how_many_steps_it_ran(tmp_path, monkeypatch):
+    clock = fake_clock(monkeypatch)
+    m = make(tmp_path, log_every=4, steps=10)
+    m.start("run", {}, resumed_step=0)
+    for step in range(1, 8):
+        clock[0] = float(step)
+        m.step(step, loss=1.0, grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
+    # Crashed after step 7; resumed from the step-5 checkpoint, setup taking 100 s.
+    clock[0] = 100.0
+    m = make(tmp_path, log_every=4, steps=10)
+    clock[0] = 130.0
+    m.start("run", {}, resumed_step=5)
+    for step in range(6, 11):
+        clock[0] = 130.0 + 2.0 * (step - 5)
+        m.step(step, loss=1.0, grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
+    assert [r["time_s"] for r in m.records] == [6.0, 10.0]  # steps 8 and 10, from this start
+    text = m.summary()
+    assert "summary: 10/10 steps (5 in 10.0 s, resumed from step 5)" in text, text
+    assert "first logged this session 1.0000" in text
