@@ -11,8 +11,8 @@ dense GEMMs (attention projections, dense FFN, output head), attention (SDPA ker
 float8 quantization (ep_fp8's Triton quant kernels), dispatch (ep_fp8's index and row
 kernels, index ops, all-to-all), optimizer (foreach/fused AdamW and norms), the other
 collectives (FSDP2's all-gathers and reduce-scatters) and everything else (elementwise,
-norms, reductions). NCCL kernels
-overlap compute on their own stream and count the time they wait for other ranks.
+norms, reductions). NCCL kernels overlap compute on their own stream and count the time
+they wait for other ranks.
 Categories come from kernel names, so they are a guide, not an exact accounting.
 """
 
@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(rows))
         for path in (ours.out, ours.trace):  # a missing folder is made, as the check said
             if path:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
         if ours.out:
             with open(ours.out, "w") as f:
                 json.dump({"job": cfg.job.name, "float8": cfg.float8.enabled, "world": world,

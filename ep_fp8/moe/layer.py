@@ -22,7 +22,8 @@ class MoE(nn.Module):
     GroupedExperts). With aux_loss_coef > 0 the sequence-level balance loss is trained
     through the routing weights (its gradient joins theirs in backward), with gradient
     router.aux_grad_scale (1; a loop accumulating n micro-batches sets 1/n with
-    moe.set_aux_grad_scale); router.last_aux_loss keeps its value. Raises ValueError on inconsistent sizes (see Router).
+    moe.set_aux_grad_scale); router.last_aux_loss keeps its value. Raises ValueError on
+    inconsistent sizes (see Router).
     """
 
     def __init__(

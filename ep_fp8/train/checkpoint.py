@@ -201,17 +201,14 @@ class CheckpointMismatchError(ValueError):
 
 
 def _failures(e: CheckpointException) -> list[BaseException]:
-    """The exceptions a CheckpointException wraps (its ranks' failures)."""
-    found = []
-    for failure in e.failures.values():
-        found.extend(failure if isinstance(failure, (list, tuple)) else [failure])
-    return [f for f in found if isinstance(f, BaseException)]
+    """The exceptions a CheckpointException wraps: one (exception, traceback) per failed rank."""
+    return [exc for exc, _ in e.failures.values()]
 
 
 def _first_failure(e: BaseException) -> str:
     """The message of the error behind `e`: a CheckpointException wraps one per rank."""
     if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
+        e = _failures(e)[0]
     return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 

@@ -1,6 +1,7 @@
 """The training loop: build the model from its preset, parallelize it, and train with
 AdamW, warm-up + cosine, clipping and gradient accumulation; update the router biases
-after each step; log, checkpoint, resume, and stop cleanly on SIGTERM, Ctrl-C (SIGINT) or a NaN/Inf loss.
+after each step; log, checkpoint, resume, and stop cleanly on SIGTERM, Ctrl-C (SIGINT) or a
+NaN/Inf loss.
 
 `train(cfg)` expects the process group to exist (see `ep_fp8.train.main`); it may be
 called several times in one process (the tests do).
@@ -77,6 +78,13 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype):
     return model, args, dims
 
 
+def end_by_signal(signum: int) -> None:
+    """End this process by signal `signum` as if it had never been caught, so that whoever
+    started it (a shell script, torchrun) sees that signal, not an exit code."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 class _StopFlag:
     """The first SIGTERM or SIGINT (Ctrl-C; under torchrun, which forwards it to its
     workers) asks the loop to finish the step, save and stop. A second one of either ends
@@ -105,8 +113,7 @@ class _StopFlag:
             if rank0:
                 print(f"{name} after {self.name}: ending now without saving; complete "
                       "checkpoints are kept", file=sys.stderr, flush=True)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            end_by_signal(signum)
             return
         self.name = name
         if rank0:

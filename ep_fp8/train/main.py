@@ -22,7 +22,8 @@ Trains the model that the TOML file FILE describes; each --section.key=value ove
 one key of it (e.g. --training.steps=20 --float8.enabled=false). Keys: docs/config.md.
 Several processes: torchrun --nproc-per-node=N -m ep_fp8.train --config FILE
 --check: only read and check the config for WORLD_SIZE processes (default 1), start
-nothing and write no file of the run; exit code 0 when it is fine, 2 with the error when not."""
+nothing and write no file of the run; exit code 0 when it is fine, 2 with the error
+when not."""
 
 
 def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
