@@ -208,7 +208,7 @@ def train(cfg: Config) -> dict:
     dtype = resolve_dtype(cfg, device)
     try:   # reading the data finds what validation could not (too few tokens, a bad line)
         source = build_source(cfg)
-    except (ValueError, OSError) as e:
+    except ValueError as e:   # data.py names the file (and line) of every read or parse error
         raise ConfigError(f"{cfg.source}: [data] {e}") from None
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
