@@ -70,9 +70,9 @@ def choose_backend(backend: str, device: torch.device, K: int, N: int, M: int | 
         return "cuda", ""
     if not supported:
         return "emulated", ""
-    if not aligned:
-        return "emulated", (f"scaled_grouped_mm: K={K}, N={N} are not both multiples of 16, which "
-                            "torch._scaled_grouped_mm needs; backend='auto' runs 'emulated' instead")
+    if not aligned:  # as float8 training recipes skip such layers: high precision, at GPU speed
+        return "bf16", (f"scaled_grouped_mm: K={K}, N={N} are not both multiples of 16, which "
+                        "torch._scaled_grouped_mm needs; backend='auto' runs 'bf16' instead")
     if G is not None and G >= MAX_CUDA_GROUPS:
         return "emulated", (f"scaled_grouped_mm: G={G} groups, torch._scaled_grouped_mm takes fewer "
                             f"than {MAX_CUDA_GROUPS}; backend='auto' runs 'emulated' instead")
@@ -88,8 +88,10 @@ def resolve_backend(backend: str, device: torch.device, K: int, N: int, M: int |
 
     Returns "cuda", "emulated" or "bf16". "auto" picks "cuda" on a GPU of compute
     capability 9.0 or 10.0 when K and N are multiples of 16, G is below MAX_CUDA_GROUPS and
-    M * K * N is at least AUTO_FP8_MIN_MACS, "bf16" there on smaller problems (float8 would
-    be slower), and "emulated" elsewhere, warning once when it falls back for K, N or G.
+    M * K * N is at least AUTO_FP8_MIN_MACS; on such a GPU "bf16" on smaller problems (float8
+    would be slower) and where K or N is not a multiple of 16, and "emulated" from
+    MAX_CUDA_GROUPS groups; "emulated" on any other device. It warns once when it falls back
+    for K, N or G.
 
     Raises ValueError for an unknown backend, and for backend="cuda" where it cannot run.
     """

@@ -48,8 +48,8 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
     eager = not torch.compiler.is_compiling()  # eager: skip the custom-op dispatch (host time)
     if chosen == "bf16":
         if eager:
-            return hp_ops.EagerGroupedMMHP.apply(x, w_t, offs, x_data, x_scale, out_dtype)
-        return torch.ops.ep_fp8.grouped_mm_hp_fwd(x, w_t, offs, x_data, x_scale, out_dtype)
+            return hp_ops.EagerGroupedMMHP.apply(x, w_t, offs, x_data, x_scale, out_dtype, note)
+        return torch.ops.ep_fp8.grouped_mm_hp_fwd(x, w_t, offs, x_data, x_scale, out_dtype, note)
     grad_on = torch.is_grad_enabled()
     need_w_bwd = grad_on and x.requires_grad  # the weight amax per (g, k) that grad_x needs
     need_xT = grad_on and w_t.requires_grad  # the float8 token-group copy grad_w needs

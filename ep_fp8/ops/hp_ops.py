@@ -21,7 +21,9 @@ def _x_values(x, x_data, x_scale):
 
 
 def _hp_fwd_impl(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, x_data: Optional[torch.Tensor],
-            x_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+            x_scale: Optional[torch.Tensor], out_dtype: torch.dtype, fallback_note: str = "") -> torch.Tensor:
+    if fallback_note:  # why backend="auto" runs bf16 here (said once, also from compiled code)
+        backends.warn_once(fallback_note)
     if x.shape[0] == 0:  # no tokens: torch._grouped_mm rejects empty operands
         return x.new_zeros((0, w_t.shape[2]), dtype=out_dtype)
     out = backends.grouped_mm(_x_values(x, x_data, x_scale), w_t, offs).to(out_dtype)
@@ -32,7 +34,7 @@ _hp_fwd = torch.library.custom_op("ep_fp8::grouped_mm_hp_fwd", mutates_args=())(
 
 
 @_hp_fwd.register_fake
-def _(x, w_t, offs, x_data, x_scale, out_dtype):
+def _(x, w_t, offs, x_data, x_scale, out_dtype, fallback_note=""):
     return x.new_empty((x.shape[0], w_t.shape[2]), dtype=out_dtype)
 
 
@@ -79,7 +81,7 @@ def _grads(ctx, grad_out, bwd):
     x, w_t, offs, x_data, x_scale = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x, grad_w = bwd(grad_out, x, w_t, offs, x_data, x_scale, need_x, need_w)
-    return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None
+    return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None, None
 
 
 def _backward(ctx, grad_out):
@@ -94,9 +96,9 @@ class EagerGroupedMMHP(torch.autograd.Function):
     host time per call than the custom-op dispatch; see fp8_ops.EagerScaledGroupedMM)."""
 
     @staticmethod
-    def forward(ctx, x, w_t, offs, x_data, x_scale, out_dtype):
+    def forward(ctx, x, w_t, offs, x_data, x_scale, out_dtype, fallback_note):
         _setup_context(ctx, (x, w_t, offs, x_data, x_scale), None)
-        return _hp_fwd_impl(x, w_t, offs, x_data, x_scale, out_dtype)
+        return _hp_fwd_impl(x, w_t, offs, x_data, x_scale, out_dtype, fallback_note)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -107,7 +107,7 @@ def test_x_fp8_data_that_starts_off_16_bytes_is_copied_before_the_gemm(cuda_path
     assert torch.equal(out, scaled_grouped_mm(handle, w_t, offs, backend="cuda", x_fp8=(data, scale)))
 
 
-def test_auto_with_k_not_multiple_of_16_runs_emulated_and_warns_once(cuda_path_on_cpu, monkeypatch):
+def test_auto_with_k_not_multiple_of_16_runs_bf16_and_warns_once(cuda_path_on_cpu, monkeypatch):
     import warnings
 
     monkeypatch.setattr(backends, "_warned", set())
@@ -115,7 +115,22 @@ def test_auto_with_k_not_multiple_of_16_runs_emulated_and_warns_once(cuda_path_o
     x, w_t, offs = torch.randn(20, 24, generator=gen), torch.randn(2, 24, 32, generator=gen), offsets([8, 12])
     with pytest.warns(UserWarning, match="K=24, N=32 are not both multiples of 16"):
         out = scaled_grouped_mm(x, w_t, offs)
-    assert torch.equal(out, scaled_grouped_mm(x, w_t, offs, backend="emulated"))
+    assert torch.equal(out, scaled_grouped_mm(x, w_t, offs, backend="bf16"))  # unquantized
+    assert not torch.equal(out, scaled_grouped_mm(x, w_t, offs, backend="emulated"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scaled_grouped_mm(x, w_t, offs)  # said once is enough
+
+
+def test_auto_falling_back_to_bf16_compiles_fullgraph_and_still_warns(cuda_path_on_cpu, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(backends, "_warned", set())
+    gen = torch.Generator().manual_seed(4)
+    x, w_t, offs = torch.randn(20, 24, generator=gen), torch.randn(2, 24, 32, generator=gen), offsets([8, 12])
+    compiled = torch.compile(lambda a, b: scaled_grouped_mm(a, b, offs), fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(x, w_t)
+    assert any("K=24, N=32 are not both multiples of 16" in str(w.message) for w in caught)
+    assert torch.equal(out, scaled_grouped_mm(x, w_t, offs, backend="bf16"))

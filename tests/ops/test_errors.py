@@ -85,14 +85,14 @@ def test_cuda_backend_rejects_k_or_n_not_multiple_of_16(pretend_sm90):
         scaled_grouped_mm(x, w_t[:, :, :40], offs, backend="cuda")
 
 
-def test_auto_falls_back_for_k_or_n_not_multiple_of_16_and_says_so_once(pretend_sm90):
+def test_auto_runs_bf16_for_k_or_n_not_multiple_of_16_and_says_so_once(pretend_sm90):
     device = torch.device("cuda", 0)
     assert resolve_backend("auto", device, 32, 48) == "cuda"
     with pytest.warns(UserWarning, match="K=24, N=48 are not both multiples of 16"):
-        assert resolve_backend("auto", device, 24, 48) == "emulated"
+        assert resolve_backend("auto", device, 24, 48) == "bf16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_backend("auto", device, 24, 48) == "emulated"  # no second warning
+        assert resolve_backend("auto", device, 24, 48) == "bf16"  # no second warning
 
 
 def test_resolve_backend_rejects_unknown_name():
