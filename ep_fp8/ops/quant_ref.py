@@ -193,8 +193,8 @@ def quantize_rows_cols_grouped_ref(a: torch.Tensor, offs: torch.Tensor, exact_sc
 
 
 def zero_rows_past_end_ref(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """out[offs[-1]:] = 0 (rows in no group), in place, without reading offs on the host;
-    returns out. Its callers pass the GEMM result they just made, which nothing else holds
-    yet (as zero_rows_past_end_triton does; a copy would cost a pass over it)."""
+    """out with out[offs[-1]:] = 0 (rows in no group), without reading offs on the host.
+    A new tensor, not in place: out may be a GEMM result that selective activation
+    checkpointing keeps for the recompute, which must not see it changed."""
     rows = torch.arange(out.shape[0], device=out.device)
-    return out.masked_fill_((rows >= offs[-1])[:, None], 0)
+    return out.masked_fill((rows >= offs[-1])[:, None], 0)

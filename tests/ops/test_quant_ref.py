@@ -125,8 +125,7 @@ def test_cols_grouped_is_row_quantization_of_each_group_transposed(exact):
 
 
 def test_zero_rows_past_end_reads_offs_on_device_only():
-    out = torch.ones(10, 3)
-    assert R.zero_rows_past_end_ref(out, offsets([2, 4])) is out  # in place, like the Triton kernel
+    out = R.zero_rows_past_end_ref(torch.ones(10, 3), offsets([2, 4]))
     assert out[:6].eq(1).all() and out[6:].eq(0).all()
 
 
