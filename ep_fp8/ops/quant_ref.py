@@ -195,6 +195,7 @@ def quantize_rows_cols_grouped_ref(a: torch.Tensor, offs: torch.Tensor, exact_sc
 def zero_rows_past_end_ref(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """out with out[offs[-1]:] = 0 (rows in no group), without reading offs on the host.
     A new tensor, not in place: out may be a GEMM result that selective activation
-    checkpointing keeps for the recompute, which must not see it changed."""
+    checkpointing keeps for the recompute, and torch raises if a tensor it cached is
+    mutated (the Triton twin writes in place unseen by torch, which is safe: see there)."""
     rows = torch.arange(out.shape[0], device=out.device)
     return out.masked_fill((rows >= offs[-1])[:, None], 0)
