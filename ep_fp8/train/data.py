@@ -59,6 +59,8 @@ class MarkovSource:
     and O(vocab * branching) to build.
     """
 
+    note = ""  # nothing to say at start-up (TokenFileSource may have)
+
     def __init__(self, vocab: int, branching: int, seq_len: int, seed: int):
         if not 1 <= branching <= vocab:
             raise ValueError(f"synthetic_branching must be in [1, synthetic_vocab={vocab}], "
@@ -138,6 +140,9 @@ class TokenFileSource:
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):
         self.tokenizer = load_tokenizer(tokenizer)
+        self.note = "" if self.tokenizer.eos_id is not None else (
+            f"[data] tokenizer {tokenizer!r} has no end-of-document token: documents are "
+            "joined without a separator")
         dtype = torch.int16 if self.tokenizer.vocab_size <= 2**15 else torch.int32
         eos = torch.tensor([] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id],
                            dtype=dtype)

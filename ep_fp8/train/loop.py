@@ -212,6 +212,8 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"{cfg.source}: [data] {e}") from None
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
+    if note := source.note:  # e.g. a tokenizer without an end-of-document token
+        _say(note)
     if note := schedule_note(t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio):
         _say(note)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)

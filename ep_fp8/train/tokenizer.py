@@ -3,12 +3,16 @@ through the `tokenizers` package when it is installed."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
-# Tokens that mark the end of a document in common tokenizer.json vocabularies.
-_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+# Tokens that mark the end of a document in common tokenizer.json vocabularies (GPT-2 and
+# Qwen, Llama 2 and Mistral, Gemma, Llama 3, BERT, DeepSeek), used when no
+# tokenizer_config.json beside the file names its eos_token.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]",
+              "<｜end▁of▁sentence｜>")
 
 
 class ByteTokenizer:
@@ -32,9 +36,12 @@ class ByteTokenizer:
 
 
 class JsonTokenizer:
-    """A `tokenizer.json` (Hugging Face `tokenizers` format). The end-of-document token is
-    the first of <|endoftext|>, </s>, <eos>, <|end_of_text|>, [SEP] in its vocabulary, or
-    none (documents are then simply concatenated)."""
+    """A `tokenizer.json` (Hugging Face `tokenizers` format), encoding whole documents: the
+    truncation and padding a file may carry are turned off. The end-of-document token is
+    the `eos_token` of a `tokenizer_config.json` in the same folder when the vocabulary has
+    it, else the first of _EOS_NAMES in the vocabulary, else none (`eos_id` None: documents
+    are then simply concatenated). `vocab_size` is the largest id + 1, so that every id the
+    tokenizer can give fits an embedding of that size."""
 
     def __init__(self, path: str):
         try:
@@ -46,9 +53,12 @@ class JsonTokenizer:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:   # the tokenizers package raises a bare Exception on a bad file
             raise ValueError(f"tokenizer file {path!r} could not be read: {e}") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = next((i for i in map(self._tok.token_to_id, _EOS_NAMES) if i is not None),
-                           None)
+        self._tok.no_truncation()  # a saved max_length would cut every document short
+        self._tok.no_padding()
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
+        names = (_configured_eos(path), *_EOS_NAMES)
+        self.eos_id = next((vocab[n] for n in names if n in vocab), None)
 
     def encode(self, data: bytes | str) -> list[int]:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
@@ -59,6 +69,19 @@ class JsonTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+
+def _configured_eos(path: str) -> str | None:
+    """The eos_token named by tokenizer_config.json beside `path` (a string, or a dict with
+    its "content"), or None where there is no such file or key."""
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, or not a JSON object
+        return None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return eos if isinstance(eos, str) else None
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | JsonTokenizer:

@@ -186,3 +186,85 @@ def test_an_unreadable_tokenizer_file_is_a_value_error_naming_it(tmp_path, monke
     path.write_text("{ bad")
     with pytest.raises(ValueError, match=r"tokenizer file .*tokenizer.json' could not be read: expected"):
         load_tokenizer(str(path))
+
+
+class _WordTokenizer:
+    """Stands in for tokenizers.Tokenizer (not a dependency): one id per word, and the
+    truncation to `max_length` that a saved tokenizer.json can carry."""
+
+    def __init__(self, vocab, max_length=None):
+        self.vocab, self.max_length = vocab, max_length
+
+    @classmethod
+    def from_file(cls, path):
+        spec = json.loads(open(path).read())
+        return cls(spec["vocab"], spec.get("truncation"))
+
+    def no_truncation(self):
+        self.max_length = None
+
+    def no_padding(self):
+        pass
+
+    def get_vocab(self, with_added_tokens=True):
+        return dict(self.vocab)
+
+    def get_vocab_size(self, with_added_tokens=True):
+        return len(self.vocab)
+
+    def token_to_id(self, token):
+        return self.vocab.get(token)
+
+    def encode(self, text, add_special_tokens=False):
+        ids = [self.vocab[w] for w in text.split()]
+        return types.SimpleNamespace(ids=ids[:self.max_length] if self.max_length else ids)
+
+
+@pytest.fixture
+def word_tokenizer(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=_WordTokenizer))
+
+    def write(vocab, truncation=None, eos_token=None):
+        path = tmp_path / "tok" / "tokenizer.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"vocab": vocab, "truncation": truncation}))
+        if eos_token is not None:
+            (path.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos_token}))
+        return str(path)
+    return write
+
+
+def test_a_tokenizer_json_encodes_whole_documents_despite_a_saved_truncation(word_tokenizer, tmp_path):
+    vocab = {"a": 0, "b": 1, "<|endoftext|>": 2}
+    (tmp_path / "doc.txt").write_text("a b " * 50)
+    src = TokenFileSource(str(tmp_path / "doc.txt"), "text", word_tokenizer(vocab, truncation=8),
+                          seq_len=16, seed=0)
+    assert src.tokens.tolist() == [0, 1] * 50 + [2] and src.note == ""
+
+
+def test_a_tokenizer_json_vocab_size_is_its_largest_id_plus_one(word_tokenizer):
+    tok = load_tokenizer(word_tokenizer({"a": 0, "b": 1, "<|endoftext|>": 40000}))
+    assert tok.vocab_size == 40001 and tok.eos_id == 40000   # 3 tokens, but ids up to 40000
+
+
+def test_the_end_of_document_token_comes_from_tokenizer_config_then_known_names(word_tokenizer, tmp_path):
+    vocab = {"a": 0, "</s>": 1, "<|im_end|>": 2, "<\uff5cend\u2581of\u2581sentence\uff5c>": 3}
+    assert load_tokenizer(word_tokenizer(vocab, eos_token={"content": "<|im_end|>"})).eos_id == 2
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).eos_id == 2
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<absent>"}))
+    assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).eos_id == 1   # not in vocab: names
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("[not an object]")
+    assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).eos_id == 1
+    (tmp_path / "tok" / "tokenizer_config.json").unlink()
+    del vocab["</s>"]   # DeepSeek's end-of-sentence token is a known name too
+    assert load_tokenizer(word_tokenizer(vocab)).eos_id == 3
+
+
+def test_a_tokenizer_without_an_end_of_document_token_says_so(word_tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("a b a b a b")
+    (tmp_path / "b.txt").write_text("b a b a b a")
+    path = word_tokenizer({"a": 0, "b": 1})
+    src = TokenFileSource(str(tmp_path / "*.txt"), "text", path, seq_len=4, seed=0)
+    assert src.tokens.tolist() == [0, 1] * 3 + [1, 0] * 3   # joined without a separator
+    assert "has no end-of-document token" in src.note and path in src.note
