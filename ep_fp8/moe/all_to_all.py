@@ -54,7 +54,8 @@ def check_ep_divides(ep: int, n_experts: int) -> None:
 
 
 class AllToAllDispatcher:
-    """EP > 1 dispatcher over `group` (a torch.distributed ProcessGroup).
+    """EP > 1 dispatcher over `group` (a torch.distributed ProcessGroup; None: the default
+    group). Group rank r holds experts [r E/ep, (r+1) E/ep).
 
     payload: "bf16" sends rows in the activation dtype; "float8" sends e4m3 rows with
     float32 per-row scales (state.x_fp8 then holds them and x_grouped is a stride-0
@@ -68,6 +69,7 @@ class AllToAllDispatcher:
     def __init__(self, group, n_experts: int, payload: str = "bf16", *, exact_scales: bool = False):
         if payload not in DISPATCH_PAYLOADS:
             raise ValueError(f"payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
+        group = dist.group.WORLD if group is None else group   # the collectives need it named
         ep = dist.get_world_size(group)
         check_ep_divides(ep, n_experts)
         self.group, self.n_experts, self.ep = group, n_experts, ep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -23,11 +24,20 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = 
     another.
 
     Every rank must hold the same full weights (same seed, or meta tensors): each keeps
-    its slice without communication. Raises ValueError when ep does not divide n_experts
-    or a layer is already sharded.
+    its slice without communication. Raises ValueError when ep does not divide n_experts,
+    a layer is already sharded, or the mesh is not 1-D or lists its ranks in another order
+    than its process group (then a rank's slice would not be the experts it is sent).
     """
     if payload not in DISPATCH_PAYLOADS:
         raise ValueError(f"dispatch_payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"ep_mesh must be 1-D, got {ep_mesh.ndim} dimensions")
+    # The same answer on every rank: both lists are known everywhere, so all raise together.
+    mesh_ranks = ep_mesh.mesh.tolist()
+    group_ranks = dist.get_process_group_ranks(ep_mesh.get_group())
+    if mesh_ranks != group_ranks:
+        raise ValueError(f"ep_mesh lists ranks {mesh_ranks}, its process group {group_ranks}: "
+                         "expert slices follow the mesh and tokens the group, so they must agree")
     ep = ep_mesh.size()
     for moe in moe_layers(model):
         n_experts = moe.router.n_experts

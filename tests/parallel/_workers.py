@@ -192,6 +192,23 @@ def two_ranks(rank: int, world: int) -> dict:
         out["mesh_unflattened.error"] = str(e)
     out["mesh_unflattened.model_untouched"] = not any(
         isinstance(p, DTensor) for p in untouched.parameters())
+    # A 1-D mesh listing the ranks in another order than its group: rank 0 would keep
+    # experts 2-3 and be sent the tokens of experts 0-1.
+    from torch.distributed.device_mesh import DeviceMesh
+    from ep_fp8.parallel.expert_parallel import apply_expert_parallel
+    try:
+        apply_expert_parallel(Transformer(ARGS), DeviceMesh("cpu", list(range(world))[::-1]))
+        out["mesh_reversed.error"] = ""
+    except ValueError as e:
+        out["mesh_reversed.error"] = str(e)
+    # group=None is the default group, as elsewhere in torch.distributed.
+    from ep_fp8.moe import AllToAllDispatcher
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(rank))
+    idx = torch.tensor([[0, 3], [1, 2], [3, 3], [2, 0], [1, 1], [0, 2]])
+    default = AllToAllDispatcher(None, 4)
+    rows, offs, state = default.dispatch(x, idx)
+    back = default.combine(rows * 2, torch.full((6, 2), 0.5), state)
+    out["group_none.combined_err"] = (back - 2 * x).abs().max().item()   # two picks of 0.5 * 2x
     return out
 
 

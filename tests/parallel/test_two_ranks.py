@@ -79,3 +79,8 @@ def test_a_mesh_of_another_layout_or_without_the_flattened_dims_is_rejected(resu
     assert "parallel.ep = 1" in results["mesh_mismatch.error"]
     assert "mesh lacks the flattened 'dp_shard' and 'dp' dims" in results["mesh_unflattened.error"]
     assert results["mesh_unflattened.model_untouched"]
+    assert "ep_mesh lists ranks [1, 0], its process group [0, 1]" in results["mesh_reversed.error"]
+
+
+def test_a_dispatcher_over_the_default_group_round_trips(results):
+    assert results["group_none.combined_err"] < 1e-6
