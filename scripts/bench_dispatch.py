@@ -26,8 +26,11 @@ one index_select of the T*k routed rows plus one index_add of them back (target:
 
 Times: `--iters` runs after `--warmup` runs, all ranks in step (a barrier, then a fixed
 number of iterations, so collectives never wait on a rank that stopped early), the mean
-per iteration, the maximum over ranks. On CPU (gloo) it runs too, slowly: that is the
-smoke test, not a measurement.
+per iteration, the maximum over ranks (the local path too: under torchrun every rank
+times it at once on its own GPU). fwd_bwd, as in training: the routing weights require
+grad (combine's backward computes their gradient), and every call starts from no
+gradients (.grad set to None after each backward) rather than adding into the last one's.
+On CPU (gloo) it runs too, slowly: that is the smoke test, not a measurement.
 """
 
 from __future__ import annotations
@@ -113,9 +116,27 @@ def make_routing(T, k, E, kind, device, seed):
     return scores.topk(k, dim=-1).indices
 
 
-def bench_local(x, idx, args, device) -> list[dict]:
+def backward_then_clear(fwd, grad, *leaves):
+    """-> a call of fwd().backward(grad) that then sets the leaves' .grad to None, so that
+    each timed call allocates its gradients afresh, as a training step after
+    zero_grad(set_to_none=True), rather than adding into those of the call before."""
+    def run():
+        fwd().backward(grad)
+        for t in leaves:
+            t.grad = None
+    return run
+
+
+def routing_weights(T, k, device) -> torch.Tensor:
+    """(T, k) float32 requiring grad, as the router's topk_w: combine's backward then
+    computes their gradient, as in training."""
+    return torch.rand(T, k, device=device).requires_grad_()
+
+
+def bench_local(x, idx, args, device, group=None) -> list[dict]:
+    """group: the ranks whose times are maxed (each runs this on its own device)."""
     T, k = idx.shape
-    w = torch.rand(T, k, device=device)
+    w = routing_weights(T, k, device)
     d = LocalDispatcher(args.experts)
     tok = idx.flatten().argsort() // k  # the baseline moves the same rows, sorted by expert
     x_req = x.detach().requires_grad_()
@@ -131,10 +152,10 @@ def bench_local(x, idx, args, device) -> list[dict]:
 
     out = []
     for phase, fn, base in (("fwd", local_fwd, base_fwd),
-                            ("fwd_bwd", lambda: local_fwd().backward(grad),
-                             lambda: base_fwd().backward(grad))):
-        ms = time_ms(fn, device, args.warmup, args.iters)
-        base_ms = time_ms(base, device, args.warmup, args.iters)
+                            ("fwd_bwd", backward_then_clear(local_fwd, grad, x_req, w),
+                             backward_then_clear(base_fwd, grad, x_req))):
+        ms = time_ms(fn, device, args.warmup, args.iters, group)
+        base_ms = time_ms(base, device, args.warmup, args.iters, group)
         out.append(record("local", "-", phase, ms, "index_select+index_add", base_ms,
                           payload_bytes=T * k * x.shape[1] * x.element_size()))
     return out
@@ -153,7 +174,7 @@ class _IdentityExperts(torch.autograd.Function):
 def bench_all_to_all(x, idx, args, device, group, payload) -> list[dict]:
     T, k = idx.shape
     D = x.shape[1]
-    w = torch.rand(T, k, device=device)
+    w = routing_weights(T, k, device)
     d = AllToAllDispatcher(group, args.experts, payload=payload)
     x_req = x.detach().requires_grad_()
     grad = torch.randn_like(x)
@@ -188,7 +209,7 @@ def bench_all_to_all(x, idx, args, device, group, payload) -> list[dict]:
 
     out = []
     for phase, fn, base in (("fwd", fwd, raw(1)),
-                            ("fwd_bwd", lambda: fwd().backward(grad), raw_fwd_bwd)):
+                            ("fwd_bwd", backward_then_clear(fwd, grad, x_req, w), raw_fwd_bwd)):
         ms = time_ms(fn, device, args.warmup, args.iters, group)
         base_ms = time_ms(base, device, args.warmup, args.iters, group)
         out.append(record("all_to_all", payload, phase, ms, "all_to_all_single", base_ms,
@@ -258,7 +279,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.tokens, args.dim, generator=gen, device=device).to(dtype)
     idx = make_routing(args.tokens, args.top_k, args.experts, args.routing, device, args.seed + rank)
 
-    records = bench_local(x, idx, args, device)
+    records = bench_local(x, idx, args, device, group)
     if group is not None:
         for payload in args.payloads.split(","):
             records += bench_all_to_all(x, idx, args, device, group, payload)

@@ -6,8 +6,8 @@
     python scripts/bench_grouped_mm.py --shape 8192,8,4096,2048 --groups uneven --methods bf16,ep_fp8
 
 For each shape (M, G, K, N) = (routed tokens, local experts, in features, out features),
-each group-size mode (uniform: M/G rows each; uneven: seeded, multiples of 16, some
-groups 2-3x others) and each method, on fresh random inputs (x (M, K) bf16 requiring grad;
+each group-size mode (uniform: M/G rows each; uneven: seeded, multiples of 16, the largest
+at most 3x the smallest) and each method, on fresh random inputs (x (M, K) bf16 requiring grad;
 w (G, N, K) bf16 passed as w.transpose(-2, -1), as the experts do; grad_out (M, N) bf16):
 
 - fwd_ms / fwd_bwd_ms: the median over --rounds rounds (5) of triton.testing.do_bench's
@@ -35,7 +35,8 @@ fp8_gemm_only (torch._scaled_grouped_mm on operands quantized beforehand, forwar
 the ceiling that quantization overhead is measured against).
 
 The record logic, ratios, geometric means and the table printer are pure functions that
-run on CPU; the measurement needs CUDA. Shapes given with --shape replace the default list.
+run on CPU; the measurement needs CUDA. Shapes given with --shape replace the default list
+(a shape given twice runs once).
 """
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ def group_sizes(M: int, G: int, mode: str, seed: int = 0) -> list[int]:
     """Rows per group, summing to M. uniform: M/G each (ValueError unless a multiple of 16).
     uneven: multiples of 16, none empty, from a seeded stratified draw (one point in each
     of G equal slices of [0, 1), in random order) mapped onto weights in [1, 3], so the
-    largest group is about 3x the smallest and the rest lie between. ValueError for an
-    unknown mode, M not a multiple of 16, or M < 16*G."""
+    largest group is about 3x the smallest, never more, and the rest lie between.
+    ValueError for an unknown mode, M not a multiple of 16, or M < 16*G (every other M
+    can be split within 3x: G sizes that differ by at most 16 rows are)."""
     if mode not in GROUP_MODES:
         raise ValueError(f"groups mode must be one of {GROUP_MODES}, got {mode!r}")
     if M % 16 or M < 16 * G:
@@ -131,6 +133,12 @@ def group_sizes(M: int, G: int, mode: str, seed: int = 0) -> list[int]:
         units[int(torch.argmax(ideal - units))] += 1
     while int(units.sum()) > units_total:
         units[int(torch.argmax(units))] -= 1
+    # Rounding to blocks can stretch the spread past 3x (ideal 1.5 and 4.5 blocks can give 1
+    # and 5): move blocks from the largest group to the smallest until it is within 3x.
+    # Each move narrows the spread; sizes within one block of each other satisfy it.
+    while int(units.max()) > 3 * int(units.min()):
+        units[int(torch.argmax(units))] -= 1
+        units[int(torch.argmin(units))] += 1
     return [16 * int(u) for u in units]
 
 
@@ -335,7 +343,8 @@ def build_forward(method: str, x, w, offs, torchao_fn, torchao_note: str):
         raise Unavailable(f"ep_fp8.ops is not importable ({e})") from None
     if method in ("ep_fp8", "ep_fp8_auto"):
         backend = "cuda" if method == "ep_fp8" else "auto"
-        note = "" if backend == "cuda" else f"auto picked {resolve_backend('auto', x.device, K, N, x.shape[0])}"
+        # G too, as the op passes it: from MAX_CUDA_GROUPS groups auto picks another backend.
+        note = "" if backend == "cuda" else f"auto picked {resolve_backend('auto', x.device, K, N, x.shape[0], G)}"
         return (lambda: scaled_grouped_mm(x, w.transpose(-2, -1), offs, backend=backend),
                 True, note)
     # fp8_gemm_only: quantized once here, outside the timing. w's rows (G*N, K) are its
@@ -590,7 +599,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timing rounds per shape, the methods interleaved in each (5; --quick: 1)")
     args = p.parse_args(argv)
     try:
-        shapes = [parse_shape(s) for s in args.shape]
+        shapes = []
+        for text in args.shape:
+            shape = parse_shape(text)
+            if shape in shapes:  # records are keyed by shape: a second run would skew the ratios
+                print(f"note: --shape {','.join(map(str, shape))} was given twice; running it once",
+                      file=sys.stderr)
+            else:
+                shapes.append(shape)
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown or not args.methods:

@@ -1,9 +1,13 @@
 """scripts/bench_dispatch.py: table, JSON and the local measurement on CPU (the timings
-themselves are not checked; the expert-parallel part runs in test_all_to_all.py)."""
+themselves are not checked; the expert-parallel part runs in test_all_to_all.py). What the
+timed calls do is checked through a time_ms stand-in, the all-to-all path on a gloo group
+of one rank."""
 
 import json
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from tests.moe.bench_script import load_bench_dispatch
 
@@ -49,3 +53,82 @@ def test_bad_options_exit_with_a_message(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _grad_checking_timer(leaves, groups):
+    """A time_ms stand-in: records the group, then runs fn three times, checking before each
+    call that no gradient is left from the call before."""
+    def time_ms(fn, device, warmup, iters, group=None):
+        groups.append(group)
+        for _ in range(3):
+            for name, t in leaves.items():
+                assert t.grad is None, f"{name}.grad left from the previous timed call"
+            fn()
+        return 1.0
+    return time_ms
+
+
+def _recording(dispatcher_cls, leaves, w_grads):
+    """dispatcher_cls, recording the tokens x and routing weights w it is passed (leaves)
+    and the gradients that reach w (w_grads)."""
+    class Recording(dispatcher_cls):
+        def dispatch(self, x, idx):
+            leaves.setdefault("x", x)
+            return super().dispatch(x, idx)
+
+        def combine(self, y, w, state):
+            if "w" not in leaves:
+                leaves["w"] = w
+                w.register_hook(w_grads.append)  # raises unless w requires grad
+            return super().combine(y, w, state)
+    return Recording
+
+
+def _small_inputs(bench, argv=()):
+    args = bench.parse_args(["--quick", "--tokens", "16", "--dim", "32", *argv])
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    idx = bench.make_routing(16, args.top_k, args.experts, "skewed", torch.device("cpu"), 0)
+    return args, x, idx
+
+
+def test_local_fwd_bwd_clears_gradients_and_reaches_the_routing_weights(bench, monkeypatch):
+    leaves, w_grads, groups = {}, [], []
+    monkeypatch.setattr(bench, "time_ms", _grad_checking_timer(leaves, groups))
+    monkeypatch.setattr(bench, "LocalDispatcher", _recording(bench.LocalDispatcher, leaves, w_grads))
+    args, x, idx = _small_inputs(bench)
+    records = bench.bench_local(x, idx, args, torch.device("cpu"))
+    assert [r["phase"] for r in records] == ["fwd", "fwd_bwd"]
+    assert set(leaves) == {"x", "w"} and leaves["x"].grad is None and leaves["w"].grad is None
+    assert len(w_grads) == 3 and w_grads[0].shape == idx.shape  # once per timed fwd_bwd call
+
+
+def test_local_times_are_maxed_over_the_ranks(bench, monkeypatch):
+    groups, group = [], object()  # under torchrun: every rank times the local path at once
+    monkeypatch.setattr(bench, "time_ms", _grad_checking_timer({}, groups))
+    args, x, idx = _small_inputs(bench)
+    bench.bench_local(x, idx, args, torch.device("cpu"), group)
+    assert groups == [group] * 4  # dispatcher and baseline, fwd and fwd_bwd
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("payload", ["bf16", "float8"])
+def test_all_to_all_fwd_bwd_clears_gradients_and_reaches_the_routing_weights(
+        bench, monkeypatch, gloo_world_of_one, payload):
+    leaves, w_grads, groups = {}, [], []
+    monkeypatch.setattr(bench, "time_ms", _grad_checking_timer(leaves, groups))
+    monkeypatch.setattr(bench, "AllToAllDispatcher", _recording(bench.AllToAllDispatcher, leaves, w_grads))
+    args, x, idx = _small_inputs(bench)
+    records = bench.bench_all_to_all(x, idx, args, torch.device("cpu"), gloo_world_of_one, payload)
+    assert [r["phase"] for r in records] == ["fwd", "fwd_bwd"]
+    assert set(leaves) == {"x", "w"} and len(w_grads) == 3 and w_grads[0].shape == idx.shape
+    assert groups == [gloo_world_of_one] * 4
