@@ -57,8 +57,20 @@ def run_ranks(fn, world: int, *, backend: str = "gloo", timeout: float = 150.0,
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, backend, pg_timeout, queue),
                          daemon=True)
              for r in range(world)]
-    for p in procs:
-        p.start()
+    # gloo ranks compute on the CPU: on a GPU machine they must not see the GPU either, or
+    # torch.compile initializes CUDA inside a checkpointed forward, which checkpoint forbids.
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {}
+    saved = {k: os.environ.get(k) for k in hidden}
+    os.environ.update(hidden)   # spawned children copy the environment at start
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     results: list = [None] * world
     try:
         import time

@@ -80,8 +80,11 @@ def test_run_gpu_checks_refuses_bad_arguments_before_any_work(tmp_path, args, me
 
 def test_run_gpu_checks_puts_a_relative_output_folder_where_it_is_called_from(tmp_path):
     # Without a GPU it stops after making the folder; the folder is the caller's, not the repo's.
+    # GPUs are hidden so that on a GPU machine too it stops there instead of running the checks.
     proc = subprocess.run(["bash", str(SCRIPTS / "run_gpu_checks.sh"), "rel_out", "tests"], cwd=tmp_path,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True, timeout=120)
+    assert "no CUDA GPU visible" in proc.stderr, proc.stderr
     assert (tmp_path / "rel_out").is_dir() and not (SCRIPTS.parent / "rel_out").exists(), proc.stderr
 
 
