@@ -149,9 +149,9 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
         raise ValueError(f"dispatch_payload must be one of {DISPATCH_PAYLOADS}, "
                          f"got {dispatch_payload!r}")
     if not isinstance(compile, (bool, str)) or compile == "":
-        raise TypeError(f"compile.enabled must be a bool or a backend name, got {compile!r}")
+        raise TypeError(f"compile must be a bool or a backend name, got {compile!r}")
     if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"compile.enabled: {compile!r} is not a torch.compile backend; known: "
+        raise ValueError(f"compile: {compile!r} is not a torch.compile backend; known: "
                          f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
     for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -227,8 +227,8 @@ def train(cfg: Config) -> dict:
         except CheckpointMismatchError as e:   # raised on every rank: all exit alike
             raise ConfigError(
                 f"{cfg.source}: cannot resume: {e}. Resume with the config that run was saved "
-                f"with ({os.path.join(run_dir(cfg), 'config.toml')}), or choose another [job] "
-                f"name") from None
+                f"with ({os.path.join(run_dir(cfg), 'config.toml')}; on another number of ranks "
+                f"add --parallel.ep=0), or choose another [job] name") from None
         last_ckpt = found[1]
         _say(f"resumed from {found[1]} (step {step})")
         if step >= t.steps:

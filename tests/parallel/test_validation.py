@@ -46,8 +46,8 @@ def model():
 @pytest.mark.parametrize("kwargs, error, key", [
     (dict(ac_mode="some"), ValueError, "activation_checkpoint.mode"),
     (dict(dispatch_payload="fp4"), ValueError, "dispatch_payload"),
-    (dict(compile=3), TypeError, "compile.enabled"),
-    (dict(compile="inductr"), ValueError, "compile.enabled: 'inductr' is not a torch.compile backend"),
+    (dict(compile=3), TypeError, "compile must be a bool or a backend name"),
+    (dict(compile="inductr"), ValueError, "compile: 'inductr' is not a torch.compile backend"),
     (dict(param_dtype="bfloat16"), TypeError, "param_dtype must be a floating-point torch.dtype"),
     (dict(reduce_dtype=torch.int32), TypeError, "reduce_dtype must be a floating-point torch.dtype"),
     (dict(fsdp=False), ValueError, "fsdp=False"),
