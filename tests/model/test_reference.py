@@ -2,7 +2,8 @@
 explicit causal mask, grouped-query heads by index (query head h reads kv head
 h // (n_heads / n_kv_heads)), rotary pairs (i, i + d/2) turned by position * theta^(-2i/d),
 RMSNorm with its eps and weight, the router's scores, group limit, top-k and weights, and
-every routed token's experts one by one.
+every routed token's experts one by one, and the sequence-wise balance loss of DeepSeek-V3
+(eqs. 17-20) added to the loss with its coefficient.
 
 The model runs in float32 (the experts take no float64), so the tolerance is float32's:
 relative 1e-5 of the largest logit or gradient (measured about 5e-7 and 1e-6). Weights
@@ -80,12 +81,20 @@ def moe(x, p, pre, args, bias):
     y = torch.stack(rows)
     if args.n_shared_experts:
         y = y + swiglu(x, *(p[pre + f"shared_experts.{n}.weight"] for n in ("w1", "w2", "w3")))
-    return y.view(B, S, D)
+    # Balance loss per sequence: f_i = E / (k S) * (its tokens routed to i), a constant;
+    # P_i = mean over its tokens of s_i / sum_j s_j; sum_i f_i P_i, averaged over sequences.
+    aux = 0.0
+    for b in range(B):
+        seq = slice(b * S, (b + 1) * S)
+        f = torch.bincount(idx[seq].flatten(), minlength=E).double() * E / (args.top_k * S)
+        P = (scores[seq] / scores[seq].sum(-1, keepdim=True)).mean(0)
+        aux = aux + (f * P).sum() / B
+    return y.view(B, S, D), args.aux_loss_coef * aux
 
 
-def reference_logits(model, p, tokens):
+def reference_logits_and_aux(model, p, tokens):
     args = model.args
-    h = p["tok_embeddings.weight"][tokens]
+    h, aux = p["tok_embeddings.weight"][tokens], 0.0
     for i, layer in enumerate(model.layers):
         pre = f"layers.{i}."
         h = h + attention(rms_norm(h, p[pre + "attention_norm.weight"], args.norm_eps), p,
@@ -94,15 +103,17 @@ def reference_logits(model, p, tokens):
         if i < args.n_dense_layers:
             h = h + swiglu(hn, *(p[pre + f"feed_forward.{n}.weight"] for n in ("w1", "w2", "w3")))
         else:
-            h = h + moe(hn, p, pre + "moe.", args, layer.moe.router.expert_bias.double())
-    return rms_norm(h, p["norm.weight"], args.norm_eps) @ p["output.weight"].T
+            y, layer_aux = moe(hn, p, pre + "moe.", args, layer.moe.router.expert_bias.double())
+            h, aux = h + y, aux + layer_aux
+    return rms_norm(h, p["norm.weight"], args.norm_eps) @ p["output.weight"].T, aux
 
 
 CONFIGS = {
-    "gqa4_theta_eps": dict(n_heads=8, n_kv_heads=2, rope_theta=1000.0, norm_eps=1e-2),
-    "mqa_sigmoid_groups_shared": dict(n_heads=4, n_kv_heads=1, score_func="sigmoid", route_norm=False,
-                                      route_scale=2.5, n_expert_groups=4, n_limited_groups=2,
-                                      n_shared_experts=2),
+    "gqa4_theta_eps_aux": dict(n_heads=8, n_kv_heads=2, rope_theta=1000.0, norm_eps=1e-2,
+                               aux_loss_coef=0.1),
+    "mqa_sigmoid_groups_shared_aux": dict(n_heads=4, n_kv_heads=1, score_func="sigmoid", route_norm=False,
+                                          route_scale=2.5, n_expert_groups=4, n_limited_groups=2,
+                                          n_shared_experts=2, aux_loss_coef=0.1),
     "mha_no_dense_no_bias": dict(n_heads=2, n_kv_heads=2, n_dense_layers=0, load_balance_bias=False,
                                  n_expert_groups=2, n_limited_groups=1, rope_theta=5e5),
 }
@@ -130,8 +141,8 @@ def test_logits_and_gradients_match_a_float64_reference(name):
     logits = model(tokens)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
     p = {n: t.detach().double().requires_grad_() for n, t in model.named_parameters()}
-    ref = reference_logits(model, p, tokens)
-    F.cross_entropy(ref.flatten(0, 1), targets.flatten()).backward()
+    ref, aux = reference_logits_and_aux(model, p, tokens)
+    (F.cross_entropy(ref.flatten(0, 1), targets.flatten()) + aux).backward()
 
     assert (logits.double() - ref).abs().max() <= TOL * ref.abs().max()
     for n, t in model.named_parameters():
