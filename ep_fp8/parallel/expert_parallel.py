@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -12,6 +13,25 @@ from ep_fp8.moe import DISPATCH_PAYLOADS, AllToAllDispatcher, MoE, check_ep_divi
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def _check_rank_order(ep_mesh: DeviceMesh) -> None:
+    """ValueError on every rank when any rank's slice of the mesh lists its ranks in another
+    order than its process group (a rank would keep other experts than those it is sent).
+    Each rank sees only its own slice, so they agree through one all-reduce of the default
+    group: a rank that raised alone would leave the others waiting in the first all-to-all."""
+    mesh_ranks = ep_mesh.mesh.tolist()
+    group_ranks = dist.get_process_group_ranks(ep_mesh.get_group())
+    device = torch.device(ep_mesh.device_type, torch.cuda.current_device()) \
+        if ep_mesh.device_type == "cuda" else torch.device(ep_mesh.device_type)
+    bad = torch.tensor([float(mesh_ranks != group_ranks)], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if mesh_ranks != group_ranks:
+        raise ValueError(f"ep_mesh lists ranks {mesh_ranks}, its process group {group_ranks}: "
+                         "expert slices follow the mesh and tokens the group, so they must agree")
+    if bad.item():
+        raise ValueError("another rank's ep_mesh lists its ranks in another order than its "
+                         "process group: expert slices follow the mesh and tokens the group")
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = "bf16") -> None:
@@ -32,12 +52,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = 
         raise ValueError(f"dispatch_payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh must be 1-D, got {ep_mesh.ndim} dimensions")
-    # The same answer on every rank: both lists are known everywhere, so all raise together.
-    mesh_ranks = ep_mesh.mesh.tolist()
-    group_ranks = dist.get_process_group_ranks(ep_mesh.get_group())
-    if mesh_ranks != group_ranks:
-        raise ValueError(f"ep_mesh lists ranks {mesh_ranks}, its process group {group_ranks}: "
-                         "expert slices follow the mesh and tokens the group, so they must agree")
+    _check_rank_order(ep_mesh)
     ep = ep_mesh.size()
     for moe in moe_layers(model):
         n_experts = moe.router.n_experts

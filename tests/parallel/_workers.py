@@ -231,4 +231,14 @@ def four_ranks(rank: int, world: int) -> dict:
     step = parallel_step(rank, world, ParallelDims(world, ep=2), few)
     compare(out, "shard1", step, *ref_few)
     out["shard1.placements"] = str(step[2].layers[1].moe.experts.w1.placements)
+    # Only the second slice of this mesh lists its ranks out of order: rank 0's own slice
+    # is fine, yet it must refuse too, or it would wait for ranks 2 and 3 forever.
+    from torch.distributed.device_mesh import DeviceMesh
+    from ep_fp8.parallel.expert_parallel import apply_expert_parallel
+    mesh = DeviceMesh("cpu", [[0, 1], [3, 2]], mesh_dim_names=("dp", "ep"))["ep"]
+    try:
+        apply_expert_parallel(Transformer(ARGS), mesh)
+        out["mesh_partly_reversed.error"] = ""
+    except ValueError as e:
+        out["mesh_partly_reversed.error"] = str(e)
     return out

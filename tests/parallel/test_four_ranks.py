@@ -24,5 +24,9 @@ def test_loss_and_grads_match_single_process(results, layout):
     assert results[f"{layout}.grad_err"] < FP32_TOL
 
 
+def test_a_mesh_with_one_slice_out_of_order_is_refused_on_every_rank(results):
+    assert "another rank's ep_mesh lists its ranks in another order" in results["mesh_partly_reversed.error"]
+
+
 def test_one_expert_per_ep_rank_is_fsdp_sharded_on_dim_1(results):
     assert results["shard1.placements"] == "(Shard(dim=1), Shard(dim=0))"
