@@ -34,6 +34,10 @@ _warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
+    """warnings.warn(message), once per process. Silent while torch.compile traces (it cannot
+    trace warnings.warn): the ops pass their note into the custom op, which warns when it runs."""
+    if torch.compiler.is_compiling():
+        return
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)

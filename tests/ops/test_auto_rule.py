@@ -82,3 +82,19 @@ def test_strided_offs_give_the_same_result_through_the_triton_kernels(monkeypatc
     want = scaled_grouped_mm(x, w.transpose(1, 2), dense, backend=backend)
     got = scaled_grouped_mm(x, w.transpose(1, 2), strided, backend=backend)
     assert torch.equal(got, want) and bool(want[32:].eq(0).all()) and bool(want[16:32].ne(0).any())
+
+
+def test_experts_falling_back_to_bf16_compile_fullgraph_and_warn_in_eager(pretend_sm90):
+    import warnings
+
+    from ep_fp8.moe import GroupedExperts
+
+    experts = GroupedExperts(32, 24, 3, float8=True)   # H = 24: not a multiple of 16
+    x, offs = torch.randn(40, 32), offsets([10, 0, 24])
+    # Traced first, before any warning was given: torch.compile cannot trace warnings.warn.
+    out = torch.compile(experts, fullgraph=True, backend="aot_eager")(x, offs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager = experts(x, offs)
+    assert any("K=32, N=24 are not both multiples of 16" in str(w.message) for w in caught)
+    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
