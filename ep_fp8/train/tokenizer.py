@@ -56,13 +56,18 @@ class JsonTokenizer:
         self._tok.no_truncation()  # a saved max_length would cut every document short
         self._tok.no_padding()
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values(), default=-1) + 1
+        if not vocab:
+            raise ValueError(f"tokenizer file {path!r} has an empty vocabulary")
+        self.path, self.vocab_size = path, max(vocab.values()) + 1
         names = (_configured_eos(path), *_EOS_NAMES)
         self.eos_id = next((vocab[n] for n in names if n in vocab), None)
 
     def encode(self, data: bytes | str) -> list[int]:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:   # the tokenizers package raises a bare Exception
+            raise ValueError(f"tokenizer {self.path!r} cannot encode the text: {e}") from None
 
     def encode_tensor(self, data: bytes | str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(self.encode(data), dtype=dtype)

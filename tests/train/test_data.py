@@ -268,3 +268,11 @@ def test_a_tokenizer_without_an_end_of_document_token_says_so(word_tokenizer, tm
     src = TokenFileSource(str(tmp_path / "*.txt"), "text", path, seq_len=4, seed=0)
     assert src.tokens.tolist() == [0, 1] * 3 + [1, 0] * 3   # joined without a separator
     assert "has no end-of-document token" in src.note and path in src.note
+
+
+def test_an_empty_vocabulary_or_text_it_cannot_encode_is_a_value_error(word_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="has an empty vocabulary"):
+        load_tokenizer(word_tokenizer({}))
+    (tmp_path / "doc.txt").write_text("a b unknown")   # the stand-in, like a WordLevel model
+    with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json' cannot encode the text"):   # without [UNK], fails
+        TokenFileSource(str(tmp_path / "doc.txt"), "text", word_tokenizer({"a": 0, "b": 1}), seq_len=1, seed=0)
