@@ -8,6 +8,8 @@ bf16      no quantization: torch._grouped_mm in the input dtype.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable, NamedTuple
 
@@ -40,7 +42,20 @@ def warn_once(message: str) -> None:
         return
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=_first_outside_frame())
+
+
+# Frames in these folders are the op's own or torch's (autograd, custom-op dispatch).
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["ep_fp8"], torch))
+
+
+def _first_outside_frame() -> int:
+    """The stacklevel, counted from warn_once's caller, of the first frame outside ep_fp8
+    and torch: the warning then names the line that called into the op."""
+    frame, level = sys._getframe(2), 2   # the frame that called warn_once is level 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @torch.compiler.assume_constant_result

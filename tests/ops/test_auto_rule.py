@@ -98,3 +98,13 @@ def test_experts_falling_back_to_bf16_compile_fullgraph_and_warn_in_eager(preten
         eager = experts(x, offs)
     assert any("K=32, N=24 are not both multiples of 16" in str(w.message) for w in caught)
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fallback_warning_names_the_callers_line(pretend_sm90):
+    import warnings
+
+    x, w_t, offs = torch.randn(20, 24), torch.randn(2, 24, 32), offsets([8, 12])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scaled_grouped_mm(x, w_t, offs)   # through the autograd Function and the op's impl
+    assert [w.filename for w in caught] == [__file__]
