@@ -141,7 +141,12 @@ class Checkpointer:
         if self.keep_last > 0:
             for _, path in complete_checkpoints(self.folder)[:-self.keep_last]:
                 if path != keep:
-                    shutil.rmtree(path, ignore_errors=True)
+                    # Renamed first (atomic), so that a crash during the deletion leaves a
+                    # step-N.tmp the next save sweeps away, not a step-N missing shards.
+                    doomed = re.sub(r"(\.old)?$", ".tmp", path, count=1)
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    os.rename(path, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, path: str, model, optimizer, scheduler, loader) -> int:
         """Restore everything saved in checkpoint `path` in place; returns its step.
@@ -154,6 +159,7 @@ class Checkpointer:
         does not have). Collective."""
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        saved_world = _agree(_read_marker, path)
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = self._state(model, optimizer, scheduler, loader, step=0)
         # DCP loads the keys the model asks for and ignores the rest: a checkpoint of a
@@ -168,24 +174,63 @@ class Checkpointer:
                 dcp.load(state, checkpoint_id=path, no_dist=_single())
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
-        except (CheckpointException, ValueError, RuntimeError, KeyError) as e:
-            if isinstance(e, CheckpointException) and any(
-                    isinstance(failure, KeyboardInterrupt) for failure in _failures(e)):
+        except (CheckpointException, ValueError, RuntimeError, KeyError, OSError) as e:
+            failures = _failures(e) if isinstance(e, CheckpointException) else [e]
+            if any(isinstance(failure, KeyboardInterrupt) for failure in failures):
                 raise KeyboardInterrupt from None  # Ctrl-C during the load, not a misfit
+            if any(isinstance(failure, OSError) for failure in failures):   # a file missing
+                raise CheckpointDamagedError(f"{path} is damaged: {_first_failure(e)}") from None
             raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
                                           f"{_first_failure(e)}") from None
         scheduler.load_state_dict(state["train"]["scheduler"])
         _keep_hyperparameters(optimizer, scheduler, built)
         loader.load_state_dict(state["train"]["data"])
         rank, world = _rank_world()
-        with open(os.path.join(path, MARKER)) as f:
-            saved_world = json.load(f)["world_size"]
         if saved_world == world:
-            rng = torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
+            rng = _agree(_read_rng, path, rank)   # every rank its own file: all succeed or none
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return int(state["train"]["step"])
+
+
+def _read_marker(path: str) -> int:
+    """The world size recorded in checkpoint `path`'s marker; CheckpointDamagedError when
+    the marker cannot be read or lacks it."""
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker) as f:
+            world = json.load(f)["world_size"]
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"world_size {world!r}")
+        return world
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamagedError(f"{marker} is not a valid marker ({type(e).__name__}: {e})") from None
+
+
+def _read_rng(path: str, rank: int) -> dict:
+    try:
+        return torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True)
+    except Exception as e:   # noqa: BLE001 - missing, truncated or foreign file: say which
+        raise CheckpointDamagedError(f"{path}: rank {rank}'s RNG state could not be read "
+                                     f"({type(e).__name__}: {e})") from None
+
+
+def _agree(read, *args):
+    """read(*args) on every rank; if it raises CheckpointDamagedError on any rank, every
+    rank raises it (the first failing rank's), so that no rank goes on alone to write files
+    or wait in a collective."""
+    try:
+        value, problem = read(*args), ""
+    except CheckpointDamagedError as e:
+        value, problem = None, str(e)
+    if not _single():
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), "")
+    if problem:
+        raise CheckpointDamagedError(problem)
+    return value
 
 
 def _saved_model_keys(path: str) -> set[str]:
@@ -198,6 +243,10 @@ def _saved_model_keys(path: str) -> set[str]:
 class CheckpointMismatchError(ValueError):
     """A checkpoint could not be loaded into the model and optimizer (most often: its tensors
     have other shapes or names, from another model config)."""
+
+
+class CheckpointDamagedError(CheckpointMismatchError):
+    """A checkpoint with its marker whose files are missing or unreadable."""
 
 
 def _failures(e: CheckpointException) -> list[BaseException]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ep_fp8.train.checkpoint import CheckpointMismatchError, Checkpointer
+from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
 from ep_fp8.train.data import DataLoader, MarkovSource, build_source
@@ -224,6 +224,10 @@ def train(cfg: Config) -> dict:
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (found := ckpt.latest()):
         try:
             step = ckpt.load(found[1], model, optimizer, scheduler, loader)
+        except CheckpointDamagedError as e:   # raised on every rank: all exit alike
+            raise ConfigError(
+                f"{cfg.source}: cannot resume: {e}. Move that checkpoint folder away to resume "
+                f"from the one before it, or choose another [job] name") from None
         except CheckpointMismatchError as e:   # raised on every rank: all exit alike
             raise ConfigError(
                 f"{cfg.source}: cannot resume: {e}. Resume with the config that run was saved "

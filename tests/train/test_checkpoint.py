@@ -237,3 +237,72 @@ def test_a_ctrl_c_during_the_load_is_an_interrupt_not_a_mismatch(tmp_path, monke
     monkeypatch.setattr(ckpt_mod.dcp, "load", interrupted_load)
     with pytest.raises(KeyboardInterrupt):
         Checkpointer(str(tmp_path)).load(path, *make_state(1))
+
+
+@pytest.mark.parametrize("damage", ["garbage marker", "marker without world_size", "missing shard",
+                                    "missing rng file"])
+def test_a_damaged_checkpoint_is_a_named_error_before_anything_is_set(tmp_path, damage):
+    from ep_fp8.train.checkpoint import CheckpointDamagedError
+
+    ckpt = Checkpointer(str(tmp_path), keep_last=0)
+    path = ckpt.save(1, *make_state(0))
+    if damage == "garbage marker":
+        (tmp_path / "step-1" / MARKER).write_text("garbage{")
+    elif damage == "marker without world_size":
+        (tmp_path / "step-1" / MARKER).write_text('{"step": 1}')
+    elif damage == "missing shard":
+        next(p for p in (tmp_path / "step-1").iterdir() if p.suffix == ".distcp").unlink()
+    else:
+        (tmp_path / "step-1" / "rng-rank0.pt").unlink()
+    state = make_state(5)
+    with pytest.raises(CheckpointDamagedError, match="step-1"):
+        ckpt.load(path, *state)
+    if damage != "missing rng file":   # found before the weights were touched
+        assert all(torch.equal(a, b) for a, b in zip(state[0].state_dict().values(),
+                                                        make_state(5)[0].state_dict().values()))
+
+
+def test_pruning_takes_a_checkpoint_out_of_the_complete_set_before_deleting_it(tmp_path, monkeypatch):
+    import shutil
+
+    from ep_fp8.train import checkpoint
+
+    ckpt = Checkpointer(str(tmp_path), keep_last=1)
+    state = make_state(0)
+    ckpt.save(1, *state)
+    real_rmtree, deleting = shutil.rmtree, []
+
+    def killed_midway(path, ignore_errors=False):   # the process dies while deleting
+        if os.path.basename(path) == "step-1.tmp" and os.path.isdir(path):
+            deleting.append(sorted(os.listdir(path)))
+            os.remove(os.path.join(path, sorted(os.listdir(path))[0]))   # one file gone...
+            raise KeyboardInterrupt                                      # ...then the end
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, *state)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert deleting and [s for s, _ in complete_checkpoints(str(tmp_path))] == [2]   # not step 1
+    ckpt.save(3, *state)
+    assert sorted(os.listdir(tmp_path)) == ["step-3"]   # the half-deleted folder swept away
+
+
+def _agree_worker(rank, world):
+    from ep_fp8.train.checkpoint import CheckpointDamagedError, _agree
+
+    def read(r):
+        if r == 1:
+            raise CheckpointDamagedError("rank 1's file is missing")
+        return "fine"
+    try:
+        return _agree(read, rank)
+    except CheckpointDamagedError as e:
+        return f"raised: {e}"
+
+
+def test_a_damaged_part_seen_by_one_rank_is_raised_on_every_rank():
+    from tests._dist import run_ranks
+
+    # Else rank 0 would return and write the run's files while rank 1 exits.
+    assert run_ranks(_agree_worker, 2, timeout=120) == ["raised: rank 1's file is missing"] * 2
