@@ -126,6 +126,56 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+_LOCKS: dict[str, int] = {}   # run folder lock file -> its descriptor, held until exit
+
+
+def _lock_run_folder(cfg: Config, create: bool) -> str:
+    """Rank 0 takes an exclusive lock on <run>/.lock for the life of the process, so that
+    two runs never share a run folder (one would resume from the other's live checkpoints
+    and delete its save in progress). Returns '' or why the folder is taken. create=False
+    only checks an existing lock file, writing nothing. Where the file system has no
+    locks, the run goes on unlocked."""
+    path = os.path.join(run_dir(cfg), ".lock")
+    if path in _LOCKS or (not create and not os.path.exists(path)):
+        return ""
+    import fcntl
+
+    try:
+        if create:
+            os.makedirs(run_dir(cfg), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except OSError:
+        return ""   # gone since, or unwritable: validation has checked the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return (f"another run is using {run_dir(cfg)} (its .lock is held by {holder}): wait "
+                "for it to end, or choose another [job] name")
+    except OSError:   # no locks on this file system
+        os.close(fd)
+        return ""
+    if not create:   # checked only: the lock is taken for real after the resume
+        os.close(fd)
+        return ""
+    import socket
+
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode())
+    _LOCKS[path] = fd
+    return ""
+
+
+def _agree_on_lock(cfg: Config, create: bool) -> None:
+    """_lock_run_folder on rank 0; every rank raises ConfigError if it is taken."""
+    problem = [_lock_run_folder(cfg, create) if dist.get_rank() == 0 else ""]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ConfigError(f"{cfg.source}: {problem[0]}")
+
+
 def _say(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
@@ -221,6 +271,7 @@ def train(cfg: Config) -> dict:
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep_last)
 
     step, last_ckpt = 0, None
+    _agree_on_lock(cfg, create=False)   # a live run's checkpoints are not ours to load
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (found := ckpt.latest()):
         try:
             step = ckpt.load(found[1], model, optimizer, scheduler, loader)
@@ -239,6 +290,7 @@ def train(cfg: Config) -> dict:
             _say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
                  f"is {t.steps}; raise training.steps to continue")
 
+    _agree_on_lock(cfg, create=True)   # held until the process ends
     _save_and_print_config(cfg)   # after the resume: a config that cannot resume writes nothing
     metrics = MetricsLogger(
         run_dir(cfg), rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,

@@ -65,6 +65,13 @@ def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
             _copy_checkpoint(root, *run["resume_from"], name)
         if rank == 0 and "sigterm_after" in run:
             _sigterm_after(os.path.join(root, name, "metrics.jsonl"), run["sigterm_after"])
+        held = None
+        if rank == 0 and run.get("locked_by_another_run"):   # as a live run's rank 0 holds it
+            import fcntl
+
+            held = os.open(os.path.join(root, name, ".lock"), os.O_RDWR | os.O_CREAT)
+            os.write(held, b"host elsewhere pid 4242")
+            fcntl.flock(held, fcntl.LOCK_EX)
         try:
             out = train(cfg)
             result = {"step": out["step"], "stopped": out["stopped"],
@@ -75,5 +82,7 @@ def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
             # Recorded for the test that needs this run; the next runs still go (a
             # failure that hits every rank alike leaves the process group usable).
             result = {"error": traceback.format_exc()}
+        if held is not None:
+            os.close(held)
         with open(os.path.join(root, name, f"result-rank{rank}.json"), "w") as f:
             json.dump(result, f)

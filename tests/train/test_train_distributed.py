@@ -43,6 +43,9 @@ TWO_RANK_PLAN = [
     {"name": "sigterm", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                       "--checkpoint.interval=100", "--metrics.log_every=4"],
      "sigterm_after": 3},
+    # Another run holds the folder: both ranks refuse before loading or writing anything.
+    {"name": "locked", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true"],
+     "resume_from": ["ep2", 10], "locked_by_another_run": True},
     # The debug recipe's path: EP = 2, float8 experts (emulated) with a float8 payload.
     {"name": "ep2_float8", "overrides": ["--parallel.ep=2", "--float8.enabled=true",
                                          "--float8.dispatch_payload=float8"]},
@@ -164,3 +167,12 @@ def test_resuming_from_a_checkpoint_of_another_model_is_a_config_error_that_writ
     assert "ConfigError" in error and "cannot resume" in error and "Size mismatch" in error, result
     assert "checkpoints/step-10 could not be loaded into this model" in error
     assert sorted(os.listdir(os.path.join(runs, "resume_misfit"))) == ["checkpoints", "result-rank0.json"]
+
+
+def test_a_run_folder_held_by_another_run_is_refused_on_every_rank(runs):
+    for result in results(runs, "locked", 2):
+        error = result.get("error", "")
+        assert "ConfigError" in error and "another run is using" in error, result
+        assert "held by host elsewhere pid 4242" in error
+    assert sorted(os.listdir(os.path.join(runs, "locked"))) == [
+        ".lock", "checkpoints", "result-rank0.json", "result-rank1.json"]   # no config.toml, no metrics
