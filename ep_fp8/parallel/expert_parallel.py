@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ep_fp8.moe import DISPATCH_PAYLOADS, AllToAllDispatcher, MoE, check_ep_divides
+from ep_fp8.parallel.agree import first_problem
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -18,18 +18,17 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 def _check_rank_order(ep_mesh: DeviceMesh) -> None:
     """ValueError on every rank when any rank's slice of the mesh lists its ranks in another
     order than its process group (a rank would keep other experts than those it is sent).
-    Each rank sees only its own slice, so they agree through one all-reduce of the default
-    group: a rank that raised alone would leave the others waiting in the first all-to-all."""
+    Each rank sees only its own slice, so they agree through first_problem: a rank that
+    raised alone would leave the others waiting in the first all-to-all."""
     mesh_ranks = ep_mesh.mesh.tolist()
     group_ranks = dist.get_process_group_ranks(ep_mesh.get_group())
-    device = torch.device(ep_mesh.device_type, torch.cuda.current_device()) \
-        if ep_mesh.device_type == "cuda" else torch.device(ep_mesh.device_type)
-    bad = torch.tensor([float(mesh_ranks != group_ranks)], device=device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if mesh_ranks != group_ranks:
-        raise ValueError(f"ep_mesh lists ranks {mesh_ranks}, its process group {group_ranks}: "
-                         "expert slices follow the mesh and tokens the group, so they must agree")
-    if bad.item():
+    own = "" if mesh_ranks == group_ranks else (
+        f"ep_mesh lists ranks {mesh_ranks}, its process group {group_ranks}: expert slices "
+        "follow the mesh and tokens the group, so they must agree")
+    verdict = first_problem(own)
+    if own:   # in its own words
+        raise ValueError(own)
+    if verdict:
         raise ValueError("another rank's ep_mesh lists its ranks in another order than its "
                          "process group: expert slices follow the mesh and tokens the group")
 

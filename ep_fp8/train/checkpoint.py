@@ -27,6 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ep_fp8.parallel.agree import first_problem
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _OLD_DIR = re.compile(r"^step-(\d+)\.old$")   # a step's previous save, set aside by _commit
@@ -224,11 +226,7 @@ def _agree(read, *args):
         value, problem = read(*args), ""
     except CheckpointDamagedError as e:
         value, problem = None, str(e)
-    if not _single():
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-        problem = next((p for p in problems if p), "")
-    if problem:
+    if problem := first_problem(problem):
         raise CheckpointDamagedError(problem)
     return value
 

@@ -132,10 +132,12 @@ class TokenFileSource:
     """Local text or JSONL files, tokenized once into one token stream (documents joined by
     the tokenizer's end-of-document token; empty documents left out), cut into windows of
     seq_len + 1 tokens that start every seq_len tokens (window w is tokens w*seq_len ..
-    (w+1)*seq_len, so each
-    token is a target once per epoch). The last (tokens - 1) % seq_len tokens of the
-    stream fill no window and are never trained on. Each epoch visits every window once,
-    in an order shuffled by (seed, epoch)."""
+    (w+1)*seq_len, so each token is a target once per epoch). The last
+    (tokens - 1) % seq_len tokens of the stream fill no window and are never trained on.
+    Each epoch visits every window once, in an order shuffled by (seed, epoch). `note` is
+    what to say at start-up ('' or that the tokenizer has no end-of-document token).
+    Raises ValueError naming the file (and line) that cannot be read or parsed, or when
+    the stream holds fewer than seq_len + 1 tokens."""
 
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ep_fp8.parallel.agree import first_problem
 from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
@@ -169,11 +170,8 @@ def _lock_run_folder(cfg: Config, create: bool) -> str:
 
 def _agree_on_lock(cfg: Config, create: bool) -> None:
     """_lock_run_folder on rank 0; every rank raises ConfigError if it is taken."""
-    problem = [_lock_run_folder(cfg, create) if dist.get_rank() == 0 else ""]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise ConfigError(f"{cfg.source}: {problem[0]}")
+    if problem := first_problem(_lock_run_folder(cfg, create) if dist.get_rank() == 0 else ""):
+        raise ConfigError(f"{cfg.source}: {problem}")
 
 
 def _say(msg: str) -> None:

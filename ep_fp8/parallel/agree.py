@@ -1,0 +1,17 @@
+"""One verdict for all ranks on a check that each rank makes on its own files or slice."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def first_problem(problem: str) -> str:
+    """The first non-empty `problem` over the default group's ranks, in rank order ('' when
+    every rank passed ''), the same on every rank: all raise together, and none goes on
+    alone to write files or to wait in a collective the others never reach. `problem`
+    itself without a process group. Collective (one all_gather_object of the strings)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return problem
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), "")
