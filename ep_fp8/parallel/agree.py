@@ -15,3 +15,15 @@ def first_problem(problem: str) -> str:
     problems: list = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     return next((p for p in problems if p), "")
+
+
+def first_difference(value: str) -> str:
+    """'' when `value` is the same on every rank of the default group, else which rank
+    first differs from rank 0 and how ("rank 1: X; rank 0: Y"), the same on every rank.
+    Collective (one all_gather_object), like first_problem."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ""
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return next((f"rank {r}: {v}; rank 0: {values[0]}"
+                 for r, v in enumerate(values) if v != values[0]), "")

@@ -4,10 +4,12 @@ A save writes `step-N.tmp/` (DCP shards of model and optimizer; step, scheduler 
 position; each rank's RNG state), waits for every rank, then rank 0 writes the marker file
 `COMPLETE` into it and renames it to `step-N/`. A crash or kill at any point before the
 rename leaves only a `.tmp` folder, which `latest()` ignores and the next save removes, so
-the newest complete checkpoint stays usable. Saving a step that already has a checkpoint
-(a redone step) first renames the old one to `step-N.old/` and deletes it only after the
-rename of the new one, so a crash in between leaves `step-N.old/`, which counts as step
-N until a `step-N/` exists again. Model and optimizer are saved as sharded
+the newest complete checkpoint stays usable. A save that fails on any rank (a full disk,
+say) is removed and raised on every rank as CheckpointSaveError, which names the folder,
+its free space and the newest complete checkpoint. Saving a step that already has a
+checkpoint (a redone step) first renames the old one to `step-N.old/` and deletes it only
+after the rename of the new one, so a crash in between leaves `step-N.old/`, which counts
+as step N until a `step-N/` exists again. Model and optimizer are saved as sharded
 DTensors, so a run may resume on another world size or EP degree (DCP reshards on load).
 """
 
@@ -107,16 +109,40 @@ class Checkpointer:
             os.makedirs(self.folder, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save of this step
         _barrier()
-        with _quiet_single_process():
-            dcp.save(self._state(model, optimizer, scheduler, loader, step),
-                     checkpoint_id=tmp, no_dist=_single())
-        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-        _barrier()
-        if rank == 0:
-            self._commit(tmp, final, step, world)
-            self._prune(keep=final)
-        _barrier()
+        problem = ""
+        try:
+            with _quiet_single_process():
+                dcp.save(self._state(model, optimizer, scheduler, loader, step),
+                         checkpoint_id=tmp, no_dist=_single())
+            torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+        except (CheckpointException, OSError, RuntimeError) as e:   # a full disk, say
+            problem = f"rank {rank}: {_first_failure(e)}"
+        # Every rank learns of any rank's failure (this is also the barrier before the
+        # commit), so that none waits in a collective the failed ones never reach.
+        problem = first_problem(problem)
+        if not problem and rank == 0:
+            try:
+                self._commit(tmp, final, step, world)
+            except OSError as e:
+                problem = f"rank 0: {_first_failure(e)}"
+            else:
+                self._prune(keep=final)
+        problem = first_problem(problem)
+        if problem:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)   # frees what the failed save took
+            raise CheckpointSaveError(self._save_failed(step, problem))
         return final
+
+    def _save_failed(self, step: int, problem: str) -> str:
+        try:
+            free = f"{shutil.disk_usage(self.folder).free / 2**30:.1f} GiB free there"
+        except OSError:
+            free = "its free space unknown"
+        newest = self.latest()
+        return (f"could not save step {step} to {self.folder} ({free}): {problem}. "
+                f"Nothing of this save was kept; the newest complete checkpoint is "
+                f"{newest[1] if newest else 'none'}.")
 
     def _commit(self, tmp: str, final: str, step: int, world: int) -> None:
         marker = os.path.join(tmp, MARKER)
@@ -135,6 +161,8 @@ class Checkpointer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep: str) -> None:
+        """Removes stale .tmp/.old folders and all but the newest `keep_last` checkpoints.
+        A folder that cannot be removed is a warning, not an error: the save is complete."""
         for name in os.listdir(self.folder):
             stale_old = _OLD_DIR.match(name) and os.path.exists(
                 os.path.join(self.folder, name[:-4]))
@@ -146,8 +174,13 @@ class Checkpointer:
                     # Renamed first (atomic), so that a crash during the deletion leaves a
                     # step-N.tmp the next save sweeps away, not a step-N missing shards.
                     doomed = re.sub(r"(\.old)?$", ".tmp", path, count=1)
-                    shutil.rmtree(doomed, ignore_errors=True)
-                    os.rename(path, doomed)
+                    try:
+                        shutil.rmtree(doomed, ignore_errors=True)
+                        os.rename(path, doomed)
+                    except OSError as e:
+                        warnings.warn(f"could not remove the old checkpoint {path}: {e}",
+                                      stacklevel=2)
+                        continue
                     shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, path: str, model, optimizer, scheduler, loader) -> int:
@@ -166,11 +199,15 @@ class Checkpointer:
         state = self._state(model, optimizer, scheduler, loader, step=0)
         # DCP loads the keys the model asks for and ignores the rest: a checkpoint of a
         # model with more layers or experts would load into a smaller one without a word.
-        extra = sorted(_saved_model_keys(path) - set(state["model"]))
+        saved = _saved_keys(path)
+        extra = sorted({k[len("model."):] for k in saved if k.startswith("model.")} - set(state["model"]))
         if extra:
             shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
             raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
                                           f"it holds model tensors this model does not have: {shown}")
+        # The data state gained entries over time; a checkpoint without one loads without it.
+        state["train"]["data"] = {k: v for k, v in state["train"]["data"].items()
+                                  if f"train.data.{k}" in saved}
         try:
             with _quiet_single_process():
                 dcp.load(state, checkpoint_id=path, no_dist=_single())
@@ -231,11 +268,10 @@ def _agree(read, *args):
     return value
 
 
-def _saved_model_keys(path: str) -> set[str]:
-    """The model's state-dict keys saved in checkpoint `path` (DCP flattens the nested
-    state with dots, so they are the saved keys under "model.")."""
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    return {key[len("model."):] for key in keys if key.startswith("model.")}
+def _saved_keys(path: str) -> set[str]:
+    """The keys saved in checkpoint `path`, flattened by DCP with dots ("model.<name>",
+    "train.data.samples_seen", ...)."""
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
 class CheckpointMismatchError(ValueError):
@@ -245,6 +281,11 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointDamagedError(CheckpointMismatchError):
     """A checkpoint with its marker whose files are missing or unreadable."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank (a full disk, say), raised on every rank after the
+    partial save was removed; the complete checkpoints are untouched."""
 
 
 def _failures(e: CheckpointException) -> list[BaseException]:

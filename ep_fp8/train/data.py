@@ -12,6 +12,7 @@ sequence, and with the same global batch it sees exactly the same batches.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -23,8 +24,8 @@ from ep_fp8.train.tokenizer import load_tokenizer
 
 def list_files(pattern: str) -> list[str]:
     """Files matching `pattern` (a path or a glob; `**` recurses), sorted and each once (a
-    file reached twice, by a link or by two names, is read at its first name), so every
-    rank and every run sees the same order. An existing file is taken as it is named, even
+    file reached twice, by a symbolic or hard link or by two names, is read at its first
+    name), so every rank and every run sees the same order. An existing file is taken as it is named, even
     when its name holds glob characters ([, *, ?). Raises ValueError when nothing matches,
     or when `pattern` is a folder."""
     path = os.path.expanduser(pattern)
@@ -33,10 +34,11 @@ def list_files(pattern: str) -> list[str]:
     if os.path.isdir(path):
         raise ValueError(f"data path {pattern!r} is a folder: give its files as a glob, e.g. "
                          f"'{pattern.rstrip('/')}/**/*.txt'")
-    first: dict[str, str] = {}
+    first: dict[tuple[int, int], str] = {}
     for p in sorted(glob.glob(path, recursive=True)):
         if os.path.isfile(p):
-            first.setdefault(os.path.realpath(p), p)
+            st = os.stat(p)   # follows symbolic links; a hard link has the same inode
+            first.setdefault((st.st_dev, st.st_ino), p)
     if not first:
         raise ValueError(f"data path {pattern!r} matches no file")
     return sorted(first.values())
@@ -71,6 +73,9 @@ class MarkovSource:
         self.successors_VK = (shift_V + offsets_K[None, :]) % vocab   # (V, K)
         self.vocab, self.branching, self.seq_len, self.seed = vocab, branching, seq_len, seed
         self.entropy = math.log(branching)
+        # What fixes the sample sequence; a resume compares it with the checkpoint's.
+        self.fingerprint = (f"synthetic vocab {vocab} branching {branching}, seq_len {seq_len}, "
+                            f"seed {seed}")
 
     def get(self, indices: list[int]) -> torch.Tensor:
         """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
@@ -90,14 +95,15 @@ _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors put at a f
 
 
 def _documents(files: list[str], source: str, field: str):
-    """Yields each document as bytes: a whole file ("text"), or the `field` string of each
-    line of a JSONL file ("jsonl"). A byte-order mark at the start of a file is skipped.
-    Raises ValueError naming the file (and line) that cannot be read or parsed."""
+    """Yields (where, document as bytes) for each document: a whole file ("text", where is
+    its path), or the `field` string of each line of a JSONL file ("jsonl", where is
+    path:line). A byte-order mark at the start of a file is skipped. Raises ValueError
+    naming the file (and line) that cannot be read or parsed."""
     for path in files:
         try:
             with open(path, "rb") as f:
                 if source == "text":
-                    yield f.read().removeprefix(_BOM)
+                    yield path, f.read().removeprefix(_BOM)
                     continue
                 yield from _jsonl_texts(f, path, field)
         except OSError as e:
@@ -125,7 +131,7 @@ def _jsonl_texts(f, path: str, field: str):
         if not isinstance(doc[field], str):
             raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
         # JSON may escape lone surrogates (\ud800), which UTF-8 cannot hold.
-        yield doc[field].encode("utf-8", errors="replace")
+        yield f"{path}:{lineno}", doc[field].encode("utf-8", errors="replace")
 
 
 class TokenFileSource:
@@ -135,9 +141,12 @@ class TokenFileSource:
     (w+1)*seq_len, so each token is a target once per epoch). The last
     (tokens - 1) % seq_len tokens of the stream fill no window and are never trained on.
     Each epoch visits every window once, in an order shuffled by (seed, epoch). `note` is
-    what to say at start-up ('' or that the tokenizer has no end-of-document token).
-    Raises ValueError naming the file (and line) that cannot be read or parsed, or when
-    the stream holds fewer than seq_len + 1 tokens."""
+    what to say at start-up ('' or that the tokenizer has no end-of-document token);
+    `fingerprint` names the stream (its length and a hash of the documents), seq_len and seed, which fix
+    the sample sequence. Every rank holds the whole stream (2 bytes per token up to 32768
+    ids, else 4); loading it takes about twice that at its peak, plus the largest document
+    read as bytes. Raises ValueError naming the file (and line) that cannot be read,
+    parsed or tokenized, or when the stream holds fewer than seq_len + 1 tokens."""
 
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):
@@ -149,18 +158,25 @@ class TokenFileSource:
         eos = torch.tensor([] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id],
                            dtype=dtype)
         chunks, pieces = [], []
-        for doc in _documents(list_files(pattern), source, field):
+        digest = hashlib.blake2b(digest_size=8)   # of the documents read, for `fingerprint`
+        for where, doc in _documents(list_files(pattern), source, field):
+            digest.update(len(doc).to_bytes(8, "little") + doc)
             if doc:  # an empty document adds nothing, not even its end token
-                pieces += [self.tokenizer.encode_tensor(doc, dtype), eos]
+                try:
+                    pieces += [self.tokenizer.encode_tensor(doc, dtype), eos]
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            del doc   # a large file's bytes are not held while the next one is read
             if len(pieces) >= 8192:  # two small tensors per document add up: join as we go
-                chunks.append(torch.cat(pieces))
-                pieces = []
-        self.tokens = torch.cat(chunks + pieces) if chunks or pieces else torch.empty(0, dtype=dtype)
+                chunks.append(_join(pieces, dtype))
+        self.tokens = _join(chunks + pieces, dtype)
         self.seq_len, self.seed = seq_len, seed
         self.n_windows = (self.tokens.numel() - 1) // seq_len
         if self.n_windows < 1:
             raise ValueError(f"data path {pattern!r} holds {self.tokens.numel()} tokens, "
                              f"fewer than seq_len + 1 = {seq_len + 1}")
+        self.fingerprint = (f"{self.tokens.numel()} tokens (documents' hash "
+                            f"{digest.hexdigest()}), seq_len {seq_len}, seed {seed}")
         self._epoch, self._order = -1, None
 
     def _window(self, index: int) -> int:
@@ -177,6 +193,19 @@ class TokenFileSource:
         return torch.stack(rows).to(torch.int64)
 
 
+def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat(pieces), emptying `pieces` as it copies them, so that at most one copy
+    of the tokens exists besides the result."""
+    out = torch.empty(sum(p.numel() for p in pieces), dtype=dtype)
+    at = 0
+    pieces.reverse()
+    while pieces:
+        piece = pieces.pop()
+        out[at: at + piece.numel()] = piece
+        at += piece.numel()
+    return out
+
+
 def build_source(cfg) -> MarkovSource | TokenFileSource:
     """The data source that `cfg.data` (a DataConfig) names, for `cfg.training.seq_len`."""
     d, seq_len = cfg.data, cfg.training.seq_len
@@ -188,11 +217,14 @@ def build_source(cfg) -> MarkovSource | TokenFileSource:
 class DataLoader:
     """This rank's batches: rank r of `world` reads rows r*B .. (r+1)*B - 1 of every global
     batch of world * B samples. `state_dict()` / `load_state_dict()` carry the position
-    (samples consumed globally), which is all a resumed run needs."""
+    (samples consumed globally), which is all a resumed run needs, and the source's
+    fingerprint: after loading a position saved with other data (files, seq_len or seed),
+    `resume_note` says so, since the position then continues another sample order."""
 
     def __init__(self, source, batch_size: int, rank: int, world: int):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
         self.samples_seen = 0
+        self.resume_note = ""
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs (B, seq_len), targets (B, seq_len)) int64, on the CPU."""
@@ -201,8 +233,14 @@ class DataLoader:
         self.samples_seen += self.world * self.batch_size
         return tokens_BL1[:, :-1], tokens_BL1[:, 1:]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"samples_seen": self.samples_seen}
+    def state_dict(self) -> dict[str, int | str]:
+        return {"samples_seen": self.samples_seen, "source": self.source.fingerprint}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
         self.samples_seen = int(state["samples_seen"])
+        saved = state.get("source", self.source.fingerprint)   # absent from older checkpoints
+        self.resume_note = "" if saved == self.source.fingerprint else (
+            f"[data] differs from the checkpoint's (saved with {saved}; now "
+            f"{self.source.fingerprint}): its position, {self.samples_seen} samples, "
+            f"continues in another sample order, so samples of this epoch may repeat or be "
+            f"skipped")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ep_fp8.parallel.agree import first_problem
+from ep_fp8.parallel.agree import first_difference, first_problem
 from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
@@ -254,10 +254,17 @@ def train(cfg: Config) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     device, t = resolve_device(cfg), cfg.training
     dtype = resolve_dtype(cfg, device)
+    problem = ""
     try:   # reading the data finds what validation could not (too few tokens, a bad line)
         source = build_source(cfg)
     except ValueError as e:   # data.py names the file (and line) of every read or parse error
-        raise ConfigError(f"{cfg.source}: [data] {e}") from None
+        problem = f"{cfg.source}: [data] {e}"
+    if problem := first_problem(problem):   # every rank stops, not only the one that failed
+        raise ConfigError(problem)
+    if differs := first_difference(source.fingerprint):
+        raise ConfigError(f"{cfg.source}: [data] the ranks read different data ({differs}): "
+                          f"every rank must see the same files (on many nodes, a path on a "
+                          f"file system they share)")
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
     if note := source.note:  # e.g. a tokenizer without an end-of-document token
@@ -284,6 +291,8 @@ def train(cfg: Config) -> dict:
                 f"add --parallel.ep=0), or choose another [job] name") from None
         last_ckpt = found[1]
         _say(f"resumed from {found[1]} (step {step})")
+        if loader.resume_note:
+            _say(loader.resume_note)
         if step >= t.steps:
             _say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
                  f"is {t.steps}; raise training.steps to continue")

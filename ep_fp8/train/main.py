@@ -75,9 +75,9 @@ INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     """Returns the process exit code: 0 done (or stopped by SIGTERM after saving), 1 the
-    loss became NaN/Inf, 2 a bad config or command line, INTERRUPTED (130) stopped by
-    SIGINT, after saving when the training loop had started (`python -m ep_fp8.train`
-    then ends the process by SIGINT)."""
+    loss became NaN/Inf or a checkpoint could not be saved, 2 a bad config or command
+    line, INTERRUPTED (130) stopped by SIGINT, after saving when the training loop had
+    started (`python -m ep_fp8.train` then ends the process by SIGINT)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if check_only:
         return 0
+    from ep_fp8.train.checkpoint import CheckpointSaveError
     from ep_fp8.train.loop import NonFiniteLossError, resolve_device, train
 
     init_distributed(resolve_device(cfg).type)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:   # found on reading the data or a checkpoint, before anything was written
         print(f"config error: {e}", file=sys.stderr)
         code = 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # a SIGINT before the training loop took over SIGINT

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -29,7 +30,9 @@ class ByteTokenizer:
         raw = data.encode("utf-8") if isinstance(data, str) else data
         if not raw:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dtype)
+        with warnings.catch_warnings():   # read only: .to(dtype) copies (no bytearray copy)
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(raw, dtype=torch.uint8).to(dtype, copy=True)
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

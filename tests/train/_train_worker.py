@@ -8,6 +8,8 @@ the run folder as usual. The test then asserts on those files.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -54,10 +56,18 @@ def _copy_checkpoint(root: str, src_run: str, step: int, dst_run: str) -> None:
 
 def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
     """`plan`: [{"name", "overrides", optional "resume_from": [run, step],
-    optional "sigterm_after": step}]. Runs in a process group made by tests._dist.run_ranks
-    (which also sets torchrun's environment variables and leaves with os._exit)."""
+    optional "sigterm_after": step, optional "home_text": text that each rank writes to
+    ~/data.txt of a HOME of its own (rank r: text * (r + 1)), optional "capture": keep
+    what rank 0 prints in the result}]. Runs in a process group made by
+    tests._dist.run_ranks (which also sets torchrun's environment variables and leaves
+    with os._exit)."""
     for run in plan:
         name = run["name"]
+        if "home_text" in run:   # as node-local files behind one path: each rank its own
+            os.environ["HOME"] = os.path.join(root, f"{name}-home-{rank}")
+            os.makedirs(os.environ["HOME"], exist_ok=True)
+            with open(os.path.join(os.environ["HOME"], "data.txt"), "w") as f:
+                f.write(run["home_text"] * (rank + 1))
         cfg = load_config(None, BASE + [f"--job.output_dir={root}", f"--job.name={name}"]
                           + run["overrides"], world_size=world)
         os.makedirs(os.path.join(root, name), exist_ok=True)
@@ -72,10 +82,14 @@ def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
             held = os.open(os.path.join(root, name, ".lock"), os.O_RDWR | os.O_CREAT)
             os.write(held, b"host elsewhere pid 4242")
             fcntl.flock(held, fcntl.LOCK_EX)
+        printed = io.StringIO()
         try:
-            out = train(cfg)
+            with contextlib.redirect_stdout(printed) if run.get("capture") else contextlib.nullcontext():
+                out = train(cfg)
             result = {"step": out["step"], "stopped": out["stopped"],
                       "checkpoint": out["checkpoint"]}
+            if run.get("capture"):
+                result["printed"] = printed.getvalue()
         except NonFiniteLossError as e:
             result = {"error": str(e)}
         except Exception:

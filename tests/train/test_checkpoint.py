@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from ep_fp8.train.checkpoint import MARKER, CheckpointMismatchError, Checkpointer, complete_checkpoints
+from ep_fp8.train.checkpoint import (MARKER, CheckpointMismatchError, Checkpointer, CheckpointSaveError,
+                                     complete_checkpoints)
 from ep_fp8.train.data import DataLoader, MarkovSource
 from ep_fp8.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -50,7 +51,7 @@ def test_round_trip_restores_model_optimizer_schedule_data_position_and_rng(tmp_
             assert torch.equal(saved[1].state[p][key], restored[1].state[q][key])
     assert restored[2].last_epoch == 3
     assert restored[1].param_groups[0]["lr"] == saved[1].param_groups[0]["lr"]
-    assert restored[3].state_dict() == {"samples_seen": 6}
+    assert restored[3].state_dict()["samples_seen"] == 6
 
 
 def test_resume_takes_lr_weight_decay_betas_and_schedule_length_from_the_new_config(tmp_path):
@@ -137,7 +138,7 @@ def test_a_crash_while_replacing_a_step_keeps_the_old_save_of_that_step(tmp_path
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", crash_on_the_new_one)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointSaveError, match="rank 0: simulated crash"):
         ckpt.save(2, *state)
     monkeypatch.setattr(os, "rename", real_rename)
     step, path = ckpt.latest()            # keep_last = 1: still a checkpoint, the old one
@@ -306,3 +307,102 @@ def test_a_damaged_part_seen_by_one_rank_is_raised_on_every_rank():
 
     # Else rank 0 would return and write the run's files while rank 1 exits.
     assert run_ranks(_agree_worker, 2, timeout=120) == ["raised: rank 1's file is missing"] * 2
+
+
+def _fail_rng_file_save(monkeypatch):
+    """torch.save of a rank's RNG file fails as on a full disk; DCP's own writes work."""
+    import errno
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(f, str) and os.path.basename(f).startswith("rng-rank"):
+            raise OSError(errno.ENOSPC, "No space left on device", f)
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk)
+
+
+def test_a_failed_save_is_a_named_error_that_keeps_the_complete_checkpoints(tmp_path, monkeypatch):
+    state = make_state(0)
+    ckpt = Checkpointer(str(tmp_path), keep_last=1)
+    first = ckpt.save(2, *state)
+    _fail_rng_file_save(monkeypatch)
+    with pytest.raises(CheckpointSaveError) as info:
+        ckpt.save(4, *state)
+    message = str(info.value)
+    assert "could not save step 4 to " + str(tmp_path) in message
+    assert "No space left on device" in message and "GiB free there" in message
+    assert message.endswith(f"the newest complete checkpoint is {first}.")
+    assert os.listdir(tmp_path) == ["step-2"]            # the partial save removed, step 2 kept
+    monkeypatch.undo()
+    assert ckpt.save(4, *state).endswith("step-4")        # the next save works
+
+
+def test_a_real_write_failure_inside_dcp_is_the_same_named_error(tmp_path):
+    # The writes fail in the OS (a file-size limit: EFBIG), not in a patched function.
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.dirname(__file__)))!r})
+        import torch
+        from ep_fp8.train.checkpoint import Checkpointer, CheckpointSaveError
+        from ep_fp8.train.data import DataLoader, MarkovSource
+        from ep_fp8.train.optim import build_optimizer, build_scheduler
+        model = torch.nn.Linear(4, 8192)                     # a shard above the limit
+        opt = build_optimizer(model, 1e-2, (0.9, 0.95), 0.1, 1e-8)
+        state = (model, opt, build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1),
+                 DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1))
+        ckpt = Checkpointer({str(tmp_path)!r})
+        ckpt.save(1, *state)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            ckpt.save(2, *state)
+        except CheckpointSaveError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "could not save step 2" in out.stdout and "File too large" in out.stdout, out.stdout
+    assert sorted(os.listdir(tmp_path)) == ["step-1"]
+
+
+def _save_fails_on_rank_1_worker(rank, world, folder):
+    import pytest as _pytest
+
+    from ep_fp8.train.checkpoint import CheckpointSaveError
+
+    state = make_state(0)
+    ckpt = Checkpointer(folder, keep_last=3)
+    ckpt.save(1, *state)
+    with _pytest.MonkeyPatch.context() as mp:
+        if rank == 1:
+            _fail_rng_file_save(mp)
+        try:
+            ckpt.save(2, *state)
+            return "saved"
+        except CheckpointSaveError as e:
+            return str(e).split(": ", 1)[1]
+
+
+def test_a_save_that_fails_on_one_rank_is_raised_on_every_rank(tmp_path):
+    import functools
+
+    from tests._dist import run_ranks
+
+    # Else rank 0 would commit a checkpoint missing rank 1's RNG file, or wait forever.
+    results = run_ranks(functools.partial(_save_fails_on_rank_1_worker, folder=str(tmp_path)),
+                        2, timeout=120)
+    assert results[0] == results[1] and results[0].startswith("rank 1: [Errno 28]"), results
+    assert sorted(os.listdir(tmp_path)) == ["step-1"]
+
+
+def test_a_checkpoint_saved_before_data_fingerprints_still_loads(tmp_path, monkeypatch):
+    from ep_fp8.train.data import DataLoader
+
+    state = make_state(0)
+    train_steps(state, 2)
+    monkeypatch.setattr(DataLoader, "state_dict", lambda self: {"samples_seen": self.samples_seen})
+    path = Checkpointer(str(tmp_path)).save(2, *state)
+    monkeypatch.undo()
+    fresh = make_state(1)
+    assert Checkpointer(str(tmp_path)).load(path, *fresh) == 2
+    assert fresh[3].samples_seen == 4 and fresh[3].resume_note == ""

@@ -57,7 +57,7 @@ def test_loader_position_resumes_on_another_world_size():
     run.next()
     resumed = DataLoader(src, batch_size=4, rank=0, world=1)
     resumed.load_state_dict(run.state_dict())
-    assert run.state_dict() == {"samples_seen": 8}
+    assert run.state_dict()["samples_seen"] == 8 and resumed.resume_note == ""
     reference = DataLoader(src, batch_size=4, rank=0, world=1)
     reference.next()
     reference.next()
@@ -114,10 +114,13 @@ def test_a_file_named_with_glob_characters_is_read_and_overlapping_globs_list_fi
         [str(named), str(tmp_path / "s" / "a.txt")])
 
 
-def test_a_file_reached_by_a_link_too_is_listed_once_and_a_folder_gets_a_hint(tmp_path):
+def test_a_file_reached_by_a_symbolic_or_hard_link_too_is_read_once_and_a_folder_gets_a_hint(tmp_path):
     (tmp_path / "a.txt").write_text("abc")
     (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "c.txt").hardlink_to(tmp_path / "a.txt")
     assert list_files(str(tmp_path / "*.txt")) == [str(tmp_path / "a.txt")]
+    assert TokenFileSource(str(tmp_path / "*.txt"), "text", "bytes", 1, 0).tokens.tolist() == (
+        list(b"abc") + [256])
     with pytest.raises(ValueError, match=f"data path '{tmp_path}' is a folder: give its files as a glob, "
                                          rf"e.g. '{tmp_path}/\*\*/\*.txt'"):
         list_files(str(tmp_path))
@@ -276,3 +279,58 @@ def test_an_empty_vocabulary_or_text_it_cannot_encode_is_a_value_error(word_toke
     (tmp_path / "doc.txt").write_text("a b unknown")   # the stand-in, like a WordLevel model
     with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json' cannot encode the text"):   # without [UNK], fails
         TokenFileSource(str(tmp_path / "doc.txt"), "text", word_tokenizer({"a": 0, "b": 1}), seq_len=1, seed=0)
+
+
+def test_a_document_the_tokenizer_cannot_encode_is_named_by_file_and_line(tmp_path, monkeypatch):
+    import ep_fp8.train.data as data
+
+    class Picky(ByteTokenizer):
+        def encode_tensor(self, doc, dtype):
+            if b"zzz" in doc:
+                raise ValueError("tokenizer 'picky' cannot encode the text: 'zzz'")
+            return super().encode_tensor(doc, dtype)
+
+    monkeypatch.setattr(data, "load_tokenizer", lambda name: Picky())
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "zzz"}\n')
+    with pytest.raises(ValueError, match=f"^{tmp_path}/a.jsonl:2: tokenizer 'picky' cannot encode"):
+        TokenFileSource(str(tmp_path / "a.jsonl"), "jsonl", "picky", seq_len=1, seed=0)
+    (tmp_path / "a.jsonl").unlink()
+    (tmp_path / "b.txt").write_text("zzz")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/b.txt: tokenizer 'picky' cannot encode"):
+        TokenFileSource(str(tmp_path / "*"), "text", "picky", seq_len=1, seed=0)
+
+
+def test_the_fingerprint_changes_with_the_documents_seq_len_and_seed(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefgh" * 4)
+    (tmp_path / "b.txt").write_text("ijklmnop" * 4)
+    glob_ = str(tmp_path / "*.txt")
+    base = TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+    assert base == TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+    assert base.startswith("66 tokens (documents' hash ") and base.endswith("seq_len 4, seed 0")
+    assert base != TokenFileSource(glob_, "text", "bytes", seq_len=8, seed=0).fingerprint
+    assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=1).fingerprint
+    (tmp_path / "b.txt").write_text("ijklmnoq" * 4)            # same length, one byte changed
+    assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+    # The documents' bounds count: the same bytes split otherwise are other documents.
+    (tmp_path / "a.txt").write_text("abcdefgh" * 4 + "i")
+    (tmp_path / "b.txt").write_text("jklmnoq" + "ijklmnoq" * 3)
+    assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+
+
+def test_a_position_saved_with_other_data_is_loaded_with_a_note(tmp_path):
+    saved = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
+    saved.next()
+    state = saved.state_dict()
+    assert state == {"samples_seen": 2, "source": "synthetic vocab 16 branching 2, seq_len 4, seed 0"}
+    same = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
+    same.load_state_dict(state)
+    assert same.samples_seen == 2 and same.resume_note == ""
+    other = DataLoader(MarkovSource(16, 2, 4, seed=1), batch_size=2, rank=0, world=1)
+    other.load_state_dict(state)
+    assert other.samples_seen == 2
+    assert other.resume_note.startswith("[data] differs from the checkpoint's (saved with "
+                                        "synthetic vocab 16 branching 2, seq_len 4, seed 0; now "
+                                        "synthetic vocab 16 branching 2, seq_len 4, seed 1)")
+    older = DataLoader(MarkovSource(16, 2, 4, seed=1), batch_size=2, rank=0, world=1)
+    older.load_state_dict({"samples_seen": 6})                    # saved before fingerprints
+    assert older.samples_seen == 6 and older.resume_note == ""

@@ -49,6 +49,14 @@ TWO_RANK_PLAN = [
     # The debug recipe's path: EP = 2, float8 experts (emulated) with a float8 payload.
     {"name": "ep2_float8", "overrides": ["--parallel.ep=2", "--float8.enabled=true",
                                          "--float8.dispatch_payload=float8"]},
+    # Resumed with another data seed: it goes on, and says that the order changed.
+    {"name": "resumed_other_data", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
+                                                 "--data.seed=7", "--training.steps=11"],
+     "resume_from": ["ep2", 10], "capture": True},
+    # One path, other files on each rank (node-local disks): a config error on both ranks.
+    {"name": "data_per_rank", "overrides": ["--parallel.ep=2", "--data.source=text",
+                                            "--data.path=~/data.txt", "--model.vocab_size=257"],
+     "home_text": "abcdefgh" * 64},
 ]
 ONE_RANK_PLAN = [
     {"name": "resumed_1rank", "overrides": ["--parallel.ep=1", "--training.batch_size=8",
@@ -176,3 +184,21 @@ def test_a_run_folder_held_by_another_run_is_refused_on_every_rank(runs):
         assert "held by host elsewhere pid 4242" in error
     assert sorted(os.listdir(os.path.join(runs, "locked"))) == [
         ".lock", "checkpoints", "result-rank0.json", "result-rank1.json"]   # no config.toml, no metrics
+
+
+def test_a_resume_with_other_data_goes_on_and_says_so(runs):
+    (result, _) = results(runs, "resumed_other_data", 2)
+    assert result.get("step") == 11, result
+    printed = result["printed"]
+    assert "resumed from" in printed and "[data] differs from the checkpoint's (saved with " \
+        "synthetic vocab 256 branching 4, seq_len 32, seed 0; now synthetic vocab 256 " \
+        "branching 4, seq_len 32, seed 7): its position, 80 samples," in printed, printed
+
+
+def test_ranks_that_read_different_files_stop_with_a_config_error_on_every_rank(runs):
+    for result in results(runs, "data_per_rank", 2):
+        error = result.get("error", "")
+        assert "ConfigError" in error and "the ranks read different data (rank 1: 1025 tokens" in error, result
+        assert "rank 0: 513 tokens" in error
+    assert sorted(os.listdir(os.path.join(runs, "data_per_rank"))) == [
+        "result-rank0.json", "result-rank1.json"]   # nothing written
