@@ -9,18 +9,21 @@ the first run's (loss_i / loss_0 - 1, in %, on the steps both logged). --smooth 
 trailing moving average over N logged points in both panels (1: raw values).
 
 The markdown table (printed, and written to --table when given) has, per run: the last
-step; the final loss, the mean loss over the last 10% of the logged steps (at least one),
-and its difference from the first run's in %; and tokens/s, tokens/s per GPU, MFU (logged
+step; the final loss, the mean loss over the last 10% of the logged steps (at least one;
+when every run ends at the same step, of the steps that every run logged, so that runs
+logged at other intervals are compared on the same steps), and its difference from the
+first run's in %; and tokens/s, tokens/s per GPU, MFU (logged
 as a fraction, shown in %; a logged 0 means no known peak and shows n/a) and peak memory
 as the median over the logged steps after the first 10% (warm-up; at least after the
 first, whose window holds compilation, when two or more were logged).
 
 Metrics files are the training loop's: one JSON object per line, a header
 {"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...}. Objects without
-"loss" are ignored; a step logged twice (a resumed run) keeps its last record. Labels
-default to the header's run name, else the file name. Bad input (a missing file, a line
-that is not a JSON object, a wrong type, no loss records) stops the script with a message
-naming the file and line, before anything is written.
+"loss" are ignored; a step logged twice (a resumed run) keeps its last record; an
+unfinished last line (a run killed while writing it) is left out with a warning. Labels
+default to the header's run name, else the file name. Bad input (a missing or unreadable
+file, a line that is not a JSON object, a wrong type, no loss records) stops the script
+with a message naming the file and line, before anything is written.
 """
 from __future__ import annotations
 
@@ -61,6 +64,13 @@ def read_metrics(path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: is a folder, not a metrics file")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    try:
+        return _read_records(path)
+    except OSError as e:   # permissions, an I/O error
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _read_records(path: Path) -> tuple[dict, list[dict]]:
     header, by_step = {}, {}
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -73,6 +83,10 @@ def read_metrics(path) -> tuple[dict, list[dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                if not raw.endswith(b"\n"):   # the last line, cut short by a crash
+                    print(f"compare_runs.py: warning: {path}:{lineno}: an unfinished last "
+                          f"line is left out", file=sys.stderr)
+                    break
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, "
@@ -119,10 +133,22 @@ def relative_difference(ref: list[dict], other: list[dict]) -> tuple[list[int], 
     return [s for s, _ in pairs], [d for _, d in pairs]
 
 
-def final_loss(records: list[dict]) -> float:
-    """Mean loss over the last FINAL_FRACTION of the records (at least one record)."""
+def final_loss(records: list[dict], steps: set[int] | None = None) -> float:
+    """Mean loss over the last FINAL_FRACTION of the records (at least one record); of
+    those whose step is in `steps` when given."""
+    if steps is not None:
+        records = [r for r in records if r["step"] in steps]
     k = max(1, math.ceil(FINAL_FRACTION * len(records)))
     return statistics.fmean(r["loss"] for r in records[-k:])
+
+
+def common_steps(runs: list[Run]) -> set[int] | None:
+    """The steps every run logged, when all runs end at the same step and share one;
+    else None (each run's final loss then comes from its own records)."""
+    if len({run.records[-1]["step"] for run in runs}) > 1:
+        return None
+    shared = set.intersection(*({r["step"] for r in run.records} for run in runs))
+    return shared or None
 
 
 def steady_median(records: list[dict], key: str) -> float | None:
@@ -138,10 +164,11 @@ def summarize(runs: list[Run]) -> list[dict]:
     """One dict per run: label, last_step, final_loss, final_loss_vs_first_pct (None for the
     first run, and when the first run's final loss is 0), tokens_per_s,
     tokens_per_s_per_gpu, mfu, peak_mem_gib."""
-    first = final_loss(runs[0].records)
+    steps = common_steps(runs)
+    first = final_loss(runs[0].records, steps)
     out = []
     for i, run in enumerate(runs):
-        loss = final_loss(run.records)
+        loss = final_loss(run.records, steps)
         row = {"label": run.label, "last_step": run.records[-1]["step"], "final_loss": loss,
                "final_loss_vs_first_pct": None if i == 0 or first == 0 else 100.0 * (loss / first - 1.0)}
         for key in ("tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"):
@@ -169,7 +196,8 @@ def format_markdown(summary: list[dict]) -> str:
                  fmt(row["peak_mem_gib"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    note = ("Final loss: mean over the last 10% of logged steps. tokens/s, MFU and peak "
+    note = ("Final loss: mean over the last 10% of logged steps (of the steps every run "
+            "logged, when they end at the same step). tokens/s, MFU and peak "
             "memory: median over the logged steps after the first 10%.")
     if any(not row["mfu"] for row in summary):
         note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
@@ -273,7 +301,7 @@ def main(argv=None) -> int:
         runs = load_runs(args.metrics, args.labels)
         table = format_markdown(summarize(runs))
         plot(runs, Path(args.out), args.smooth)
-    except OSError as e:  # savefig could not write (a read-only file system, ...)
+    except OSError as e:  # savefig could not write (inputs were read by then)
         print(f"compare_runs.py: error: cannot write {args.out!r}: {e.strerror or e}", file=sys.stderr)
         return 2
     except (ValueError, ImportError) as e:

@@ -325,7 +325,10 @@ def train(cfg: Config) -> dict:
             loss_avg, n_term, n_int, norm = torch.cat(
                 [shared[:1] / world, shared[1:], grad_norm.to(device).reshape(1)]).tolist()
             if not (math.isfinite(loss_avg) and math.isfinite(norm)):
-                # A non-finite gradient has already reached the weights: stop here.
+                # A non-finite gradient has already reached the weights: stop here, with
+                # the step logged (the curve shows where it diverged).
+                metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"], last=True)
+                metrics.close()
                 raise NonFiniteLossError(
                     f"loss is {loss_avg} and gradient norm {norm} at step {step}: stopping. "
                     f"The last complete checkpoint is {last_ckpt or 'none'}; lower "
@@ -335,7 +338,8 @@ def train(cfg: Config) -> dict:
             metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"], last=bool(stopped))
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):
-                last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)
+                with metrics.paused():   # not training time: tokens/s and MFU leave it out
+                    last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)
                 _say(f"checkpoint {last_ckpt}")
     if stopped and not cfg.checkpoint.enabled:
         stopped += " (checkpoint.enabled = false: nothing saved)"

@@ -11,6 +11,7 @@ A resumed run drops the lines of steps after its checkpoint and appends a new "r
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -18,9 +19,12 @@ import time
 
 import torch
 
-# Dense bf16 tensor-core peak of the H100 / H200 SXM (989.4 TFLOP/s, NVIDIA data sheet).
-# float8 runs are reported against this bf16 peak too, so their MFU compares directly.
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (half their "with sparsity"
+# figures), by a word of the device name: the SXM parts (named "H100 80GB HBM3", "H200")
+# 989 TFLOP/s, the PCIe H100 756, the NVL cards (H100 NVL, H200 NVL) 835. float8 runs are
+# reported against the bf16 peak too, so their MFU compares directly.
 H100_H200_BF16_PEAK_FLOPS = 989e12
+_OTHER_FORMS_BF16_PEAK_FLOPS = {"PCIe": 756e12, "NVL": 835e12}
 
 METRIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu",
                "mfu", "peak_mem_gib", "load_imbalance", "time_s")
@@ -28,13 +32,15 @@ METRIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_
 
 def peak_flops(device: torch.device, configured: float = 0.0) -> float:
     """FLOP/s that MFU divides by: `configured` when > 0, else the bf16 dense peak of an
-    H100/H200, else 0.0 (unknown GPU or CPU: MFU is then reported as 0.0)."""
+    H100/H200 (SXM, PCIe or NVL by its name), else 0.0 (unknown GPU or CPU: MFU is then
+    reported as 0.0)."""
     if configured > 0:
         return configured
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         if "H100" in name or "H200" in name:
-            return H100_H200_BF16_PEAK_FLOPS
+            return next((peak for form, peak in _OTHER_FORMS_BF16_PEAK_FLOPS.items()
+                         if form in name), H100_H200_BF16_PEAK_FLOPS)
     return 0.0
 
 
@@ -94,6 +100,7 @@ class MetricsLogger:
         self._tb, self._tb_dir = None, os.path.join(run_dir, "tb") if tensorboard else None
         self._start = time.perf_counter()
         self._window_start, self._window_steps = self._start, 0
+        self._windows: list[tuple[int, float]] = []   # (steps, seconds) of each logged window
         self._imbalance: list[float] = []
         self._resumed_step = 0
 
@@ -130,6 +137,22 @@ class MetricsLogger:
             run["resumed_from_step"] = resumed_step
         self._write({"run": run})
 
+    @contextlib.contextmanager
+    def paused(self):
+        """The time spent inside (a checkpoint save) is left out of tokens/s and MFU; it
+        still counts in time_s."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - begin
+
+    def close(self) -> None:
+        """Flushes and closes TensorBoard's writer (also done by summary); idempotent."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
     def _write(self, obj: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(obj) + "\n")
@@ -143,7 +166,9 @@ class MetricsLogger:
         if step % self.log_every != 0 and step != self.steps and not last:
             return None
         now = time.perf_counter()
-        tokens_per_s = self.tokens_per_step * self._window_steps / max(now - self._window_start, 1e-9)
+        seconds = max(now - self._window_start, 1e-9)
+        self._windows.append((self._window_steps, seconds))
+        tokens_per_s = self.tokens_per_step * self._window_steps / seconds
         per_rank = tokens_per_s / self.world
         record = {
             "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
@@ -167,15 +192,18 @@ class MetricsLogger:
 
     def summary(self, *, stopped: str = "", entropy: float | None = None,
                 checkpoint: str | None = None) -> str:
-        """The end-of-run summary text; the first log window (compile, warm-up) is left
-        out of the throughput averages when there is more than one."""
-        if self._tb is not None:
-            self._tb.close()
+        """The end-of-run summary text. Throughput is the tokens of the log windows over
+        their time, leaving out the first window (compile, warm-up) when there is more
+        than one."""
+        self.close()
         r = self.records
         if not r:
             return "summary: no step was logged"
-        steady = r[1:] if len(r) > 1 else r
-        mean = lambda key: sum(x[key] for x in steady) / len(steady)  # noqa: E731
+        steady = self._windows[1:] if len(self._windows) > 1 else self._windows
+        tokens_per_s = (self.tokens_per_step * sum(n for n, _ in steady)
+                        / sum(seconds for _, seconds in steady))
+        per_rank = tokens_per_s / self.world
+        mfu = self.flops_per_token * per_rank / self.peak if self.peak > 0 else 0.0
         ran = f"in {r[-1]['time_s']:.1f} s"
         if self._resumed_step:  # the records and the clock are this session's
             ran = (f"({r[-1]['step'] - self._resumed_step} in {r[-1]['time_s']:.1f} s, resumed "
@@ -190,9 +218,8 @@ class MetricsLogger:
             lines.append(f"  data        entropy floor {entropy:.4f} nats/token; last loss is "
                          f"{r[-1]['loss'] - entropy:+.4f} above it")
         lines += [
-            f"  throughput  {mean('tokens_per_s'):,.0f} tok/s  "
-            f"({mean('tokens_per_s_per_gpu'):,.0f} per rank)  "
-            + (f"mfu {100 * mean('mfu'):.1f}% of {self.peak / 1e12:.0f} TFLOP/s bf16"
+            f"  throughput  {tokens_per_s:,.0f} tok/s  ({per_rank:,.0f} per rank)  "
+            + (f"mfu {100 * mfu:.1f}% of {self.peak / 1e12:.0f} TFLOP/s bf16"
                if self.peak > 0 else "mfu n/a (no known peak for this device)"),
             f"  memory      peak {max(x['peak_mem_gib'] for x in r):.2f} GiB"
             + ("" if self.device.type == "cuda" else " (GPU memory; 0 on CPU)"),

@@ -254,3 +254,44 @@ def test_out_may_be_another_image_format_by_its_suffix(compare_runs, tmp_path):
     out = tmp_path / "cmp.svg"
     assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(out)]) == 0
     assert out.read_text().lstrip().startswith("<?xml") and "<svg" in out.read_text()
+
+
+def test_runs_logged_at_other_intervals_get_their_final_loss_on_the_same_steps(compare_runs, tmp_path):
+    rng = random.Random(1)
+    every_step = [3.0 - 0.05 * s + rng.uniform(-0.1, 0.1) for s in range(1, 41)]
+    sparse, dense = tmp_path / "every10.jsonl", tmp_path / "every1.jsonl"
+    write_metrics(sparse, "every10", [10, 20, 30, 40], every_step[9::10], seed=0)
+    write_metrics(dense, "every1", list(range(1, 41)), every_step, seed=1)
+    runs = compare_runs.load_runs([str(sparse), str(dense)], None)
+    assert compare_runs.common_steps(runs) == {10, 20, 30, 40}
+    rows = compare_runs.summarize(runs)
+    # The last 10% of the 4 shared steps: step 40 alone, in both runs.
+    assert rows[0]["final_loss"] == rows[1]["final_loss"] == every_step[39]
+    assert rows[1]["final_loss_vs_first_pct"] == 0.0
+    # Runs that end at different steps keep each run's own last 10%.
+    write_metrics(dense, "every1", list(range(1, 39)), every_step[:38], seed=1)
+    runs = compare_runs.load_runs([str(sparse), str(dense)], None)
+    assert compare_runs.common_steps(runs) is None
+    assert compare_runs.summarize(runs)[1]["final_loss"] == pytest.approx(np.mean(every_step[34:38]))
+
+
+def test_an_unfinished_last_line_is_left_out_with_a_warning(compare_runs, tmp_path, capsys):
+    path = tmp_path / "torn.jsonl"
+    write_metrics(path, "torn", [1, 2, 3], [3.0, 2.0, 1.5], seed=0)
+    path.write_text(path.read_text() + '{"step": 4, "loss": 1.')   # killed while writing
+    header, records = compare_runs.read_metrics(path)
+    assert [r["step"] for r in records] == [1, 2, 3] and header["name"] == "torn"
+    assert f"warning: {path}:5: an unfinished last line is left out" in capsys.readouterr().err
+    path.write_text(path.read_text() + "\n")           # a finished line: still an error
+    with pytest.raises(ValueError, match=r"torn.jsonl:5: not valid JSON"):
+        compare_runs.read_metrics(path)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/mem"), reason="needs Linux /proc")
+def test_an_input_that_cannot_be_read_is_named_as_the_input(compare_runs, tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    write_metrics(good, "good", [1, 2], [3.0, 2.0], seed=0)
+    rc = compare_runs.main([str(good), "/proc/self/mem", "--out", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: /proc/self/mem: cannot be read (" in err and "cannot write" not in err, err
+    assert not (tmp_path / "out.png").exists()

@@ -178,12 +178,39 @@ def test_the_summary_averages_leave_out_the_first_window_and_memory_is_the_peak(
         m.step(step, loss=4.0 - step, grad_norm=0.5, lr=1e-3, load_imbalance=1.5)
     assert [r["peak_mem_gib"] for r in m.records] == [3.0, 5.0, 4.0]
     text = m.summary()
-    # Steps 2 and 3 only: (1000 + 500) / 2 = 750 tok/s, 375 per rank, MFU 37.5 %
-    # (with step 1: 567 tok/s, 283 per rank, 28.3 %).
+    # Steps 2 and 3 only: 4000 tokens in 6 s = 667 tok/s, 333 per rank, MFU 33.3 % (the
+    # mean of their rates would say 750; with step 1: 6000 tokens in 16 s = 375 tok/s).
     assert "summary: 3/3 steps in 16.0 s" in text
-    assert "throughput  750 tok/s  (375 per rank)  mfu 37.5% of 6 TFLOP/s bf16" in text, text
+    assert "throughput  667 tok/s  (333 per rank)  mfu 33.3% of 6 TFLOP/s bf16" in text, text
     assert "memory      peak 5.00 GiB" in text, text
     assert "first logged 3.0000  last 1.0000  best 1.0000" in text
+
+
+def test_time_in_paused_is_left_out_of_tokens_per_s_but_not_of_time_s(tmp_path, monkeypatch):
+    clock = fake_clock(monkeypatch)
+    m = make(tmp_path, jsonl=False, log_every=2, steps=4, tokens_per_step=1000)
+    for step in range(1, 5):
+        clock[0] += 1.0                        # a step takes 1 s
+        m.step(step, loss=1.0, grad_norm=0.5, lr=1e-3, load_imbalance=1.0)
+        if step in (1, 2):
+            with m.paused():                   # a checkpoint save of 10 s after steps 1 and 2
+                clock[0] += 10.0
+    assert [r["tokens_per_s"] for r in m.records] == [1000.0, 1000.0]
+    assert [r["time_s"] for r in m.records] == [12.0, 24.0]
+    assert "throughput  1,000 tok/s" in m.summary()
+
+
+def test_peak_flops_knows_the_h100_and_h200_forms_by_name(monkeypatch):
+    from ep_fp8.train import metrics
+
+    expected = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
+                "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200 NVL": 835e12,
+                "NVIDIA A100-SXM4-80GB": 0.0}
+    for name, peak in expected.items():
+        monkeypatch.setattr(metrics.torch.cuda, "get_device_name", lambda device, n=name: n)
+        assert metrics.peak_flops(torch.device("cuda", 0)) == peak, name
+        assert metrics.peak_flops(torch.device("cuda", 0), configured=1e15) == 1e15
+    assert metrics.peak_flops(torch.device("cpu")) == 0.0
 
 
 def test_a_summary_of_one_logged_window_averages_that_window(tmp_path, monkeypatch):

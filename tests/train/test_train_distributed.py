@@ -7,6 +7,7 @@ Two spawns (2 ranks, then 1 rank) run every scenario; module fixtures hold their
 
 import functools
 import json
+import math
 import os
 
 import pytest
@@ -165,8 +166,10 @@ def test_nan_loss_stops_the_run_naming_the_step(runs):
     assert "error" in result and "at step" in result["error"], result
     step = int(result["error"].split("at step ")[1].split(":")[0])
     with open(os.path.join(runs, "nan", "metrics.jsonl")) as f:
-        logged = [json.loads(line).get("step") for line in f][1:]
-    assert logged == list(range(1, step))                     # finite steps only were logged
+        records = [json.loads(line) for line in f][1:]
+    assert [r["step"] for r in records] == list(range(1, step + 1))   # the failed step too
+    assert all(math.isfinite(r["loss"]) for r in records[:-1])
+    assert not (math.isfinite(records[-1]["loss"]) and math.isfinite(records[-1]["grad_norm"]))
 
 
 def test_resuming_from_a_checkpoint_of_another_model_is_a_config_error_that_writes_nothing(runs):
