@@ -13,6 +13,8 @@ def output_path_problem(path: str, *, folder: bool = False) -> str:
     existing ancestor is a writable folder (missing folders in between are made by the
     writer).
     """
+    if "\0" in path:
+        return "cannot be made: it holds a NUL character"
     target = os.path.abspath(path)
     if os.path.exists(target):
         if os.path.isdir(target) != folder:
@@ -25,6 +27,14 @@ def output_path_problem(path: str, *, folder: bool = False) -> str:
             where = os.path.dirname(where)
         if not os.path.isdir(where):
             return f"cannot be made: {where!r} is a file, not a folder"
+        try:
+            name_max = os.pathconf(where, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):   # not on this platform: the usual limit
+            name_max = 255
+        for name in os.path.relpath(target, where).split(os.sep):
+            if len(os.fsencode(name)) > name_max:
+                return (f"cannot be made: the name {name[:40]!r}... is longer than the "
+                        f"{name_max} bytes this file system allows")
     if not os.access(where, os.W_OK | (os.X_OK if os.path.isdir(where) else 0)):
         return f"cannot be written: no write permission on {where!r}"
     return ""

@@ -18,7 +18,7 @@ from ep_fp8.train.main import free_port
 __all__ = ["free_port", "run_ranks"]
 
 
-def _entry(fn, rank: int, world: int, port: int, backend: str, pg_timeout: float | None,
+def _entry(fn, rank: int, world: int, port: int, backend: str | None, pg_timeout: float | None,
            queue) -> None:
     import torch
     import torch.distributed as dist
@@ -43,7 +43,7 @@ def _entry(fn, rank: int, world: int, port: int, backend: str, pg_timeout: float
     os._exit(0)
 
 
-def run_ranks(fn, world: int, *, backend: str = "gloo", timeout: float = 150.0,
+def run_ranks(fn, world: int, *, backend: str | None = "gloo", timeout: float = 150.0,
               pg_timeout: float | None = None) -> list:
     """fn(rank, world) on `world` spawned ranks of one `backend` process group (collective
     timeout `pg_timeout` s, None: torch's default); returns the list of fn's (picklable) results by rank. fn must
@@ -59,7 +59,7 @@ def run_ranks(fn, world: int, *, backend: str = "gloo", timeout: float = 150.0,
              for r in range(world)]
     # gloo ranks compute on the CPU: on a GPU machine they must not see the GPU either, or
     # torch.compile initializes CUDA inside a checkpointed forward, which checkpoint forbids.
-    hidden = {"CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {}
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if "nccl" not in (backend or "") else {}
     saved = {k: os.environ.get(k) for k in hidden}
     os.environ.update(hidden)   # spawned children copy the environment at start
     try:

@@ -84,8 +84,8 @@ class GroupedExperts(nn.Module):
             # rule of "auto", the row count each rank receives could make ranks and steps
             # disagree, and a float8 run would quietly be part bf16.
             H = w1.shape[1]
-            up = ops.resolve_backend(self.float8_backend, x_MD.device, self.dim, H)    # w1, w3
-            down = ops.resolve_backend(self.float8_backend, x_MD.device, H, self.dim)  # w2
+            up = ops.resolve_backend(self.float8_backend, x_MD.device, self.dim, H, G=E_local)
+            down = ops.resolve_backend(self.float8_backend, x_MD.device, H, self.dim, G=E_local)
         else:
             up = down = "bf16"
         if x_fp8 is None and up != "bf16":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
@@ -74,7 +73,9 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mesh: DeviceMesh,
     mp_experts = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                                       cast_forward_inputs=False)
     dense, experts_mesh = dense_mesh(mesh, dims), expert_mesh(mesh, dims)
-    gloo = dist.get_backend(submesh(mesh, "dp").get_group()) == "gloo"
+    # Only NCCL has PREMUL_SUM; a CPU mesh reduces through gloo whatever the backend's name
+    # says ("gloo", "cpu:gloo", or "undefined" after init_process_group() without one).
+    no_premul_sum = mesh.device_type != "cuda"
     for block in model.layers:
         if block.moe is not None:
             experts = block.moe.experts
@@ -86,7 +87,7 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mesh: DeviceMesh,
                 # of its mesh. Dividing by the world size instead matches the dense weights'
                 # average over all ranks, i.e. the gradient of the global mean loss.
                 experts.set_gradient_divide_factor(float(dims.world_size))
-                if gloo and dims.efsdp > 1:
+                if no_premul_sum and dims.efsdp > 1:
                     # gloo has no PREMUL_SUM: sum, then divide. (Not with efsdp == 1: torch
                     # then skips the reduce-scatter and would divide twice.)
                     experts.set_force_sum_reduction_for_comms(True)
@@ -156,6 +157,8 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
     for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
+    if param_dtype not in (torch.bfloat16, torch.float32):   # what the experts compute in
+        raise TypeError(f"param_dtype must be torch.bfloat16 or torch.float32, got {param_dtype!r}")
     if fsdp and dims.ep > 1 and reduce_dtype not in (torch.float32, torch.bfloat16):
         # For other dtypes FSDP2 divides before and after the reduction itself, and with one
         # rank per expert shard (efsdp 1) divides the experts' gradients once more.

@@ -268,7 +268,8 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
     if path is not None:
         try:
             with open(path, "rb") as f:
-                doc = tomllib.load(f)
+                # A byte-order mark (some editors write one) is not TOML: skip it.
+                doc = tomllib.loads(f.read().decode("utf-8").removeprefix("\ufeff"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         except UnicodeDecodeError as e:
@@ -343,10 +344,12 @@ def resolve_model_args(cfg: Config):
 
 
 def run_dir(cfg: Config) -> str:
-    """The run's folder: job.output_dir / job.name (config, metrics, checkpoints)."""
-    return os.path.join(cfg.job.output_dir, cfg.job.name)
+    """The run's folder: job.output_dir / job.name (config, metrics, checkpoints); a
+    leading ~ is the home folder, as in [data] path."""
+    return os.path.join(os.path.expanduser(cfg.job.output_dir), cfg.job.name)
 
 
 def checkpoint_dir(cfg: Config) -> str:
-    """checkpoint.folder, relative to the run's folder unless it is absolute."""
-    return os.path.join(run_dir(cfg), cfg.checkpoint.folder)
+    """checkpoint.folder, relative to the run's folder unless it is absolute (a leading ~
+    is the home folder)."""
+    return os.path.join(run_dir(cfg), os.path.expanduser(cfg.checkpoint.folder))

@@ -199,7 +199,8 @@ def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype)
     float8 = "off"
     if cfg.float8.enabled:
         # The experts' first GEMM (D -> H); the others differ only in K and N.
-        backend = resolve_backend(cfg.float8.backend, device, args.dim, args.expert_hidden_dim)
+        backend = resolve_backend(cfg.float8.backend, device, args.dim, args.expert_hidden_dim,
+                                  G=args.n_experts // max(dims.ep, 1) or None)
         float8 = f"on ({cfg.float8.backend}: {backend})"
     _say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
          f"per token; {dims.world_size} ranks, ep={dims.ep}, dp_replicate={dims.dp_replicate}, "

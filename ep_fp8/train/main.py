@@ -36,6 +36,9 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
         if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value, i = argv[i + 1], i + 1
         if name == "--config":
+            if path is not None:
+                raise ConfigError(f"command line: --config given twice ({path!r} and "
+                                  f"{value!r}); give one config file\n{USAGE}")
             path = value
         elif name.startswith("--") and "." in name and (eq or value):
             overrides.append(f"{name}={value}")

@@ -10,7 +10,8 @@ import os
 import torch
 
 from ep_fp8.paths import output_path_problem
-from ep_fp8.train.config import Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir
+from ep_fp8.train.config import (CheckpointConfig, Config, ConfigError, checkpoint_dir,
+                                 resolve_model_args, run_dir, tomllib)
 
 
 def _check(ok: bool, cfg: Config, message: str) -> None:
@@ -39,13 +40,15 @@ def _ranges(cfg: Config) -> None:
     }
     for key, value in non_negative.items():
         _check(value >= 0 and math.isfinite(value), cfg, f"{key} must be finite and >= 0, got {value}")
+    for key, value in {"[job] seed": cfg.job.seed, "[data] seed": cfg.data.seed}.items():
+        _check(value < 2**63, cfg, f"{key} must be below 2**63 (a torch seed), got {value}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, cfg,
            f"[lr_schedule] min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     _check(all(0.0 <= b < 1.0 for b in o.betas), cfg,
            f"[optimizer] betas must be in [0, 1), got {list(o.betas)}")
     name = cfg.job.name
-    _check(bool(name) and "/" not in name and name not in (".", ".."), cfg,
-           f"[job] name must be a non-empty folder name without '/', got {name!r}")
+    _check(bool(name) and "/" not in name and "\0" not in name and name not in (".", ".."),
+           cfg, f"[job] name must be a non-empty folder name without '/', got {name!r}")
     _check(bool(c.folder), cfg, "[checkpoint] folder must not be empty")
 
 
@@ -60,20 +63,24 @@ def _device(cfg: Config) -> None:
 
 def _float8_backend(cfg: Config, args) -> None:
     """backend = "cuda" must run on this machine's GPU for both expert GEMM shapes (compute
-    capability 9.0/10.0, in and out features multiples of 16): say so now, not at the first
-    forward after the process group exists."""
+    capability 9.0/10.0, in and out features multiples of 16, fewer than 1024 local
+    experts once ep is known): say so now, not at the first forward after the process
+    group exists."""
     if not (cfg.float8.enabled and cfg.float8.backend == "cuda" and torch.cuda.is_available()):
         return
     from ep_fp8.ops import resolve_backend
 
     device = torch.device("cuda", torch.cuda.current_device())
+    ep = cfg.parallel.ep
+    local = args.n_experts // ep if ep > 0 and args.n_experts else None
     try:
         for K, N in ((args.dim, args.expert_hidden_dim), (args.expert_hidden_dim, args.dim)):
-            resolve_backend("cuda", device, K, N)
+            resolve_backend("cuda", device, K, N, G=local)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [float8] backend = \"cuda\" with [model] dim = "
-                          f"{args.dim}, expert_hidden_dim = {args.expert_hidden_dim}: {e} "
-                          f"(use \"auto\" or \"emulated\")") from None
+                          f"{args.dim}, expert_hidden_dim = {args.expert_hidden_dim}, "
+                          f"n_experts = {args.n_experts} ({local or 'ep not yet known'} per "
+                          f"rank): {e} (use \"auto\" or \"emulated\")") from None
 
 
 def resolve_ep(ep: int, n_experts: int, world_size: int, dp_replicate: int) -> int:
@@ -105,7 +112,11 @@ def _data(cfg: Config, vocab_size: int) -> None:
     from ep_fp8.train.tokenizer import load_tokenizer
 
     d = cfg.data
-    if d.source == "synthetic":
+    if d.source == "synthetic":   # reads no files: a path or tokenizer set here is a slip
+        for key, value, default in (("path", d.path, ""), ("tokenizer", d.tokenizer, "bytes")):
+            _check(value == default, cfg,
+                   f"[data] {key} = {value!r} is set, but [data] source = \"synthetic\" reads "
+                   f"no files: set source = \"text\" or \"jsonl\" to train on them")
         _check(2 <= d.synthetic_vocab <= vocab_size, cfg,
                f"[data] synthetic_vocab must be in [2, model vocab_size = {vocab_size}], "
                f"got {d.synthetic_vocab}")
@@ -114,6 +125,9 @@ def _data(cfg: Config, vocab_size: int) -> None:
                f"{d.synthetic_vocab}], got {d.synthetic_branching}")
         return
     _check(bool(d.path), cfg, f"[data] source = {d.source!r} needs [data] path (a file or glob)")
+    _check(d.source == "jsonl" or d.jsonl_field == "text", cfg,
+           f"[data] jsonl_field = {d.jsonl_field!r} is set, but [data] source = {d.source!r}: "
+           f"it is read only with source = \"jsonl\"")
     try:
         list_files(d.path)
         tokenizer = load_tokenizer(d.tokenizer)
@@ -140,11 +154,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.training.seq_len <= args.max_seq_len, cfg,
            f"[training] seq_len = {cfg.training.seq_len} exceeds the model's max_seq_len = "
            f"{args.max_seq_len} ([model] max_seq_len)")
-    _float8_backend(cfg, args)
     _parallel(cfg, args.n_experts, world_size)
     if world_size is not None:
         cfg.parallel.ep = resolve_ep(cfg.parallel.ep, args.n_experts, world_size,
                                      cfg.parallel.dp_replicate)
+    _float8_backend(cfg, args)
     _data(cfg, args.vocab_size)
     _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")
     for name in ("config.toml",) + (("metrics.jsonl",) if cfg.metrics.jsonl else ()):
@@ -162,25 +176,49 @@ def _can_create_folder(cfg: Config, folder: str, what: str) -> None:
     _check(not problem, cfg, f"{what} {folder!r} {problem}")
 
 
+# What the run itself writes in its folder; the checkpoint folder must not be one of them.
+RUN_FILES = ("config.toml", "metrics.jsonl", ".lock", "tb")
+
+
+def _earlier_checkpoint_folders(cfg: Config) -> list[str]:
+    """Where an earlier run in this run folder kept checkpoints: this config's folder, the
+    default one, and the one its saved config.toml names."""
+    folders = [checkpoint_dir(cfg), os.path.join(run_dir(cfg), CheckpointConfig.folder)]
+    try:
+        with open(os.path.join(run_dir(cfg), "config.toml"), "rb") as f:
+            saved = tomllib.load(f).get("checkpoint", {}).get("folder")
+        if isinstance(saved, str) and saved:
+            folders.append(os.path.join(run_dir(cfg), os.path.expanduser(saved)))
+    except (OSError, ValueError, AttributeError):   # none, or not ours: nothing more to look at
+        pass
+    return list(dict.fromkeys(os.path.normpath(f) for f in folders))
+
+
 def _checkpoint_folder(cfg: Config) -> None:
-    """A run that does not resume (resume = false, or checkpoints off) must not start among
-    an earlier run's checkpoints: pruning keeps the highest steps, so theirs could outlive
-    its own and a later resume load them; and it would replace that run's config.toml and
-    metrics.jsonl, so a later resume would join two runs' curves in one file."""
+    """A run that does not resume (resume = false, or checkpoints off) must not start in a
+    run folder that holds an earlier run's checkpoints (in this config's checkpoint folder,
+    the default one, or the one the folder's config.toml names): pruning keeps the highest
+    steps, so theirs could outlive its own and a later resume load them; and it would
+    replace that run's config.toml and metrics.jsonl, so a later resume would join two
+    runs' curves in one file."""
     from ep_fp8.train.checkpoint import complete_checkpoints
 
     c, folder = cfg.checkpoint, checkpoint_dir(cfg)
     if c.enabled:
+        clash = next((name for name in RUN_FILES if os.path.normpath(folder) ==
+                      os.path.normpath(os.path.join(run_dir(cfg), name))), None)
+        _check(clash is None, cfg, f"[checkpoint] folder {c.folder!r} is the run's own "
+               f"{clash!r}: choose another name")
         _can_create_folder(cfg, folder, "[checkpoint] folder")
         if c.resume:
             return
-    found = complete_checkpoints(folder)
-    setting = "resume = false" if c.enabled else "enabled = false"
-    fix = ("Set [checkpoint] resume = true to continue that run" if c.enabled else
-           "Set [checkpoint] enabled = true (with resume = true) to continue that run")
-    _check(not found, cfg,
-           f"[checkpoint] {setting}, but the checkpoint folder {folder!r} ([checkpoint] "
-           f"folder of [job] name {cfg.job.name!r}) already holds {len(found)} complete "
-           f"checkpoint(s) of an earlier run (newest: step {found[-1][0] if found else 0}). "
-           f"{fix}, or choose another [job] name or [checkpoint] folder (or delete the old "
-           f"checkpoints)")
+    for earlier in _earlier_checkpoint_folders(cfg):
+        found = complete_checkpoints(earlier)
+        setting = "resume = false" if c.enabled else "enabled = false"
+        fix = ("Set [checkpoint] resume = true to continue that run" if c.enabled else
+               "Set [checkpoint] enabled = true (with resume = true) to continue that run")
+        _check(not found, cfg,
+               f"[checkpoint] {setting}, but the run folder {run_dir(cfg)!r} ([job] name "
+               f"{cfg.job.name!r}) holds {len(found)} complete checkpoint(s) of an earlier "
+               f"run in {earlier!r} (newest: step {found[-1][0] if found else 0}). {fix}, or "
+               f"choose another [job] name (or delete the old checkpoints)")

@@ -247,5 +247,6 @@ def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(mon
     ex(x, offs)
     D, H = ex.dim, ex.w1.shape[1]
     assert sorted((b, K, N) for b, K, N, _, _ in asked) == sorted([("auto", D, H), ("auto", H, D)])
-    assert all(rest == () and kw == {} for *_, rest, kw in asked)  # no row count given
+    # No row count given; the local expert count G, which is static, is.
+    assert all(rest == () and kw == {"G": ex.w1.shape[0]} for *_, rest, kw in asked)
     assert used == ["emulated"] * 3  # resolved, never "auto" passed down

@@ -212,6 +212,13 @@ def two_ranks(rank: int, world: int) -> dict:
     return out
 
 
+def ep2_efsdp2_only(rank: int, world: int) -> dict:
+    """The ep2_efsdp2 layout alone, for a process group whose backend is not named "gloo"."""
+    out: dict = {"backend": str(torch.distributed.get_backend())}
+    compare(out, "ep2_efsdp2", parallel_step(rank, world, ParallelDims(world, ep=2)), *reference(world))
+    return out
+
+
 def four_ranks(rank: int, world: int) -> dict:
     out: dict = {}
     ref_loss, ref_grads = reference(world)

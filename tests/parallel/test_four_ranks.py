@@ -24,6 +24,15 @@ def test_loss_and_grads_match_single_process(results, layout):
     assert results[f"{layout}.grad_err"] < FP32_TOL
 
 
+@pytest.mark.parametrize("backend", ["cpu:gloo", None])
+def test_expert_gradients_reduce_on_gloo_whatever_the_backend_is_called(backend):
+    # "cpu:gloo" and init_process_group() without a backend ("undefined") are gloo on the
+    # CPU too; FSDP2's PREMUL_SUM, which gloo lacks, must not be chosen for them.
+    out = run_ranks(_workers.ep2_efsdp2_only, 4, backend=backend)[0]
+    assert out["backend"] == (backend or "undefined")
+    assert out["ep2_efsdp2.loss_err"] < FP32_TOL and out["ep2_efsdp2.grad_err"] < FP32_TOL
+
+
 def test_a_mesh_with_one_slice_out_of_order_is_refused_on_every_rank(results):
     assert "another rank's ep_mesh lists its ranks in another order" in results["mesh_partly_reversed.error"]
 

@@ -49,6 +49,7 @@ def model():
     (dict(compile=3), TypeError, "compile must be a bool or a backend name"),
     (dict(compile="inductr"), ValueError, "compile: 'inductr' is not a torch.compile backend"),
     (dict(param_dtype="bfloat16"), TypeError, "param_dtype must be a floating-point torch.dtype"),
+    (dict(param_dtype=torch.float16), TypeError, "param_dtype must be torch.bfloat16 or torch.float32"),
     (dict(reduce_dtype=torch.int32), TypeError, "reduce_dtype must be a floating-point torch.dtype"),
     (dict(fsdp=False), ValueError, "fsdp=False"),
 ])

@@ -38,12 +38,12 @@ max_norm = 2          # an int where a float is wanted is fine
 betas = [0.8, 0.9]
 """)
     cfg = load_config(path, ["--training.steps=9", "--job.name=other", "--float8.enabled=true",
-                             "--model.n_layers=3", "--optimizer.lr=1e-3", '--data.path="a b"'])
+                             "--model.n_layers=3", "--optimizer.lr=1e-3", '--checkpoint.folder="a b"'])
     assert cfg.training.steps == 9 and cfg.training.max_norm == 2.0
     assert isinstance(cfg.training.max_norm, float)
     assert cfg.job.name == "other" and cfg.float8.enabled is True
     assert cfg.optimizer.betas == (0.8, 0.9) and cfg.optimizer.lr == 1e-3
-    assert cfg.data.path == "a b"
+    assert cfg.checkpoint.folder == "a b"
     args = resolve_model_args(cfg)
     assert (args.dim, args.n_layers) == (128, 3)
     assert args.n_experts == ModelArgs().n_experts      # untouched fields keep the preset
@@ -119,6 +119,31 @@ def test_a_config_path_that_cannot_be_read_as_toml_is_a_config_error(tmp_path):
     utf16.write_bytes("[training]\nsteps = 3\n".encode("utf-16"))  # starts with the bytes ff fe
     with pytest.raises(ConfigError, match=re.escape(f"{utf16}: not valid TOML: not UTF-8 text")):
         load_config(str(utf16))
+    marked = tmp_path / "marked.toml"
+    marked.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 3\n")    # a UTF-8 byte-order mark
+    assert load_config(str(marked)).training.steps == 3
+
+
+def test_seeds_and_names_that_torch_or_the_file_system_cannot_take_are_errors(tmp_path):
+    for key in ("job", "data"):
+        with pytest.raises(ConfigError, match=rf"\[{key}\] seed must be below 2\*\*63"):
+            load_config(None, [f"--{key}.seed={2**63}"])
+        load_config(None, [f"--{key}.seed={2**63 - 1}"])
+    nul = write(tmp_path, '[job]\nname = "a\\u0000b"\n', "nul.toml")
+    with pytest.raises(ConfigError, match=re.escape("[job] name must be a non-empty folder name")):
+        load_config(nul)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--data.path=corpus/*.txt"], '[data] path = \'corpus/*.txt\' is set, but [data] source = "synthetic"'),
+    (["--data.tokenizer=tok.json"], "[data] tokenizer = 'tok.json' is set, but"),
+    (["--data.source=text", "--data.path={readme}", "--data.jsonl_field=body", "--model.vocab_size=257"],
+     "[data] jsonl_field = 'body' is set, but [data] source = 'text'"),
+])
+def test_data_keys_the_chosen_source_does_not_read_are_errors(overrides, message):
+    overrides = [o.replace("{readme}", os.path.join(ROOT, "README.md")) for o in overrides]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
 
 
 @pytest.mark.parametrize("arg, key", [
@@ -174,6 +199,8 @@ def test_data_too_short_for_a_sample_stops_main_with_a_config_error_before_any_f
 def test_command_line_forms():
     assert parse_cli(["--config", "a.toml", "--training.steps=3", "--job.name", "x"]) == (
         "a.toml", ["--training.steps=3", "--job.name=x"])
+    with pytest.raises(ConfigError, match="--config given twice \\('a.toml' and 'b.toml'\\)"):
+        parse_cli(["--config", "a.toml", "--config=b.toml"])
     assert parse_cli(["--config=a.toml"]) == ("a.toml", [])
     with pytest.raises(ConfigError, match="cannot read 'steps=3'"):
         parse_cli(["steps=3"])
@@ -209,8 +236,8 @@ def test_a_new_run_in_a_folder_with_an_earlier_runs_checkpoints_is_an_error(tmp_
     (tmp_path / "run" / "checkpoints" / "step-1500" / MARKER).write_text("{}")
     with pytest.raises(ConfigError) as err:
         load_config(None, run + ["--checkpoint.resume=false"])
-    for words in ("[checkpoint] folder", "[job] name 'run'", "step 1500",
-                  "resume = true", str(tmp_path / "run" / "checkpoints")):
+    for words in ("holds 1 complete checkpoint(s) of an earlier run in", "[job] name 'run'",
+                  "step 1500", "resume = true", str(tmp_path / "run" / "checkpoints")):
         assert words in str(err.value), str(err.value)
     load_config(None, run)                                          # resume = true: fine
     load_config(None, run + ["--checkpoint.resume=false", "--job.name=other"])
@@ -218,6 +245,45 @@ def test_a_new_run_in_a_folder_with_an_earlier_runs_checkpoints_is_an_error(tmp_
     with pytest.raises(ConfigError, match=r"\[checkpoint\] enabled = false, but .* step 1500"):
         load_config(None, run + ["--checkpoint.enabled=false"])
     load_config(None, run + ["--checkpoint.enabled=false", "--job.name=other"])
+    # Another [checkpoint] folder does not make that run's folder free (it used to).
+    for off in (["--checkpoint.enabled=false"], ["--checkpoint.resume=false"]):
+        with pytest.raises(ConfigError, match=r"choose another \[job\] name"):
+            load_config(None, run + off + ["--checkpoint.folder=elsewhere"])
+
+
+def test_the_folder_a_saved_config_names_counts_as_that_runs_checkpoints(tmp_path):
+    run = ["--job.name=run", f"--job.output_dir={tmp_path}"]
+    os.makedirs(tmp_path / "run" / "ck" / "step-20")
+    (tmp_path / "run" / "ck" / "step-20" / MARKER).write_text("{}")
+    (tmp_path / "run" / "config.toml").write_text('[checkpoint]\nenabled = true\nfolder = "ck"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"in '{tmp_path}/run/ck' (newest: step 20)")):
+        load_config(None, run)
+    (tmp_path / "run" / "config.toml").write_text("not toml [")   # unreadable: nothing to follow
+    load_config(None, run)
+
+
+@pytest.mark.parametrize("folder", ["config.toml", "metrics.jsonl", ".lock", "tb", "./tb/"])
+def test_a_checkpoint_folder_that_is_one_of_the_runs_own_files_is_an_error(tmp_path, folder):
+    with pytest.raises(ConfigError, match=r"\[checkpoint\] folder .* is the run's own"):
+        load_config(None, [f"--job.output_dir={tmp_path}", "--checkpoint.enabled=true",
+                           f"--checkpoint.folder={folder}"])
+
+
+def test_names_too_long_for_the_file_system_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="is longer than the 255 bytes this file system allows"):
+        load_config(None, [f"--job.output_dir={tmp_path}", f"--job.name={'n' * 300}"])
+    with pytest.raises(ConfigError, match=r"\[checkpoint\] folder .* is longer than"):
+        load_config(None, [f"--job.output_dir={tmp_path}", "--checkpoint.enabled=true",
+                           f"--checkpoint.folder={'c' * 300}"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_leading_tilde_in_the_output_and_checkpoint_folders_is_the_home_folder(tmp_path, monkeypatch):
+    from ep_fp8.train.config import checkpoint_dir, run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["--job.output_dir=~/runs", "--checkpoint.folder=~/ck"])
+    assert run_dir(cfg) == f"{tmp_path}/runs/run" and checkpoint_dir(cfg) == f"{tmp_path}/ck"
 
 
 def test_config_choices_are_the_ones_the_lower_layers_accept():
@@ -259,8 +325,12 @@ def test_float8_cuda_backend_that_cannot_run_here_is_a_config_error(monkeypatch,
     with pytest.raises(ConfigError, match=re.escape('[float8] backend = "cuda"')) as err:
         load_config(None, base + overrides)
     assert message in str(err.value) and "expert_hidden_dim" in str(err.value)
-    if supported:  # aligned sizes on a supported GPU are fine
+    if supported:  # aligned sizes on a supported GPU are fine, below 1024 experts per rank
         load_config(None, base)
+        many = base + ["--model.n_experts=2048", "--model.top_k=2"]
+        with pytest.raises(ConfigError, match="n_experts = 2048 \\(1024 per rank\\).*fewer than 1024"):
+            load_config(None, many + ["--parallel.ep=2"], world_size=2)
+        load_config(None, many + ["--parallel.ep=4"], world_size=4)
 
 
 @pytest.mark.parametrize("section, key, value, bound", [
