@@ -18,6 +18,9 @@
 # Each stage writes its logs and JSON under OUT_DIR and goes on after a failure; the exit
 # code is non-zero if any stage failed.
 set -uo pipefail
+# Ctrl-C stops the whole script, not only the stage running (torchrun exits 1 after a
+# signal, which would read as a failed stage and start the next one).
+trap 'echo "run_gpu_checks.sh: interrupted" >&2; exit 130' INT
 
 out="${1:?usage: run_gpu_checks.sh OUT_DIR [tests] [bench] [train] [ep]}"
 shift
@@ -49,7 +52,9 @@ failed=0
 run() {  # run NAME CMD...: tee the output to OUT_DIR/NAME.log, remember a failure
     local name="$1"; shift
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.log" | grep -v -E '^\[|^W[0-9]{4}|warnings.warn|^ *$' | tail -n 25
+    # tee ignores Ctrl-C (-i) and keeps writing the log when the filters after it are gone
+    # (-p), so a stopped run's last lines and its save still reach the log.
+    "$@" 2>&1 | tee -i -p "$out/$name.log" | grep -v -E '^\[|^W[0-9]{4}|warnings.warn|^ *$' | tail -n 25
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; failed=1; }
 }

@@ -112,15 +112,15 @@ class _StopFlag:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if self.name:  # the second signal: die by it, as if it had not been caught
             if rank0:
-                print(f"{name} after {self.name}: ending now without saving; complete "
-                      "checkpoints are kept", file=sys.stderr, flush=True)
+                print_or_mute(f"{name} after {self.name}: ending now without saving; complete "
+                              "checkpoints are kept", sys.stderr)
             end_by_signal(signum)
             return
         self.name = name
         if rank0:
-            print(f"{name}: stopping after this step (with a checkpoint when [checkpoint] "
-                  f"enabled = true); a second SIGINT or SIGTERM ends the run at once without "
-                  "saving", file=sys.stderr, flush=True)
+            print_or_mute(f"{name}: stopping after this step (with a checkpoint when "
+                          f"[checkpoint] enabled = true); a second SIGINT or SIGTERM ends the "
+                          "run at once without saving", sys.stderr)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -174,9 +174,25 @@ def _agree_on_lock(cfg: Config, create: bool) -> None:
         raise ConfigError(f"{cfg.source}: {problem}")
 
 
+def print_or_mute(msg: str, stream=None) -> None:
+    """print(msg, file=stream or sys.stdout, flush=True); when the stream is a pipe whose
+    reader is gone (`run | tee log`, and Ctrl-C ended tee too), it is sent to /dev/null
+    from then on instead of raising, so that the run still finishes its step and saves."""
+    stream = stream or sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except (BrokenPipeError, ValueError):   # ValueError: a closed stream
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())   # also lets the exit-time flush succeed
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
 def _say(msg: str) -> None:
     if dist.get_rank() == 0:
-        print(msg, flush=True)
+        print_or_mute(msg)
 
 
 def _save_and_print_config(cfg: Config) -> None:
@@ -187,7 +203,7 @@ def _save_and_print_config(cfg: Config) -> None:
     os.makedirs(run_dir(cfg), exist_ok=True)
     with open(os.path.join(run_dir(cfg), "config.toml"), "w") as f:
         f.write(text)
-    print(f"config ({cfg.source}), resolved:\n{text}", flush=True)
+    print_or_mute(f"config ({cfg.source}), resolved:\n{text}")
 
 
 def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype) -> None:
@@ -305,7 +321,7 @@ def train(cfg: Config) -> dict:
         tokens_per_step=world * t.batch_size * t.seq_len * t.grad_accum,
         flops_per_token=flops_per_token(args, t.seq_len),
         peak=peak_flops(device, cfg.metrics.peak_flops), device=device,
-        jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard)
+        jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard, printer=print_or_mute)
     metrics.start(cfg.job.name, to_dict(cfg, resolve_model=True), resumed_step=step)
     dp_group = dist.group.WORLD if world > 1 else None   # every rank reads its own data
     stopped = ""

@@ -1,6 +1,7 @@
 """The shell launchers: argument checks that run before torchrun starts."""
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -39,15 +40,21 @@ def test_slurm_script_sends_the_early_sigterm_to_the_torchrun_agents():
 
 
 def _fake_slurm(tmp_path, head_address):
-    """scontrol and srun stand-ins: srun answers `hostname --ip-address` with head_address
-    and otherwise prints the command it would have started."""
+    """scontrol, srun and python3 stand-ins: srun answers `hostname --ip-address` with
+    head_address, else runs its command as on two nodes (SLURM_NODEID 0 and 1); python3
+    prints a torchrun command line ("TORCHRUN node=N ARGS") instead of starting it, and
+    runs anything else with the real Python."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'node1\\nnode2\\n'\n")
     (bin_dir / "srun").write_text(
-        "#!/bin/bash\nif [[ \" $* \" == *' hostname '* ]]; then echo '%s'; else echo \"SRUN $*\"; fi\n"
-        % head_address)
-    for tool in ("scontrol", "srun"):
+        "#!/bin/bash\nif [[ \" $* \" == *' hostname '* ]]; then echo '%s'; exit; fi\n"
+        "while [[ $1 == --* ]]; do shift; done\n"
+        "for n in 0 1; do SLURM_NODEID=$n \"$@\"; done\n" % head_address)
+    (bin_dir / "python3").write_text(
+        "#!/bin/bash\nif [[ \"$1 $2\" == '-m torch.distributed.run' ]]; then echo \"TORCHRUN "
+        "node=$SLURM_NODEID ${*:3}\"; else exec %s \"$@\"; fi\n" % sys.executable)
+    for tool in ("scontrol", "srun", "python3"):
         (bin_dir / tool).chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2",
             "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "77"}
@@ -58,11 +65,19 @@ def test_slurm_script_refuses_a_loopback_rendezvous_address_on_several_nodes(tmp
     script = str(SCRIPTS / "run_multinode.slurm")
     proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "resolves to 127.0.1.1 (loopback)" in proc.stderr
-    assert "SRUN" not in proc.stdout                                  # nothing started
-    proc = subprocess.run(["bash", script, "--training.steps=5"], env={**env, "RDZV_HOST": "10.1.2.3"},
+    assert "TORCHRUN" not in proc.stdout                              # nothing started
+    proc = subprocess.run(["bash", script, "--training.steps=5", "--job.name=a b"],
+                          env={**env, "RDZV_HOST": "10.1.2.3", "SLURM_GPUS_ON_NODE": "4"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "--rdzv_endpoint=10.1.2.3:29500" in proc.stdout and "--training.steps=5" in proc.stdout
+    started = [line for line in proc.stdout.splitlines() if line.startswith("TORCHRUN")]
+    # One torchrun per node; the first hosts the rendezvous (its name does not resolve to
+    # RDZV_HOST, so torchrun would not know it should); workers = the GPUs Slurm gave.
+    assert [line.split()[1] for line in started] == ["node=0", "node=1"], proc.stdout
+    for line, host in zip(started, ("1", "0")):
+        assert (f"--nnodes=2 --nproc_per_node=4 --rdzv_id=77 --rdzv_backend=c10d "
+                f"--rdzv_endpoint=10.1.2.3:29500 --rdzv_conf=is_host={host} -m ep_fp8.train "
+                f"--config train_configs/moe_16b.toml --training.steps=5 --job.name=a b") in line, line
 
 
 @pytest.mark.parametrize("args, message", [
@@ -97,4 +112,4 @@ def test_slurm_script_refuses_a_bad_ngpu_or_no_allocation(tmp_path, env, message
     proc = subprocess.run(["bash", str(SCRIPTS / "run_multinode.slurm")], env={**_fake_slurm(tmp_path, "10.0.0.1"), **env},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "SRUN" not in proc.stdout
+    assert "TORCHRUN" not in proc.stdout

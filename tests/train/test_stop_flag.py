@@ -85,6 +85,25 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
 
 
+def test_ctrl_c_with_the_output_pipe_closed_still_saves(tmp_path):
+    # `run_train.sh | tee log`: the same Ctrl-C ends tee, so every later print meets a
+    # closed pipe; the run must still finish its step and save.
+    args = [sys.executable, "-m", "ep_fp8.train", "--config", str(ROOT / "train_configs/debug_model.toml"),
+            f"--job.output_dir={tmp_path}", "--job.name=run", "--training.steps=100000",
+            "--checkpoint.enabled=true", "--checkpoint.interval=100000", "--metrics.log_every=1",
+            "--metrics.tensorboard=false"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and sum(1 for _ in metrics.open()) >= 3, timeout=120)
+    proc.stdout.close()                      # the reader of both pipes is gone
+    proc.stderr.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == -signal.SIGINT
+    step = max(json.loads(line).get("step", 0) for line in metrics.open())
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+
+
 def _wait_for(condition, timeout=5.0):
     end = time.monotonic() + timeout
     while not condition():
