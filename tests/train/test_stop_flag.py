@@ -68,15 +68,22 @@ def test_an_inherited_ignored_sigint_stays_ignored():
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
+def _start_endless_run(tmp_path, min_lines: int, text: bool):
+    """A single-process debug run with checkpoints on and no step limit, once its
+    metrics.jsonl has `min_lines` lines: (process, metrics path)."""
     args = [sys.executable, "-m", "ep_fp8.train", "--config", str(ROOT / "train_configs/debug_model.toml"),
             f"--job.output_dir={tmp_path}", "--job.name=run", "--training.steps=100000",
             "--checkpoint.enabled=true", "--checkpoint.interval=100000", "--metrics.log_every=1",
             "--metrics.tensorboard=false"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and sum(1 for _ in metrics.open()) >= 4, timeout=120)
+    _wait_for(lambda: metrics.exists() and sum(1 for _ in metrics.open()) >= min_lines, timeout=120)
+    return proc, metrics
+
+
+def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
+    proc, metrics = _start_endless_run(tmp_path, min_lines=4, text=True)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGINT, err
@@ -88,14 +95,7 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
 def test_ctrl_c_with_the_output_pipe_closed_still_saves(tmp_path):
     # `run_train.sh | tee log`: the same Ctrl-C ends tee, so every later print meets a
     # closed pipe; the run must still finish its step and save.
-    args = [sys.executable, "-m", "ep_fp8.train", "--config", str(ROOT / "train_configs/debug_model.toml"),
-            f"--job.output_dir={tmp_path}", "--job.name=run", "--training.steps=100000",
-            "--checkpoint.enabled=true", "--checkpoint.interval=100000", "--metrics.log_every=1",
-            "--metrics.tensorboard=false"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and sum(1 for _ in metrics.open()) >= 3, timeout=120)
+    proc, metrics = _start_endless_run(tmp_path, min_lines=3, text=False)
     proc.stdout.close()                      # the reader of both pipes is gone
     proc.stderr.close()
     proc.send_signal(signal.SIGINT)
