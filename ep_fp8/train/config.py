@@ -349,7 +349,8 @@ def run_dir(cfg: Config) -> str:
     return os.path.join(os.path.expanduser(cfg.job.output_dir), cfg.job.name)
 
 
-def checkpoint_dir(cfg: Config) -> str:
-    """checkpoint.folder, relative to the run's folder unless it is absolute (a leading ~
-    is the home folder)."""
-    return os.path.join(run_dir(cfg), os.path.expanduser(cfg.checkpoint.folder))
+def checkpoint_dir(cfg: Config, folder: str | None = None) -> str:
+    """checkpoint.folder (or `folder` in its place), relative to the run's folder unless it
+    is absolute (a leading ~ is the home folder)."""
+    return os.path.join(run_dir(cfg), os.path.expanduser(
+        cfg.checkpoint.folder if folder is None else folder))

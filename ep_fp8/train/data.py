@@ -25,9 +25,9 @@ from ep_fp8.train.tokenizer import load_tokenizer
 def list_files(pattern: str) -> list[str]:
     """Files matching `pattern` (a path or a glob; `**` recurses), sorted and each once (a
     file reached twice, by a symbolic or hard link or by two names, is read at its first
-    name), so every rank and every run sees the same order. An existing file is taken as it is named, even
-    when its name holds glob characters ([, *, ?). Raises ValueError when nothing matches,
-    or when `pattern` is a folder."""
+    name), so every rank and every run sees the same order. An existing file is taken as
+    it is named, even when its name holds glob characters ([, *, ?). Raises ValueError when
+    nothing matches, or when `pattern` is a folder."""
     path = os.path.expanduser(pattern)
     if os.path.isfile(path):
         return [path]
@@ -142,10 +142,10 @@ class TokenFileSource:
     (tokens - 1) % seq_len tokens of the stream fill no window and are never trained on.
     Each epoch visits every window once, in an order shuffled by (seed, epoch). `note` is
     what to say at start-up ('' or that the tokenizer has no end-of-document token);
-    `fingerprint` names the stream (its length and a hash of the documents), seq_len and seed, which fix
-    the sample sequence. Every rank holds the whole stream (2 bytes per token up to 32768
-    ids, else 4); loading it takes about twice that at its peak, plus the largest document
-    read as bytes. Raises ValueError naming the file (and line) that cannot be read,
+    `fingerprint` names the stream (its length and a hash of the documents), seq_len and
+    seed, which fix the sample sequence. Every rank holds the whole stream (2 bytes per
+    token up to 32768 ids, else 4); loading it takes about twice that at its peak, plus the
+    largest document read as bytes. Raises ValueError naming the file (and line) that cannot be read,
     parsed or tokenized, or when the stream holds fewer than seq_len + 1 tokens."""
 
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,

@@ -183,12 +183,12 @@ RUN_FILES = ("config.toml", "metrics.jsonl", ".lock", "tb")
 def _earlier_checkpoint_folders(cfg: Config) -> list[str]:
     """Where an earlier run in this run folder kept checkpoints: this config's folder, the
     default one, and the one its saved config.toml names."""
-    folders = [checkpoint_dir(cfg), os.path.join(run_dir(cfg), CheckpointConfig.folder)]
+    folders = [checkpoint_dir(cfg), checkpoint_dir(cfg, CheckpointConfig.folder)]
     try:
         with open(os.path.join(run_dir(cfg), "config.toml"), "rb") as f:
             saved = tomllib.load(f).get("checkpoint", {}).get("folder")
         if isinstance(saved, str) and saved:
-            folders.append(os.path.join(run_dir(cfg), os.path.expanduser(saved)))
+            folders.append(checkpoint_dir(cfg, saved))
     except (OSError, ValueError, AttributeError):   # none, or not ours: nothing more to look at
         pass
     return list(dict.fromkeys(os.path.normpath(f) for f in folders))
@@ -212,11 +212,11 @@ def _checkpoint_folder(cfg: Config) -> None:
         _can_create_folder(cfg, folder, "[checkpoint] folder")
         if c.resume:
             return
+    setting = "resume = false" if c.enabled else "enabled = false"
+    fix = ("Set [checkpoint] resume = true to continue that run" if c.enabled else
+           "Set [checkpoint] enabled = true (with resume = true) to continue that run")
     for earlier in _earlier_checkpoint_folders(cfg):
         found = complete_checkpoints(earlier)
-        setting = "resume = false" if c.enabled else "enabled = false"
-        fix = ("Set [checkpoint] resume = true to continue that run" if c.enabled else
-               "Set [checkpoint] enabled = true (with resume = true) to continue that run")
         _check(not found, cfg,
                f"[checkpoint] {setting}, but the run folder {run_dir(cfg)!r} ([job] name "
                f"{cfg.job.name!r}) holds {len(found)} complete checkpoint(s) of an earlier "

@@ -101,6 +101,15 @@ def results(root, name, world):
     return out
 
 
+def assert_refused_on_every_rank(root, name, world, phrases, left):
+    """Every rank of run `name` raised a ConfigError holding each of `phrases`, and the run
+    folder holds only `left` (nothing of the run written)."""
+    for result in results(root, name, world):
+        error = result.get("error", "")
+        assert "ConfigError" in error and all(p in error for p in phrases), result
+    assert sorted(os.listdir(os.path.join(root, name))) == left
+
+
 def assert_close_losses(a, b, steps, rtol):
     for step in steps:
         for key in ("loss", "grad_norm"):
@@ -181,12 +190,9 @@ def test_resuming_from_a_checkpoint_of_another_model_is_a_config_error_that_writ
 
 
 def test_a_run_folder_held_by_another_run_is_refused_on_every_rank(runs):
-    for result in results(runs, "locked", 2):
-        error = result.get("error", "")
-        assert "ConfigError" in error and "another run is using" in error, result
-        assert "held by host elsewhere pid 4242" in error
-    assert sorted(os.listdir(os.path.join(runs, "locked"))) == [
-        ".lock", "checkpoints", "result-rank0.json", "result-rank1.json"]   # no config.toml, no metrics
+    assert_refused_on_every_rank(
+        runs, "locked", 2, ["another run is using", "held by host elsewhere pid 4242"],
+        [".lock", "checkpoints", "result-rank0.json", "result-rank1.json"])   # no config.toml, no metrics
 
 
 def test_a_resume_with_other_data_goes_on_and_says_so(runs):
@@ -199,9 +205,7 @@ def test_a_resume_with_other_data_goes_on_and_says_so(runs):
 
 
 def test_ranks_that_read_different_files_stop_with_a_config_error_on_every_rank(runs):
-    for result in results(runs, "data_per_rank", 2):
-        error = result.get("error", "")
-        assert "ConfigError" in error and "the ranks read different data (rank 1: 1025 tokens" in error, result
-        assert "rank 0: 513 tokens" in error
-    assert sorted(os.listdir(os.path.join(runs, "data_per_rank"))) == [
-        "result-rank0.json", "result-rank1.json"]   # nothing written
+    assert_refused_on_every_rank(
+        runs, "data_per_rank", 2,
+        ["the ranks read different data (rank 1: 1025 tokens", "rank 0: 513 tokens"],
+        ["result-rank0.json", "result-rank1.json"])   # nothing written
