@@ -1,7 +1,7 @@
 """The float8 quantization definition, in plain torch.
 
 Every backend and every Triton kernel implements exactly this arithmetic; the kernels in
-`quant_kernels.py` have the same signatures and are tested against these functions
+`quant_kernels/` have the same signatures and are tested against these functions
 bit for bit. For each scaling group (a row, a column within one expert, or a column
 within one token group):
 

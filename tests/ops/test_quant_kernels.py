@@ -43,7 +43,7 @@ def test_rows_kernel_matches_reference_bitwise(dtype, exact):
 
 
 def test_rows_kernel_two_pass_path_for_rows_longer_than_one_block():
-    x = _rows_input(torch.Generator().manual_seed(11), 4, K._MAX_ROW_BLOCK + 77, torch.bfloat16)
+    x = _rows_input(torch.Generator().manual_seed(11), 4, K.MAX_ROW_BLOCK + 77, torch.bfloat16)
     for g, w in zip(K.quantize_rows_triton(x), R.quantize_rows_ref(x)):
         assert same_bits(g, w)
 
@@ -91,8 +91,8 @@ def test_weight_fwd_blocks_split_a_row_only_where_it_saves_lanes():
     assert K.weight_fwd_blocks(5120) == (4096, 1024) and K.weight_fwd_blocks(6144) == (4096, 2048)
     assert K.weight_fwd_blocks(7168) == (8192, 0)  # 4096 + 4096 saves nothing
     assert K.weight_fwd_blocks(1408) == (2048, 0)  # rows up to 4096: one block
-    assert K.weight_fwd_blocks(K._MAX_ROW_BLOCK + 1) == (K._MAX_ROW_BLOCK, 0)
-    for Kd in range(1, K._MAX_ROW_BLOCK + 1, 37):
+    assert K.weight_fwd_blocks(K.MAX_ROW_BLOCK + 1) == (K.MAX_ROW_BLOCK, 0)
+    for Kd in range(1, K.MAX_ROW_BLOCK + 1, 37):
         head, tail = K.weight_fwd_blocks(Kd)
         assert head + tail >= Kd and head & (head - 1) == 0 and tail & (tail - 1) == 0
 
@@ -100,7 +100,7 @@ def test_weight_fwd_blocks_split_a_row_only_where_it_saves_lanes():
 # K = 3000: one block of 4096, one row at a time; 5000: a row as a block of 4096 and a
 # tail of 1024; 7000: one block of 8192 (a tail would save nothing); K = MAX + 77: rows
 # longer than one block (two passes).
-@pytest.mark.parametrize("Kd", [3000, 5000, 7000, K._MAX_ROW_BLOCK + 77])
+@pytest.mark.parametrize("Kd", [3000, 5000, 7000, K.MAX_ROW_BLOCK + 77])
 def test_weight_halves_match_reference_for_long_rows(Kd):
     gen = torch.Generator().manual_seed(15)
     G, N = 2, 20
