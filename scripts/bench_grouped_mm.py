@@ -34,8 +34,9 @@ ep_fp8_auto (backend="auto"), torchao (its float8 rowwise grouped mm, when impor
 fp8_gemm_only (torch._scaled_grouped_mm on operands quantized beforehand, forward only:
 the ceiling that quantization overhead is measured against).
 
-The record logic, ratios, geometric means and the table printer are pure functions that
-run on CPU; the measurement needs CUDA. Shapes given with --shape replace the default list
+The records, ratios, geometric means and the table printer (grouped_mm_records.py) are pure
+functions that run on CPU; the GPU's clock and power come from gpu_monitor.py; the
+measurement here needs CUDA. Shapes given with --shape replace the default list
 (a shape given twice runs once).
 """
 from __future__ import annotations
@@ -46,27 +47,20 @@ import importlib
 import inspect
 import json
 import math
-import os
-import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from gpu_monitor import GpuMonitor
+from grouped_mm_records import (DEFAULT_SHAPES, GROUP_MODES, add_ratios, fmt, format_table, geomeans, group_sizes,
+                                parse_shape, percent, round_order, summarize_rounds)
+
 from ep_fp8.paths import output_path_problem
 
-DEFAULT_SHAPES = [  # (M, G, K, N); the first four are the "large" ones of the geomean
-    (16384, 8, 5120, 16384), (16384, 8, 8192, 5120), (32768, 8, 7168, 4096),
-    (32768, 8, 2048, 7168), (8192, 16, 2048, 2816), (8192, 16, 1408, 2048),
-    (4096, 32, 2048, 768), (65536, 4, 4096, 14336),
-]
-LARGE_SHAPES = DEFAULT_SHAPES[:4]
 QUICK_SHAPES = [(8192, 16, 1408, 2048), (4096, 32, 2048, 768)]
 METHODS = ("bf16", "ep_fp8", "ep_fp8_auto", "torchao", "fp8_gemm_only")
-GROUP_MODES = ("uniform", "uneven")
-RATIO_KEYS = ("fwd_x_bf16", "fwd_bwd_x_bf16", "fwd_x_torchao", "fwd_bwd_x_torchao")
 TORCHAO_MODULES = (
     "torchao.prototype.moe_training.scaled_grouped_mm",
     "torchao.prototype.moe_training.fp8_grouped_mm",
@@ -80,189 +74,6 @@ PEAK_MEM_NOTE = (
     "workspaces and both gradients are included. None for forward-only methods."
 )
 GIB = 2**30
-
-
-# ----------------------------------------------------------------------------------------
-# Pure parts: no GPU needed.
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """'M,G,K,N' -> (M, G, K, N). ValueError names the problem: not four positive ints,
-    or K or N not a multiple of 16 (float8 operands need 16-byte aligned rows). The rows
-    M are checked against G by group_sizes."""
-    parts = text.split(",")
-    try:
-        M, G, K, N = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"shape must be four integers M,G,K,N, got {text!r}") from None
-    if min(M, G, K, N) <= 0:
-        raise ValueError(f"shape sizes must be positive, got {text!r}")
-    if K % 16 or N % 16:
-        raise ValueError(f"K and N must be multiples of 16, got K={K}, N={N} in {text!r}")
-    return M, G, K, N
-
-
-def group_sizes(M: int, G: int, mode: str, seed: int = 0) -> list[int]:
-    """Rows per group, summing to M. uniform: M/G each (ValueError unless a multiple of 16).
-    uneven: multiples of 16, none empty, from a seeded stratified draw (one point in each
-    of G equal slices of [0, 1), in random order) mapped onto weights in [1, 3], so the
-    largest group is about 3x the smallest, never more, and the rest lie between.
-    ValueError for an unknown mode, M not a multiple of 16, or M < 16*G (every other M
-    can be split within 3x: G sizes that differ by at most 16 rows are)."""
-    if mode not in GROUP_MODES:
-        raise ValueError(f"groups mode must be one of {GROUP_MODES}, got {mode!r}")
-    if M % 16 or M < 16 * G:
-        raise ValueError(f"M must be a multiple of 16 and at least 16*G, got M={M}, G={G}")
-    if mode == "uniform":
-        if M % (16 * G):
-            raise ValueError(f"uniform groups need M/G a multiple of 16, got M={M}, G={G}")
-        return [M // G] * G
-    if G == 1:
-        return [M]
-    gen = torch.Generator().manual_seed(seed)
-    jitter = torch.rand(G, generator=gen, dtype=torch.float64)
-    t = (torch.arange(G, dtype=torch.float64) + jitter) / G
-    t = (t - t.min()) / (t.max() - t.min())
-    weights = (1.0 + 2.0 * t)[torch.randperm(G, generator=gen)]
-    units_total = M // 16  # sizes are counted in blocks of 16 rows
-    ideal = weights / weights.sum() * units_total
-    units = ideal.floor().clamp(min=1).long()
-    # Hand the blocks lost to flooring to the groups that lost the most; take surplus
-    # (only from the clamp to 1) from the largest groups.
-    while int(units.sum()) < units_total:
-        units[int(torch.argmax(ideal - units))] += 1
-    while int(units.sum()) > units_total:
-        units[int(torch.argmax(units))] -= 1
-    # Rounding to blocks can stretch the spread past 3x (ideal 1.5 and 4.5 blocks can give 1
-    # and 5): move blocks from the largest group to the smallest until it is within 3x.
-    # Each move narrows the spread; sizes within one block of each other satisfy it.
-    while int(units.max()) > 3 * int(units.min()):
-        units[int(torch.argmax(units))] -= 1
-        units[int(torch.argmin(units))] += 1
-    return [16 * int(u) for u in units]
-
-
-def flops(M: int, K: int, N: int, phase: str) -> int:
-    """Matmul FLOPs: 2*M*K*N for phase 'fwd', 6*M*K*N for 'fwd_bwd' (dx and dw)."""
-    return {"fwd": 2, "fwd_bwd": 6}[phase] * M * K * N
-
-
-def add_ratios(records: list[dict]) -> list[dict]:
-    """Copies of `records` with fwd[_bwd]_x_bf16 and fwd[_bwd]_x_torchao: the baseline's
-    time over the record's time on the same (shape, groups); None where either is missing."""
-    times = {(tuple(r["shape"]), r["groups"], r["method"]): r for r in records}
-    out = []
-    for r in records:
-        r = dict(r)
-        for base in ("bf16", "torchao"):
-            b = times.get((tuple(r["shape"]), r["groups"], base), {})
-            for phase in ("fwd", "fwd_bwd"):
-                t, t_base = r.get(f"{phase}_ms"), b.get(f"{phase}_ms")
-                ok = t is not None and t_base is not None and t > 0
-                r[f"{phase}_x_{base}"] = t_base / t if ok else None
-        out.append(r)
-    return out
-
-
-def geomeans(records: list[dict], shapes=LARGE_SHAPES) -> list[dict]:
-    """Per (groups, method): the geometric mean of each ratio in RATIO_KEYS over the
-    records whose shape is in `shapes`, and n_shapes, how many such records there are.
-    A ratio is None where no record has it. Records must already carry add_ratios' keys."""
-    shapes = {tuple(s) for s in shapes}
-    keys = []  # (groups, method) in first-seen order
-    for r in records:
-        if tuple(r["shape"]) in shapes and (r["groups"], r["method"]) not in keys:
-            keys.append((r["groups"], r["method"]))
-    out = []
-    for groups, method in keys:
-        rows = [r for r in records if tuple(r["shape"]) in shapes
-                and r["groups"] == groups and r["method"] == method]
-        entry = {"groups": groups, "method": method, "n_shapes": len(rows)}
-        for key in RATIO_KEYS:
-            vals = [r[key] for r in rows if r.get(key) is not None]
-            entry[key] = math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
-        out.append(entry)
-    return out
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _percent(fraction) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.1f}%"
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-GPU_FIELDS = "clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_event_reasons.active"
-POWER_CAP_BITS = 0x4 | 0x80  # clock event reasons: software power cap, hardware power brake
-
-
-def summarize_gpu_samples(lines: list[str]) -> dict | None:
-    """nvidia-smi CSV lines of GPU_FIELDS ('1650 MHz, 1980 MHz, 693.29 W, 700.00 W,
-    0x0000000000000004') -> {n, sm_mhz_median, sm_mhz_min, sm_mhz_max_rated, power_w_median,
-    power_limit_w, power_capped}: power_capped is the fraction of samples whose clocks were
-    held down by the power cap. Lines that do not parse are skipped; None without any."""
-    rows = []
-    for line in lines:
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) != 5:
-            continue
-        try:
-            sm, sm_max = (float(c.split()[0]) for c in cells[:2])
-            power, limit = (float(c.split()[0]) for c in cells[2:4])
-            reasons = int(cells[4], 16)
-        except (ValueError, IndexError):
-            continue
-        rows.append((sm, sm_max, power, limit, reasons))
-    if not rows:
-        return None
-    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"n": len(rows), "sm_mhz_median": median([r[0] for r in rows]),
-            "sm_mhz_min": min(r[0] for r in rows), "sm_mhz_max_rated": rows[0][1],
-            "power_w_median": median([r[2] for r in rows]), "power_limit_w": rows[0][3],
-            "power_capped": sum(1 for r in rows if r[4] & POWER_CAP_BITS) / len(rows)}
-
-
-def _render(header: list[str], rows: list[list[str]], n_left: int) -> str:
-    """Fixed-width columns: the first n_left and the last are text (left-aligned)."""
-    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    align = lambda i, c, w: c.ljust(w) if i < n_left or i == len(widths) - 1 else c.rjust(w)
-    line = lambda cells: "  ".join(align(i, c, w) for i, (c, w) in
-                                   enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def format_table(records: list[dict], summaries: list[dict] | None = None) -> str:
-    """A fixed-width text table of the records (after add_ratios), then the geometric
-    means (from geomeans) when there are any. Missing values print as '-'."""
-    header = ["M,G,K,N", "groups", "method", "fwd ms", "fwd TF/s", "fwd x bf16",
-              "f+b ms", "f+b spread", "f+b TF/s", "f+b x bf16", "f+b x torchao", "peak GiB",
-              "rel err", "note"]
-    rows = []
-    for r in records:
-        rows.append([
-            ",".join(map(str, r["shape"])), r["groups"], r["method"],
-            _fmt(r.get("fwd_ms"), ".3f"), _fmt(r.get("fwd_tflops"), ".0f"),
-            _fmt(r.get("fwd_x_bf16"), ".2f"), _fmt(r.get("fwd_bwd_ms"), ".3f"),
-            _percent(r.get("fwd_bwd_spread")),
-            _fmt(r.get("fwd_bwd_tflops"), ".0f"), _fmt(r.get("fwd_bwd_x_bf16"), ".2f"),
-            _fmt(r.get("fwd_bwd_x_torchao"), ".2f"), _fmt(r.get("peak_mem_gib"), ".2f"),
-            _fmt(r.get("rel_err"), ".2e"), _clip(r.get("note", ""), 72),
-        ])
-    text = _render(header, rows, 3)
-    if summaries:
-        sum_header = ["groups", "method", "shapes", "fwd x bf16", "f+b x bf16",
-                      "fwd x torchao", "f+b x torchao"]
-        sum_rows = [[s["groups"], s["method"], str(s["n_shapes"])]
-                    + [_fmt(s[k], ".3f") for k in RATIO_KEYS] for s in summaries]
-        text += ("\n\nGeometric means over those of the large shapes that were run ('shapes': how many) of "
-                 + "; ".join(",".join(map(str, s)) for s in LARGE_SHAPES) + "\n"
-                 + _render(sum_header + [""], [r + [""] for r in sum_rows], 2))
-    return text
 
 
 def find_torchao_fn():
@@ -441,33 +252,6 @@ def time_once(state: dict, inputs, warmup: float, rep: float) -> None:
             x.grad = w.grad = None
 
 
-def round_order(methods: list[str], r: int) -> list[str]:
-    """The order of the methods in round r: rotated by r // 2 and reversed in odd rounds,
-    so that no method is always timed first, nor always right after the same other one."""
-    k = (r // 2) % len(methods) if methods else 0
-    order = list(methods[k:]) + list(methods[:k])
-    return order[::-1] if r % 2 else order
-
-
-def summarize_rounds(rec: dict, shape) -> dict:
-    """The record's fwd_ms / fwd_bwd_ms (median over rounds), TFLOP/s and fwd_bwd_spread
-    ((max - min) / median of the rounds' forward+backward times; None with one round).
-    A record whose status is not "ok" (a round failed) gets no times."""
-    M, _, K, N = shape
-    if rec.get("status", "ok") != "ok":
-        return rec
-    for phase in ("fwd", "fwd_bwd"):
-        times = rec.get(f"{phase}_ms_rounds") or []
-        if not times:
-            continue
-        median = statistics.median(times)
-        rec[f"{phase}_ms"] = median
-        rec[f"{phase}_tflops"] = flops(M, K, N, phase) / median / 1e9
-        if phase == "fwd_bwd":
-            rec["fwd_bwd_spread"] = (max(times) - min(times)) / median if len(times) > 1 else None
-    return rec
-
-
 def make_inputs(shape, sizes, seed: int):
     """Fresh random CUDA inputs: x (M, K) bf16 (requires grad), w (G, N, K) bf16 scaled by
     1/sqrt(K) (requires grad), offs (G,) int32, grad_out (M, N) bf16."""
@@ -479,79 +263,6 @@ def make_inputs(shape, sizes, seed: int):
     grad_out = torch.randn(M, N, **opts)
     offs = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
     return x, w, offs, grad_out
-
-
-def nvidia_smi_id(cuda_index: int, visible: str | None) -> str:
-    """The id nvidia-smi knows CUDA device cuda_index by: its entry in CUDA_VISIBLE_DEVICES
-    (an index or a GPU-... UUID) when that is set, else the index itself."""
-    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
-    return entries[cuda_index] if cuda_index < len(entries) else str(cuda_index)
-
-
-def _this_gpu_for_nvidia_smi() -> str:
-    """The current CUDA device as nvidia-smi's -i wants it: by UUID (CUDA's and
-    nvidia-smi's device orders can differ), else through CUDA_VISIBLE_DEVICES."""
-    index = torch.cuda.current_device()
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid:
-        text = str(uuid)
-        return text if text.startswith("GPU-") else f"GPU-{text}"
-    return nvidia_smi_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
-
-
-def _parent_death_signal():
-    """A preexec_fn for Popen that has the child sent SIGTERM when this process dies, even by
-    SIGKILL (Linux prctl PR_SET_PDEATHSIG), or None where there is no prctl. Looked up
-    here, in the parent: the child only makes the call."""
-    try:
-        import ctypes
-        import signal
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)
-
-
-class GpuMonitor:
-    """Samples the GPU's SM clock, power and clock event reasons with nvidia-smi every
-    0.5 s into a file while the benchmark runs; take() returns the samples since the last
-    call, summarized (summarize_gpu_samples). Without nvidia-smi there are no samples."""
-
-    def __init__(self, path: Path):
-        self.path, self.proc, self.seen = path, None, 0
-        cmd = ["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader", "-lms", "500",
-               "-i", _this_gpu_for_nvidia_smi()]
-        if shutil.which("stdbuf"):  # line-buffered, so that take() sees each sample at once
-            cmd = ["stdbuf", "-oL"] + cmd
-        try:
-            with path.open("w") as f:
-                self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL,
-                                             preexec_fn=_parent_death_signal())
-        except OSError:
-            self.proc = None
-
-    def take(self) -> dict | None:
-        if self.proc is None:
-            return None
-        text = self.path.read_text()
-        lines = text[:text.rfind("\n") + 1].splitlines()  # whole lines only: the last may be half written
-        new, self.seen = lines[self.seen:], len(lines)
-        return summarize_gpu_samples(new)
-
-    def take_all(self) -> dict | None:
-        """The summary of every sample of the run."""
-        if self.proc is None or not self.path.exists():
-            return None
-        return summarize_gpu_samples(self.path.read_text().splitlines())
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def environment(args) -> dict:
@@ -648,8 +359,8 @@ def bench_shape(args, shape, mode: str, torchao, monitor: GpuMonitor) -> list[di
         rec["gpu"] = gpu
         records.append(rec)
         print(f"{shape} {mode:7s} {method:13s} {rec['status']:7s} "
-              f"fwd {_fmt(rec.get('fwd_ms'), '.3f')} ms, fwd+bwd {_fmt(rec.get('fwd_bwd_ms'), '.3f')} ms "
-              f"(spread {_percent(rec.get('fwd_bwd_spread'))}) {rec['note']}", flush=True)
+              f"fwd {fmt(rec.get('fwd_ms'), '.3f')} ms, fwd+bwd {fmt(rec.get('fwd_bwd_ms'), '.3f')} ms "
+              f"(spread {percent(rec.get('fwd_bwd_spread'))}) {rec['note']}", flush=True)
     if gpu:
         print(f"  GPU while timed: SM clock median {gpu['sm_mhz_median']:.0f} MHz (rated "
               f"{gpu['sm_mhz_max_rated']:.0f}), power {gpu['power_w_median']:.0f} W of "

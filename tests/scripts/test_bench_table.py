@@ -1,5 +1,6 @@
-"""The CPU-testable parts of scripts/bench_grouped_mm.py (records, ratios, table, inputs),
-and one GPU smoke run that skips without CUDA."""
+"""The CPU-testable parts of scripts/bench_grouped_mm.py, grouped_mm_records.py and
+gpu_monitor.py (records, ratios, table, inputs, GPU samples), and one GPU smoke run that
+skips without CUDA."""
 import json
 import math
 import random
@@ -98,9 +99,9 @@ def test_uneven_groups_are_reproducible_per_seed(bench):
     assert a != sorted(a) or a != sorted(a, reverse=True)  # order is shuffled, not ramped
 
 
-def test_flops_count_forward_and_forward_backward(bench):
-    assert bench.flops(3, 5, 7, "fwd") == 2 * 105
-    assert bench.flops(3, 5, 7, "fwd_bwd") == 6 * 105
+def test_flops_count_forward_and_forward_backward(bench_records):
+    assert bench_records.flops(3, 5, 7, "fwd") == 2 * 105
+    assert bench_records.flops(3, 5, 7, "fwd_bwd") == 6 * 105
 
 
 def test_add_ratios_divides_the_baseline_time_by_the_method_time(bench):
@@ -263,20 +264,20 @@ def test_summarize_rounds_takes_the_median_round_and_the_spread(bench):
     assert "fwd_ms" not in failed and "fwd_bwd_ms" not in failed
 
 
-def test_summarize_gpu_samples_reads_nvidia_smi_lines(bench):
+def test_summarize_gpu_samples_reads_nvidia_smi_lines(gpu_monitor):
     lines = ["1650 MHz, 1980 MHz, 693.29 W, 700.00 W, 0x0000000000000004",
              "1980 MHz, 1980 MHz, 120.50 W, 700.00 W, 0x0000000000000000",
              "garbage line", "[N/A], 1980 MHz, 1 W, 700 W, 0x0",
              "1440 MHz, 1980 MHz, 699.00 W, 700.00 W, 0x0000000000000084"]
-    s = bench.summarize_gpu_samples(lines)
+    s = gpu_monitor.summarize_gpu_samples(lines)
     assert s["n"] == 3 and s["sm_mhz_median"] == 1650 and s["sm_mhz_min"] == 1440
     assert s["sm_mhz_max_rated"] == 1980 and s["power_limit_w"] == 700
     assert s["power_w_median"] == pytest.approx(693.29) and s["power_capped"] == pytest.approx(2 / 3)
-    assert bench.summarize_gpu_samples(["", "no samples"]) is None
+    assert gpu_monitor.summarize_gpu_samples(["", "no samples"]) is None
 
 
-def test_gpu_monitor_takes_whole_lines_only(bench, tmp_path):
-    monitor = bench.GpuMonitor.__new__(bench.GpuMonitor)  # no nvidia-smi here: feed its file by hand
+def test_gpu_monitor_takes_whole_lines_only(gpu_monitor, tmp_path):
+    monitor = gpu_monitor.GpuMonitor.__new__(gpu_monitor.GpuMonitor)  # no nvidia-smi here: feed its file by hand
     monitor.path, monitor.proc, monitor.seen = tmp_path / "s.csv", object(), 0
     line = "1650 MHz, 1980 MHz, 693.29 W, 700.00 W, 0x0000000000000004\n"
     monitor.path.write_text(line + line[:20])  # the second sample half written
@@ -288,10 +289,10 @@ def test_gpu_monitor_takes_whole_lines_only(bench, tmp_path):
     assert monitor.take() is None  # nothing new
 
 
-def test_nvidia_smi_id_follows_cuda_visible_devices(bench):
-    assert bench.nvidia_smi_id(0, None) == "0" and bench.nvidia_smi_id(1, "") == "1"
-    assert bench.nvidia_smi_id(0, "3,5") == "3" and bench.nvidia_smi_id(1, "3, 5") == "5"
-    assert bench.nvidia_smi_id(0, "GPU-8f3a") == "GPU-8f3a"
+def test_nvidia_smi_id_follows_cuda_visible_devices(gpu_monitor):
+    assert gpu_monitor.nvidia_smi_id(0, None) == "0" and gpu_monitor.nvidia_smi_id(1, "") == "1"
+    assert gpu_monitor.nvidia_smi_id(0, "3,5") == "3" and gpu_monitor.nvidia_smi_id(1, "3, 5") == "5"
+    assert gpu_monitor.nvidia_smi_id(0, "GPU-8f3a") == "GPU-8f3a"
 
 
 def test_a_shape_given_twice_runs_once(bench, capsys):
