@@ -4,8 +4,10 @@
         --config train_configs/moe_1b_h200.toml [--section.key=value ...] \
         [--warmup 5] [--steps 3] [--out profile.json] [--trace trace.json]
 
-Builds the model, optimizer and data exactly as the training loop does, runs `--warmup`
-steps, then profiles `--steps` steps and prints GPU kernel time per step by category:
+Builds the model, optimizer and data exactly as the training loop does and runs its steps
+(the router bias update and the loss all-reduce included): `--warmup` steps, `--steps`
+timed steps (the wall time per step, unprofiled), then `--steps` profiled steps. Prints GPU
+kernel time per step by category:
 expert GEMMs (CUTLASS grouped kernels and the op's zeroing of rows past the last group),
 dense GEMMs (attention projections, dense FFN, output head), attention (SDPA kernels),
 float8 quantization (ep_fp8's Triton quant kernels), dispatch (ep_fp8's index and row
@@ -19,6 +21,7 @@ Categories come from kernel names, so they are a guide, not an exact accounting.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -73,19 +76,20 @@ def summarize(events, steps: int) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'category':<22} {'ms/step':>9} {'share':>7}   largest kernel"]
+    width = max(len(name) for name, _ in CATEGORIES)
+    lines = [f"{'category':<{width}} {'ms/step':>9} {'share':>7}   largest kernel"]
     for r in rows:
         top = r["top_kernels"][0]["name"][:60] if r["top_kernels"] else ""
-        lines.append(f"{r['category']:<22} {r['ms_per_step']:>9.2f} {100 * r['share']:>6.1f}%   {top}")
-    lines.append(f"{'total GPU kernel time':<22} {sum(r['ms_per_step'] for r in rows):>9.2f}")
+        lines.append(f"{r['category']:<{width}} {r['ms_per_step']:>9.2f} {100 * r['share']:>6.1f}%   {top}")
+    lines.append(f"{'total GPU kernel time':<{width}} {sum(r['ms_per_step'] for r in rows):>9.2f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from ep_fp8.train.config import ConfigError, load_config
     from ep_fp8.train.data import DataLoader, build_source
-    from ep_fp8.train.loop import (build_model, build_optimizer_and_scheduler, resolve_device,
-                                   resolve_dtype, train_step)
+    from ep_fp8.train.loop import (build_model, build_optimizer_and_scheduler, loop_step, resolve_device,
+                                   resolve_dtype)
     from ep_fp8.train.main import init_distributed, parse_cli
 
     parser = argparse.ArgumentParser(
@@ -104,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} {path!r} {problem}")
     try:
         path, overrides = parse_cli(rest)
-        cfg = load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        # Writes nothing in the run's folder: its checks (an earlier run's checkpoints there,
+        # say) do not apply.
+        cfg = load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                          run_folder=False)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -115,12 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(device.type)
     rank, world = dist.get_rank(), dist.get_world_size()
     t = cfg.training
+    try:  # before the model: a data file that does not hold what [data] asks stops it early
+        source = build_source(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     model, _, _ = build_model(cfg, device, resolve_dtype(cfg, device))
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
-    loader = DataLoader(build_source(cfg), t.batch_size, rank, world)
+    loader = DataLoader(source, t.batch_size, rank, world)
 
-    def step():
-        train_step(model, loader, optimizer, scheduler, t.grad_accum, t.max_norm, device)
+    group = dist.group.WORLD if world > 1 else None
+
+    def step():  # what the training loop runs per step, its host sync included
+        loop_step(cfg, model, loader, optimizer, scheduler, device, group)
 
     for _ in range(ours.warmup):
         step()
@@ -154,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         if ours.out:
             with open(ours.out, "w") as f:
                 json.dump({"job": cfg.job.name, "float8": cfg.float8.enabled, "world": world,
+                           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "warmup_steps": ours.warmup, "timed_steps": ours.steps, "profiled_steps": ours.steps,
                            "tokens_per_step": tokens, "wall_ms_per_step": wall_ms, "categories": rows}, f, indent=1)
         if ours.trace:
             prof.export_chrome_trace(ours.trace)

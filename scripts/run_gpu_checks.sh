@@ -10,7 +10,8 @@
 #          shapes, OUT_DIR/profile_grouped_mm.log) and scripts/bench_dispatch.py (local
 #          path on 1 GPU; all-to-all over every visible GPU when there are several)
 #   train  moe_1b_h200.toml for 50 steps with float8 on and off (torch.compile on), then
-#          scripts/profile_train_step.py for each: tokens/s, MFU, memory, time by category
+#          scripts/profile_train_step.py for each: GPU time by category and unprofiled
+#          tokens/s (the training logs give tokens/s, MFU and memory)
 #   ep     (2 GPUs or more) moe_1b_h200.toml with EP over every GPU for 30 steps, float8
 #          experts with a float8 payload and bf16 experts with a bf16 payload; then the
 #          float8 run resumed from its step-20 checkpoint with EP = 1 (FSDP2 over the same

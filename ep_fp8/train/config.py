@@ -257,9 +257,11 @@ def _set(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
 
 
 def load_config(path: str | None, overrides: typing.Sequence[str] = (),
-                world_size: int | None = None) -> Config:
+                world_size: int | None = None, run_folder: bool = True) -> Config:
     """Read `path` (None: all defaults), apply `--section.key=value` overrides, check keys,
     types and combinations for `world_size` ranks (None: skip the world-size checks).
+    `run_folder=False` skips the checks of the run's and the checkpoints' folders, for a
+    tool that builds the run but writes nothing there (scripts/profile_train_step.py).
 
     Touches no process group and writes no file. Raises ConfigError (a ValueError) naming
     the file or override and the key; FileNotFoundError for a missing config file.
@@ -289,7 +291,7 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
         cfg.source = f"{cfg.source} + command line"
     from ep_fp8.train.validate import validate
 
-    validate(cfg, world_size)
+    validate(cfg, world_size, run_folder)
     return cfg
 
 

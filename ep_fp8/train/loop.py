@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 
 import torch
 import torch.distributed as dist
@@ -258,6 +259,38 @@ def train_step(model, loader: DataLoader, optimizer, scheduler, grad_accum: int,
     return loss_sum, grad_norm, lr
 
 
+class StepResult(typing.NamedTuple):
+    loss: float           # averaged over the ranks
+    grad_norm: float      # global, before clipping
+    lr: float
+    load_imbalance_max: float
+    sigterm_ranks: int    # how many ranks asked to stop, by signal
+    sigint_ranks: int
+
+
+def loop_step(cfg: Config, model, loader: DataLoader, optimizer, scheduler, device: torch.device,
+              group=None, stop_signal: str | None = None) -> StepResult:
+    """One step of the training loop: train_step, the routers' bias update, then one small
+    all-reduce over `group` (None: one rank) of the loss and of each rank's stop flag
+    (`stop_signal`: "SIGTERM", "SIGINT" or None), so that all ranks stop after the same
+    step even when only some were signalled. Reads the routers' statistics and then the
+    loss, gradient norm and flags on the host: the loop's syncs, once per step."""
+    from ep_fp8.moe import update_router_biases
+
+    t = cfg.training
+    loss, grad_norm, lr = train_step(model, loader, optimizer, scheduler, t.grad_accum, t.max_norm, device)
+    balance = update_router_biases(model, cfg.router.bias_update_rate, group=group)
+    flags = torch.tensor([stop_signal == "SIGTERM", stop_signal == "SIGINT"], dtype=loss.dtype, device=device)
+    shared = torch.cat([loss.reshape(1), flags])
+    world = 1
+    if group is not None:
+        dist.all_reduce(shared, group=group)
+        world = dist.get_world_size(group)
+    loss_avg, n_term, n_int, norm = torch.cat([shared[:1] / world, shared[1:],
+                                               grad_norm.to(device).reshape(1)]).tolist()
+    return StepResult(loss_avg, norm, lr, balance["load_imbalance_max"], int(n_term), int(n_int))
+
+
 def train(cfg: Config) -> dict:
     """Train as `cfg` says. Returns {"step", "records", "stopped", "checkpoint"}: the last
     step done, the logged metric records, why it stopped early ("" if it did not), and the
@@ -266,7 +299,6 @@ def train(cfg: Config) -> dict:
     the data files do not hold what [data] asks or the checkpoint to resume from does not
     fit the model this config builds."""
     from ep_fp8.model import flops_per_token
-    from ep_fp8.moe import update_router_biases
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device, t = resolve_device(cfg), cfg.training
@@ -329,22 +361,12 @@ def train(cfg: Config) -> dict:
     with _StopFlag() as stop:
         while step < t.steps and not stopped:
             step += 1
-            loss, grad_norm, lr = train_step(model, loader, optimizer, scheduler,
-                                             t.grad_accum, t.max_norm, device)
-            balance = update_router_biases(model, cfg.router.bias_update_rate, group=dp_group)
-            # One small all-reduce carries the loss and every rank's stop flag, so all
-            # ranks stop after the same step even when only some were signalled.
-            flags = torch.tensor([stop.name == "SIGTERM", stop.name == "SIGINT"],
-                                 dtype=loss.dtype, device=device)
-            shared = torch.cat([loss.reshape(1), flags])
-            if world > 1:
-                dist.all_reduce(shared)
-            loss_avg, n_term, n_int, norm = torch.cat(
-                [shared[:1] / world, shared[1:], grad_norm.to(device).reshape(1)]).tolist()
+            loss_avg, norm, lr, imbalance, n_term, n_int = loop_step(
+                cfg, model, loader, optimizer, scheduler, device, dp_group, stop.name)
             if not (math.isfinite(loss_avg) and math.isfinite(norm)):
                 # A non-finite gradient has already reached the weights: stop here, with
                 # the step logged (the curve shows where it diverged).
-                metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"], last=True)
+                metrics.step(step, loss_avg, norm, lr, imbalance, last=True)
                 metrics.close()
                 raise NonFiniteLossError(
                     f"loss is {loss_avg} and gradient norm {norm} at step {step}: stopping. "
@@ -352,7 +374,7 @@ def train(cfg: Config) -> dict:
                     f"[optimizer] lr or raise [lr_schedule] warmup_steps before resuming.")
             if n_term + n_int > 0:  # the same words on every rank, whichever were signalled
                 stopped = f"stopped by {'SIGTERM' if n_term else 'SIGINT'} after step {step}"
-            metrics.step(step, loss_avg, norm, lr, balance["load_imbalance_max"], last=bool(stopped))
+            metrics.step(step, loss_avg, norm, lr, imbalance, last=bool(stopped))
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):
                 with metrics.paused():   # not training time: tokens/s and MFU leave it out

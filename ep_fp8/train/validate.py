@@ -138,11 +138,13 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"the model's vocab_size = {vocab_size} ([model] vocab_size)")
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
+def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True) -> None:
     """Raise ConfigError for a value out of range or an impossible combination; with
     `world_size`, also check the parallel degrees against it and resolve `ep = 0` (auto)
-    to its value. Reads the data files' names and the tokenizer file, and checks that the
-    run's and the checkpoints' folders can be written; writes nothing."""
+    to its value. Reads the data files' names and the tokenizer file, and (unless
+    `run_folder` is False) checks that the run's and the checkpoints' folders can be
+    written and hold no earlier run's checkpoints that this run would mix with; writes
+    nothing."""
     _ranges(cfg)
     _device(cfg)
     try:
@@ -160,6 +162,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                      cfg.parallel.dp_replicate)
     _float8_backend(cfg, args)
     _data(cfg, args.vocab_size)
+    if not run_folder:
+        return
     _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")
     for name in ("config.toml",) + (("metrics.jsonl",) if cfg.metrics.jsonl else ()):
         path = os.path.join(run_dir(cfg), name)

@@ -50,3 +50,17 @@ def test_an_output_path_that_cannot_be_written_stops_before_the_config_is_read(p
     with pytest.raises(SystemExit) as e:
         prof.main([flag, __file__ + "/profile.json", "--config", "/nonexistent.toml"])
     assert e.value.code == 2 and f"{__file__!r} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_earlier_runs_checkpoints_do_not_stop_the_profiler(prof, capsys, tmp_path):
+    # It writes nothing in the run's folder, so the training run's folder checks do not
+    # apply: past the config, this CPU machine stops it for want of a GPU.
+    from ep_fp8.train.checkpoint import MARKER
+
+    (tmp_path / "debug_model" / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "debug_model" / "checkpoints" / "step-2" / MARKER).write_text("{}")
+    config = str(SCRIPT.parents[1] / "train_configs" / "debug_model.toml")
+    code = prof.main(["--config", config, f"--job.output_dir={tmp_path}", "--checkpoint.enabled=false",
+                      "--training.device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a CUDA device" in err and "config error" not in err, err

@@ -249,6 +249,8 @@ def test_a_new_run_in_a_folder_with_an_earlier_runs_checkpoints_is_an_error(tmp_
     for off in (["--checkpoint.enabled=false"], ["--checkpoint.resume=false"]):
         with pytest.raises(ConfigError, match=r"choose another \[job\] name"):
             load_config(None, run + off + ["--checkpoint.folder=elsewhere"])
+    # A tool that writes nothing in the run's folder (the step profiler) skips these checks.
+    load_config(None, run + ["--checkpoint.enabled=false"], run_folder=False)
 
 
 def test_the_folder_a_saved_config_names_counts_as_that_runs_checkpoints(tmp_path):

@@ -1,12 +1,16 @@
 """train_step's gradient accumulation: n micro-batches train as one batch of all their
-sequences, the MoE aux loss included."""
+sequences, the MoE aux loss included; and loop_step, the loop's whole step around it."""
 
 import dataclasses
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from ep_fp8.model import ModelArgs, Transformer
-from ep_fp8.train.loop import train_step
+from ep_fp8.moe.router import Router
+from ep_fp8.train.config import Config
+from ep_fp8.train.loop import loop_step, train_step
 
 ARGS = ModelArgs(vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, n_dense_layers=1,
                  dense_hidden_dim=24, n_experts=4, top_k=2, expert_hidden_dim=8,
@@ -47,3 +51,33 @@ def test_two_micro_batches_of_two_give_the_gate_gradient_of_one_batch_of_four():
     # The aux loss does reach the gate: without it the update differs well beyond that.
     no_aux = _gate_update(dataclasses.replace(ARGS, aux_loss_coef=0.0), tokens, grad_accum=1)
     assert (no_aux - one).abs().max() > 0.05 * one.abs().max()
+
+
+def test_loop_step_moves_the_router_biases_resets_their_counts_and_reports_the_stop_signal():
+    # What scripts/profile_train_step.py times as one step, as the loop runs it: without
+    # the bias update the counts kept growing step after step and the biases never moved.
+    cfg = Config()
+    cfg.training.grad_accum, cfg.training.max_norm, cfg.router.bias_update_rate = 1, 1.0, 0.01
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    gen = torch.Generator().manual_seed(2)
+    batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, ARGS.vocab_size, (2, 4, 9), generator=gen)]
+    with torch.no_grad():
+        expected_loss = float(F.cross_entropy(model(batches[0][0]).flatten(0, 1), batches[0][1].flatten()))
+    for r in routers:  # that forward counted its tokens too
+        r.tokens_per_expert.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cpu = torch.device("cpu")
+
+    first = loop_step(cfg, model, _Batches(batches[:1]), optimizer, scheduler, cpu)
+    assert first.loss == pytest.approx(expected_loss, rel=1e-6)  # one rank: its own loss
+    assert (first.sigterm_ranks, first.sigint_ranks) == (0, 0)
+    assert first.lr == 0.1 and first.grad_norm > 0 and first.load_imbalance_max >= 1.0
+    for r in routers:
+        assert float(r.tokens_per_expert.sum()) == 0.0  # counted anew each step
+        steps = r.expert_bias / 0.01
+        assert torch.equal(steps, steps.round()) and steps.abs().max() == 1  # one step of the rate
+    second = loop_step(cfg, model, _Batches(batches[1:]), optimizer, scheduler, cpu, stop_signal="SIGINT")
+    assert (second.sigterm_ranks, second.sigint_ranks) == (0, 1)
