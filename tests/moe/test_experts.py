@@ -194,6 +194,26 @@ def test_float8_experts_quantize_x_rows_once_for_w1_and_w3(monkeypatch, backend,
         assert q1 is None and q3 is None
 
 
+
+@needs_fp8_ops
+@pytest.mark.parametrize("exact", [False, True])
+def test_exact_scales_reach_every_expert_matmul_and_the_shared_rows_of_x(monkeypatch, exact):
+    seen = []
+    real = ep_fp8.ops.scaled_grouped_mm
+
+    def recording(a, w_t, offs, *args, exact_scales=False, x_fp8=None, **kw):
+        seen.append((exact_scales, x_fp8))
+        return real(a, w_t, offs, *args, exact_scales=exact_scales, x_fp8=x_fp8, **kw)
+
+    monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
+    ex = _experts(float8=True, float8_backend="emulated", exact_scales=exact)
+    x, offs = _grouped_input(torch.Generator().manual_seed(7), dtype=torch.bfloat16)
+    ex(x, offs)
+    assert [flag for flag, _ in seen] == [exact] * 3  # w1, w3, w2
+    rows, scale = seen[0][1]
+    want_rows, want_scale = ep_fp8.ops.quantize_rows(x, exact)
+    assert torch.equal(rows.float(), want_rows.float()) and torch.equal(scale, want_scale)
+
 @needs_fp8_ops
 def test_float8_payload_into_bf16_experts_uses_the_dequantized_rows():
     from ep_fp8.ops import quantize_rows

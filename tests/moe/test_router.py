@@ -100,6 +100,14 @@ def test_update_router_biases_leaves_bias_alone_without_rate_or_when_disabled():
     assert update_router_biases(model, rate=0.1)["load_imbalance_max"] == 1.0  # nothing routed
 
 
+
+def test_load_imbalance_is_max_over_mean_per_layer_then_max_and_mean_over_layers():
+    model = torch.nn.ModuleList([Router(D, 4, 2), Router(D, 4, 2), Router(D, 4, 2)])
+    for r, counts in zip(model, ([8.0, 0, 0, 0], [2.0, 2, 2, 2], [3.0, 1, 0, 0])):
+        r.tokens_per_expert.copy_(torch.tensor(counts))   # imbalances 4, 1 and 3
+    stats = update_router_biases(model, rate=0.0)
+    assert stats == {"load_imbalance_max": 4.0, "load_imbalance_mean": pytest.approx(8 / 3)}
+
 def test_expert_bias_is_checkpointed_and_counts_are_not():
     r = Router(D, E, 2)
     assert "expert_bias" in r.state_dict() and "tokens_per_expert" not in r.state_dict()

@@ -165,6 +165,16 @@ def test_a_step_with_both_a_new_and_an_old_save_counts_as_the_new_one(tmp_path):
     assert Checkpointer(str(tmp_path)).latest() == (3, str(tmp_path / "step-3"))
 
 
+
+def test_the_next_save_removes_the_old_copy_a_crash_left_beside_its_new_one(tmp_path):
+    # A crash between the two renames of a redone step leaves step-N and step-N.old, both
+    # complete; step-N counts, and the next save sweeps the .old away.
+    for name in ("step-2", "step-2.old"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / MARKER).write_text("{}")
+    Checkpointer(str(tmp_path), keep_last=3).save(3, *make_state(0))
+    assert sorted(os.listdir(tmp_path)) == ["step-2", "step-3"]
+
 def test_rng_is_left_to_the_callers_seeding_when_the_world_size_differs(tmp_path):
     import json
 
@@ -394,6 +404,27 @@ def test_a_save_that_fails_on_one_rank_is_raised_on_every_rank(tmp_path):
     assert results[0] == results[1] and results[0].startswith("rank 1: [Errno 28]"), results
     assert sorted(os.listdir(tmp_path)) == ["step-1"]
 
+
+
+def _rng_per_rank_worker(rank, world, folder):
+    saved, restored = make_state(0), make_state(1)   # (each seeds torch itself)
+    torch.manual_seed(100 + rank)                # each rank its own stream
+    ckpt = Checkpointer(folder)
+    path = ckpt.save(1, *saved)
+    after_save = torch.rand(4)
+    torch.manual_seed(0)                         # the same on both ranks, then restored
+    ckpt.load(path, *restored)
+    return torch.equal(torch.rand(4), after_save), after_save.tolist()
+
+
+def test_each_rank_gets_its_own_rng_state_back(tmp_path):
+    import functools
+
+    from tests._dist import run_ranks
+
+    results = run_ranks(functools.partial(_rng_per_rank_worker, folder=str(tmp_path)), 2, timeout=120)
+    assert results[0][0] and results[1][0], results
+    assert results[0][1] != results[1][1]        # the two streams did differ
 
 def test_a_checkpoint_saved_before_data_fingerprints_still_loads(tmp_path, monkeypatch):
     from ep_fp8.train.data import DataLoader

@@ -63,3 +63,35 @@ def test_clipping_matches_a_float64_reference():
     before = [p.grad.clone() for p in params]
     assert clip_grad_norm_(params, max_norm=0.0).item() == pytest.approx(1.0, rel=1e-5)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, params))
+
+
+
+def _random_grads(seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((5, 3), (7,), (2, 2, 2), (4, 6))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * scale
+    grads64 = [p.grad.double().clone() for p in params]
+    return params, grads64, torch.sqrt(sum((g ** 2).sum() for g in grads64)).item()
+
+
+def test_gradients_under_max_norm_are_left_exactly_as_they_are():
+    # Never scaled up: the clip coefficient is capped at 1.
+    params, grads64, ref = _random_grads(1, scale=0.01)
+    before = [p.grad.clone() for p in params]
+    norm = clip_grad_norm_(params, max_norm=10 * ref)
+    assert norm.item() == pytest.approx(ref, rel=1e-6)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, params))
+
+
+def test_gradients_on_several_meshes_are_clipped_by_their_global_norm(monkeypatch):
+    # Gradients are grouped by mesh (FSDP2's and the experts' differ); the norm must be
+    # the square root of the sum of every group's squares, and all groups scaled alike.
+    import ep_fp8.train.optim as optim
+
+    monkeypatch.setattr(optim, "_mesh_key", lambda g: g.ndim)  # three groups here
+    params, grads64, ref = _random_grads(2, scale=3.0)
+    norm = clip_grad_norm_(params, max_norm=1.0)
+    assert norm.item() == pytest.approx(ref, rel=1e-6)
+    for p, g in zip(params, grads64):
+        torch.testing.assert_close(p.grad.double(), g / ref, rtol=1e-5, atol=1e-7)

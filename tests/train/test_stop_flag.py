@@ -67,7 +67,6 @@ def test_an_inherited_ignored_sigint_stays_ignored():
     assert proc.returncode == 0 and "name: ''" in proc.stdout, (proc.stdout, proc.stderr)
 
 
-@pytest.mark.slow
 def _start_endless_run(tmp_path, min_lines: int, text: bool):
     """A single-process debug run with checkpoints on and no step limit, once its
     metrics.jsonl has `min_lines` lines: (process, metrics path)."""
@@ -82,6 +81,7 @@ def _start_endless_run(tmp_path, min_lines: int, text: bool):
     return proc, metrics
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
     proc, metrics = _start_endless_run(tmp_path, min_lines=4, text=True)
     proc.send_signal(signal.SIGINT)
@@ -92,6 +92,7 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_by_sigint(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_the_output_pipe_closed_still_saves(tmp_path):
     # `run_train.sh | tee log`: the same Ctrl-C ends tee, so every later print meets a
     # closed pipe; the run must still finish its step and save.
