@@ -191,6 +191,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is bool:
         if not isinstance(value, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                raise ConfigError(f"{bad} (TOML booleans are lowercase: {value.lower()})")
             raise bad
         return value
     if tp is int:

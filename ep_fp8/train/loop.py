@@ -9,6 +9,7 @@ called several times in one process (the tests do).
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_mo
 from ep_fp8.train.data import DataLoader, MarkovSource, build_source
 from ep_fp8.train.metrics import MetricsLogger, peak_flops
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, schedule_note
-from ep_fp8.train.validate import resolve_ep
+from ep_fp8.train.validate import EARLIER_RUNS, resolve_ep
 
 
 class NonFiniteLossError(RuntimeError):
@@ -196,6 +197,26 @@ def _say(msg: str) -> None:
         print_or_mute(msg)
 
 
+def _keep_earlier_run_files(cfg: Config) -> None:
+    """Rank 0, a run that starts from step 0: the config.toml, metrics.jsonl and tb/ of an
+    earlier run in this folder (one that saved no checkpoints: validation refuses the
+    others) move to <run>/earlier-runs/<their date>/ rather than being overwritten."""
+    folder = run_dir(cfg)
+    names = [n for n in ("config.toml", "metrics.jsonl", "tb") if os.path.lexists(os.path.join(folder, n))]
+    if dist.get_rank() != 0 or not names:
+        return
+    when = max(os.path.getmtime(os.path.join(folder, n)) for n in names)
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+    dest, n = os.path.join(folder, EARLIER_RUNS, stamp), 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(folder, EARLIER_RUNS, f"{stamp}-{n}")
+    os.makedirs(dest)
+    for name in names:
+        os.rename(os.path.join(folder, name), os.path.join(dest, name))
+    _say(f"an earlier run's {', '.join(names)} in {folder} moved to {dest}")
+
+
 def _save_and_print_config(cfg: Config) -> None:
     """Rank 0: print the resolved config once and save it as <run>/config.toml."""
     if dist.get_rank() != 0:
@@ -347,6 +368,8 @@ def train(cfg: Config) -> dict:
                  f"is {t.steps}; raise training.steps to continue")
 
     _agree_on_lock(cfg, create=True)   # held until the process ends
+    if step == 0:
+        _keep_earlier_run_files(cfg)
     _save_and_print_config(cfg)   # after the resume: a config that cannot resume writes nothing
     metrics = MetricsLogger(
         run_dir(cfg), rank=rank, world=world, steps=t.steps, log_every=cfg.metrics.log_every,

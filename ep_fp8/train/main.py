@@ -42,6 +42,9 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
             path = value
         elif name.startswith("--") and "." in name and (eq or value):
             overrides.append(f"{name}={value}")
+        elif name.startswith("--") and "." in name:   # a bare flag, as other trainers take them
+            raise ConfigError(f"command line: {arg!r} has no value: write {arg}=true (or "
+                              f"{arg}=VALUE)\n{USAGE}")
         else:
             raise ConfigError(f"command line: cannot read {arg!r}\n{USAGE}")
         i += 1
@@ -99,15 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     from ep_fp8.train.loop import NonFiniteLossError, resolve_device, train
 
     init_distributed(resolve_device(cfg).type)
+    # These errors are raised alike on every rank (agreed, or from all-reduced values):
+    # rank 0 says it once.
+    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     code = 0
     try:
         if train(cfg)["stopped"].startswith("stopped by SIGINT"):
             code = INTERRUPTED
     except ConfigError as e:   # found on reading the data or a checkpoint, before anything was written
-        print(f"config error: {e}", file=sys.stderr)
+        say(f"config error: {e}", file=sys.stderr)
         code = 2
     except (NonFiniteLossError, CheckpointSaveError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # a SIGINT before the training loop took over SIGINT
         print("interrupted (SIGINT) before training started: nothing saved", file=sys.stderr)

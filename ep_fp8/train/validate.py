@@ -104,7 +104,8 @@ def _parallel(cfg: Config, n_experts: int, world_size: int | None) -> None:
            f"[parallel] dp_replicate = {rep} must divide the world size {world_size}")
     _check((world_size // rep) % max(ep, 1) == 0, cfg,
            f"[parallel] ep = {ep} must divide the world size {world_size} "
-           f"/ [parallel] dp_replicate {rep} = {world_size // rep}")
+           f"/ [parallel] dp_replicate {rep} = {world_size // rep} (--parallel.ep=0 picks the "
+           f"largest that fits)")
 
 
 def _data(cfg: Config, vocab_size: int) -> None:
@@ -180,8 +181,10 @@ def _can_create_folder(cfg: Config, folder: str, what: str) -> None:
     _check(not problem, cfg, f"{what} {folder!r} {problem}")
 
 
+# Where a run that starts from step 0 keeps the files an earlier run left in its folder.
+EARLIER_RUNS = "earlier-runs"
 # What the run itself writes in its folder; the checkpoint folder must not be one of them.
-RUN_FILES = ("config.toml", "metrics.jsonl", ".lock", "tb")
+RUN_FILES = ("config.toml", "metrics.jsonl", ".lock", "tb", EARLIER_RUNS)
 
 
 def _earlier_checkpoint_folders(cfg: Config) -> list[str]:

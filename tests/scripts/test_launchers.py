@@ -66,7 +66,8 @@ def test_slurm_script_refuses_a_loopback_rendezvous_address_on_several_nodes(tmp
     proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "resolves to 127.0.1.1 (loopback)" in proc.stderr
     assert "TORCHRUN" not in proc.stdout                              # nothing started
-    proc = subprocess.run(["bash", script, "--training.steps=5", "--job.name=a b"],
+    # No GPU here: the recipe's device = "cuda" would stop the script's config check.
+    proc = subprocess.run(["bash", script, "--training.device=cpu", "--training.steps=5", "--job.name=a b"],
                           env={**env, "RDZV_HOST": "10.1.2.3", "SLURM_GPUS_ON_NODE": "4"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -77,7 +78,7 @@ def test_slurm_script_refuses_a_loopback_rendezvous_address_on_several_nodes(tmp
     for line, host in zip(started, ("1", "0")):
         assert (f"--nnodes=2 --nproc_per_node=4 --rdzv_id=77 --rdzv_backend=c10d "
                 f"--rdzv_endpoint=10.1.2.3:29500 --rdzv_conf=is_host={host} -m ep_fp8.train "
-                f"--config train_configs/moe_16b.toml --training.steps=5 --job.name=a b") in line, line
+                f"--config train_configs/moe_16b.toml --training.device=cpu --training.steps=5 --job.name=a b") in line, line
 
 
 @pytest.mark.parametrize("args, message", [
