@@ -201,9 +201,11 @@ def _keep_earlier_run_files(cfg: Config) -> None:
     """Rank 0, a run that starts from step 0: the config.toml, metrics.jsonl and tb/ of an
     earlier run in this folder (one that saved no checkpoints: validation refuses the
     others) move to <run>/earlier-runs/<their date>/ rather than being overwritten."""
+    if dist.get_rank() != 0:
+        return
     folder = run_dir(cfg)
     names = [n for n in ("config.toml", "metrics.jsonl", "tb") if os.path.lexists(os.path.join(folder, n))]
-    if dist.get_rank() != 0 or not names:
+    if not names:
         return
     when = max(os.path.getmtime(os.path.join(folder, n)) for n in names)
     stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
