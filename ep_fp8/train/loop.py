@@ -192,9 +192,11 @@ def print_or_mute(msg: str, stream=None) -> None:
             pass
 
 
-def _say(msg: str) -> None:
+def say(msg: str, stream=None) -> None:
+    """Rank 0 prints msg (print_or_mute; stdout unless `stream`): for what every rank knows
+    alike."""
     if dist.get_rank() == 0:
-        print_or_mute(msg)
+        print_or_mute(msg, stream)
 
 
 def _keep_earlier_run_files(cfg: Config) -> None:
@@ -216,7 +218,7 @@ def _keep_earlier_run_files(cfg: Config) -> None:
     os.makedirs(dest)
     for name in names:
         os.rename(os.path.join(folder, name), os.path.join(dest, name))
-    _say(f"an earlier run's {', '.join(names)} in {folder} moved to {dest}")
+    say(f"an earlier run's {', '.join(names)} in {folder} moved to {dest}")
 
 
 def _save_and_print_config(cfg: Config) -> None:
@@ -242,7 +244,7 @@ def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype)
         backend = resolve_backend(cfg.float8.backend, device, args.dim, args.expert_hidden_dim,
                                   G=args.n_experts // max(dims.ep, 1) or None)
         float8 = f"on ({cfg.float8.backend}: {backend})"
-    _say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
+    say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
          f"per token; {dims.world_size} ranks, ep={dims.ep}, dp_replicate={dims.dp_replicate}, "
          f"device {device.type}, {str(dtype).removeprefix('torch.')}, float8 {float8}, "
          f"dispatch payload {dispatch_payload(cfg)}")
@@ -340,9 +342,9 @@ def train(cfg: Config) -> dict:
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
     if note := source.note:  # e.g. a tokenizer without an end-of-document token
-        _say(note)
+        say(note)
     if note := schedule_note(t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio):
-        _say(note)
+        say(note)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)
     loader = DataLoader(source, t.batch_size, rank, world)
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep_last)
@@ -362,11 +364,11 @@ def train(cfg: Config) -> dict:
                 f"with ({os.path.join(run_dir(cfg), 'config.toml')}; on another number of ranks "
                 f"add --parallel.ep=0), or choose another [job] name") from None
         last_ckpt = found[1]
-        _say(f"resumed from {found[1]} (step {step})")
+        say(f"resumed from {found[1]} (step {step})")
         if loader.resume_note:
-            _say(loader.resume_note)
+            say(loader.resume_note)
         if step >= t.steps:
-            _say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
+            say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
                  f"is {t.steps}; raise training.steps to continue")
 
     _agree_on_lock(cfg, create=True)   # held until the process ends
@@ -404,10 +406,10 @@ def train(cfg: Config) -> dict:
                                            or step == t.steps or stopped):
                 with metrics.paused():   # not training time: tokens/s and MFU leave it out
                     last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)
-                _say(f"checkpoint {last_ckpt}")
+                say(f"checkpoint {last_ckpt}")
     if stopped and not cfg.checkpoint.enabled:
         stopped += " (checkpoint.enabled = false: nothing saved)"
     entropy = source.entropy if isinstance(source, MarkovSource) else None
-    _say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
+    say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
     return {"step": step, "records": metrics.records, "stopped": stopped,
             "checkpoint": last_ckpt}

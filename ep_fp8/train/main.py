@@ -99,21 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     if check_only:
         return 0
     from ep_fp8.train.checkpoint import CheckpointSaveError
-    from ep_fp8.train.loop import NonFiniteLossError, resolve_device, train
+    from ep_fp8.train.loop import NonFiniteLossError, resolve_device, say, train
 
     init_distributed(resolve_device(cfg).type)
-    # These errors are raised alike on every rank (agreed, or from all-reduced values):
-    # rank 0 says it once.
-    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     code = 0
+    # The errors below are raised alike on every rank (agreed, or from all-reduced
+    # values): rank 0 says them once.
     try:
         if train(cfg)["stopped"].startswith("stopped by SIGINT"):
             code = INTERRUPTED
     except ConfigError as e:   # found on reading the data or a checkpoint, before anything was written
-        say(f"config error: {e}", file=sys.stderr)
+        say(f"config error: {e}", sys.stderr)
         code = 2
     except (NonFiniteLossError, CheckpointSaveError) as e:
-        say(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", sys.stderr)
         code = 1
     except KeyboardInterrupt:  # a SIGINT before the training loop took over SIGINT
         print("interrupted (SIGINT) before training started: nothing saved", file=sys.stderr)
