@@ -36,8 +36,8 @@ class Router(nn.Module):
     """Top-k router. forward(x (T, D)) -> topk_idx (T, k) int64, topk_w (T, k) float32.
 
     Buffers: expert_bias (E,) float32, persistent (checkpointed); tokens_per_expert (E,)
-    float32, not persistent, accumulated every forward until update_router_biases
-    zeroes it. Raises ValueError on inconsistent sizes or an unknown score_func.
+    float32, not persistent, accumulated every forward in training mode until
+    update_router_biases zeroes it. Raises ValueError on inconsistent sizes or an unknown score_func.
     """
 
     def __init__(
@@ -134,11 +134,13 @@ class Router(nn.Module):
             if self.n_expert_groups > 1:
                 choice_TE = self._mask_to_top_groups(choice_TE)
             topk_idx = choice_TE.topk(self.top_k, dim=-1).indices  # (T, k)
-            # An activation-checkpoint recompute runs this forward again and counts the
+            # Only training forwards count (an evaluation must not move the biases). An
+            # activation-checkpoint recompute runs this forward again and counts the
             # batch twice. Harmless: every count of the layer is doubled alike, so the
             # max/mean imbalance and the signs of mean - count (the bias update) are the
             # same as with single counting.
-            self.tokens_per_expert += count_per_expert(topk_idx, self.n_experts).float()
+            if self.training:
+                self.tokens_per_expert += count_per_expert(topk_idx, self.n_experts).float()
 
         topk_w = scores_TE.gather(1, topk_idx)  # (T, k), differentiable
         if self.route_norm:

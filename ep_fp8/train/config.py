@@ -98,6 +98,14 @@ class DataConfig:
 
 
 @dataclass
+class ValidationConfig:
+    enabled: bool = False
+    interval: int = 100
+    batches: int = 4
+    path: str = ""
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = False
     interval: int = 500
@@ -135,6 +143,7 @@ class Config:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(

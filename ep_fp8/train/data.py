@@ -46,7 +46,10 @@ def list_files(pattern: str) -> list[str]:
 
 def _generator(seed: int, index: int) -> torch.Generator:
     # One generator per (seed, index) makes a sample independent of which rank or which
-    # batch asks for it.
+    # batch asks for it. The CPU generator keeps only the low 32 bits of its seed, so
+    # indices 2^32 apart share a generator: apart from the chain (-1), a source's samples
+    # stay distinct over its first 2^32 - 1 indices, training's counting up from 0 and
+    # held-out ones down from -2.
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
 
 
@@ -58,12 +61,13 @@ class MarkovSource:
 
     Successors of token s are (r_s + c_j) mod vocab, j < branching, with c distinct random
     offsets shared by all rows and r_s a random shift per row: distinct by construction,
-    and O(vocab * branching) to build.
+    and O(vocab * branching) to build. `held_out` draws the samples of the same chain from
+    indices that training does not reach in its first 2^32 - 2 samples (validation data).
     """
 
     note = ""  # nothing to say at start-up (TokenFileSource may have)
 
-    def __init__(self, vocab: int, branching: int, seq_len: int, seed: int):
+    def __init__(self, vocab: int, branching: int, seq_len: int, seed: int, held_out: bool = False):
         if not 1 <= branching <= vocab:
             raise ValueError(f"synthetic_branching must be in [1, synthetic_vocab={vocab}], "
                              f"got {branching}")
@@ -73,16 +77,19 @@ class MarkovSource:
         self.successors_VK = (shift_V + offsets_K[None, :]) % vocab   # (V, K)
         self.vocab, self.branching, self.seq_len, self.seed = vocab, branching, seq_len, seed
         self.entropy = math.log(branching)
+        self.held_out = held_out
         # What fixes the sample sequence; a resume compares it with the checkpoint's.
         self.fingerprint = (f"synthetic vocab {vocab} branching {branching}, seq_len {seq_len}, "
-                            f"seed {seed}")
+                            f"seed {seed}" + (", held out" if held_out else ""))
 
     def get(self, indices: list[int]) -> torch.Tensor:
         """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
         first_B = torch.empty(len(indices), dtype=torch.int64)
         choice_BL = torch.empty(len(indices), self.seq_len, dtype=torch.int64)
         for i, index in enumerate(indices):
-            g = _generator(self.seed, index)
+            # Held-out sample i at index -2 - i: training counts up from 0 and the chain
+            # is drawn at -1, so neither reaches these within 2^32 - 2 samples.
+            g = _generator(self.seed, -2 - index if self.held_out else index)
             first_B[i] = torch.randint(self.vocab, (1,), generator=g)
             choice_BL[i] = torch.randint(self.branching, (self.seq_len,), generator=g)
         tokens = [first_B]
@@ -212,6 +219,17 @@ def build_source(cfg) -> MarkovSource | TokenFileSource:
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed)
     return TokenFileSource(d.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
+
+
+def build_validation_source(cfg) -> MarkovSource | TokenFileSource:
+    """The held-out data of `cfg.validation`: for synthetic data, samples of the training
+    chain that training does not draw (in its first 2^32 - 2 samples); else the files of
+    [validation] path, read like [data] path (same source type, tokenizer, field and
+    seq_len)."""
+    d, seq_len = cfg.data, cfg.training.seq_len
+    if d.source == "synthetic":
+        return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed, held_out=True)
+    return TokenFileSource(cfg.validation.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
 
 
 class DataLoader:

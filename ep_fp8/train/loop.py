@@ -25,7 +25,7 @@ from ep_fp8.parallel.agree import first_difference, first_problem
 from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
-from ep_fp8.train.data import DataLoader, MarkovSource, build_source
+from ep_fp8.train.data import DataLoader, MarkovSource, build_source, build_validation_source
 from ep_fp8.train.metrics import MetricsLogger, peak_flops
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, schedule_note
 from ep_fp8.train.validate import EARLIER_RUNS, resolve_ep
@@ -316,26 +316,74 @@ def loop_step(cfg: Config, model, loader: DataLoader, optimizer, scheduler, devi
     return StepResult(loss_avg, norm, lr, balance["load_imbalance_max"], int(n_term), int(n_int))
 
 
+@torch.no_grad()
+def evaluate(model, source, batch_size: int, batches: int, device: torch.device,
+             group=None) -> float:
+    """Mean cross-entropy (nats per token) of `model` on the first `batches` global batches
+    of `source`, every rank of `group` (None: this rank alone) reading its own rows of each
+    as in training: the same samples at every call. The model runs in eval mode (its
+    routers count nothing, so the bias update is untouched) and returns to the mode it was
+    in. Every rank of `group` must call it (the MoE layers' all-to-alls); one host read."""
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)
+    loader = DataLoader(source, batch_size, rank, world)
+    total = torch.zeros(2, dtype=torch.float64, device=device)   # loss sum, tokens
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(batches):
+            inputs_BS, targets_BS = (x.to(device, non_blocking=True) for x in loader.next())
+            logits_BSV = model(inputs_BS)
+            total[0] += F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(),
+                                        reduction="sum")
+            total[1] += targets_BS.numel()
+    finally:
+        model.train(was_training)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    loss_sum, tokens = total.tolist()
+    return loss_sum / tokens
+
+
+def _held_out_problem(cfg: Config, val_source, world: int) -> str:
+    """'' or why the held-out files cannot fill one evaluation (batches global batches)."""
+    v, needed = cfg.validation, cfg.validation.batches * world * cfg.training.batch_size
+    if isinstance(val_source, MarkovSource) or val_source.n_windows >= needed:
+        return ""
+    return (f"{cfg.source}: [validation] path {v.path!r} holds {val_source.n_windows} "
+            f"sequence(s) of seq_len + 1 = {cfg.training.seq_len + 1} tokens, fewer than the "
+            f"{needed} one evaluation reads (batches {v.batches} x batch_size "
+            f"{cfg.training.batch_size} x {world} ranks): lower [validation] batches or add "
+            f"held-out text")
+
+
 def train(cfg: Config) -> dict:
-    """Train as `cfg` says. Returns {"step", "records", "stopped", "checkpoint"}: the last
-    step done, the logged metric records, why it stopped early ("" if it did not), and the
-    last checkpoint written. Raises NonFiniteLossError naming the step when the loss or
-    the gradient norm becomes NaN or Inf, and ConfigError (before anything is written) when
-    the data files do not hold what [data] asks or the checkpoint to resume from does not
+    """Train as `cfg` says. Returns {"step", "records", "validation", "stopped",
+    "checkpoint"}: the last step done, the logged metric records, the validation records
+    ({"step", "val_loss"}), why it stopped early ("" if it did not), and the last
+    checkpoint written. Raises NonFiniteLossError naming the step when the loss or the
+    gradient norm becomes NaN or Inf, and ConfigError (before anything is written) when
+    the data files do not hold what [data] and [validation] ask or the checkpoint to resume from does not
     fit the model this config builds."""
     from ep_fp8.model import flops_per_token
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device, t = resolve_device(cfg), cfg.training
     dtype = resolve_dtype(cfg, device)
-    problem = ""
+    problem, val_source = "", None
     try:   # reading the data finds what validation could not (too few tokens, a bad line)
         source = build_source(cfg)
     except ValueError as e:   # data.py names the file (and line) of every read or parse error
         problem = f"{cfg.source}: [data] {e}"
+    if cfg.validation.enabled and not problem:
+        try:
+            val_source = build_validation_source(cfg)
+            problem = _held_out_problem(cfg, val_source, world)
+        except ValueError as e:
+            problem = f"{cfg.source}: [validation] {e}"
     if problem := first_problem(problem):   # every rank stops, not only the one that failed
         raise ConfigError(problem)
-    if differs := first_difference(source.fingerprint):
+    fingerprint = source.fingerprint + (f"; held out {val_source.fingerprint}" if val_source else "")
+    if differs := first_difference(fingerprint):
         raise ConfigError(f"{cfg.source}: [data] the ranks read different data ({differs}): "
                           f"every rank must see the same files (on many nodes, a path on a "
                           f"file system they share)")
@@ -383,6 +431,11 @@ def train(cfg: Config) -> dict:
         jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard, printer=print_or_mute)
     metrics.start(cfg.job.name, to_dict(cfg, resolve_model=True), resumed_step=step)
     dp_group = dist.group.WORLD if world > 1 else None   # every rank reads its own data
+    v = cfg.validation
+    if val_source is not None:
+        sequences = v.batches * world * t.batch_size
+        say(f"validation: every {v.interval} steps and at step {t.steps}, on the same "
+            f"{sequences} held-out sequences ({sequences * t.seq_len:,} tokens) each time")
     stopped = ""
     model.train()
     with _StopFlag() as stop:
@@ -402,6 +455,12 @@ def train(cfg: Config) -> dict:
             if n_term + n_int > 0:  # the same words on every rank, whichever were signalled
                 stopped = f"stopped by {'SIGTERM' if n_term else 'SIGINT'} after step {step}"
             metrics.step(step, loss_avg, norm, lr, imbalance, last=bool(stopped))
+            if val_source is not None and not stopped and (step % v.interval == 0
+                                                           or step == t.steps):
+                with metrics.paused():   # not training time
+                    val_loss = evaluate(model, val_source, t.batch_size, v.batches, device,
+                                        dp_group)
+                metrics.validation(step, val_loss)
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):
                 with metrics.paused():   # not training time: tokens/s and MFU leave it out
@@ -411,5 +470,5 @@ def train(cfg: Config) -> dict:
         stopped += " (checkpoint.enabled = false: nothing saved)"
     entropy = source.entropy if isinstance(source, MarkovSource) else None
     say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
-    return {"step": step, "records": metrics.records, "stopped": stopped,
-            "checkpoint": last_ckpt}
+    return {"step": step, "records": metrics.records, "validation": metrics.val_records,
+            "stopped": stopped, "checkpoint": last_ckpt}

@@ -5,7 +5,9 @@ JSONL schema, one object per line: first
   {"run": {"name", "config", "world_size", "device", "torch", "date"}}
 then every `log_every` steps
   {"step", "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
-   "peak_mem_gib", "load_imbalance", "time_s"}.
+   "peak_mem_gib", "load_imbalance", "time_s"}
+and, with [validation] enabled, after each evaluation
+  {"step", "val_loss"}.
 A resumed run drops the lines of steps after its checkpoint and appends a new "run" line.
 """
 
@@ -103,6 +105,7 @@ class MetricsLogger:
         self._windows: list[tuple[int, float]] = []   # (steps, seconds) of each logged window
         self._imbalance: list[float] = []
         self._resumed_step = 0
+        self.val_records: list[dict] = []
 
     def start(self, name: str, config: dict, resumed_step: int) -> None:
         """Write the "run" record (after dropping the lines a resumed run will redo), then
@@ -190,6 +193,18 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
         return record
 
+    def validation(self, step: int, val_loss: float) -> dict:
+        """Record one evaluation on held-out data (rank 0 prints and writes it)."""
+        record = {"step": step, "val_loss": val_loss}
+        self.val_records.append(record)
+        if self.rank == 0:
+            self.print(f"step {step:>{len(str(self.steps))}}/{self.steps}  val_loss {val_loss:.4f}")
+            if self.path is not None:
+                self._write(record)
+            if self._tb is not None:
+                self._tb.add_scalar("val/loss", val_loss, step)
+        return record
+
     def summary(self, *, stopped: str = "", entropy: float | None = None,
                 checkpoint: str | None = None) -> str:
         """The end-of-run summary text. Throughput is the tokens of the log windows over
@@ -214,6 +229,9 @@ class MetricsLogger:
             f"  loss        first logged{' this session' if self._resumed_step else ''} "
             f"{r[0]['loss']:.4f}  last {r[-1]['loss']:.4f}  best {min(x['loss'] for x in r):.4f}",
         ]
+        if v := self.val_records:
+            lines.append(f"  validation  val_loss at step {v[-1]['step']} {v[-1]['val_loss']:.4f}"
+                         f"  best {min(x['val_loss'] for x in v):.4f}")
         if entropy is not None:
             lines.append(f"  data        entropy floor {entropy:.4f} nats/token; last loss is "
                          f"{r[-1]['loss'] - entropy:+.4f} above it")

@@ -27,6 +27,8 @@ def _ranges(cfg: Config) -> None:
         "[training] seq_len": t.seq_len, "[training] grad_accum": t.grad_accum,
         "[parallel] dp_replicate": cfg.parallel.dp_replicate,
         "[checkpoint] interval": c.interval, "[metrics] log_every": m.log_every,
+        "[validation] interval": cfg.validation.interval,
+        "[validation] batches": cfg.validation.batches,
         "[optimizer] lr": o.lr, "[optimizer] eps": o.eps,
     }
     for key, value in positive.items():
@@ -139,6 +141,35 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"the model's vocab_size = {vocab_size} ([model] vocab_size)")
 
 
+def _validation(cfg: Config) -> None:
+    """Held-out data: synthetic runs validate on samples of the same chain that training
+    does not draw; text and JSONL runs on the files of [validation] path, none of which may
+    be a training file."""
+    from ep_fp8.train.data import list_files
+
+    v, d = cfg.validation, cfg.data
+    if not v.enabled:
+        return
+    if d.source == "synthetic":
+        _check(not v.path, cfg,
+               f"[validation] path = {v.path!r} is set, but [data] source = \"synthetic\" "
+               f"validates on held-out samples of its own chain: leave path empty")
+        return
+    _check(bool(v.path), cfg,
+           f"[validation] enabled = true with [data] source = {d.source!r} needs [validation] "
+           f"path: held-out files (a file or glob) read like [data] path")
+    try:
+        held_out = list_files(v.path)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: [validation] {e}") from None
+    shared = sorted(set(map(os.path.realpath, held_out))
+                    & set(map(os.path.realpath, list_files(d.path))))
+    _check(not shared, cfg,
+           f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
+           f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "
+           f"training")
+
+
 def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True) -> None:
     """Raise ConfigError for a value out of range or an impossible combination; with
     `world_size`, also check the parallel degrees against it and resolve `ep = 0` (auto)
@@ -163,6 +194,7 @@ def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True
                                      cfg.parallel.dp_replicate)
     _float8_backend(cfg, args)
     _data(cfg, args.vocab_size)
+    _validation(cfg)
     if not run_folder:
         return
     _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")

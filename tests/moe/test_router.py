@@ -84,6 +84,18 @@ def test_tokens_per_expert_accumulate_and_bias_update_follows_sign_rule():
     assert torch.equal(r.tokens_per_expert, torch.zeros(E))
 
 
+def test_eval_mode_routes_alike_but_counts_nothing():
+    torch.manual_seed(0)
+    r = Router(D, E, 2)
+    x = _x(40)
+    idx_train, w_train = r(x)
+    counts = r.tokens_per_expert.clone()
+    r.eval()
+    idx_eval, w_eval = r(x)
+    assert torch.equal(idx_eval, idx_train) and torch.equal(w_eval, w_train)
+    assert torch.equal(r.tokens_per_expert, counts) and counts.sum() == 40 * 2
+
+
 def test_update_router_biases_leaves_bias_alone_without_rate_or_when_disabled():
     torch.manual_seed(0)
     model = torch.nn.ModuleList([Router(D, E, 2), Router(D, E, 2, load_balance_bias=False)])

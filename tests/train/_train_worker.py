@@ -87,7 +87,7 @@ def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
             with contextlib.redirect_stdout(printed) if run.get("capture") else contextlib.nullcontext():
                 out = train(cfg)
             result = {"step": out["step"], "stopped": out["stopped"],
-                      "checkpoint": out["checkpoint"]}
+                      "checkpoint": out["checkpoint"], "validation": out["validation"]}
             if run.get("capture"):
                 result["printed"] = printed.getvalue()
         except NonFiniteLossError as e:

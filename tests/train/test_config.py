@@ -92,6 +92,15 @@ def test_toml_round_trip_gives_an_equal_config(tmp_path):
      "[model] model.top_k (3) must be <= model.n_limited_groups (1)"),
     ("[job]\noutput_dir = '{cfg}'", "the run's folder ([job] output_dir / name) '{cfg}/"),
     ("[checkpoint]\nenabled = true\nfolder = '{cfg}/ckpt'", "[checkpoint] folder '{cfg}/ckpt' cannot be made: '{cfg}' is a file"),
+    ("[validation]\nbatches = 0", "[validation] batches must be finite and > 0, got 0"),
+    ("[validation]\ninterval = -5", "[validation] interval must be finite and > 0, got -5"),
+    ("[validation]\nenabled = true\npath = 'held.txt'",
+     "[validation] path = 'held.txt' is set, but [data] source = \"synthetic\" validates on "
+     "held-out samples of its own chain"),
+    ("[data]\nsource = 'text'\npath = '{cfg}'\n[model]\nvocab_size = 257\n[validation]\nenabled = true",
+     "[validation] enabled = true with [data] source = 'text' needs [validation] path"),
+    ("[data]\nsource = 'text'\npath = '{cfg}'\n[model]\nvocab_size = 257\n[validation]\n"
+     "enabled = true\npath = '/nonexistent/*.txt'", "[validation] data path '/nonexistent/*.txt' matches no file"),
     ("job = 3", "top-level key 'job' must be a [section]"),
     ("[training\nsteps = 3", "not valid TOML"),
 ])
@@ -144,6 +153,22 @@ def test_data_keys_the_chosen_source_does_not_read_are_errors(overrides, message
     overrides = [o.replace("{readme}", os.path.join(ROOT, "README.md")) for o in overrides]
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_validation_files_that_are_also_training_files_are_an_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "train" / name).write_text("some text " * 20)
+    (tmp_path / "held.txt").write_text("other text " * 20)
+    os.symlink(tmp_path / "train" / "b.txt", tmp_path / "b_again.txt")
+    base = ["--data.source=text", f"--data.path={tmp_path / 'train' / '*.txt'}",
+            "--model.vocab_size=257", "--validation.enabled=true"]
+    cfg = load_config(None, base + [f"--validation.path={tmp_path / 'held.txt'}"])
+    assert cfg.validation.path == str(tmp_path / "held.txt")
+    for shared in (tmp_path / "*.txt", tmp_path / "train" / "a.txt"):   # via a link; by name
+        with pytest.raises(ConfigError, match=r"share 1 file\(s\) .* validation data must be "
+                                              r"held out of training"):
+            load_config(None, base + [f"--validation.path={shared}"])
 
 
 @pytest.mark.parametrize("arg, key", [

@@ -38,6 +38,19 @@ def test_markov_sample_depends_only_on_seed_and_index():
     assert not torch.equal(a.get([5]), MarkovSource(64, 3, 16, seed=2).get([5]))
 
 
+def test_held_out_markov_samples_follow_the_same_chain_but_are_not_training_samples():
+    train, held = MarkovSource(64, 4, 24, seed=4), MarkovSource(64, 4, 24, seed=4, held_out=True)
+    assert torch.equal(held.successors_VK, train.successors_VK)
+    val = held.get(list(range(64)))
+    assert (train.successors_VK[val[:, :-1]] == val[:, 1:, None]).any(dim=-1).all()
+    assert torch.equal(val, held.get(list(range(64))))   # the same set at every evaluation
+    # 64 * 4^24 possible samples: a repeat by chance is out of reach, so any sample the
+    # two share would be a training sample drawn again.
+    seen = {tuple(row) for row in train.get(list(range(4096))).tolist()}
+    assert not seen & {tuple(row) for row in val.tolist()}
+    assert held.fingerprint != train.fingerprint
+
+
 def test_ranks_read_disjoint_rows_that_together_make_the_single_rank_batch():
     src = MarkovSource(64, 3, 8, seed=0)
     one = DataLoader(src, batch_size=4, rank=0, world=1)

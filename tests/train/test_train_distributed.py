@@ -31,6 +31,7 @@ RESUME_RTOL = 1e-6
 # means over 4, and unsharded weights; float32 reordering only.
 RESHARD_RTOL = 1e-5
 
+VALIDATION = ["--validation.enabled=true", "--validation.interval=8", "--validation.batches=2"]
 TWO_RANK_PLAN = [
     {"name": "ep2", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                   "--checkpoint.interval=10"]},
@@ -40,6 +41,9 @@ TWO_RANK_PLAN = [
     {"name": "resumed", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                       "--checkpoint.interval=10"],
      "resume_from": ["ep2", 10]},
+    # ep2 with validation every 8 steps (and at 20): the training must not change.
+    {"name": "ep2_val", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
+                                      "--checkpoint.interval=10"] + VALIDATION},
     # Logged every 4th step: the step it stops after must be logged all the same.
     {"name": "sigterm", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                       "--checkpoint.interval=100", "--metrics.log_every=4"],
@@ -60,6 +64,8 @@ TWO_RANK_PLAN = [
      "home_text": "abcdefgh" * 64},
 ]
 ONE_RANK_PLAN = [
+    # The same 16 held-out sequences as ep2_val's, read by one rank in batches of 8.
+    {"name": "val_1rank", "overrides": ["--parallel.ep=1", "--training.batch_size=8"] + VALIDATION},
     {"name": "resumed_1rank", "overrides": ["--parallel.ep=1", "--training.batch_size=8",
                                             "--checkpoint.enabled=true"],
      "resume_from": ["ep2", 10]},
@@ -90,7 +96,7 @@ def metrics(root, name):
         assert "error" not in result, result["error"]
     with open(os.path.join(root, name, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    return lines[0]["run"], {r["step"]: r for r in lines[1:]}
+    return lines[0]["run"], {r["step"]: r for r in lines[1:] if "loss" in r}
 
 
 def results(root, name, world):
@@ -209,3 +215,23 @@ def test_ranks_that_read_different_files_stop_with_a_config_error_on_every_rank(
         runs, "data_per_rank", 2,
         ["the ranks read different data (rank 1: 1025 tokens", "rank 0: 513 tokens"],
         ["result-rank0.json", "result-rank1.json"])   # nothing written
+
+
+def test_validation_logs_held_out_losses_and_changes_nothing_in_training(runs):
+    _, ep2 = metrics(runs, "ep2")
+    _, ep2_val = metrics(runs, "ep2_val")
+    clock = ("tokens_per_s", "tokens_per_s_per_gpu", "time_s")
+    assert sorted(ep2_val) == sorted(ep2) == list(range(1, 21))
+    for step in ep2:   # bit for bit, but for the clock
+        assert ({k: v for k, v in ep2_val[step].items() if k not in clock}
+                == {k: v for k, v in ep2[step].items() if k not in clock}), step
+    with open(os.path.join(runs, "ep2_val", "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f if "val_loss" in line]
+    assert [r["step"] for r in logged] == [8, 16, 20]
+    two, one = results(runs, "ep2_val", 2), results(runs, "val_1rank", 1)
+    assert two[0]["validation"] == two[1]["validation"] == logged   # every rank, the same
+    # One rank with batches of 8 reads the same 16 sequences and trains the same steps as
+    # two ranks with 4 each (float32 reordering only; measured <= 1e-7 relative).
+    for a, b in zip(logged, one[0]["validation"]):
+        assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * a["val_loss"]
+    assert logged[-1]["val_loss"] < logged[0]["val_loss"] - 0.3   # it learns what it is tested on
