@@ -4,8 +4,9 @@
     python scripts/compare_runs.py RUN_A.jsonl RUN_B.jsonl [...] --labels a,b \\
         --out docs/img/name.png --table docs/name_table.md [--smooth N]
 
-The PNG has two panels: every run's loss against the step, and each run's loss relative to
-the first run's (loss_i / loss_0 - 1, in %, on the steps both logged). --smooth N draws a
+The PNG has two panels: every run's loss against the step (and its held-out val_loss,
+dashed with markers, where the run logged [validation] records), and each run's loss
+relative to the first run's (loss_i / loss_0 - 1, in %, on the steps both logged). --smooth N draws a
 trailing moving average over N logged points in both panels (1: raw values).
 
 The markdown table (printed, and written to --table when given) has, per run: the last
@@ -15,11 +16,13 @@ logged at other intervals are compared on the same steps), and its difference fr
 first run's in %; and tokens/s, tokens/s per GPU, MFU (logged
 as a fraction, shown in %; a logged 0 means no known peak and shows n/a) and peak memory
 as the median over the logged steps after the first 10% (warm-up; at least after the
-first, whose window holds compilation, when two or more were logged).
+first, whose window holds compilation, when two or more were logged). When any run
+logged validation, two more columns: the val_loss of the last step every run validated
+at (else each run's last), and its difference from the first run's in %.
 
 Metrics files are the training loop's: one JSON object per line, a header
-{"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...}. Objects without
-"loss" are ignored; a step logged twice (a resumed run) keeps its last record; an
+{"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...} and
+{"step": int, "val_loss": float}. Other objects are ignored; a step logged twice (a resumed run) keeps its last record; an
 unfinished last line (a run killed while writing it) is left out with a warning. Labels
 default to the header's run name, else the file name. Bad input (a missing or unreadable
 file, a line that is not a JSON object, a wrong type, no loss records) stops the script
@@ -32,7 +35,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ep_fp8.paths import output_path_problem
@@ -49,14 +52,16 @@ class Run:
     path: Path
     header: dict         # the header's "run" object; {} when the file has none
     records: list[dict]  # loss records, sorted by step, one per step
+    val_records: list[dict] = field(default_factory=list)  # {"step", "val_loss"}, likewise
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_metrics(path) -> tuple[dict, list[dict]]:
-    """-> (header "run" object or {}, loss records sorted by step, one per step).
+def read_metrics(path) -> tuple[dict, list[dict], list[dict]]:
+    """-> (header "run" object or {}, loss records sorted by step, one per step, validation
+    records likewise).
     ValueError naming the file (and line): missing file, a line that is not a JSON object,
     a non-integer step or a non-numeric metric, or no loss records at all."""
     path = Path(path)
@@ -70,8 +75,8 @@ def read_metrics(path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _read_records(path: Path) -> tuple[dict, list[dict]]:
-    header, by_step = {}, {}
+def _read_records(path: Path) -> tuple[dict, list[dict], list[dict]]:
+    header, by_step, val_by_step = {}, {}, {}
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -96,11 +101,17 @@ def _read_records(path: Path) -> tuple[dict, list[dict]]:
                     raise ValueError(f"{path}:{lineno}: 'run' must be an object")
                 header = header or obj["run"]  # a resumed run may append a second header
                 continue
-            if "loss" not in obj:
+            if "loss" not in obj and "val_loss" not in obj:
                 continue
             step = obj.get("step")
             if not isinstance(step, int) or isinstance(step, bool):
                 raise ValueError(f"{path}:{lineno}: 'step' must be an integer, got {step!r}")
+            if "val_loss" in obj:
+                if not _is_number(obj["val_loss"]):
+                    raise ValueError(f"{path}:{lineno}: 'val_loss' must be a number, "
+                                     f"got {obj['val_loss']!r}")
+                val_by_step[step] = obj
+                continue
             if not _is_number(obj["loss"]):
                 raise ValueError(f"{path}:{lineno}: 'loss' must be a number, got {obj['loss']!r}")
             for key in NUMERIC_KEYS:
@@ -110,7 +121,7 @@ def _read_records(path: Path) -> tuple[dict, list[dict]]:
             by_step[step] = obj
     if not by_step:
         raise ValueError(f"{path}: no loss records (lines with 'step' and 'loss')")
-    return header, [by_step[s] for s in sorted(by_step)]
+    return header, [by_step[s] for s in sorted(by_step)], [val_by_step[s] for s in sorted(val_by_step)]
 
 
 def moving_average(values: list[float], n: int) -> list[float]:
@@ -160,10 +171,20 @@ def steady_median(records: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def final_val_loss(runs: list[Run]) -> list[float | None]:
+    """Each run's val_loss at the last step every run validated at, else its last one
+    (None for a run without validation records)."""
+    shared = set.intersection(*({r["step"] for r in run.val_records} for run in runs))
+    return [None if not run.val_records else
+            next(r["val_loss"] for r in reversed(run.val_records) if r["step"] == max(shared))
+            if shared else run.val_records[-1]["val_loss"] for run in runs]
+
+
 def summarize(runs: list[Run]) -> list[dict]:
     """One dict per run: label, last_step, final_loss, final_loss_vs_first_pct (None for the
     first run, and when the first run's final loss is 0), tokens_per_s,
-    tokens_per_s_per_gpu, mfu, peak_mem_gib."""
+    tokens_per_s_per_gpu, mfu, peak_mem_gib; with validation records in any run, also
+    val_loss (final_val_loss) and val_loss_vs_first_pct."""
     steps = common_steps(runs)
     first = final_loss(runs[0].records, steps)
     out = []
@@ -174,6 +195,12 @@ def summarize(runs: list[Run]) -> list[dict]:
         for key in ("tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"):
             row[key] = steady_median(run.records, key)
         out.append(row)
+    if any(run.val_records for run in runs):
+        val = final_val_loss(runs)
+        for i, (row, loss) in enumerate(zip(out, val)):
+            row["val_loss"] = loss
+            row["val_loss_vs_first_pct"] = (None if i == 0 or loss is None or not val[0]
+                                            else 100.0 * (loss / val[0] - 1.0))
     return out
 
 
@@ -182,23 +209,31 @@ def format_markdown(summary: list[dict]) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
+    def rel(i, pct):
+        return "ref" if i == 0 else "n/a" if pct is None else f"{pct:+.2f}%"
+
     first = summary[0]["label"].replace("|", "\\|")
-    lines = [f"| run | last step | final loss | final loss vs {first} | tokens/s "
-             "| tokens/s/GPU | MFU (%) | peak mem (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    val = "val_loss" in summary[0]
+    lines = [f"| run | last step | final loss | final loss vs {first} | "
+             + (f"val loss | val loss vs {first} | " if val else "")
+             + "tokens/s | tokens/s/GPU | MFU (%) | peak mem (GiB) |",
+             "|---|---:|---:|---:|" + ("---:|---:|" if val else "") + "---:|---:|---:|---:|"]
     for i, row in enumerate(summary):
-        pct = row["final_loss_vs_first_pct"]
-        rel = "ref" if i == 0 else "n/a" if pct is None else f"{pct:+.2f}%"
         cells = [row["label"].replace("|", "\\|"), str(row["last_step"]),
-                 fmt(row["final_loss"], ".4f"), rel, fmt(row["tokens_per_s"], ",.0f"),
-                 fmt(row["tokens_per_s_per_gpu"], ",.0f"),
-                 fmt(100.0 * row["mfu"] if row["mfu"] else None, ".2f"),
-                 fmt(row["peak_mem_gib"], ".2f")]
+                 fmt(row["final_loss"], ".4f"), rel(i, row["final_loss_vs_first_pct"])]
+        if val:
+            cells += [fmt(row["val_loss"], ".4f"), rel(i, row["val_loss_vs_first_pct"])]
+        cells += [fmt(row["tokens_per_s"], ",.0f"), fmt(row["tokens_per_s_per_gpu"], ",.0f"),
+                  fmt(100.0 * row["mfu"] if row["mfu"] else None, ".2f"),
+                  fmt(row["peak_mem_gib"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     note = ("Final loss: mean over the last 10% of logged steps (of the steps every run "
             "logged, when they end at the same step). tokens/s, MFU and peak "
             "memory: median over the logged steps after the first 10%.")
+    if val:
+        note += (" Val loss: on held-out data, at the last step every run validated at "
+                 "(else each run's last).")
     if any(not row["mfu"] for row in summary):
         note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
     if len({row["last_step"] for row in summary}) > 1:
@@ -237,13 +272,19 @@ def plot(runs: list[Run], out: Path, smooth: int = 1) -> None:
         steps = [r["step"] for r in run.records]
         ax_loss.plot(steps, moving_average([r["loss"] for r in run.records], smooth),
                      color=f"C{i}", label=run.label, linewidth=1.2)
+        if run.val_records:
+            ax_loss.plot([r["step"] for r in run.val_records],
+                         [r["val_loss"] for r in run.val_records], color=f"C{i}",
+                         linestyle="--", marker="o", markersize=3, linewidth=1.0,
+                         label=f"{run.label} (val)")
         if i > 0:
             rel_steps, rel = relative_difference(runs[0].records, run.records)
             ax_rel.plot(rel_steps, moving_average([100.0 * d for d in rel], smooth),
                         color=f"C{i}", label=f"{run.label} vs {runs[0].label}", linewidth=1.2)
     ax_rel.axhline(0.0, color="C0", linewidth=0.8)
     smoothing = f" (moving average over {smooth} logged steps)" if smooth > 1 else ""
-    ax_loss.set_title("Training loss" + smoothing)
+    held_out = "; dashed: held-out val_loss" if any(run.val_records for run in runs) else ""
+    ax_loss.set_title("Training loss" + smoothing + held_out)
     ax_loss.set_ylabel("loss")
     ax_rel.set_ylabel(f"loss / loss[{runs[0].label}] - 1 (%)")
     ax_rel.set_xlabel("step")
@@ -266,9 +307,9 @@ def load_runs(paths: list[str], labels: str | None) -> list[Run]:
         raise ValueError(f"--labels has {len(label_list)} labels for {len(paths)} files")
     runs = []
     for i, path in enumerate(paths):
-        header, records = read_metrics(path)
+        header, records, val_records = read_metrics(path)
         label = label_list[i] if label_list else str(header.get("name") or Path(path).stem)
-        runs.append(Run(label, Path(path), header, records))
+        runs.append(Run(label, Path(path), header, records, val_records))
     return runs
 
 

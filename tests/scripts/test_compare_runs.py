@@ -104,7 +104,7 @@ def test_resumed_run_keeps_first_header_and_last_record_per_step(compare_runs, t
              {"step": 4, "eval": 1.0}]  # last: no loss, ignored
     path = tmp_path / "resumed.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
-    header, records = compare_runs.read_metrics(path)
+    header, records, _ = compare_runs.read_metrics(path)
     assert header == {"name": "first"}
     assert [(r["step"], r["loss"]) for r in records] == [(1, 3.0), (2, 2.4), (3, 2.0)]
 
@@ -279,7 +279,7 @@ def test_an_unfinished_last_line_is_left_out_with_a_warning(compare_runs, tmp_pa
     path = tmp_path / "torn.jsonl"
     write_metrics(path, "torn", [1, 2, 3], [3.0, 2.0, 1.5], seed=0)
     path.write_text(path.read_text() + '{"step": 4, "loss": 1.')   # killed while writing
-    header, records = compare_runs.read_metrics(path)
+    header, records, _ = compare_runs.read_metrics(path)
     assert [r["step"] for r in records] == [1, 2, 3] and header["name"] == "torn"
     assert f"warning: {path}:5: an unfinished last line is left out" in capsys.readouterr().err
     path.write_text(path.read_text() + "\n")           # a finished line: still an error
@@ -295,3 +295,55 @@ def test_an_input_that_cannot_be_read_is_named_as_the_input(compare_runs, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "error: /proc/self/mem: cannot be read (" in err and "cannot write" not in err, err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_validation_records_give_val_columns_at_the_last_step_every_run_validated(
+        compare_runs, tmp_path):
+    rng = random.Random(5)
+    steps = list(range(10, 110, 10))
+    for name, seed in (("a", 1), ("b", 2)):
+        write_metrics(tmp_path / f"{name}.jsonl", name, steps,
+                      [3.0 + rng.random() for _ in steps], seed=seed)
+    # a validated at 50 and 100; b also at 80, and its step-100 value was logged twice
+    # (a resumed run: the last record counts)
+    val = {"a": {50: rng.uniform(2, 3), 100: rng.uniform(2, 3)},
+           "b": {50: rng.uniform(2, 3), 80: rng.uniform(2, 3), 100: rng.uniform(2, 3)}}
+    for name, by_step in val.items():
+        with open(tmp_path / f"{name}.jsonl", "a") as f:
+            if name == "b":
+                f.write(json.dumps({"step": 100, "val_loss": 9.0}) + "\n")
+            for step, v in sorted(by_step.items()):
+                f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
+    out, table = tmp_path / "cmp.png", tmp_path / "cmp.md"
+
+    rc = compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                            "--out", str(out), "--table", str(table)])
+
+    assert rc == 0
+    header = next(line for line in table.read_text().splitlines() if line.startswith("| run"))
+    assert "| val loss | val loss vs a |" in header
+    rows = parse_table(table.read_text())
+    assert abs(float(rows[0][4]) - val["a"][100]) <= 5e-5 and rows[0][5] == "ref"
+    assert abs(float(rows[1][4]) - val["b"][100]) <= 5e-5
+    want_pct = 100 * (val["b"][100] / val["a"][100] - 1)
+    assert abs(float(rows[1][5].rstrip("%")) - want_pct) <= 5e-3
+    _, records, val_records = compare_runs.read_metrics(tmp_path / "b.jsonl")
+    assert [r["step"] for r in val_records] == [50, 80, 100] and len(records) == len(steps)
+
+
+def test_without_validation_records_the_table_has_no_val_columns(compare_runs, tmp_path):
+    for name, seed in (("a", 1), ("b", 2)):
+        write_metrics(tmp_path / f"{name}.jsonl", name, [1, 2], [3.0, 2.5], seed=seed)
+    summary = compare_runs.summarize(compare_runs.load_runs(
+        [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], None))
+    assert "val_loss" not in summary[0]
+    assert "val loss" not in compare_runs.format_markdown(summary)
+
+
+def test_a_non_numeric_val_loss_is_an_error_naming_the_line(compare_runs, tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_metrics(path, "a", [1, 2], [3.0, 2.5], seed=1)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 2, "val_loss": "low"}) + "\n")
+    with pytest.raises(ValueError, match=r"a\.jsonl:4: 'val_loss' must be a number"):
+        compare_runs.read_metrics(path)
