@@ -4,7 +4,8 @@ from ep_fp8.moe.all_to_all import DISPATCH_PAYLOADS, AllToAllDispatcher, check_e
 from ep_fp8.moe.dispatch import DispatchState, LocalDispatcher
 from ep_fp8.moe.experts import FeedForward, GroupedExperts
 from ep_fp8.moe.layer import MoE
-from ep_fp8.moe.router import Router, count_per_expert, set_aux_grad_scale, update_router_biases
+from ep_fp8.moe.router import (Router, balance_routers, count_per_expert, set_aux_grad_scale,
+                               update_router_biases)
 
 __all__ = [
     "DISPATCH_PAYLOADS",
@@ -15,6 +16,7 @@ __all__ = [
     "LocalDispatcher",
     "MoE",
     "Router",
+    "balance_routers",
     "check_ep_divides",
     "count_per_expert",
     "set_aux_grad_scale",

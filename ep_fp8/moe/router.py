@@ -37,7 +37,8 @@ class Router(nn.Module):
 
     Buffers: expert_bias (E,) float32, persistent (checkpointed); tokens_per_expert (E,)
     float32, not persistent, accumulated every forward in training mode until
-    update_router_biases zeroes it. Raises ValueError on inconsistent sizes or an unknown score_func.
+    update_router_biases zeroes it. Raises ValueError on inconsistent sizes or an unknown
+    score_func.
     """
 
     def __init__(
@@ -235,13 +236,25 @@ def update_router_biases(model: nn.Module, rate: float, group=None) -> dict:
     expert_bias += rate * sign(mean - count); then zero the counts.
 
     Returns {"load_imbalance_max": float, "load_imbalance_mean": float} over layers
-    (both 1.0 for a model without routers). One host read, here, after the step.
+    (both 1.0 for a model without routers). One host read, here, after the step;
+    `balance_routers` does the same without it.
     """
+    values = balance_routers(model, rate, group).tolist()  # the one host read
+    if not values:
+        return {"load_imbalance_max": 1.0, "load_imbalance_mean": 1.0}
+    return {"load_imbalance_max": max(values), "load_imbalance_mean": sum(values) / len(values)}
+
+
+@torch.no_grad()
+def balance_routers(model: nn.Module, rate: float, group=None) -> torch.Tensor:
+    """update_router_biases without its host read: returns each Router's imbalance
+    (max / mean count) as a (layers,) float32 tensor on the routers' device, empty for a
+    model without routers, for a caller that reads it with its own values."""
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
     routers = [m for m in model.modules() if isinstance(m, Router)]
     if not routers:
-        return {"load_imbalance_max": 1.0, "load_imbalance_mean": 1.0}
+        return torch.zeros(0)
     counts = torch.cat([r.tokens_per_expert for r in routers])
     if group is not None:
         import torch.distributed as dist
@@ -254,5 +267,4 @@ def update_router_biases(model: nn.Module, rate: float, group=None) -> dict:
         if rate > 0 and r.load_balance_bias:
             r.expert_bias += rate * torch.sign(mean - c_E)
         r.tokens_per_expert.zero_()
-    values = torch.stack(imbalances).tolist()  # the one host read
-    return {"load_imbalance_max": max(values), "load_imbalance_mean": sum(values) / len(values)}
+    return torch.stack(imbalances)

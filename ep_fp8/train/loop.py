@@ -298,22 +298,23 @@ def loop_step(cfg: Config, model, loader: DataLoader, optimizer, scheduler, devi
     """One step of the training loop: train_step, the routers' bias update, then one small
     all-reduce over `group` (None: one rank) of the loss and of each rank's stop flag
     (`stop_signal`: "SIGTERM", "SIGINT" or None), so that all ranks stop after the same
-    step even when only some were signalled. Reads the routers' statistics and then the
-    loss, gradient norm and flags on the host: the loop's syncs, once per step."""
-    from ep_fp8.moe import update_router_biases
+    step even when only some were signalled. Reads the loss, gradient norm, flags and the
+    routers' imbalances on the host in one read: the loop's one sync per step."""
+    from ep_fp8.moe import balance_routers
 
     t = cfg.training
     loss, grad_norm, lr = train_step(model, loader, optimizer, scheduler, t.grad_accum, t.max_norm, device)
-    balance = update_router_biases(model, cfg.router.bias_update_rate, group=group)
+    imbalance_L = balance_routers(model, cfg.router.bias_update_rate, group=group)
     flags = torch.tensor([stop_signal == "SIGTERM", stop_signal == "SIGINT"], dtype=loss.dtype, device=device)
     shared = torch.cat([loss.reshape(1), flags])
     world = 1
     if group is not None:
         dist.all_reduce(shared, group=group)
         world = dist.get_world_size(group)
-    loss_avg, n_term, n_int, norm = torch.cat([shared[:1] / world, shared[1:],
-                                               grad_norm.to(device).reshape(1)]).tolist()
-    return StepResult(loss_avg, norm, lr, balance["load_imbalance_max"], int(n_term), int(n_int))
+    loss_avg, n_term, n_int, norm, *imbalances = torch.cat([
+        shared[:1] / world, shared[1:], grad_norm.to(device, loss.dtype).reshape(1),
+        imbalance_L.to(device, loss.dtype)]).tolist()
+    return StepResult(loss_avg, norm, lr, max(imbalances, default=1.0), int(n_term), int(n_int))
 
 
 @torch.no_grad()

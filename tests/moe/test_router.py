@@ -1,9 +1,11 @@
 """moe.router: selection, weights, group-limited routing, bias balancing, sequence loss."""
 
+import copy
+
 import pytest
 import torch
 
-from ep_fp8.moe.router import Router, update_router_biases
+from ep_fp8.moe.router import Router, balance_routers, update_router_biases
 
 D, E = 16, 8
 
@@ -94,6 +96,23 @@ def test_eval_mode_routes_alike_but_counts_nothing():
     idx_eval, w_eval = r(x)
     assert torch.equal(idx_eval, idx_train) and torch.equal(w_eval, w_train)
     assert torch.equal(r.tokens_per_expert, counts) and counts.sum() == 40 * 2
+
+
+def test_balance_routers_updates_alike_and_returns_the_imbalances_unread():
+    torch.manual_seed(3)
+    model = torch.nn.ModuleList([Router(D, E, 2), Router(D, E, 2)])
+    twin = copy.deepcopy(model)
+    for routers in (model, twin):
+        for r, counts in zip(routers, ([6.0, 2, 2, 2, 2, 2, 2, 2], [3.0, 3, 3, 3, 1, 1, 1, 1])):
+            r.tokens_per_expert.copy_(torch.tensor(counts))   # imbalances 6 / 2.5, 3 / 2
+    imbalance = balance_routers(model, rate=0.01)
+    stats = update_router_biases(twin, rate=0.01)
+    assert isinstance(imbalance, torch.Tensor)
+    assert imbalance.tolist() == pytest.approx([2.4, 1.5], rel=1e-6)
+    assert stats == pytest.approx({"load_imbalance_max": 2.4, "load_imbalance_mean": 1.95}, rel=1e-6)
+    for r, t in zip(model, twin):
+        assert torch.equal(r.expert_bias, t.expert_bias) and not r.tokens_per_expert.any()
+    assert balance_routers(torch.nn.Linear(2, 2), rate=0.01).numel() == 0
 
 
 def test_update_router_biases_leaves_bias_alone_without_rate_or_when_disabled():

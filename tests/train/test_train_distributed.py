@@ -163,6 +163,11 @@ def test_resume_on_one_rank_with_ep1_reproduces_the_two_rank_ep2_run(runs):
     _, full = metrics(runs, "ep2")
     assert run["world_size"] == 1 and run["resumed_from_step"] == 10
     assert_close_losses(full, resumed, range(11, 21), RESHARD_RTOL)
+    # The expert load counted on one rank equals the two ranks' counts summed: the same
+    # tokens routed alike, so the same imbalance (a rank-local count would differ).
+    for step in range(11, 21):
+        assert full[step]["load_imbalance"] == pytest.approx(resumed[step]["load_imbalance"],
+                                                             rel=1e-6), step
 
 
 def test_sigterm_finishes_the_step_saves_and_stops_every_rank(runs):
