@@ -17,8 +17,9 @@ first run's in %; and tokens/s, tokens/s per GPU, MFU (logged
 as a fraction, shown in %; a logged 0 means no known peak and shows n/a) and peak memory
 as the median over the logged steps after the first 10% (warm-up; at least after the
 first, whose window holds compilation, when two or more were logged). When any run
-logged validation, two more columns: the val_loss of the last step every run validated
-at (else each run's last), and its difference from the first run's in %.
+logged validation, two more columns: the val_loss at the last step that every run with
+validation was evaluated at (named in the table's note; else each run's last), and its
+difference from the first run's in %.
 
 Metrics files are the training loop's: one JSON object per line, a header
 {"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...} and
@@ -171,20 +172,23 @@ def steady_median(records: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def final_val_loss(runs: list[Run]) -> list[float | None]:
-    """Each run's val_loss at the last step every run validated at, else its last one
-    (None for a run without validation records)."""
-    shared = set.intersection(*({r["step"] for r in run.val_records} for run in runs))
-    return [None if not run.val_records else
-            next(r["val_loss"] for r in reversed(run.val_records) if r["step"] == max(shared))
-            if shared else run.val_records[-1]["val_loss"] for run in runs]
+def final_val_loss(runs: list[Run]) -> tuple[list[float | None], int | None]:
+    """(each run's val_loss at the last step that every run with validation records was
+    evaluated at, that step), or when they share none (each run's last val_loss, None);
+    None in place of the value of a run without validation records."""
+    evaluated = [run for run in runs if run.val_records]
+    shared = set.intersection(*({r["step"] for r in run.val_records} for run in evaluated))
+    step = max(shared) if shared else None
+    return [None if not run.val_records else run.val_records[-1]["val_loss"] if step is None
+            else next(r["val_loss"] for r in run.val_records if r["step"] == step)
+            for run in runs], step
 
 
 def summarize(runs: list[Run]) -> list[dict]:
     """One dict per run: label, last_step, final_loss, final_loss_vs_first_pct (None for the
     first run, and when the first run's final loss is 0), tokens_per_s,
     tokens_per_s_per_gpu, mfu, peak_mem_gib; with validation records in any run, also
-    val_loss (final_val_loss) and val_loss_vs_first_pct."""
+    val_loss and val_step (final_val_loss) and val_loss_vs_first_pct."""
     steps = common_steps(runs)
     first = final_loss(runs[0].records, steps)
     out = []
@@ -196,9 +200,9 @@ def summarize(runs: list[Run]) -> list[dict]:
             row[key] = steady_median(run.records, key)
         out.append(row)
     if any(run.val_records for run in runs):
-        val = final_val_loss(runs)
+        val, step = final_val_loss(runs)
         for i, (row, loss) in enumerate(zip(out, val)):
-            row["val_loss"] = loss
+            row["val_loss"], row["val_step"] = loss, step
             row["val_loss_vs_first_pct"] = (None if i == 0 or loss is None or not val[0]
                                             else 100.0 * (loss / val[0] - 1.0))
     return out
@@ -232,8 +236,10 @@ def format_markdown(summary: list[dict]) -> str:
             "logged, when they end at the same step). tokens/s, MFU and peak "
             "memory: median over the logged steps after the first 10%.")
     if val:
-        note += (" Val loss: on held-out data, at the last step every run validated at "
-                 "(else each run's last).")
+        step = summary[0]["val_step"]
+        note += (f" Val loss: on held-out data, at step {step}, the last that every run with "
+                 f"validation was evaluated at." if step is not None else
+                 " Val loss: on held-out data, each run's last (the runs share no evaluated step).")
     if any(not row["mfu"] for row in summary):
         note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
     if len({row["last_step"] for row in summary}) > 1:

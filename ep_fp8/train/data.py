@@ -47,9 +47,9 @@ def list_files(pattern: str) -> list[str]:
 def _generator(seed: int, index: int) -> torch.Generator:
     # One generator per (seed, index) makes a sample independent of which rank or which
     # batch asks for it. The CPU generator keeps only the low 32 bits of its seed, so
-    # indices 2^32 apart share a generator: apart from the chain (-1), a source's samples
-    # stay distinct over its first 2^32 - 1 indices, training's counting up from 0 and
-    # held-out ones down from -2.
+    # indices 2^32 apart share a generator: training's samples count up from 0, the chain
+    # is drawn at -1 and held-out samples count down from -2, so training sample j meets
+    # held-out sample i only at j = 2^32 - 2 - i, past 4 billion samples.
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
 
 
@@ -62,7 +62,7 @@ class MarkovSource:
     Successors of token s are (r_s + c_j) mod vocab, j < branching, with c distinct random
     offsets shared by all rows and r_s a random shift per row: distinct by construction,
     and O(vocab * branching) to build. `held_out` draws the samples of the same chain from
-    indices that training does not reach in its first 2^32 - 2 samples (validation data).
+    indices that training does not reach in its first 4 billion samples (validation data).
     """
 
     note = ""  # nothing to say at start-up (TokenFileSource may have)
@@ -87,8 +87,7 @@ class MarkovSource:
         first_B = torch.empty(len(indices), dtype=torch.int64)
         choice_BL = torch.empty(len(indices), self.seq_len, dtype=torch.int64)
         for i, index in enumerate(indices):
-            # Held-out sample i at index -2 - i: training counts up from 0 and the chain
-            # is drawn at -1, so neither reaches these within 2^32 - 2 samples.
+            # Held-out sample i at index -2 - i (see _generator).
             g = _generator(self.seed, -2 - index if self.held_out else index)
             first_B[i] = torch.randint(self.vocab, (1,), generator=g)
             choice_BL[i] = torch.randint(self.branching, (self.seq_len,), generator=g)
@@ -223,7 +222,7 @@ def build_source(cfg) -> MarkovSource | TokenFileSource:
 
 def build_validation_source(cfg) -> MarkovSource | TokenFileSource:
     """The held-out data of `cfg.validation`: for synthetic data, samples of the training
-    chain that training does not draw (in its first 2^32 - 2 samples); else the files of
+    chain that training does not draw (in its first 4 billion samples); else the files of
     [validation] path, read like [data] path (same source type, tokenizer, field and
     seq_len)."""
     d, seq_len = cfg.data, cfg.training.seq_len

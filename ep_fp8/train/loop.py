@@ -371,20 +371,24 @@ def train(cfg: Config) -> dict:
     device, t = resolve_device(cfg), cfg.training
     dtype = resolve_dtype(cfg, device)
     problem, val_source = "", None
-    try:   # reading the data finds what validation could not (too few tokens, a bad line)
-        source = build_source(cfg)
-    except ValueError as e:   # data.py names the file (and line) of every read or parse error
-        problem = f"{cfg.source}: [data] {e}"
-    if cfg.validation.enabled and not problem:
+    if cfg.validation.enabled:   # first: the held-out files are usually the smaller read
         try:
             val_source = build_validation_source(cfg)
             problem = _held_out_problem(cfg, val_source, world)
         except ValueError as e:
             problem = f"{cfg.source}: [validation] {e}"
+    if not problem:
+        try:   # reading the data finds what validation could not (too few tokens, a bad line)
+            source = build_source(cfg)
+        except ValueError as e:   # data.py names the file (and line) of every read or parse error
+            problem = f"{cfg.source}: [data] {e}"
     if problem := first_problem(problem):   # every rank stops, not only the one that failed
         raise ConfigError(problem)
-    fingerprint = source.fingerprint + (f"; held out {val_source.fingerprint}" if val_source else "")
-    if differs := first_difference(fingerprint):
+    if val_source is not None and (differs := first_difference(val_source.fingerprint)):
+        raise ConfigError(f"{cfg.source}: [validation] the ranks read different held-out data "
+                          f"({differs}): every rank must see the same files (on many nodes, a "
+                          f"path on a file system they share)")
+    if differs := first_difference(source.fingerprint):
         raise ConfigError(f"{cfg.source}: [data] the ranks read different data ({differs}): "
                           f"every rank must see the same files (on many nodes, a path on a "
                           f"file system they share)")
@@ -456,17 +460,18 @@ def train(cfg: Config) -> dict:
             if n_term + n_int > 0:  # the same words on every rank, whichever were signalled
                 stopped = f"stopped by {'SIGTERM' if n_term else 'SIGINT'} after step {step}"
             metrics.step(step, loss_avg, norm, lr, imbalance, last=bool(stopped))
-            if val_source is not None and not stopped and (step % v.interval == 0
-                                                           or step == t.steps):
-                with metrics.paused():   # not training time
-                    val_loss = evaluate(model, val_source, t.batch_size, v.batches, device,
-                                        dp_group)
-                metrics.validation(step, val_loss)
             if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0
                                            or step == t.steps or stopped):
                 with metrics.paused():   # not training time: tokens/s and MFU leave it out
                     last_ckpt = ckpt.save(step, model, optimizer, scheduler, loader)
                 say(f"checkpoint {last_ckpt}")
+            # After the save (an evaluation that fails loses no checkpoint); also at a step
+            # a signal stops after, when it is due: a resumed run would not come back to it.
+            if val_source is not None and (step % v.interval == 0 or step == t.steps):
+                with metrics.paused():   # not training time
+                    val_loss = evaluate(model, val_source, t.batch_size, v.batches, device,
+                                        dp_group)
+                metrics.validation(step, val_loss)
     if stopped and not cfg.checkpoint.enabled:
         stopped += " (checkpoint.enabled = false: nothing saved)"
     entropy = source.entropy if isinstance(source, MarkovSource) else None

@@ -231,7 +231,8 @@ class MetricsLogger:
         ]
         if v := self.val_records:
             lines.append(f"  validation  val_loss at step {v[-1]['step']} {v[-1]['val_loss']:.4f}"
-                         f"  best {min(x['val_loss'] for x in v):.4f}")
+                         f"  best{' this session' if self._resumed_step else ''} "
+                         f"{min(x['val_loss'] for x in v):.4f}")
         if entropy is not None:
             lines.append(f"  data        entropy floor {entropy:.4f} nats/token; last loss is "
                          f"{r[-1]['loss'] - entropy:+.4f} above it")

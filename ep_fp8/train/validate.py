@@ -162,8 +162,11 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
-    shared = sorted(set(map(os.path.realpath, held_out))
-                    & set(map(os.path.realpath, list_files(d.path))))
+    def identities(paths):   # a file reached by another name or a link is the same file
+        return {(st.st_dev, st.st_ino): p for p in paths for st in (os.stat(p),)}
+
+    held_ids = identities(held_out)
+    shared = sorted(held_ids[i] for i in held_ids.keys() & identities(list_files(d.path)).keys())
     _check(not shared, cfg,
            f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
            f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "

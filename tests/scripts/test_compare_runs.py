@@ -331,6 +331,27 @@ def test_validation_records_give_val_columns_at_the_last_step_every_run_validate
     assert [r["step"] for r in val_records] == [50, 80, 100] and len(records) == len(steps)
 
 
+def test_a_run_without_validation_does_not_change_where_the_others_are_compared(
+        compare_runs, tmp_path):
+    val = {"a": {50: 2.5, 100: 2.0}, "b": None, "c": {50: 2.6, 80: 2.3}}
+    for seed, (name, by_step) in enumerate(val.items()):
+        write_metrics(tmp_path / f"{name}.jsonl", name, [50, 80, 100], [3.0, 2.9, 2.8], seed=seed)
+        with open(tmp_path / f"{name}.jsonl", "a") as f:
+            for step, v in sorted((by_step or {}).items()):
+                f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
+    runs = compare_runs.load_runs([str(tmp_path / f"{n}.jsonl") for n in val], None)
+
+    summary = compare_runs.summarize(runs)
+
+    # a and c were both evaluated at step 50 (b at no step): compared there.
+    assert [row["val_loss"] for row in summary] == [2.5, None, 2.6]
+    assert summary[2]["val_loss_vs_first_pct"] == pytest.approx(100 * (2.6 / 2.5 - 1))
+    assert summary[1]["val_loss_vs_first_pct"] is None
+    table = compare_runs.format_markdown(summary)
+    assert "at step 50, the last that every run with validation was evaluated at" in table
+    assert parse_table(table)[1][4:6] == ["n/a", "n/a"]
+
+
 def test_without_validation_records_the_table_has_no_val_columns(compare_runs, tmp_path):
     for name, seed in (("a", 1), ("b", 2)):
         write_metrics(tmp_path / f"{name}.jsonl", name, [1, 2], [3.0, 2.5], seed=seed)

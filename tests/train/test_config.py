@@ -161,11 +161,13 @@ def test_validation_files_that_are_also_training_files_are_an_error(tmp_path):
         (tmp_path / "train" / name).write_text("some text " * 20)
     (tmp_path / "held.txt").write_text("other text " * 20)
     os.symlink(tmp_path / "train" / "b.txt", tmp_path / "b_again.txt")
+    os.link(tmp_path / "train" / "a.txt", tmp_path / "a_hard.txt")
     base = ["--data.source=text", f"--data.path={tmp_path / 'train' / '*.txt'}",
             "--model.vocab_size=257", "--validation.enabled=true"]
     cfg = load_config(None, base + [f"--validation.path={tmp_path / 'held.txt'}"])
     assert cfg.validation.path == str(tmp_path / "held.txt")
-    for shared in (tmp_path / "*.txt", tmp_path / "train" / "a.txt"):   # via a link; by name
+    # By name, by a symbolic link, by a hard link.
+    for shared in (tmp_path / "train" / "a.txt", tmp_path / "b_again.txt", tmp_path / "a_hard.txt"):
         with pytest.raises(ConfigError, match=r"share 1 file\(s\) .* validation data must be "
                                               r"held out of training"):
             load_config(None, base + [f"--validation.path={shared}"])

@@ -39,14 +39,17 @@ TWO_RANK_PLAN = [
     {"name": "accum", "overrides": ["--parallel.ep=2", "--training.batch_size=2",
                                     "--training.grad_accum=2"]},
     {"name": "resumed", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
-                                      "--checkpoint.interval=10"],
+                                      "--checkpoint.interval=10"] + VALIDATION,
      "resume_from": ["ep2", 10]},
     # ep2 with validation every 8 steps (and at 20): the training must not change.
     {"name": "ep2_val", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                       "--checkpoint.interval=10"] + VALIDATION},
-    # Logged every 4th step: the step it stops after must be logged all the same.
+    # Logged every 4th step and evaluated at every step: the step it stops after must be
+    # logged and evaluated all the same.
     {"name": "sigterm", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
-                                      "--checkpoint.interval=100", "--metrics.log_every=4"],
+                                      "--checkpoint.interval=100", "--metrics.log_every=4",
+                                      "--validation.enabled=true", "--validation.interval=1",
+                                      "--validation.batches=1"],
      "sigterm_after": 3},
     # Another run holds the folder: both ranks refuse before loading or writing anything.
     {"name": "locked", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true"],
@@ -156,6 +159,11 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     assert sorted(resumed) == list(range(11, 21))
     assert_close_losses(full, resumed, range(11, 21), RESUME_RTOL)
     assert resumed[11]["lr"] == full[11]["lr"]                 # the schedule resumed too
+    # ep2_val is ep2 with validation: the resumed run evaluates as it did at 16 and 20.
+    (result,), (full_val,) = results(runs, "resumed", 1), results(runs, "ep2_val", 1)
+    assert [v["step"] for v in result["validation"]] == [16, 20]
+    for a, b in zip(result["validation"], full_val["validation"][1:]):
+        assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) <= RESUME_RTOL * b["val_loss"]
 
 
 def test_resume_on_one_rank_with_ep1_reproduces_the_two_rank_ep2_run(runs):
@@ -179,6 +187,7 @@ def test_sigterm_finishes_the_step_saves_and_stops_every_rank(runs):
     assert os.path.isfile(os.path.join(r0["checkpoint"], MARKER))
     _, rec = metrics(runs, "sigterm")
     assert max(rec) == step
+    assert [v["step"] for v in r0["validation"]] == list(range(1, step + 1))
 
 
 def test_nan_loss_stops_the_run_naming_the_step(runs):
