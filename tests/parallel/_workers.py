@@ -174,6 +174,17 @@ def two_ranks(rank: int, world: int) -> dict:
                                     for n, p in meta_model.named_parameters())
     out["meta_init.expert_placements"] = str(meta_model.layers[1].moe.experts.w1.placements)
 
+    # bf16 compute, float32 gradient reduction: every FSDP2 unit (the experts' too) says so.
+    from torch.distributed.fsdp import FSDPModule
+
+    with torch.device("meta"):
+        mixed = Transformer(ARGS)
+    parallelize_model(mixed, dims, dims.build_mesh("cpu"), param_dtype=torch.bfloat16,
+                      reduce_dtype=torch.float32)
+    policies = [m._get_fsdp_state()._mp_policy for m in mixed.modules() if isinstance(m, FSDPModule)]
+    out["mixed.units"] = len(policies)
+    out["mixed.dtypes"] = sorted({f"{p.param_dtype} {p.reduce_dtype}" for p in policies})
+
     # A mesh of the right size but another layout would reduce over the wrong groups.
     try:
         parallelize_model(Transformer(ARGS), ParallelDims(world, ep=1), dims.build_mesh("cpu"))

@@ -74,6 +74,13 @@ def test_meta_device_model_initialised_after_sharding_equals_unsharded_init(resu
     assert "Shard(dim=0)" in results["meta_init.expert_placements"]
 
 
+def test_mixed_precision_reaches_every_fsdp_unit_the_experts_included(results):
+    # Per block: the experts and the block; then the embedding, norm + head, the root.
+    blocks = _workers.ARGS.n_layers
+    assert results["mixed.units"] >= blocks + (blocks - _workers.ARGS.n_dense_layers)
+    assert results["mixed.dtypes"] == ["torch.bfloat16 torch.float32"]
+
+
 def test_a_mesh_of_another_layout_or_without_the_flattened_dims_is_rejected(results):
     assert "mesh has shape (1, 1, 2)" in results["mesh_mismatch.error"]
     assert "parallel.ep = 1" in results["mesh_mismatch.error"]

@@ -83,14 +83,20 @@ def test_policy_saves_all_to_all_in_every_mode_and_matmuls_only_when_selective()
     for save_matmuls in (False, True):
         assert ac_policy(None, a2a, save_matmuls=save_matmuls) == CheckpointPolicy.MUST_SAVE
         assert ac_policy(None, wait, save_matmuls=save_matmuls) == CheckpointPolicy.MUST_SAVE
-    for op in (torch.ops.aten.mm.default, torch.ops.aten._grouped_mm.default):
-        assert ac_policy(None, op, save_matmuls=True) == CheckpointPolicy.MUST_SAVE
-        assert ac_policy(None, op, save_matmuls=False) == CheckpointPolicy.PREFER_RECOMPUTE
+    # Every attention kernel this build has (the CPU one included), with the matmuls.
+    attention = [getattr(torch.ops.aten, name).default for name in (
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+        if hasattr(torch.ops.aten, name)]
+    assert attention
+    for op in [torch.ops.aten.mm.default, torch.ops.aten._grouped_mm.default] + attention:
+        assert ac_policy(None, op, save_matmuls=True) == CheckpointPolicy.MUST_SAVE, op
+        assert ac_policy(None, op, save_matmuls=False) == CheckpointPolicy.PREFER_RECOMPUTE, op
     assert ac_policy(None, torch.ops.aten.mul.Tensor, save_matmuls=True) == \
         CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def test_policy_saves_the_ep_fp8_custom_ops_when_selective():
+def test_policy_saves_the_ep_fp8_custom_ops_when_selective_only():
     import ep_fp8.ops  # noqa: F401  registers the ops
 
     ops = [getattr(torch.ops.ep_fp8, name).default for name in dir(torch.ops.ep_fp8)
@@ -98,6 +104,7 @@ def test_policy_saves_the_ep_fp8_custom_ops_when_selective():
     assert ops, "ep_fp8 registers custom ops"
     for op in ops:
         assert ac_policy(None, op, save_matmuls=True) == CheckpointPolicy.MUST_SAVE
+        assert ac_policy(None, op, save_matmuls=False) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @pytest.mark.parametrize("mode", [m for m in AC_MODES if m != "none"])
