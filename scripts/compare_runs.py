@@ -6,8 +6,9 @@
 
 The PNG has two panels: every run's loss against the step (and its held-out val_loss,
 dashed with markers, where the run logged [validation] records), and each run's loss
-relative to the first run's (loss_i / loss_0 - 1, in %, on the steps both logged). --smooth N draws a
-trailing moving average over N logged points in both panels (1: raw values).
+relative to the first run's (loss_i / loss_0 - 1, in %, on the steps both logged).
+--smooth N draws a trailing moving average over N logged points in both panels (1: raw
+values; val_loss is never smoothed).
 
 The markdown table (printed, and written to --table when given) has, per run: the last
 step; the final loss, the mean loss over the last 10% of the logged steps (at least one;
@@ -23,8 +24,8 @@ difference from the first run's in %.
 
 Metrics files are the training loop's: one JSON object per line, a header
 {"run": {"name": ..., ...}} first, then {"step": int, "loss": float, ...} and
-{"step": int, "val_loss": float}. Other objects are ignored; a step logged twice (a resumed run) keeps its last record; an
-unfinished last line (a run killed while writing it) is left out with a warning. Labels
+{"step": int, "val_loss": float}. Other objects are ignored; a step logged twice (a
+resumed run) keeps its last record; an unfinished last line (a run killed while writing it) is left out with a warning. Labels
 default to the header's run name, else the file name. Bad input (a missing or unreadable
 file, a line that is not a JSON object, a wrong type, no loss records) stops the script
 with a message naming the file and line, before anything is written.

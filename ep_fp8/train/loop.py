@@ -325,7 +325,7 @@ def evaluate(model, source, batch_size: int, batches: int, device: torch.device,
     as in training: the same samples at every call. The model runs in eval mode (its
     routers count nothing, so the bias update is untouched) and returns to the mode it was
     in. Every rank of `group` must call it (the MoE layers' all-to-alls); one host read."""
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     loader = DataLoader(source, batch_size, rank, world)
     total = torch.zeros(2, dtype=torch.float64, device=device)   # loss sum, tokens
     was_training = model.training
@@ -363,8 +363,8 @@ def train(cfg: Config) -> dict:
     ({"step", "val_loss"}), why it stopped early ("" if it did not), and the last
     checkpoint written. Raises NonFiniteLossError naming the step when the loss or the
     gradient norm becomes NaN or Inf, and ConfigError (before anything is written) when
-    the data files do not hold what [data] and [validation] ask or the checkpoint to resume from does not
-    fit the model this config builds."""
+    the data files do not hold what [data] and [validation] ask or the checkpoint to
+    resume from does not fit the model this config builds."""
     from ep_fp8.model import flops_per_token
 
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -162,6 +162,7 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
+
     def identities(paths):   # a file reached by another name or a link is the same file
         return {(st.st_dev, st.st_ino): p for p in paths for st in (os.stat(p),)}
 
