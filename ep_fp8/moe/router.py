@@ -249,7 +249,8 @@ def update_router_biases(model: nn.Module, rate: float, group=None) -> dict:
 def balance_routers(model: nn.Module, rate: float, group=None) -> torch.Tensor:
     """update_router_biases without its host read: returns each Router's imbalance
     (max / mean count) as a (layers,) float32 tensor on the routers' device, empty for a
-    model without routers, for a caller that reads it with its own values."""
+    model without routers, for a caller that reads it with its own values. Raises
+    ValueError for rate < 0."""
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
     routers = [m for m in model.modules() if isinstance(m, Router)]

@@ -22,6 +22,13 @@ import torch
 from ep_fp8.train.tokenizer import load_tokenizer
 
 
+def file_identity(path: str) -> tuple[int, int]:
+    """(device, inode) of the file at `path`, following symbolic links: equal for every
+    name of one file (hard links too). Raises OSError when it cannot be read."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def list_files(pattern: str) -> list[str]:
     """Files matching `pattern` (a path or a glob; `**` recurses), sorted and each once (a
     file reached twice, by a symbolic or hard link or by two names, is read at its first
@@ -37,8 +44,7 @@ def list_files(pattern: str) -> list[str]:
     first: dict[tuple[int, int], str] = {}
     for p in sorted(glob.glob(path, recursive=True)):
         if os.path.isfile(p):
-            st = os.stat(p)   # follows symbolic links; a hard link has the same inode
-            first.setdefault((st.st_dev, st.st_ino), p)
+            first.setdefault(file_identity(p), p)
     if not first:
         raise ValueError(f"data path {pattern!r} matches no file")
     return sorted(first.values())
@@ -224,7 +230,8 @@ def build_validation_source(cfg) -> MarkovSource | TokenFileSource:
     """The held-out data of `cfg.validation`: for synthetic data, samples of the training
     chain that training does not draw (in its first 4 billion samples); else the files of
     [validation] path, read like [data] path (same source type, tokenizer, field and
-    seq_len)."""
+    seq_len). Raises ValueError as build_source does, naming the file that cannot be read,
+    parsed or tokenized, or that holds fewer than seq_len + 1 tokens."""
     d, seq_len = cfg.data, cfg.training.seq_len
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed, held_out=True)

@@ -384,14 +384,12 @@ def train(cfg: Config) -> dict:
             problem = f"{cfg.source}: [data] {e}"
     if problem := first_problem(problem):   # every rank stops, not only the one that failed
         raise ConfigError(problem)
-    if val_source is not None and (differs := first_difference(val_source.fingerprint)):
-        raise ConfigError(f"{cfg.source}: [validation] the ranks read different held-out data "
-                          f"({differs}): every rank must see the same files (on many nodes, a "
-                          f"path on a file system they share)")
-    if differs := first_difference(source.fingerprint):
-        raise ConfigError(f"{cfg.source}: [data] the ranks read different data ({differs}): "
-                          f"every rank must see the same files (on many nodes, a path on a "
-                          f"file system they share)")
+    for section, what, read in (("validation", "held-out data", val_source),
+                                ("data", "data", source)):
+        if read is not None and (differs := first_difference(read.fingerprint)):   # collective
+            raise ConfigError(f"{cfg.source}: [{section}] the ranks read different {what} "
+                              f"({differs}): every rank must see the same files (on many nodes, "
+                              f"a path on a file system they share)")
     model, args, dims = build_model(cfg, device, dtype)
     _describe(cfg, args, dims, device, dtype)
     if note := source.note:  # e.g. a tokenizer without an end-of-document token

@@ -145,7 +145,7 @@ def _validation(cfg: Config) -> None:
     """Held-out data: synthetic runs validate on samples of the same chain that training
     does not draw; text and JSONL runs on the files of [validation] path, none of which may
     be a training file."""
-    from ep_fp8.train.data import list_files
+    from ep_fp8.train.data import file_identity, list_files
 
     v, d = cfg.validation, cfg.data
     if not v.enabled:
@@ -162,12 +162,8 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
-
-    def identities(paths):   # a file reached by another name or a link is the same file
-        return {(st.st_dev, st.st_ino): p for p in paths for st in (os.stat(p),)}
-
-    held_ids = identities(held_out)
-    shared = sorted(held_ids[i] for i in held_ids.keys() & identities(list_files(d.path)).keys())
+    training = {file_identity(p) for p in list_files(d.path)}   # every name of a file alike
+    shared = [p for p in held_out if file_identity(p) in training]
     _check(not shared, cfg,
            f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
            f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "

@@ -113,6 +113,8 @@ def test_balance_routers_updates_alike_and_returns_the_imbalances_unread():
     for r, t in zip(model, twin):
         assert torch.equal(r.expert_bias, t.expert_bias) and not r.tokens_per_expert.any()
     assert balance_routers(torch.nn.Linear(2, 2), rate=0.01).numel() == 0
+    with pytest.raises(ValueError, match="rate must be >= 0, got -0.5"):
+        balance_routers(model, rate=-0.5)
 
 
 def test_update_router_biases_leaves_bias_alone_without_rate_or_when_disabled():
