@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ep_fp8 import rng
+
 BASE_STD = 0.02
 # Parameter names (last component before ".weight", or the parameter itself) of the
 # projections that write into the residual stream: their std shrinks with depth so the
@@ -25,7 +27,8 @@ _ZERO_BUFFERS = ("expert_bias", "tokens_per_expert")
 
 
 def _param_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    # Distinct for names with distinct CRC-32s (ep_fp8.rng: a bijection of the index).
+    return rng.generator_seed(seed, "init", zlib.crc32(name.encode()))
 
 
 def _std_for(name: str, n_layers: int) -> float:

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from ep_fp8 import rng
 from ep_fp8.train.tokenizer import load_tokenizer
 
 
@@ -52,11 +53,11 @@ def list_files(pattern: str) -> list[str]:
 
 def _generator(seed: int, index: int) -> torch.Generator:
     # One generator per (seed, index) makes a sample independent of which rank or which
-    # batch asks for it. The CPU generator keeps only the low 32 bits of its seed, so
-    # indices 2^32 apart share a generator: training's samples count up from 0, the chain
-    # is drawn at -1 and held-out samples count down from -2, so training sample j meets
-    # held-out sample i only at j = 2^32 - 2 - i, past 4 billion samples.
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+    # batch asks for it. Generator seeds are 32 bits (ep_fp8.rng), so indices 2^32 apart
+    # share a generator: training's samples count up from 0, the chain is drawn at -1 and
+    # held-out samples count down from -2, so training sample j meets held-out sample i
+    # only at j = 2^32 - 2 - i, past 4 billion samples.
+    return rng.generator(seed, "data", index)
 
 
 class MarkovSource:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ep_fp8 import rng
 from ep_fp8.parallel.agree import first_difference, first_problem
 from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
@@ -68,7 +69,7 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype):
     # Built on the meta device and materialised as shards: a rank never holds the whole
     # model, only one full parameter at a time while init_weights draws it (seeded per
     # parameter over its global shape), so every sharding and EP degree starts equal.
-    torch.manual_seed(cfg.job.seed)   # any other randomness is seeded too, equally per rank
+    torch.manual_seed(rng.generator_seed(cfg.job.seed, "global", 0))  # any other randomness, equally per rank
     with torch.device("meta"):
         model = Transformer(args, float8=cfg.float8.enabled, float8_backend=cfg.float8.backend,
                             exact_scales=cfg.float8.exact_scales)

@@ -43,7 +43,7 @@ def _ranges(cfg: Config) -> None:
     for key, value in non_negative.items():
         _check(value >= 0 and math.isfinite(value), cfg, f"{key} must be finite and >= 0, got {value}")
     for key, value in {"[job] seed": cfg.job.seed, "[data] seed": cfg.data.seed}.items():
-        _check(value < 2**63, cfg, f"{key} must be below 2**63 (a torch seed), got {value}")
+        _check(value < 2**63, cfg, f"{key} must be below 2**63 (a TOML integer), got {value}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, cfg,
            f"[lr_schedule] min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     _check(all(0.0 <= b < 1.0 for b in o.betas), cfg,

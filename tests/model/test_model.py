@@ -112,10 +112,14 @@ def test_same_seed_same_weights_other_seed_other_weights():
     b.init_weights(5)
     c = Transformer(TINY)
     c.init_weights(6)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    d = Transformer(TINY)
+    d.init_weights(5 + 2**32)  # the CPU generator keeps 32 bits: every bit must still count
+    for (name, pa), pb, pc, pd in zip(a.named_parameters(), b.parameters(), c.parameters(),
+                                      d.parameters()):
         assert torch.equal(pa, pb), name
         if pa.ndim > 1:
             assert not torch.equal(pa, pc), name
+            assert not torch.equal(pa, pd), name
 
 
 def test_init_scales_output_projections_by_depth_and_sets_norms_to_one():
@@ -154,7 +158,7 @@ def test_meta_model_materialised_and_initialised_equals_eager_init():
 def test_debug_preset_trains_a_step():
     model = Transformer(PRESETS["debug"])
     tokens = _tokens(2, 17, 256)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # 0.5 overshoots by step 3 on some seeds
     losses = []
     for _ in range(3):
         logits = model(tokens[:, :-1])
@@ -164,4 +168,4 @@ def test_debug_preset_trains_a_step():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(256), rel=0.05)  # uniform at init
-    assert losses[-1] < losses[0]
+    assert losses[2] < losses[1] < losses[0]
