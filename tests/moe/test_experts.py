@@ -270,3 +270,31 @@ def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(mon
     # No row count given; the local expert count G, which is static, is.
     assert all(rest == () and kw == {"G": ex.w1.shape[0]} for *_, rest, kw in asked)
     assert used == ["emulated"] * 3  # resolved, never "auto" passed down
+
+
+@needs_fp8_ops
+def test_each_expert_gemm_runs_its_own_backend_for_the_local_expert_count(monkeypatch):
+    # Under expert parallelism a rank holds E / ep experts (the local shard of the DTensor
+    # weights): the rule on groups (fewer than 1024 on "cuda") must see that count. And w2
+    # (H -> D) runs what was resolved for (H, D), not w1's (D -> H) answer.
+    asked, used = [], []
+    real_mm = ep_fp8.ops.scaled_grouped_mm
+
+    def resolve(backend, device, K, N, *rest, G=None):
+        asked.append(G)
+        return "emulated" if (K, N) == (D, H) else "bf16"
+
+    def recording(a, w_t, offs, *args, backend="auto", **kw):
+        used.append(backend)
+        return real_mm(a, w_t, offs, *args, backend=backend, **kw)
+
+    monkeypatch.setattr(ep_fp8.ops, "resolve_backend", resolve)
+    monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
+    ex = _experts(float8=True, float8_backend="auto")
+    for name in ("w1", "w2", "w3"):  # what a rank of ep = 2 holds: E / 2 experts
+        setattr(ex, name, torch.nn.Parameter(getattr(ex, name).detach()[:E // 2].clone()))
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(8), dtype=torch.bfloat16)
+    out = ex(x, torch.tensor([12, 32], dtype=torch.int32))
+    assert asked == [E // 2, E // 2]
+    assert used == ["emulated", "emulated", "bf16"]
+    assert out.shape == (32, D) and torch.isfinite(out).all()

@@ -89,6 +89,15 @@ def parallel_step(rank: int, world: int, dims: ParallelDims, args=ARGS, *, count
     return loss_sum.item() / world, grads, model, (fwd.a2a, bwd.a2a, bwd.mm)
 
 
+def forward_prefetch(model) -> list[list[str]]:
+    """Per block, the FSDP2 units it names for forward prefetch (FSDP2's private record of
+    set_modules_to_forward_prefetch, read by module name)."""
+    from torch.distributed.fsdp import FSDPModule
+    names = {id(m._get_fsdp_state()): n for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+    return [[names[id(s)] for s in block._get_fsdp_state()._states_to_forward_prefetch]
+            for block in model.layers]
+
+
 def grad_error(grads: dict, ref: dict) -> float:
     """max over parameters of max|g - g_ref| / max|g_ref|."""
     if grads.keys() != ref.keys():
@@ -128,6 +137,7 @@ def two_ranks(rank: int, world: int) -> dict:
     base = parallel_step(rank, world, dims, count=True)
     compare(out, "ep2", base, ref_loss, ref_grads)
     out["none.a2a_fwd"], out["none.a2a_bwd"], out["none.mm_bwd"] = base[3]
+    out["none.prefetch"] = forward_prefetch(base[2])
 
     # A second parallelize_model on the same model is refused before it changes anything.
     forwards = [block.forward for block in base[2].layers]
@@ -143,6 +153,7 @@ def two_ranks(rank: int, world: int) -> dict:
         step = parallel_step(rank, world, dims, count=True, ac_mode=mode)
         out[f"{mode}.grad_vs_none"] = grad_error(step[1], base[1])
         out[f"{mode}.a2a_fwd"], out[f"{mode}.a2a_bwd"], out[f"{mode}.mm_bwd"] = step[3]
+        out[f"{mode}.prefetch"] = forward_prefetch(step[2])
 
     torch._dynamo.reset()
     compiled = parallel_step(rank, world, dims, ac_mode="selective", compile="aot_eager")

@@ -42,6 +42,20 @@ def test_activation_checkpointing_never_repeats_an_all_to_all(results, mode):
     assert results[f"{mode}.a2a_bwd"] == results["none.a2a_bwd"]
 
 
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_each_block_prefetches_the_next_and_its_experts_only_without_checkpointing(results, mode):
+    # A checkpointed block's recompute must issue the ops its forward did: the experts'
+    # all-gather stays inside it, so only the next block is named there.
+    n, dense = _workers.ARGS.n_layers, _workers.ARGS.n_dense_layers
+    expected = []
+    for i in range(1, n):
+        units = [f"layers.{i}"]
+        if mode == "none" and i >= dense:
+            units.append(f"layers.{i}.moe.experts")
+        expected.append(units)
+    assert results[f"{mode}.prefetch"] == expected + [[]]
+
+
 def test_full_checkpointing_recomputes_matmuls_and_selective_saves_them(results):
     assert results["full.mm_bwd"] > results["none.mm_bwd"]
     assert results["selective.mm_bwd"] == results["none.mm_bwd"]
