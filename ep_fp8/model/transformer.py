@@ -43,7 +43,10 @@ class TransformerBlock(nn.Module):
                 float8=float8, float8_backend=float8_backend, exact_scales=exact_scales)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        h = x_BSD + self.attention(self.attention_norm(x_BSD))
+        # The rotary tables in float32, built here: the block is an FSDP2 unit whose mixed
+        # precision would cast float inputs to bf16, and attention may be compiled.
+        cos_SF, sin_SF = self.attention.rope_tables(x_BSD.shape[1], x_BSD.device)
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SF, sin_SF)
         ffn = self.moe if self.moe is not None else self.feed_forward
         return h + ffn(self.ffn_norm(h))
 

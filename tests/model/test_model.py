@@ -169,3 +169,37 @@ def test_debug_preset_trains_a_step():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(256), rel=0.05)  # uniform at init
     assert losses[2] < losses[1] < losses[0]
+
+
+def test_attention_refuses_rotary_tables_that_are_not_float32_of_its_shape():
+    attn = Transformer(TINY).layers[0].attention
+    x = torch.randn(2, 5, TINY.dim)
+    cos, sin = attn.rope_tables(5, x.device)
+    assert cos.dtype == torch.float32 and cos.shape == (5, TINY.dim // TINY.n_heads // 2)
+    with pytest.raises(ValueError, match="rotary tables must be float32"):
+        attn(x, cos.bfloat16(), sin.bfloat16())  # what a mixed-precision cast would give
+    with pytest.raises(ValueError, match=r"of shape \(5, 2\)"):
+        attn(x, *attn.rope_tables(6, x.device))
+
+
+def test_compiled_attention_receives_the_rotary_tables_instead_of_computing_them():
+    # Inside a compiled graph inductor evaluates cos and sin again for every element of q
+    # and k (10x slower rope on an H200): the tables must come in from the eager block.
+    from ep_fp8.parallel.parallelize import apply_compile
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = Transformer(TINY)
+    eager = model(_tokens(2, 9, TINY.vocab_size))
+    apply_compile(model, recording_backend)
+    compiled = model(_tokens(2, 9, TINY.vocab_size))
+    torch._dynamo.reset()
+    assert len(graphs) >= TINY.n_layers  # attention at least, per block
+    calls = {str(node.target) for gm in graphs for node in gm.graph.nodes
+             if node.op in ("call_function", "call_method")}
+    assert not {c for c in calls if c in ("cos", "sin") or c.endswith((".cos", ".sin"))}, calls
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
