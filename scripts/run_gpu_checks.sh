@@ -98,9 +98,10 @@ for stage in $stages; do
         tests)
             run gpu_tests python3 -m pytest -m gpu -q -o addopts="" -p no:cacheprovider tests
             # Not marked gpu (they run on CPU too), but on CUDA tensors when a GPU is present:
-            # the Triton kernels bit for bit against their torch references.
+            # the Triton kernels bit for bit against their torch references (SwiGLU's
+            # against float64).
             run gpu_kernel_tests python3 -m pytest -q -o addopts="" -p no:cacheprovider \
-                tests/ops/test_quant_kernels.py tests/ops/test_permute.py ;;
+                tests/ops/test_quant_kernels.py tests/ops/test_permute.py tests/ops/test_swiglu.py ;;
         bench)
             run bench_grouped_mm python3 scripts/bench_grouped_mm.py --out "$out/bench_grouped_mm.json"
             run bench_grouped_mm_cuda_graph python3 scripts/bench_grouped_mm.py --cuda-graph \

@@ -100,7 +100,8 @@ class GroupedExperts(nn.Module):
                 exact_scales=self.exact_scales, x_fp8=a_fp8,
             )
 
-        h = F.silu(gmm(x_MD, w1, up, x_fp8)) * gmm(x_MD, w3, up, x_fp8)
+        # One pass each way, only a and b kept for backward (ep_fp8.ops.swiglu).
+        h = ops.swiglu(gmm(x_MD, w1, up, x_fp8), gmm(x_MD, w3, up, x_fp8))
         return gmm(h, w2, down)
 
 

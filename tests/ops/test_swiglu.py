@@ -1,0 +1,95 @@
+"""ep_fp8.ops.swiglu: silu(a) * b and both gradients against float64, what it keeps for
+backward, and its errors. Without a GPU the Triton kernels run through the interpreter
+(TRITON_INTERPRET=1); on a GPU the same tests run them compiled."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ep_fp8.ops import swiglu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32: float32 arithmetic. bfloat16: one rounding of each output to bf16; the CPU
+# interpreter truncates float32 -> bf16 (up to one ulp, 2^-7 relative), a GPU rounds to
+# nearest (half an ulp).
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7}
+
+
+def _reference(a, b, g):
+    a64, b64 = (t.detach().cpu().double().requires_grad_() for t in (a, b))
+    h = F.silu(a64) * b64
+    h.backward(g.cpu().double())
+    return h.detach(), a64.grad, b64.grad
+
+
+def _rel(got, want):
+    return ((got.cpu().double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _check(a, b, g, backend, tol):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    h = swiglu(a, b, backend=backend)
+    assert h.dtype == a.dtype and h.shape == a.shape
+    h.backward(g)
+    want = _reference(a, b, g)
+    for name, got, ref in (("h", h, want[0]), ("grad_a", a.grad, want[1]), ("grad_b", b.grad, want[2])):
+        if ref.numel():
+            assert _rel(got, ref) < tol, (name, _rel(got, ref))
+        else:
+            assert got.shape == ref.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 100), (3, 2048 + 5), (0, 16)])
+def test_swiglu_and_its_gradients_match_float64(backend, dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    # a spans silu's whole curve: its minimum near -1.28, the saturated tails
+    a, b, g = (4 * torch.randn(shape, generator=gen) for _ in range(3))
+    _check(*(t.to(DEVICE, dtype) for t in (a, b, g)), backend, TOL[dtype])
+
+
+def test_non_contiguous_inputs_are_taken():
+    gen = torch.Generator().manual_seed(3)
+    a, b, g = (torch.randn(64, 24, generator=gen).to(DEVICE) for _ in range(3))
+    _check(a.t(), b.t(), g.t(), "triton", TOL[torch.float32])
+
+
+def test_only_a_and_b_are_kept_for_backward():
+    # Autograd on F.silu(a) * b keeps silu(a) too: one (rows, hidden) tensor more per layer.
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    a, b = (torch.randn(8, 16, requires_grad=True) for _ in range(2))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        swiglu(a, b, backend="torch")
+    assert len(saved) == 2
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.silu(a) * b
+    assert len(saved) == 3  # what the fused op saves over
+
+
+def test_bad_input_raises_clear_errors():
+    a = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        swiglu(a, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        swiglu(a, a.double())
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        swiglu(a.long(), a.long())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        swiglu(a, a, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_float64(dtype):
+    gen = torch.Generator().manual_seed(5)
+    a, b, g = (4 * torch.randn(4096, 2816, generator=gen) for _ in range(3))
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # round to nearest on the GPU
+    _check(*(t.to(dtype).cuda() for t in (a, b, g)), "auto", tol)
