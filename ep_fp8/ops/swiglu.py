@@ -12,6 +12,8 @@ arithmetic in torch ops) elsewhere; "triton" and "torch" force one.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -86,7 +88,8 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.
     """silu(a) * b, computed in float32 and returned in a's dtype; differentiable.
 
     a and b: tensors of one shape, dtype and device (float32, bfloat16 or float16).
-    Raises ValueError on mismatched shapes, dtypes or devices, or an unknown backend.
+    Raises ValueError on mismatched shapes, dtypes or devices, an unknown backend, or
+    backend="triton" on CPU tensors outside Triton's interpreter.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -96,4 +99,6 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"swiglu takes float32, bfloat16 or float16, got {a.dtype}")
     use_triton = backend == "triton" or (backend == "auto" and a.is_cuda)
+    if use_triton and not a.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {a.device}")
     return _SwiGLU.apply(a.contiguous(), b.contiguous(), use_triton)

@@ -12,7 +12,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32: float32 arithmetic. bfloat16: one rounding of each output to bf16; the CPU
 # interpreter truncates float32 -> bf16 (up to one ulp, 2^-7 relative), a GPU rounds to
 # nearest (half an ulp).
-TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7}
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
 def _reference(a, b, g):
@@ -40,7 +40,7 @@ def _check(a, b, g, backend, tol):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(37, 100), (3, 2048 + 5), (0, 16)])
 def test_swiglu_and_its_gradients_match_float64(backend, dtype, shape):
     gen = torch.Generator().manual_seed(sum(shape))
@@ -55,18 +55,19 @@ def test_non_contiguous_inputs_are_taken():
     _check(a.t(), b.t(), g.t(), "triton", TOL[torch.float32])
 
 
-def test_only_a_and_b_are_kept_for_backward():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_only_a_and_b_are_kept_for_backward(backend):
     # Autograd on F.silu(a) * b keeps silu(a) too: one (rows, hidden) tensor more per layer.
     saved = []
 
     def pack(t):
-        saved.append(t.shape)
+        saved.append(t)
         return t
 
-    a, b = (torch.randn(8, 16, requires_grad=True) for _ in range(2))
+    a, b = (torch.randn(8, 16, device=DEVICE, requires_grad=True) for _ in range(2))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        swiglu(a, b, backend="torch")
-    assert len(saved) == 2
+        swiglu(a, b, backend=backend)
+    assert sorted(t.data_ptr() for t in saved) == sorted((a.data_ptr(), b.data_ptr()))
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.silu(a) * b
@@ -83,6 +84,12 @@ def test_bad_input_raises_clear_errors():
         swiglu(a.long(), a.long())
     with pytest.raises(ValueError, match="backend must be one of"):
         swiglu(a, a, backend="cuda")
+
+
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        swiglu(torch.randn(4, 8), torch.randn(4, 8), backend="triton")
 
 
 @pytest.mark.gpu
