@@ -87,7 +87,7 @@ class MarkovSource:
         self.held_out = held_out
         # What fixes the sample sequence; a resume compares it with the checkpoint's.
         self.fingerprint = (f"synthetic vocab {vocab} branching {branching}, seq_len {seq_len}, "
-                            f"seed {seed}" + (", held out" if held_out else ""))
+                            f"seed {seed} (rng v{rng.VERSION})" + (", held out" if held_out else ""))
 
     def get(self, indices: list[int]) -> torch.Tensor:
         """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
@@ -189,7 +189,7 @@ class TokenFileSource:
             raise ValueError(f"data path {pattern!r} holds {self.tokens.numel()} tokens, "
                              f"fewer than seq_len + 1 = {seq_len + 1}")
         self.fingerprint = (f"{self.tokens.numel()} tokens (documents' hash "
-                            f"{digest.hexdigest()}), seq_len {seq_len}, seed {seed}")
+                            f"{digest.hexdigest()}), seq_len {seq_len}, seed {seed} (rng v{rng.VERSION})")
         self._epoch, self._order = -1, None
 
     def _window(self, index: int) -> int:

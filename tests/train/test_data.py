@@ -330,7 +330,7 @@ def test_the_fingerprint_changes_with_the_documents_seq_len_and_seed(tmp_path):
     glob_ = str(tmp_path / "*.txt")
     base = TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
     assert base == TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
-    assert base.startswith("66 tokens (documents' hash ") and base.endswith("seq_len 4, seed 0")
+    assert base.startswith("66 tokens (documents' hash ") and base.endswith("seq_len 4, seed 0 (rng v2)")
     assert base != TokenFileSource(glob_, "text", "bytes", seq_len=8, seed=0).fingerprint
     assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=1).fingerprint
     (tmp_path / "b.txt").write_text("ijklmnoq" * 4)            # same length, one byte changed
@@ -345,7 +345,7 @@ def test_a_position_saved_with_other_data_is_loaded_with_a_note(tmp_path):
     saved = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
     saved.next()
     state = saved.state_dict()
-    assert state == {"samples_seen": 2, "source": "synthetic vocab 16 branching 2, seq_len 4, seed 0"}
+    assert state == {"samples_seen": 2, "source": "synthetic vocab 16 branching 2, seq_len 4, seed 0 (rng v2)"}
     same = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
     same.load_state_dict(state)
     assert same.samples_seen == 2 and same.resume_note == ""
@@ -353,8 +353,12 @@ def test_a_position_saved_with_other_data_is_loaded_with_a_note(tmp_path):
     other.load_state_dict(state)
     assert other.samples_seen == 2
     assert other.resume_note.startswith("[data] differs from the checkpoint's (saved with "
-                                        "synthetic vocab 16 branching 2, seq_len 4, seed 0; now "
-                                        "synthetic vocab 16 branching 2, seq_len 4, seed 1)")
+                                        "synthetic vocab 16 branching 2, seq_len 4, seed 0 (rng v2); now "
+                                        "synthetic vocab 16 branching 2, seq_len 4, seed 1 (rng v2))")
     older = DataLoader(MarkovSource(16, 2, 4, seed=1), batch_size=2, rank=0, world=1)
     older.load_state_dict({"samples_seen": 6})                    # saved before fingerprints
     assert older.samples_seen == 6 and older.resume_note == ""
+    # Saved while seed 0 drew other samples (generator seeds seed * 1_000_003 + index).
+    v1 = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
+    v1.load_state_dict({"samples_seen": 2, "source": "synthetic vocab 16 branching 2, seq_len 4, seed 0"})
+    assert "another sample order" in v1.resume_note

@@ -220,8 +220,8 @@ def test_a_resume_with_other_data_goes_on_and_says_so(runs):
     assert result.get("step") == 11, result
     printed = result["printed"]
     assert "resumed from" in printed and "[data] differs from the checkpoint's (saved with " \
-        "synthetic vocab 256 branching 4, seq_len 32, seed 0; now synthetic vocab 256 " \
-        "branching 4, seq_len 32, seed 7): its position, 80 samples," in printed, printed
+        "synthetic vocab 256 branching 4, seq_len 32, seed 0 (rng v2); now synthetic vocab 256 " \
+        "branching 4, seq_len 32, seed 7 (rng v2)): its position, 80 samples," in printed, printed
 
 
 def test_ranks_that_read_different_files_stop_with_a_config_error_on_every_rank(runs):
