@@ -77,6 +77,31 @@ def test_loader_position_resumes_on_another_world_size():
     assert torch.equal(resumed.next()[0], reference.next()[0])
 
 
+def test_prefetched_batches_are_the_same_batches_and_the_position_counts_only_consumed_ones():
+    src = MarkovSource(64, 3, 8, seed=0)
+    plain = DataLoader(src, batch_size=2, rank=1, world=2)
+    ahead = DataLoader(src, batch_size=2, rank=1, world=2)
+    want = [plain.next() for _ in range(7)]
+    calls = []
+    get = src.get
+    src.get = lambda indices: calls.append(list(indices)) or get(indices)
+    got = [ahead.next()]
+    ahead.prefetch(1, ahead=3)             # three batches in one call of the source
+    assert calls[-1] == [6, 7, 10, 11, 14, 15]   # rank 1's rows of global batches 1-3
+    assert ahead.state_dict() == {"samples_seen": 4, "source": src.fingerprint}  # 1 batch of 4
+    ahead.prefetch(2, ahead=5)             # two are ready: nothing drawn
+    assert len(calls) == 2
+    got += [ahead.next(), ahead.next()]
+    ahead.prefetch(1)                      # one still waiting
+    got += [ahead.next(), ahead.next(), ahead.next(), ahead.next()]   # then drawn on demand
+    for (i, t), (wi, wt) in zip(got, want, strict=True):
+        assert torch.equal(i, wi) and torch.equal(t, wt)
+    # A loaded position discards what was drawn for the old one.
+    ahead.prefetch(2)
+    ahead.load_state_dict({"samples_seen": 0, "source": src.fingerprint})
+    assert torch.equal(ahead.next()[0], want[0][0])
+
+
 def test_text_files_become_one_stream_of_byte_windows_visited_once_per_epoch(tmp_path):
     docs = ["hello world, " * 5, "second file\n" * 4, "ünïcode" * 3]
     for i, d in enumerate(docs):

@@ -18,13 +18,18 @@ ARGS = ModelArgs(vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, n_d
 
 
 class _Batches:
-    """The loader interface train_step uses: next() -> (inputs (B, S), targets (B, S))."""
+    """The loader interface the steps use: next() -> (inputs (B, S), targets (B, S)), and
+    prefetch(n), recorded in `events`."""
 
-    def __init__(self, batches):
+    def __init__(self, batches, events=None):
         self.batches = list(batches)
+        self.events = [] if events is None else events
 
     def next(self):
         return self.batches.pop(0)
+
+    def prefetch(self, n, ahead=0):
+        self.events.append(("prefetch", n, ahead))
 
 
 def _gate_update(args, tokens_BS, grad_accum):
@@ -53,7 +58,7 @@ def test_two_micro_batches_of_two_give_the_gate_gradient_of_one_batch_of_four():
     assert (no_aux - one).abs().max() > 0.05 * one.abs().max()
 
 
-def test_loop_step_moves_the_router_biases_resets_their_counts_and_reports_the_stop_signal():
+def test_loop_step_moves_the_router_biases_resets_their_counts_and_reports_the_stop_signal(monkeypatch):
     # What scripts/profile_train_step.py times as one step, as the loop runs it: without
     # the bias update the counts kept growing step after step and the biases never moved.
     cfg = Config()
@@ -74,7 +79,12 @@ def test_loop_step_moves_the_router_biases_resets_their_counts_and_reports_the_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     cpu = torch.device("cpu")
 
-    first = loop_step(cfg, model, _Batches(batches[:1]), optimizer, scheduler, cpu)
+    # The next step's batches are drawn before the step's one host read, not after it.
+    events, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: events.append(("read",)) or tolist(t))
+    first = loop_step(cfg, model, _Batches(batches[:1], events), optimizer, scheduler, cpu)
+    monkeypatch.undo()
+    assert events == [("prefetch", 1, 8), ("read",)]
     assert first.loss == pytest.approx(expected_loss, rel=1e-6)  # one rank: its own loss
     assert (first.sigterm_ranks, first.sigint_ranks) == (0, 0)
     assert first.lr == 0.1 and first.grad_norm > 0
