@@ -245,16 +245,10 @@ def test_cuda_experts_close_to_float64(float8):
     assert rel < (0.1 if float8 else 2e-2)
 
 
-@needs_fp8_ops
-def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(monkeypatch):
-    # With auto's size rule, a row count per rank could make ranks (and steps) disagree on
-    # float8 vs bf16: the layer resolves from (device, K, N) alone and passes the result on.
-    asked, used = [], []
-    real_resolve, real_mm = ep_fp8.ops.resolve_backend, ep_fp8.ops.scaled_grouped_mm
-
-    def resolve(backend, device, K, N, *rest, **kw):
-        asked.append((backend, K, N, rest, kw))
-        return real_resolve(backend, device, K, N)
+def _record_backends(monkeypatch, resolve):
+    """Installs `resolve` as ep_fp8.ops.resolve_backend; returns the list of the backends
+    that scaled_grouped_mm is then called with, filled as the experts run."""
+    used, real_mm = [], ep_fp8.ops.scaled_grouped_mm
 
     def recording(a, w_t, offs, *args, backend="auto", **kw):
         used.append(backend)
@@ -262,6 +256,21 @@ def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(mon
 
     monkeypatch.setattr(ep_fp8.ops, "resolve_backend", resolve)
     monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
+    return used
+
+
+@needs_fp8_ops
+def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(monkeypatch):
+    # With auto's size rule, a row count per rank could make ranks (and steps) disagree on
+    # float8 vs bf16: the layer resolves from (device, K, N) alone and passes the result on.
+    asked = []
+    real_resolve = ep_fp8.ops.resolve_backend
+
+    def resolve(backend, device, K, N, *rest, **kw):
+        asked.append((backend, K, N, rest, kw))
+        return real_resolve(backend, device, K, N)
+
+    used = _record_backends(monkeypatch, resolve)
     ex = _experts(float8=True, float8_backend="auto")
     x, offs = _grouped_input(torch.Generator().manual_seed(7), dtype=torch.bfloat16)
     ex(x, offs)
@@ -277,19 +286,13 @@ def test_each_expert_gemm_runs_its_own_backend_for_the_local_expert_count(monkey
     # Under expert parallelism a rank holds E / ep experts (the local shard of the DTensor
     # weights): the rule on groups (fewer than 1024 on "cuda") must see that count. And w2
     # (H -> D) runs what was resolved for (H, D), not w1's (D -> H) answer.
-    asked, used = [], []
-    real_mm = ep_fp8.ops.scaled_grouped_mm
+    asked = []
 
     def resolve(backend, device, K, N, *rest, G=None):
         asked.append(G)
         return "emulated" if (K, N) == (D, H) else "bf16"
 
-    def recording(a, w_t, offs, *args, backend="auto", **kw):
-        used.append(backend)
-        return real_mm(a, w_t, offs, *args, backend=backend, **kw)
-
-    monkeypatch.setattr(ep_fp8.ops, "resolve_backend", resolve)
-    monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
+    used = _record_backends(monkeypatch, resolve)
     ex = _experts(float8=True, float8_backend="auto")
     for name in ("w1", "w2", "w3"):  # what a rank of ep = 2 holds: E / 2 experts
         setattr(ex, name, torch.nn.Parameter(getattr(ex, name).detach()[:E // 2].clone()))
