@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BACKENDS = ("auto", "triton", "torch")
+from ep_fp8.ops.kernel_choice import check_kernel_backend, use_triton
+
 # The kernel holds every (source, expert) block in registers; past this many blocks the
 # torch reference is used instead (S * E is the total expert count, a few hundred).
 _MAX_KERNEL_BLOCKS = 2048
@@ -73,12 +74,11 @@ def expert_group_indices(
         raise ValueError(f"need 0 <= n_rows <= n_out, got n_rows={n_rows}, n_out={n_out}")
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_kernel_backend(backend)
     S, E = counts_SE.shape
     if backend == "auto":
         backend = "triton" if counts_SE.is_cuda and S * E <= _MAX_KERNEL_BLOCKS else "torch"
-    if backend == "torch":
+    if not use_triton(backend, counts_SE):
         return expert_group_indices_reference(counts_SE, n_rows, n_out, align=align)
     return _expert_group_indices_triton(counts_SE, n_rows, n_out, align)
 
@@ -192,12 +192,6 @@ def _group_indices_kernel(
 # small-side rows; together with fill_idx the idx entries cover [0, M) exactly once.
 
 
-def _use_triton(backend: str, t: torch.Tensor) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    return backend == "triton" or (backend == "auto" and t.is_cuda)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 accumulation for bf16/fp16/fp32 rows; float64 stays float64.
     return torch.promote_types(dtype, torch.float32)
@@ -214,7 +208,7 @@ def scatter_rows_into(
     """
     out = src_RD.new_empty((n_out, src_RD.shape[1]))
     R, k = idx_Rk.shape
-    if _use_triton(backend, src_RD) and R * src_RD.shape[1] > 0:
+    if use_triton(backend, src_RD) and R * src_RD.shape[1] > 0:
         D = src_RD.shape[1]
         BLOCK_D = min(triton.next_power_of_2(D), 1024)
         _scatter_rows_kernel[(R, triton.cdiv(D, BLOCK_D))](
@@ -238,7 +232,7 @@ def gather_rows_sum(
     D = rows_MD.shape[1]
     if k == 1 and w_Rk is None:
         return rows_MD.index_select(0, idx_Rk[:, 0])
-    if _use_triton(backend, rows_MD) and R * D > 0:
+    if use_triton(backend, rows_MD) and R * D > 0:
         out = rows_MD.new_empty((R, D))
         BLOCK_D = min(triton.next_power_of_2(D), 1024)
         w = w_Rk if w_Rk is not None else idx_Rk  # any (R, k) tensor when unweighted: not read
@@ -267,7 +261,7 @@ def gather_rows_sum_backward(
     need_w = need_w and w_Rk is not None
     grad_rows = grad_RD.new_empty((n_rows, D)) if need_rows else None
     grad_w = torch.empty((R, k), dtype=w_Rk.dtype, device=grad_RD.device) if need_w else None
-    if _use_triton(backend, grad_RD) and (need_rows or need_w) and R * D > 0:
+    if use_triton(backend, grad_RD) and (need_rows or need_w) and R * D > 0:
         grad_RD = grad_RD.contiguous()
         BLOCK_D = min(triton.next_power_of_2(D), 1024)
         acc = _tl_dtype(_acc_dtype(grad_RD.dtype))

@@ -7,18 +7,17 @@ the routed experts' hidden rows (131,072 x 2048 per layer of moe_1b) that is 8 i
 14 passes over a (rows, hidden) tensor, and one such tensor less held per layer.
 
 backend="auto" takes the kernels on CUDA and the torch reference (the same float32
-arithmetic in torch ops) elsewhere; "triton" and "torch" force one.
+arithmetic in torch ops) elsewhere; "triton" and "torch" force one (ep_fp8.ops.kernel_choice).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_BACKENDS = ("auto", "triton", "torch")
+from ep_fp8.ops.kernel_choice import check_kernel_backend, use_triton
+
 _BLOCK = 2048
 
 
@@ -45,8 +44,8 @@ def _swiglu_bwd_kernel(g_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, n, BLOCK: tl.constex
     tl.store(gb_ptr + offs, (g * a * s).to(gb_ptr.dtype.element_ty), mask=mask)
 
 
-def _forward(a: torch.Tensor, b: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    if not use_triton:
+def _forward(a: torch.Tensor, b: torch.Tensor, kernel: bool) -> torch.Tensor:
+    if not kernel:
         a32 = a.float()
         return (a32 * torch.sigmoid(a32) * b.float()).to(a.dtype)
     h = torch.empty_like(a)
@@ -57,8 +56,8 @@ def _forward(a: torch.Tensor, b: torch.Tensor, use_triton: bool) -> torch.Tensor
 
 
 def _backward(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-              use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if not use_triton:
+              kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not kernel:
         g32, a32 = g.float(), a.float()
         s = torch.sigmoid(a32)
         return ((g32 * b.float() * (s + a32 * s * (1.0 - s))).to(a.dtype),
@@ -72,15 +71,15 @@ def _backward(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, use_triton):
+    def forward(ctx, a, b, kernel):
         ctx.save_for_backward(a, b)
-        ctx.use_triton = use_triton
-        return _forward(a, b, use_triton)
+        ctx.kernel = kernel
+        return _forward(a, b, kernel)
 
     @staticmethod
     def backward(ctx, grad_h):
         a, b = ctx.saved_tensors
-        grad_a, grad_b = _backward(grad_h.contiguous(), a, b, ctx.use_triton)
+        grad_a, grad_b = _backward(grad_h.contiguous(), a, b, ctx.kernel)
         return grad_a, grad_b, None
 
 
@@ -91,14 +90,10 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.
     Raises ValueError on mismatched shapes, dtypes or devices, an unknown backend, or
     backend="triton" on CPU tensors outside Triton's interpreter.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_kernel_backend(backend)
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"swiglu needs a and b of one shape, dtype and device, got "
                          f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"swiglu takes float32, bfloat16 or float16, got {a.dtype}")
-    use_triton = backend == "triton" or (backend == "auto" and a.is_cuda)
-    if use_triton and not a.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {a.device}")
-    return _SwiGLU.apply(a.contiguous(), b.contiguous(), use_triton)
+    return _SwiGLU.apply(a.contiguous(), b.contiguous(), use_triton(backend, a))

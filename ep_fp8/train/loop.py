@@ -351,9 +351,14 @@ def evaluate(model, source, batch_size: int, batches: int, device: torch.device,
     return loss_sum / tokens
 
 
+def _held_out_sequences(cfg: Config, world: int) -> int:
+    """Sequences one evaluation reads: [validation] batches global batches."""
+    return cfg.validation.batches * world * cfg.training.batch_size
+
+
 def _held_out_problem(cfg: Config, val_source, world: int) -> str:
-    """'' or why the held-out files cannot fill one evaluation (batches global batches)."""
-    v, needed = cfg.validation, cfg.validation.batches * world * cfg.training.batch_size
+    """'' or why the held-out files cannot fill one evaluation."""
+    v, needed = cfg.validation, _held_out_sequences(cfg, world)
     if isinstance(val_source, MarkovSource) or val_source.n_windows >= needed:
         return ""
     return (f"{cfg.source}: [validation] path {v.path!r} holds {val_source.n_windows} "
@@ -442,7 +447,7 @@ def train(cfg: Config) -> dict:
     dp_group = dist.group.WORLD if world > 1 else None   # every rank reads its own data
     v = cfg.validation
     if val_source is not None:
-        sequences = v.batches * world * t.batch_size
+        sequences = _held_out_sequences(cfg, world)
         say(f"validation: every {v.interval} steps and at step {t.steps}, on the same "
             f"{sequences} held-out sequences ({sequences * t.seq_len:,} tokens) each time")
     stopped = ""

@@ -234,3 +234,16 @@ def test_cuda_kernel_matches_reference_at_model_sizes(S, E):
     got = expert_group_indices(counts, n_rows, n_out, align=ALIGN, backend="triton")
     for gt, w in zip(got, want):
         assert torch.equal(gt, w)
+
+
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    # Refused with a ValueError before any launch, as for every op with a kernel and a
+    # torch reference (ep_fp8.ops.kernel_choice), not Triton's driver error.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(9)
+    idx, fill = _row_layout(4, 2, 3, gen)
+    src = torch.randn(4, 8, generator=gen)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        scatter_rows_into(src, idx, fill, 11, backend="triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        expert_group_indices(torch.tensor([[2, 3]]), 5, 40, backend="triton")
