@@ -46,7 +46,7 @@ def main() -> int:
 
     triton_jit.JITFunction.run = compile_only
 
-    from ep_fp8.ops import permute, quant_kernels
+    from ep_fp8.ops import permute, quant_kernels, swiglu
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 96, generator=g, dtype=torch.bfloat16)
@@ -84,6 +84,9 @@ def main() -> int:
     permute.gather_rows_sum_backward(grad, rows, idx, torch.arange(20, 24), w, 24, backend="triton")
     permute.gather_rows_sum_backward(grad, None, idx, torch.arange(20, 24), None, 24, need_w=False,
                                      backend="triton")
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = (torch.randn(8, 40, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        swiglu(a, b, backend="triton").backward(torch.ones(8, 40, dtype=dtype))
     print("compiled for sm_90:", " ".join(sorted(set(compiled))))
     return 0
 

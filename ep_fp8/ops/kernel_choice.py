@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import torch
+from triton.runtime import driver
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
@@ -17,12 +18,25 @@ def check_kernel_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
+def _can_launch_on_cpu_tensors() -> bool:
+    # Triton's interpreter runs kernels on CPU tensors; so does a driver set active by
+    # hand (tests/sm90_compile_worker.py compiles that way). Without either, Triton finds
+    # no driver and its launch fails with a RuntimeError that does not name the cause.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    try:
+        driver.active
+    except RuntimeError:
+        return False
+    return True
+
+
 def use_triton(backend: str, t: torch.Tensor) -> bool:
     """Whether `backend` runs the Triton kernel on tensors like `t`. Raises ValueError for
-    an unknown backend, and for "triton" on CPU tensors outside Triton's interpreter
-    (TRITON_INTERPRET=1), where no kernel could be launched."""
+    an unknown backend, and for "triton" on CPU tensors where Triton has nothing to launch
+    them with (no interpreter, TRITON_INTERPRET=1, and no driver)."""
     check_kernel_backend(backend)
-    triton = backend == "triton" or (backend == "auto" and t.is_cuda)
-    if triton and not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    kernel = backend == "triton" or (backend == "auto" and t.is_cuda)
+    if kernel and not t.is_cuda and not _can_launch_on_cpu_tensors():
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
-    return triton
+    return kernel
