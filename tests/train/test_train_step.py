@@ -67,7 +67,7 @@ def test_loop_step_moves_the_router_biases_resets_their_counts_and_reports_the_s
     model = Transformer(ARGS)
     routers = [m for m in model.modules() if isinstance(m, Router)]
     gen = torch.Generator().manual_seed(2)
-    batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, ARGS.vocab_size, (2, 4, 9), generator=gen)]
+    batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, ARGS.vocab_size, (3, 4, 9), generator=gen)]
     with torch.no_grad():
         expected_loss = float(F.cross_entropy(model(batches[0][0]).flatten(0, 1), batches[0][1].flatten()))
     # That forward counted its tokens as the step's will: the imbalance the step reports.
@@ -93,5 +93,41 @@ def test_loop_step_moves_the_router_biases_resets_their_counts_and_reports_the_s
         assert float(r.tokens_per_expert.sum()) == 0.0  # counted anew each step
         steps = r.expert_bias / 0.01
         assert torch.equal(steps, steps.round()) and steps.abs().max() == 1  # one step of the rate
-    second = loop_step(cfg, model, _Batches(batches[1:]), optimizer, scheduler, cpu, stop_signal="SIGINT")
+    second = loop_step(cfg, model, _Batches(batches[1:2]), optimizer, scheduler, cpu, stop_signal="SIGINT")
     assert (second.sigterm_ranks, second.sigint_ranks) == (0, 1)
+    third = loop_step(cfg, model, _Batches(batches[2:]), optimizer, scheduler, cpu, stop_signal="SIGTERM")
+    assert (third.sigterm_ranks, third.sigint_ranks) == (1, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loop_step_on_a_gpu_synchronizes_once_at_its_host_read():
+    # Any other sync stalls the host mid-step, with the GPU then idle while the host
+    # draws data and issues the next step's first kernels.
+    import warnings
+
+    cfg = Config()
+    cfg.training.grad_accum, cfg.training.max_norm = 1, 1.0
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    # bf16, sizes multiples of 16: the experts' grouped GEMM as in training (torch's float32
+    # grouped GEMM reads the group offsets on the host).
+    args = dataclasses.replace(ARGS, dim=32, dense_hidden_dim=32, expert_hidden_dim=16)
+    model = Transformer(args).to(device, torch.bfloat16)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 4, 9))
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    loop_step(cfg, model, _Batches(batches[:1]), optimizer, scheduler, device)   # warm-up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = loop_step(cfg, model, _Batches(batches[1:]), optimizer, scheduler, device,
+                               stop_signal="SIGTERM")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+    assert result.sigterm_ranks == 1
