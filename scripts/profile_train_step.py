@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc-per-node=1 scripts/profile_train_step.py \
         --config train_configs/moe_1b_h200.toml [--section.key=value ...] \
-        [--warmup 5] [--steps 3] [--out profile.json] [--trace trace.json]
+        [--warmup 5] [--steps 3] [--out profile.json] [--trace trace.json] [--host 25]
 
 Builds the model, optimizer and data exactly as the training loop does and runs its steps
 (the router bias update and the loss all-reduce included): `--warmup` steps, `--steps`
@@ -16,6 +16,13 @@ collectives (FSDP2's all-gathers and reduce-scatters) and everything else (eleme
 norms, reductions). NCCL kernels overlap compute on their own stream and count the time
 they wait for other ranks.
 Categories come from kernel names, so they are a guide, not an exact accounting.
+
+`--host N` also says where the host time goes, for steps that the host bounds: the GPU's
+busy time per step (the union of its kernels over all streams) against the unprofiled
+wall time, the GPU's idle gaps grouped by the kernels on either side of them, the host
+synchronisations of one step (torch.cuda's sync debug mode), and the N Python functions
+with the most own time (and with their callees) over `--steps` more steps under
+cProfile.
 """
 
 from __future__ import annotations
@@ -85,6 +92,87 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def busy_and_gaps(kernels, min_gap_us: float = 20.0) -> tuple[float, list[tuple[float, str, str]]]:
+    """Kernel intervals (start us, end us, name), on any streams -> (the length of their
+    union in us, the gaps of at least `min_gap_us` between the union's pieces as (gap us,
+    the kernel that ends before it, the kernel that starts after it))."""
+    busy, gaps = 0.0, []
+    cur_start = cur_end = None
+    last_name = ""
+    for start, end, name in sorted(kernels):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+                if start - cur_end >= min_gap_us:
+                    gaps.append((start - cur_end, last_name, name))
+            cur_start, cur_end = start, end
+            last_name = name
+        elif end > cur_end:
+            cur_end, last_name = end, name
+    if cur_end is not None:
+        busy += cur_end - cur_start
+    return busy, gaps
+
+
+def format_gaps(gaps, steps: int, top: int = 12) -> str:
+    """The gaps of busy_and_gaps, summed per (kernel before, kernel after), largest first."""
+    per_pair: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for us, before, after in gaps:
+        pair = per_pair[(before[:48], after[:48])]
+        pair[0] += us
+        pair[1] += 1
+    lines = [f"{'ms/step':>8} {'gaps':>5}   kernel before -> kernel after"]
+    for (before, after), (us, n) in sorted(per_pair.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us / 1e3 / steps:>8.2f} {n / steps:>5.0f}   {before} -> {after}")
+    return "\n".join(lines)
+
+
+def host_report(step, prof, steps: int, wall_ms: float, top: int, show: bool = True) -> None:
+    """Prints (if `show`) where a host-bound step's time goes (see --host in the module
+    docstring); runs 1 + `steps` more steps."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+    busy_us, gaps = busy_and_gaps(kernels)
+    busy_ms = busy_us / 1e3 / steps
+    say = print if show else (lambda *a, **k: None)
+    say(f"GPU busy {busy_ms:.1f} ms/step (union of kernels), unprofiled wall {wall_ms:.1f} ms/step: "
+          f"idle {wall_ms - busy_ms:.1f} ms/step; in the profiled steps, gaps of 20 us or more "
+          f"{sum(g for g, _, _ in gaps) / 1e3 / steps:.1f} ms/step:")
+    say(format_gaps(gaps, steps))
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    say(f"host synchronisations in one step: {len(syncs)}")
+    for w in syncs[:10]:
+        say(f"  {w.filename}:{w.lineno}")
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    for key, what in (("tottime", "own time"), ("cumulative", "time with their callees")):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
+        say(f"host: the {top} functions with the most {what} over {steps} steps (cProfile):")
+        say(out.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     from ep_fp8.train.config import ConfigError, load_config
     from ep_fp8.train.data import DataLoader, build_source
@@ -100,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", help="write the summary as JSON here")
     parser.add_argument("--trace", help="write a Chrome trace here")
+    parser.add_argument("--host", type=int, default=0, metavar="N",
+                        help="also report host time: GPU idle gaps, host syncs, the N largest "
+                             "Python functions by own time")
     ours, rest = parser.parse_known_args(argv)
     if ours.warmup < 1 or ours.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
+    if ours.host < 0:
+        parser.error("--host must be 0 (off) or a number of functions to list")
     for flag, path in (("--out", ours.out), ("--trace", ours.trace)):
         if path and (problem := output_path_problem(path)):
             parser.error(f"{flag} {path!r} {problem}")
@@ -175,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                            "tokens_per_step": tokens, "wall_ms_per_step": wall_ms, "categories": rows}, f, indent=1)
         if ours.trace:
             prof.export_chrome_trace(ours.trace)
+    if ours.host:  # every rank runs the same steps; rank 0 prints
+        host_report(step, prof, ours.steps, wall_ms, ours.host, show=rank == 0)
     dist.destroy_process_group()
     return 0
 

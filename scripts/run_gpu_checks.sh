@@ -10,8 +10,9 @@
 #          shapes, OUT_DIR/profile_grouped_mm.log) and scripts/bench_dispatch.py (local
 #          path on 1 GPU; all-to-all over every visible GPU when there are several)
 #   train  moe_1b_h200.toml for 50 steps with float8 on and off (torch.compile on), then
-#          scripts/profile_train_step.py for each: GPU time by category and unprofiled
-#          tokens/s (the training logs give tokens/s, MFU and memory)
+#          scripts/profile_train_step.py for each: GPU time by category, unprofiled
+#          tokens/s and where the host time goes (--host; the training logs give
+#          tokens/s, MFU and memory)
 #   ep     (2 GPUs or more) moe_1b_h200.toml with EP over every GPU for 30 steps, float8
 #          experts with a float8 payload and bf16 experts with a bf16 payload; then the
 #          float8 run resumed from its step-20 checkpoint with EP = 1 (FSDP2 over the same
@@ -119,7 +120,7 @@ for stage in $stages; do
                 run "train_float8_$f8" train_recipe "$f8"
                 run "profile_float8_$f8" python3 -m torch.distributed.run --standalone --nproc-per-node=1 \
                     scripts/profile_train_step.py --config train_configs/moe_1b_h200.toml \
-                    --compile.enabled=true --float8.enabled="$f8" --warmup 6 --steps 3 \
+                    --compile.enabled=true --float8.enabled="$f8" --warmup 6 --steps 3 --host 30 \
                     --out "$out/profile_float8_$f8.json"
             done ;;
         ep)

@@ -64,3 +64,26 @@ def test_an_earlier_runs_checkpoints_do_not_stop_the_profiler(prof, capsys, tmp_
                       "--training.device=cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "needs a CUDA device" in err and "config error" not in err, err
+
+
+def test_busy_time_is_the_union_of_overlapping_kernels_and_gaps_name_their_neighbours(prof):
+    # Two streams: b overlaps a and c runs inside b; then a 30 us gap before d, a 5 us gap
+    # (under the 20 us floor) before e, and e ends after f, which starts inside it.
+    kernels = [(0.0, 10.0, "a"), (5.0, 40.0, "b"), (12.0, 20.0, "c"), (70.0, 80.0, "d"),
+               (85.0, 100.0, "e"), (90.0, 95.0, "f")]
+    busy, gaps = prof.busy_and_gaps(kernels)
+    assert busy == pytest.approx(40.0 + 10.0 + 15.0)
+    assert gaps == [(pytest.approx(30.0), "b", "d")]
+    # The kernel before a gap is the one that ended last, not the one that started last.
+    busy, gaps = prof.busy_and_gaps(kernels + [(200.0, 210.0, "g")])
+    assert gaps[-1] == (pytest.approx(100.0), "e", "g")
+    table = prof.format_gaps([(30.0, "b", "d"), (50.0, "b", "d"), (100.0, "e", "g")], steps=2)
+    lines = table.splitlines()
+    assert "e -> g" in lines[1] and "0.05" in lines[1]      # 100 us over 2 steps
+    assert "b -> d" in lines[2] and "0.04" in lines[2] and " 1 " in lines[2]   # 2 gaps over 2 steps
+
+
+def test_host_must_not_be_negative(prof, capsys):
+    with pytest.raises(SystemExit) as e:
+        prof.main(["--host", "-1", "--config", "/nonexistent.toml"])
+    assert e.value.code == 2 and "--host" in capsys.readouterr().err
