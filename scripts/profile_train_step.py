@@ -17,17 +17,21 @@ norms, reductions). NCCL kernels overlap compute on their own stream and count t
 they wait for other ranks.
 Categories come from kernel names, so they are a guide, not an exact accounting.
 
-`--host N` also says where the host time goes, for steps that the host bounds: the GPU's
+`--host N` also says whether the host or the GPU bounds the step, and where the host time
+goes: how long the host waits at each unprofiled step's read (the GPU's lead), the GPU's
 busy time per step (the union of its kernels over all streams) against the unprofiled
 wall time, the GPU's idle gaps grouped by the kernels on either side of them, the host
 synchronisations of one step (torch.cuda's sync debug mode), and the N Python functions
 with the most own time (and with their callees) over `--steps` more steps under
-cProfile.
+cProfile. On a power-capped GPU the profiled kernels run at higher clocks than unprofiled
+ones (the profiler slows the host, the GPU idles and cools), so wall minus busy time
+overstates the GPU's idle time: the host's wait at the read is the reliable sign.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -127,8 +131,29 @@ def format_gaps(gaps, steps: int, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def host_report(step, prof, steps: int, wall_ms: float, top: int, show: bool = True) -> None:
-    """Prints (if `show`) where a host-bound step's time goes (see --host in the module
+@contextlib.contextmanager
+def timed_host_reads(waits: list[float]):
+    """Appends to `waits` the seconds each Tensor.tolist() inside takes: at the training
+    step's one host read, how long the host waits for the GPU to finish the step."""
+    tolist = torch.Tensor.tolist
+
+    def timed(tensor):
+        start = time.perf_counter()
+        try:
+            return tolist(tensor)
+        finally:
+            waits.append(time.perf_counter() - start)
+
+    torch.Tensor.tolist = timed
+    try:
+        yield waits
+    finally:
+        torch.Tensor.tolist = tolist
+
+
+def host_report(step, prof, steps: int, wall_ms: float, read_waits: list[float], top: int,
+                show: bool = True) -> None:
+    """Prints (if `show`) where a step's host time goes (see --host in the module
     docstring); runs 1 + `steps` more steps."""
     import cProfile
     import io
@@ -145,6 +170,13 @@ def host_report(step, prof, steps: int, wall_ms: float, top: int, show: bool = T
           f"idle {wall_ms - busy_ms:.1f} ms/step; in the profiled steps, gaps of 20 us or more "
           f"{sum(g for g, _, _ in gaps) / 1e3 / steps:.1f} ms/step:")
     say(format_gaps(gaps, steps))
+    if read_waits:
+        waits_ms = sorted(1e3 * w for w in read_waits)
+        say(f"unprofiled, the host waited {waits_ms[len(waits_ms) // 2]:.1f} ms (median; "
+            f"{waits_ms[0]:.1f} to {waits_ms[-1]:.1f}) at each step's read for the GPU to finish: "
+            f"while it waits, the GPU is the bottleneck. The profiled kernel times above ran at "
+            f"the clocks of a GPU the profiler slows down: on a power-capped GPU those are higher "
+            f"than in unprofiled steps, so wall minus busy overstates the idle time.")
 
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -234,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(ours.steps):
-        step()
+    read_waits: list[float] = []   # the host's wait at each step's read, with --host
+    with timed_host_reads(read_waits) if ours.host else contextlib.nullcontext():
+        for _ in range(ours.steps):
+            step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / ours.steps
 
@@ -269,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if ours.trace:
             prof.export_chrome_trace(ours.trace)
     if ours.host:  # every rank runs the same steps; rank 0 prints
-        host_report(step, prof, ours.steps, wall_ms, ours.host, show=rank == 0)
+        host_report(step, prof, ours.steps, wall_ms, read_waits, ours.host, show=rank == 0)
     dist.destroy_process_group()
     return 0
 

@@ -2,6 +2,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_train_step.py"
 
@@ -87,3 +88,17 @@ def test_host_must_not_be_negative(prof, capsys):
     with pytest.raises(SystemExit) as e:
         prof.main(["--host", "-1", "--config", "/nonexistent.toml"])
     assert e.value.code == 2 and "--host" in capsys.readouterr().err
+
+
+def test_timed_host_reads_times_each_read_and_restores_tolist(prof):
+    original = torch.Tensor.tolist
+    waits = []
+    with prof.timed_host_reads(waits):
+        assert torch.arange(3).tolist() == [0, 1, 2]
+        assert torch.ones(2).tolist() == [1.0, 1.0]
+    assert len(waits) == 2 and all(w >= 0 for w in waits)
+    assert torch.Tensor.tolist is original
+    with pytest.raises(RuntimeError):
+        with prof.timed_host_reads(waits):
+            raise RuntimeError("a failing step")
+    assert torch.Tensor.tolist is original
