@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import torch
+from triton.backends import backends
 from triton.runtime import driver
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
@@ -19,16 +20,17 @@ def check_kernel_backend(backend: str) -> None:
 
 
 def _can_launch_on_cpu_tensors() -> bool:
-    # Triton's interpreter runs kernels on CPU tensors; so does a driver set active by
-    # hand (tests/sm90_compile_worker.py compiles that way). Without either, Triton finds
-    # no driver and its launch fails with a RuntimeError that does not name the cause.
+    # Triton's interpreter runs kernels on CPU tensors; so does a stand-in driver set
+    # active by hand (tests/sm90_compile_worker.py compiles that way). Triton's own drivers
+    # (CUDA, HIP) take device memory only, and without any driver a launch fails with a
+    # RuntimeError: neither names the cause.
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return True
     try:
-        driver.active
+        active = driver.active
     except RuntimeError:
         return False
-    return True
+    return not isinstance(active, tuple(b.driver for b in backends.values()))
 
 
 def use_triton(backend: str, t: torch.Tensor) -> bool:

@@ -247,3 +247,24 @@ def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
         scatter_rows_into(src, idx, fill, 11, backend="triton")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         expert_group_indices(torch.tensor([[2, 3]]), 5, 40, backend="triton")
+
+
+def test_triton_on_cpu_tensors_is_refused_under_a_gpu_driver_and_allowed_under_a_stand_in(monkeypatch):
+    # On a GPU machine Triton's CUDA driver is active, and it cannot launch on CPU tensors
+    # (the refusal once let them through there); a stand-in driver set by hand, as the SM90
+    # compile check does, can.
+    from types import SimpleNamespace
+
+    from triton.backends import backends
+
+    from ep_fp8.ops import kernel_choice
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.zeros(2)
+    gpu_driver = object.__new__(backends["nvidia"].driver)   # its type is what counts
+    monkeypatch.setattr(kernel_choice, "driver", SimpleNamespace(active=gpu_driver))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernel_choice.use_triton("triton", cpu)
+    monkeypatch.setattr(kernel_choice, "driver", SimpleNamespace(active=object()))
+    assert kernel_choice.use_triton("triton", cpu)
+    assert not kernel_choice.use_triton("auto", cpu)   # auto takes the reference on the CPU
