@@ -263,14 +263,16 @@ def gather_rows_sum_backward(
     grad_w = torch.empty((R, k), dtype=w_Rk.dtype, device=grad_RD.device) if need_w else None
     if use_triton(backend, grad_RD) and (need_rows or need_w) and R * D > 0:
         grad_RD = grad_RD.contiguous()
-        BLOCK_D = min(triton.next_power_of_2(D), 1024)
+        # The kernel holds (k, BLOCK_D) tiles: at most 4096 elements, so large k do not spill.
+        BLOCK_D = min(triton.next_power_of_2(D), 1024, max(4096 // triton.next_power_of_2(k), 128))
         acc = _tl_dtype(_acc_dtype(grad_RD.dtype))
         rows = rows_MD if need_w else grad_RD  # rows are read only for grad_w
         w = w_Rk if w_Rk is not None else idx_Rk  # any (R, k) tensor when unweighted: not read
         _gather_rows_bwd_kernel[(R,)](
             grad_RD, rows, rows.stride(0), rows.stride(1), idx_Rk.contiguous(), w, w.stride(0), w.stride(1),
             grad_rows if need_rows else grad_RD,
-            grad_w if need_w else grad_RD, D, k, HAS_W=w_Rk is not None, NEED_ROWS=need_rows,
+            grad_w if need_w else grad_RD, D, k, triton.next_power_of_2(k), HAS_W=w_Rk is not None,
+            NEED_ROWS=need_rows,
             NEED_W=need_w, ACC=acc, BLOCK_D=BLOCK_D,
         )
     else:
@@ -304,12 +306,15 @@ def _scatter_rows_kernel(src_ptr, src_stride, src_col_stride, idx_ptr, out_ptr, 
 
 @triton.jit
 def _gather_rows_kernel(rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, w_stride, w_col_stride,
-                        out_ptr, D, K, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+                        out_ptr, D, K: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    # The k choices unrolled (K is a constant): their k row loads are independent and go
+    # out together, while the sum still adds them in j order.
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < D
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for j in range(K):
+    for j in tl.static_range(K):
         src = tl.load(idx_ptr + r * K + j)
         v = tl.load(rows_ptr + src * rows_stride + cols * rows_col_stride, mask=mask).to(ACC)
         if HAS_W:
@@ -320,29 +325,34 @@ def _gather_rows_kernel(rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, 
 
 @triton.jit
 def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, rows_col_stride, idx_ptr, w_ptr, w_stride, w_col_stride,
-                            grad_rows_ptr, grad_w_ptr, D, K,
+                            grad_rows_ptr, grad_w_ptr, D, K: tl.constexpr, K_POW2: tl.constexpr,
                             HAS_W: tl.constexpr, NEED_ROWS: tl.constexpr, NEED_W: tl.constexpr,
                             ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per token row: its gradient is read once per choice (from cache after
-    # the first), scaled into the choice's grouped row, and dotted with that row.
+    # One program per token row, all k choices at once as a (K_POW2, BLOCK_D) tile: the
+    # row's gradient is read once per column block, scaled into each choice's grouped row
+    # (k stores that go out together), and dotted with those rows.
     r = tl.program_id(0).to(tl.int64)
-    for j in range(K):
-        dst = tl.load(idx_ptr + r * K + j)
-        if HAS_W:
-            wj = tl.load(w_ptr + r * w_stride + j * w_col_stride).to(ACC)
-        dot = tl.zeros((BLOCK_D,), dtype=ACC)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = cols < D
-            g = tl.load(grad_ptr + r * D + cols, mask=mask).to(ACC)
-            if NEED_ROWS:
-                if HAS_W:
-                    g_row = g * wj
-                else:
-                    g_row = g
-                tl.store(grad_rows_ptr + dst * D + cols, g_row.to(grad_rows_ptr.dtype.element_ty), mask=mask)
-            if NEED_W:
-                row = tl.load(rows_ptr + dst * rows_stride + cols * rows_col_stride, mask=mask, other=0)
-                dot += g * row.to(ACC)
+    kk = tl.arange(0, K_POW2)
+    kmask = kk < K
+    dst = tl.load(idx_ptr + r * K + kk, mask=kmask, other=0)
+    if HAS_W:
+        w = tl.load(w_ptr + r * w_stride + kk * w_col_stride, mask=kmask, other=0).to(ACC)
+    dot = tl.zeros((K_POW2, BLOCK_D), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        tile_mask = kmask[:, None] & mask[None, :]
+        g = tl.load(grad_ptr + r * D + cols, mask=mask).to(ACC)
+        if NEED_ROWS:
+            if HAS_W:
+                g_rows = g[None, :] * w[:, None]
+            else:
+                g_rows = g[None, :] + tl.zeros((K_POW2, BLOCK_D), dtype=ACC)
+            tl.store(grad_rows_ptr + dst[:, None] * D + cols[None, :],
+                     g_rows.to(grad_rows_ptr.dtype.element_ty), mask=tile_mask)
         if NEED_W:
-            tl.store(grad_w_ptr + r * K + j, tl.sum(dot, axis=0).to(grad_w_ptr.dtype.element_ty))
+            rows = tl.load(rows_ptr + dst[:, None] * rows_stride + cols[None, :] * rows_col_stride,
+                           mask=tile_mask, other=0)
+            dot += g[None, :] * rows.to(ACC)
+    if NEED_W:
+        tl.store(grad_w_ptr + r * K + kk, tl.sum(dot, axis=1).to(grad_w_ptr.dtype.element_ty), mask=kmask)
