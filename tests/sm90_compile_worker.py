@@ -75,15 +75,19 @@ def main() -> int:
         src = torch.zeros(10, 32, dtype=dtype)
         idx = torch.randperm(20, generator=g)[:20].reshape(10, 2)
         permute.scatter_rows_into(src, idx, torch.arange(20, 24), 24, backend="triton")
-    rows = torch.randn(24, 32, dtype=torch.bfloat16)
-    idx = torch.randperm(20, generator=g).reshape(10, 2)
-    w = torch.rand(10, 2)
-    permute.gather_rows_sum(rows, idx, w, backend="triton")
-    permute.gather_rows_sum(rows, idx, None, backend="triton")
-    grad = torch.randn(10, 32, dtype=torch.bfloat16)
-    permute.gather_rows_sum_backward(grad, rows, idx, torch.arange(20, 24), w, 24, backend="triton")
-    permute.gather_rows_sum_backward(grad, None, idx, torch.arange(20, 24), None, 24, need_w=False,
-                                     backend="triton")
+    for k in (2, 3, 8):   # top-k is a constant of the gather kernels: one compile each
+        rows = torch.randn(10 * k + 4, 32, dtype=torch.bfloat16)
+        idx = torch.randperm(10 * k, generator=g).reshape(10, k)
+        fill = torch.arange(10 * k, 10 * k + 4)
+        w = torch.rand(10, k)
+        permute.gather_rows_sum(rows, idx, w, backend="triton")
+        permute.gather_rows_sum(rows, idx, None, backend="triton")
+        grad = torch.randn(10, 32, dtype=torch.bfloat16)
+        for need_rows, need_w in ((True, True), (True, False), (False, True)):
+            permute.gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], need_rows=need_rows,
+                                             need_w=need_w, backend="triton")
+        permute.gather_rows_sum_backward(grad, None, idx, fill, None, rows.shape[0], need_w=False,
+                                         backend="triton")
     for dtype in (torch.bfloat16, torch.float32):
         a, b = (torch.randn(8, 40, generator=g).to(dtype).requires_grad_() for _ in range(2))
         swiglu(a, b, backend="triton").backward(torch.ones(8, 40, dtype=dtype))

@@ -21,9 +21,10 @@ def check_kernel_backend(backend: str) -> None:
 
 def _can_launch_on_cpu_tensors() -> bool:
     # Triton's interpreter runs kernels on CPU tensors; so does a stand-in driver set
-    # active by hand (tests/sm90_compile_worker.py compiles that way). Triton's own drivers
-    # (CUDA, HIP) take device memory only, and without any driver a launch fails with a
-    # RuntimeError: neither names the cause.
+    # active by hand (tests/sm90_compile_worker.py compiles that way). The drivers of the
+    # backends Triton registers (CUDA and HIP with triton 3.6-3.7) take device memory only,
+    # and without any driver a launch fails with a RuntimeError: neither names the cause.
+    # (A CPU backend registered as a Triton plugin would be refused here too.)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return True
     try:

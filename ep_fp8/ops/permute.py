@@ -263,7 +263,8 @@ def gather_rows_sum_backward(
     grad_w = torch.empty((R, k), dtype=w_Rk.dtype, device=grad_RD.device) if need_w else None
     if use_triton(backend, grad_RD) and (need_rows or need_w) and R * D > 0:
         grad_RD = grad_RD.contiguous()
-        # The kernel holds (k, BLOCK_D) tiles: at most 4096 elements, so large k do not spill.
+        # The kernel holds (k, BLOCK_D) tiles of about 4096 elements (at least 128 columns),
+        # the size of top-4's: a larger top-k takes narrower column blocks, not more registers.
         BLOCK_D = min(triton.next_power_of_2(D), 1024, max(4096 // triton.next_power_of_2(k), 128))
         acc = _tl_dtype(_acc_dtype(grad_RD.dtype))
         rows = rows_MD if need_w else grad_RD  # rows are read only for grad_w
@@ -342,7 +343,7 @@ def _gather_rows_bwd_kernel(grad_ptr, rows_ptr, rows_stride, rows_col_stride, id
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = cols < D
         tile_mask = kmask[:, None] & mask[None, :]
-        g = tl.load(grad_ptr + r * D + cols, mask=mask).to(ACC)
+        g = tl.load(grad_ptr + r * D + cols, mask=mask, other=0).to(ACC)
         if NEED_ROWS:
             if HAS_W:
                 g_rows = g[None, :] * w[:, None]

@@ -158,6 +158,33 @@ def test_gather_rows_kernels_match_reference(dtype, D, weighted):
     _check_gather_kernels(rows, idx, fill, w, grad)
 
 
+@pytest.mark.parametrize("k, D", [(1, 40), (3, 40), (8, 130), (3, 1100)])
+@pytest.mark.parametrize("need_rows, need_w", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gather_rows_backward_kernel_for_each_k_and_each_gradient_asked(k, D, need_rows, need_w, weighted):
+    # top-k is a compile-time constant of the kernel, padded to a power of two (3 -> 4
+    # lanes, one masked); D = 130 and 1100 end in a partial column block.
+    gen = torch.Generator().manual_seed(7)
+    R, n_fill = 6, 5
+    idx, fill = _row_layout(R, k, n_fill, gen, DEVICE)
+    rows = torch.randn(R * k + n_fill, D, generator=gen).to(DEVICE)
+    w = torch.rand(R, k, generator=gen).to(DEVICE) if weighted else None
+    grad = torch.randn(R, D, generator=gen).to(DEVICE)
+    inputs = (grad.clone(), rows.clone())
+    got = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], need_rows, need_w, backend="triton")
+    # Without grad_rows the kernel gets grad's own pointer for it: it must not write there.
+    assert torch.equal(grad, inputs[0]) and torch.equal(rows, inputs[1])
+    want = gather_rows_sum_backward(grad, rows, idx, fill, w, rows.shape[0], need_rows, need_w, backend="torch")
+    if need_rows:   # each grouped row is one product g * w (or g): exact
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    else:
+        assert got[0] is None and want[0] is None
+    if need_w and weighted:   # dot products: the kernel sums in another order
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    else:
+        assert got[1] is None and want[1] is None
+
+
 @pytest.mark.parametrize("layout", ["w_every_other_column", "w_expanded", "w_column_major", "rows_column_major"])
 def test_gather_rows_kernels_follow_strides(layout):
     """Weights and rows in any strides: the kernels read them through their strides (they
