@@ -97,6 +97,14 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kernel_events(prof) -> list:
+    """The profiler's GPU kernel, copy and memset events. GPU-side user annotations (e.g.
+    "Optimizer.step#AdamW.step") span kernels that are listed too: counting them would
+    count that time twice."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+
+
 def busy_and_gaps(kernels, min_gap_us: float = 20.0) -> tuple[float, list[tuple[float, str, str]]]:
     """Kernel intervals (start us, end us, name), on any streams -> (the length of their
     union in us, the gaps of at least `min_gap_us` between the union's pieces as (gap us,
@@ -134,8 +142,8 @@ def format_gaps(gaps, steps: int, top: int = 12) -> str:
 
 @contextlib.contextmanager
 def timed_host_reads(waits: list[float]):
-    """Appends to `waits` the seconds each Tensor.tolist() inside takes: at the training
-    step's one host read, how long the host waits for the GPU to finish the step."""
+    """Appends to `waits` the seconds each Tensor.tolist() inside takes. The training
+    step's read is its last: there, how long the host waits for the GPU to finish."""
     tolist = torch.Tensor.tolist
 
     def timed(tensor):
@@ -152,24 +160,22 @@ def timed_host_reads(waits: list[float]):
         torch.Tensor.tolist = tolist
 
 
-def host_report(step, prof, steps: int, wall_ms: float, read_waits: list[float], top: int,
+def host_report(step, events, steps: int, wall_ms: float, read_waits: list[float], top: int,
                 show: bool = True) -> None:
     """Prints (if `show`) where a step's host time goes (see --host in the module
-    docstring); runs 1 + `steps` more steps."""
+    docstring), from the kernel_events of `steps` profiled steps; runs 1 + `steps` more
+    steps."""
     import cProfile
     import io
     import pstats
     import warnings
 
-    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
-    busy_us, gaps = busy_and_gaps(kernels)
+    busy_us, gaps = busy_and_gaps([(e.time_range.start, e.time_range.end, e.name) for e in events])
     busy_ms = busy_us / 1e3 / steps
     say = print if show else (lambda *a, **k: None)
     say(f"GPU busy {busy_ms:.1f} ms/step (union of kernels), unprofiled wall {wall_ms:.1f} ms/step: "
-          f"idle {wall_ms - busy_ms:.1f} ms/step; in the profiled steps, gaps of 20 us or more "
-          f"{sum(g for g, _, _ in gaps) / 1e3 / steps:.1f} ms/step:")
+        f"idle {wall_ms - busy_ms:.1f} ms/step; in the profiled steps, gaps of 20 us or more "
+        f"{sum(g for g, _, _ in gaps) / 1e3 / steps:.1f} ms/step:")
     say(format_gaps(gaps, steps))
     if read_waits:
         waits_ms = sorted(1e3 * w for w in read_waits)
@@ -282,12 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(ours.steps):
             step()
         torch.cuda.synchronize()
-    # GPU-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels that are
-    # listed too: counting them would count that time twice.
-    kernels = [(e.name, e.device_time_total) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
-    rows = summarize(kernels, ours.steps)
+    events = kernel_events(prof)
+    rows = summarize([(e.name, e.device_time_total) for e in events], ours.steps)
     if rank == 0:
         tokens = world * t.batch_size * t.seq_len * t.grad_accum
         print(f"{cfg.job.name}: float8 {'on' if cfg.float8.enabled else 'off'}, {world} rank(s), "
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if ours.trace:
             prof.export_chrome_trace(ours.trace)
     if ours.host:  # every rank runs the same steps; rank 0 prints
-        host_report(step, prof, ours.steps, wall_ms, read_waits, ours.host, show=rank == 0)
+        host_report(step, events, ours.steps, wall_ms, read_waits, ours.host, show=rank == 0)
     dist.destroy_process_group()
     return 0
 

@@ -265,16 +265,16 @@ def gather_rows_sum_backward(
         grad_RD = grad_RD.contiguous()
         # The kernel holds (k, BLOCK_D) tiles of about 4096 elements (at least 128 columns),
         # the size of top-4's: a larger top-k takes narrower column blocks, not more registers.
-        BLOCK_D = min(triton.next_power_of_2(D), 1024, max(4096 // triton.next_power_of_2(k), 128))
+        k_pow2 = triton.next_power_of_2(k)
+        BLOCK_D = min(triton.next_power_of_2(D), 1024, max(4096 // k_pow2, 128))
         acc = _tl_dtype(_acc_dtype(grad_RD.dtype))
         rows = rows_MD if need_w else grad_RD  # rows are read only for grad_w
         w = w_Rk if w_Rk is not None else idx_Rk  # any (R, k) tensor when unweighted: not read
         _gather_rows_bwd_kernel[(R,)](
             grad_RD, rows, rows.stride(0), rows.stride(1), idx_Rk.contiguous(), w, w.stride(0), w.stride(1),
             grad_rows if need_rows else grad_RD,
-            grad_w if need_w else grad_RD, D, k, triton.next_power_of_2(k), HAS_W=w_Rk is not None,
-            NEED_ROWS=need_rows,
-            NEED_W=need_w, ACC=acc, BLOCK_D=BLOCK_D,
+            grad_w if need_w else grad_RD, D, k, k_pow2,
+            HAS_W=w_Rk is not None, NEED_ROWS=need_rows, NEED_W=need_w, ACC=acc, BLOCK_D=BLOCK_D,
         )
     else:
         acc_dtype = _acc_dtype(grad_RD.dtype)

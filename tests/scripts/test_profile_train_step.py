@@ -102,3 +102,16 @@ def test_timed_host_reads_times_each_read_and_restores_tolist(prof):
         with prof.timed_host_reads(waits):
             raise RuntimeError("a failing step")
     assert torch.Tensor.tolist is original
+
+
+def test_kernel_events_keep_gpu_work_and_leave_out_gpu_side_annotations(prof):
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name="nvjet_gemm", device_type=cuda),
+              SimpleNamespace(name="Memcpy DtoD (Device -> Device)", device_type=cuda),
+              SimpleNamespace(name="aten::mm", device_type=cpu),
+              SimpleNamespace(name="Optimizer.step#AdamW.step", device_type=cuda),
+              SimpleNamespace(name="ProfilerStep", device_type=cuda, is_user_annotation=True)]
+    kept = prof.kernel_events(SimpleNamespace(events=lambda: events))
+    assert [e.name for e in kept] == ["nvjet_gemm", "Memcpy DtoD (Device -> Device)"]
