@@ -88,7 +88,7 @@ class RouterConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "text", "jsonl"] = "synthetic"
+    source: Literal["synthetic", "text", "jsonl", "tokens"] = "synthetic"
     path: str = ""
     tokenizer: str = "bytes"
     jsonl_field: str = "text"

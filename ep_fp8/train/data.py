@@ -1,4 +1,5 @@
-"""Training data: a synthetic Markov chain with a known entropy, or local text / JSONL.
+"""Training data: a synthetic Markov chain with a known entropy, local text / JSONL, or a
+token file prepared from them (ep_fp8.train.token_file).
 
 Every source is a list of samples addressed by a global index g = 0, 1, 2, ...; a sample
 is seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len). Step after
@@ -147,49 +148,24 @@ def _jsonl_texts(f, path: str, field: str):
         yield f"{path}:{lineno}", doc[field].encode("utf-8", errors="replace")
 
 
-class TokenFileSource:
-    """Local text or JSONL files, tokenized once into one token stream (documents joined by
-    the tokenizer's end-of-document token; empty documents left out), cut into windows of
-    seq_len + 1 tokens that start every seq_len tokens (window w is tokens w*seq_len ..
-    (w+1)*seq_len, so each token is a target once per epoch). The last
-    (tokens - 1) % seq_len tokens of the stream fill no window and are never trained on.
-    Each epoch visits every window once, in an order shuffled by (seed, epoch). `note` is
-    what to say at start-up ('' or that the tokenizer has no end-of-document token);
-    `fingerprint` names the stream (its length and a hash of the documents), seq_len and
-    seed, which fix the sample sequence. Every rank holds the whole stream (2 bytes per
-    token up to 32768 ids, else 4); loading it takes about twice that at its peak, plus the
-    largest document read as bytes. Raises ValueError naming the file (and line) that cannot be read,
-    parsed or tokenized, or when the stream holds fewer than seq_len + 1 tokens."""
+class _TokenWindows:
+    """Windows of seq_len + 1 tokens over one token stream (`tokens`, 1-D), starting every
+    seq_len tokens (window w is tokens w*seq_len .. (w+1)*seq_len, so each token is a
+    target once per epoch). The last (tokens - 1) % seq_len tokens of the stream fill no
+    window and are never trained on. Each epoch visits every window once, in an order
+    shuffled by (seed, epoch). `fingerprint` names the stream (its length and `digest`, a
+    hash of the documents), seq_len and seed, which fix the sample sequence: the same
+    documents give the same samples whether tokenized at start-up or prepared in a file."""
 
-    def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
-                 field: str = "text"):
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.note = "" if self.tokenizer.eos_id is not None else (
-            f"[data] tokenizer {tokenizer!r} has no end-of-document token: documents are "
-            "joined without a separator")
-        dtype = torch.int16 if self.tokenizer.vocab_size <= 2**15 else torch.int32
-        eos = torch.tensor([] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id],
-                           dtype=dtype)
-        chunks, pieces = [], []
-        digest = hashlib.blake2b(digest_size=8)   # of the documents read, for `fingerprint`
-        for where, doc in _documents(list_files(pattern), source, field):
-            digest.update(len(doc).to_bytes(8, "little") + doc)
-            if doc:  # an empty document adds nothing, not even its end token
-                try:
-                    pieces += [self.tokenizer.encode_tensor(doc, dtype), eos]
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-            del doc   # a large file's bytes are not held while the next one is read
-            if len(pieces) >= 8192:  # two small tensors per document add up: join as we go
-                chunks.append(_join(pieces, dtype))
-        self.tokens = _join(chunks + pieces, dtype)
-        self.seq_len, self.seed = seq_len, seed
-        self.n_windows = (self.tokens.numel() - 1) // seq_len
+    def __init__(self, tokens: torch.Tensor, digest: str, where: str, seq_len: int, seed: int,
+                 note: str = ""):
+        self.tokens, self.seq_len, self.seed, self.note = tokens, seq_len, seed, note
+        self.n_windows = (tokens.numel() - 1) // seq_len
         if self.n_windows < 1:
-            raise ValueError(f"data path {pattern!r} holds {self.tokens.numel()} tokens, "
+            raise ValueError(f"data path {where!r} holds {tokens.numel()} tokens, "
                              f"fewer than seq_len + 1 = {seq_len + 1}")
-        self.fingerprint = (f"{self.tokens.numel()} tokens (documents' hash "
-                            f"{digest.hexdigest()}), seq_len {seq_len}, seed {seed} (rng v{rng.VERSION})")
+        self.fingerprint = (f"{tokens.numel()} tokens (documents' hash {digest}), seq_len "
+                            f"{seq_len}, seed {seed} (rng v{rng.VERSION})")
         self._epoch, self._order = -1, None
 
     def _window(self, index: int) -> int:
@@ -206,6 +182,76 @@ class TokenFileSource:
         return torch.stack(rows).to(torch.int64)
 
 
+def token_dtype(vocab_size: int) -> torch.dtype:
+    """The dtype a token stream is held in: 2 bytes per token up to 32768 ids, else 4."""
+    return torch.int16 if vocab_size <= 2**15 else torch.int32
+
+
+def no_eos_note(tokenizer: str) -> str:
+    return (f"[data] tokenizer {tokenizer!r} has no end-of-document token: documents are "
+            "joined without a separator")
+
+
+def tokenize_documents(files: list[str], source: str, tokenizer, field: str, digest):
+    """Yields, for each non-empty document of `files` ("text" or "jsonl", see _documents)
+    in order, its tokens and `tokenizer`'s end-of-document token (empty when it has none),
+    two tensors of token_dtype(tokenizer.vocab_size); `digest` (a
+    hashlib object) is updated with every document, empty ones too, for the fingerprint.
+    Raises ValueError naming the file (and line) that cannot be read, parsed or tokenized."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = torch.tensor([] if tokenizer.eos_id is None else [tokenizer.eos_id], dtype=dtype)
+    for where, doc in _documents(files, source, field):
+        digest.update(len(doc).to_bytes(8, "little") + doc)
+        if doc:  # an empty document adds nothing, not even its end token
+            try:
+                piece = tokenizer.encode_tensor(doc, dtype)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            del doc   # a large file's bytes are not held while the next one is read
+            yield piece, eos
+
+
+class TokenFileSource(_TokenWindows):
+    """Local text or JSONL files, tokenized at start-up into one token stream (documents
+    joined by the tokenizer's end-of-document token; empty documents left out) and cut into
+    windows as _TokenWindows says. `note` is what to say at start-up ('' or that the
+    tokenizer has no end-of-document token). Every rank holds the whole stream (2 bytes per
+    token up to 32768 ids, else 4); loading it takes about twice that at its peak, plus the
+    largest document read as bytes (PreparedTokenSource maps a file prepared once instead).
+    Raises ValueError naming the file (and line) that cannot be read, parsed or tokenized,
+    or when the stream holds fewer than seq_len + 1 tokens."""
+
+    def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
+                 field: str = "text"):
+        self.tokenizer = load_tokenizer(tokenizer)
+        dtype = token_dtype(self.tokenizer.vocab_size)
+        chunks, pieces = [], []
+        digest = hashlib.blake2b(digest_size=8)   # of the documents read, for `fingerprint`
+        for document in tokenize_documents(list_files(pattern), source, self.tokenizer, field, digest):
+            pieces += document
+            if len(pieces) >= 8192:  # two small tensors per document add up: join as we go
+                chunks.append(_join(pieces, dtype))
+        super().__init__(_join(chunks + pieces, dtype), digest.hexdigest(), pattern, seq_len,
+                         seed, "" if self.tokenizer.eos_id is not None else no_eos_note(tokenizer))
+
+
+class PreparedTokenSource(_TokenWindows):
+    """A token file written by `python -m ep_fp8.train.prepare_data` (ep_fp8.train.
+    token_file), mapped rather than read: the ranks of a node share its pages through the
+    page cache and a rank's memory holds only the windows it draws. Its samples are those
+    of TokenFileSource over the same documents and tokenizer (same fingerprint). Raises
+    ValueError naming the file when it is not a complete token file, or holds fewer than
+    seq_len + 1 tokens."""
+
+    def __init__(self, path: str, seq_len: int, seed: int):
+        from ep_fp8.train.token_file import map_token_file
+
+        tokens, self.header = map_token_file(path)
+        tokenizer = self.header["tokenizer"]
+        super().__init__(tokens, self.header["hash"], path, seq_len, seed,
+                         "" if self.header["eos_id"] is not None else no_eos_note(tokenizer))
+
+
 def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """torch.cat(pieces), emptying `pieces` as it copies them, so that at most one copy
     of the tokens exists besides the result."""
@@ -219,15 +265,17 @@ def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def build_source(cfg) -> MarkovSource | TokenFileSource:
+def build_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource:
     """The data source that `cfg.data` (a DataConfig) names, for `cfg.training.seq_len`."""
     d, seq_len = cfg.data, cfg.training.seq_len
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed)
+    if d.source == "tokens":
+        return PreparedTokenSource(d.path, seq_len, d.seed)
     return TokenFileSource(d.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
 
 
-def build_validation_source(cfg) -> MarkovSource | TokenFileSource:
+def build_validation_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource:
     """The held-out data of `cfg.validation`: for synthetic data, samples of the training
     chain that training does not draw (in its first 4 billion samples); else the files of
     [validation] path, read like [data] path (same source type, tokenizer, field and
@@ -236,6 +284,8 @@ def build_validation_source(cfg) -> MarkovSource | TokenFileSource:
     d, seq_len = cfg.data, cfg.training.seq_len
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed, held_out=True)
+    if d.source == "tokens":
+        return PreparedTokenSource(cfg.validation.path, seq_len, d.seed)
     return TokenFileSource(cfg.validation.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
 
 

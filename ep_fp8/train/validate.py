@@ -131,14 +131,38 @@ def _data(cfg: Config, vocab_size: int) -> None:
     _check(d.source == "jsonl" or d.jsonl_field == "text", cfg,
            f"[data] jsonl_field = {d.jsonl_field!r} is set, but [data] source = {d.source!r}: "
            f"it is read only with source = \"jsonl\"")
+    if d.source == "tokens":
+        _check(d.tokenizer == "bytes", cfg,
+               f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
+               f"reads a token file, which records the tokenizer it was prepared with")
+        header = _token_file_header(cfg, "data", d.path)
+        name, vocab = f"token file {d.path!r} (tokenizer {header['tokenizer']!r})", header["vocab_size"]
+    else:
+        try:
+            list_files(d.path)
+            tokenizer = load_tokenizer(d.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: [data] {e}") from None
+        name, vocab = f"tokenizer {d.tokenizer!r}", tokenizer.vocab_size
+    _check(vocab <= vocab_size, cfg,
+           f"[data] {name} has {vocab} tokens, more than the model's vocab_size = "
+           f"{vocab_size} ([model] vocab_size)")
+
+
+def _token_file_header(cfg: Config, section: str, path: str) -> dict:
+    """The checked header of the one token file that [section] path names."""
+    from ep_fp8.train.data import list_files
+    from ep_fp8.train.token_file import read_header
+
     try:
-        list_files(d.path)
-        tokenizer = load_tokenizer(d.tokenizer)
+        files = list_files(path)
+        header = read_header(files[0]) if len(files) == 1 else None
     except ValueError as e:
-        raise ConfigError(f"{cfg.source}: [data] {e}") from None
-    _check(tokenizer.vocab_size <= vocab_size, cfg,
-           f"[data] tokenizer {d.tokenizer!r} has {tokenizer.vocab_size} tokens, more than "
-           f"the model's vocab_size = {vocab_size} ([model] vocab_size)")
+        raise ConfigError(f"{cfg.source}: [{section}] {e}") from None
+    _check(header is not None, cfg,
+           f"[{section}] path {path!r} matches {len(files)} files; source = \"tokens\" "
+           f"reads one token file (python -m ep_fp8.train.prepare_data writes it)")
+    return header
 
 
 def _validation(cfg: Config) -> None:
@@ -162,6 +186,15 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
+    if d.source == "tokens":
+        held, trained = (_token_file_header(cfg, section, path)
+                         for section, path in (("validation", v.path), ("data", d.path)))
+        _check((held["vocab_size"], held["eos_id"]) == (trained["vocab_size"], trained["eos_id"]),
+               cfg, f"[validation] token file {v.path!r} was prepared with tokenizer "
+               f"{held['tokenizer']!r} ({held['vocab_size']} tokens, end of document "
+               f"{held['eos_id']}), [data] path {d.path!r} with {trained['tokenizer']!r} "
+               f"({trained['vocab_size']} tokens, end of document {trained['eos_id']}): prepare both "
+               f"with the same tokenizer")
     training = {file_identity(p) for p in list_files(d.path)}   # every name of a file alike
     shared = [p for p in held_out if file_identity(p) in training]
     _check(not shared, cfg,

@@ -1,0 +1,188 @@
+"""Prepared token files: documents tokenized once, ahead of training, into one file that
+every rank maps instead of tokenizing the text itself at start-up.
+
+Layout: a header of HEADER_BYTES bytes (MAGIC, then a JSON object, padded with spaces),
+then the token stream as little-endian int16 (up to 32768 token ids) or int32. The JSON
+names the dtype, the token count, the documents' hash (the same hash TokenFileSource
+computes, so both sources give a run the same samples and fingerprint) and the tokenizer.
+
+A file is written under a temporary name in the same folder and renamed into place only
+once complete and flushed to disk: an interrupted or failed preparation leaves the
+destination as it was. Readers check the header and the file's size against it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import time
+
+import torch
+
+from ep_fp8.train.data import file_identity, list_files, token_dtype, tokenize_documents
+from ep_fp8.train.tokenizer import load_tokenizer
+
+MAGIC = b"EPFP8TOK"
+HEADER_BYTES = 4096
+VERSION = 1
+_DTYPES = {"int16": torch.int16, "int32": torch.int32}
+_WRITE_TOKENS = 1 << 22   # tokens gathered before each write
+_KEYS = {"version": int, "dtype": str, "tokens": int, "documents": int, "files": int,
+         "hash": str, "tokenizer": str, "vocab_size": int, "source": str}
+
+
+def _as_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a contiguous CPU tensor, copied once (in the machine's byte order:
+    little-endian on the x86-64 and Arm hosts of GPUs)."""
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field: str = "text",
+                     overwrite: bool = False, progress=print, every_s: float = 10.0) -> dict:
+    """Tokenizes the documents of `pattern` ("text": each file is a document; "jsonl": each
+    line's `field`) with `tokenizer` ("bytes" or a tokenizer.json path) into the token file
+    `out`, and returns its header. Calls `progress` with a line of counts every `every_s`
+    seconds and once at the end; makes `out`'s folder if needed. Memory use is bounded by
+    the largest document, not the corpus. Raises ValueError, before writing anything, when
+    `out` exists (unless `overwrite`), is a folder or is one of the input files, or when
+    the files or the tokenizer cannot be found; and, leaving `out` as it was, naming the
+    file (and line) that cannot be read, parsed or tokenized."""
+    if source not in ("text", "jsonl"):
+        raise ValueError(f"source must be \"text\" or \"jsonl\", got {source!r}")
+    if os.path.isdir(out):
+        raise ValueError(f"output {out!r} is a folder: give the token file's path")
+    if os.path.lexists(out) and not overwrite:
+        raise ValueError(f"output {out!r} exists: remove it or pass --overwrite")
+    files = list_files(pattern)
+    if os.path.exists(out) and file_identity(out) in {file_identity(p) for p in files}:
+        raise ValueError(f"output {out!r} is one of the files of {pattern!r}: write it elsewhere")
+    tok = load_tokenizer(tokenizer)
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output {out!r}: its folder cannot be made ({e.strerror or e})") from None
+    dtype = token_dtype(tok.vocab_size)
+
+    def describe(tokens: int, documents: int, digest: str) -> dict:
+        header = {"version": VERSION, "dtype": str(dtype).removeprefix("torch."),
+                  "tokens": tokens, "documents": documents, "files": len(files), "hash": digest,
+                  "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                  "source": source}
+        return header | ({"jsonl_field": field} if source == "jsonl" else {})
+
+    _header_bytes(describe(2**63, 2**63, "0" * 16), out)   # fits, whatever the counts: else now
+    digest = hashlib.blake2b(digest_size=8)
+    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    tokens = documents = 0
+    start = last = time.monotonic()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(HEADER_BYTES))   # the header is written last, once counts are known
+            buffered, pieces = 0, []
+            for document in tokenize_documents(files, source, tok, field, digest):
+                pieces += document
+                documents += 1
+                buffered += sum(p.numel() for p in document)
+                if buffered >= _WRITE_TOKENS:
+                    f.write(_as_bytes(torch.cat(pieces)))
+                    tokens, buffered, pieces = tokens + buffered, 0, []
+                now = time.monotonic()
+                if now - last >= every_s:
+                    last = now
+                    progress(f"[prepare] {documents:,} documents, {tokens + buffered:,} tokens "
+                             f"so far ({(tokens + buffered) / (now - start):,.0f} tokens/s)")
+            if pieces:
+                f.write(_as_bytes(torch.cat(pieces)))
+                tokens += buffered
+            header = describe(tokens, documents, digest.hexdigest())
+            f.seek(0)
+            f.write(_header_bytes(header, out))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    _fsync_folder(folder)
+    progress(f"[prepare] wrote {out}: {tokens:,} tokens, {documents:,} documents from "
+             f"{len(files):,} file(s) in "
+             f"{time.monotonic() - start:.1f} s ({header['dtype']}, tokenizer {tokenizer!r}, "
+             f"vocab_size {tok.vocab_size})")
+    return header
+
+
+def _header_bytes(header: dict, out: str) -> bytes:
+    text = json.dumps(header, sort_keys=True).encode("utf-8")
+    if len(MAGIC) + len(text) + 1 > HEADER_BYTES:
+        raise ValueError(f"output {out!r}: the header does not fit in {HEADER_BYTES} bytes "
+                         f"(the tokenizer path and the JSONL field name take "
+                         f"{len(header['tokenizer']) + len(header.get('jsonl_field', ''))} "
+                         f"characters of it)")
+    return (MAGIC + text + b"\n").ljust(HEADER_BYTES, b" ")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_header(path: str) -> dict:
+    """The header of the token file at `path`, checked: its magic, its keys and their
+    types, and the file's size against its token count (a file cut short by a failed copy
+    is refused). Raises ValueError naming the file and what is wrong."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ValueError(f"token file {path!r} cannot be read ({e.strerror or e})") from None
+    if not head.startswith(MAGIC) or len(head) < HEADER_BYTES:
+        raise ValueError(f"{path!r} is not a token file (written by python -m "
+                         f"ep_fp8.train.prepare_data): its first bytes are not {MAGIC.decode()}")
+    try:
+        header = json.loads(head[len(MAGIC):].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"token file {path!r}: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"token file {path!r}: its header is not a JSON object")
+    if header.get("version") != VERSION:
+        raise ValueError(f"token file {path!r} has format version {header.get('version')!r}; "
+                         f"this ep_fp8 reads version {VERSION}: prepare it again")
+    for key, kind in _KEYS.items():
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise ValueError(f"token file {path!r}: header key {key!r} is missing or not "
+                             f"{kind.__name__}")
+    eos = header.get("eos_id")
+    if header["dtype"] not in _DTYPES or (eos is not None and not isinstance(eos, int)):
+        raise ValueError(f"token file {path!r}: header has dtype {header['dtype']!r} "
+                         f"(int16 or int32) and eos_id {eos!r} (an int or null)")
+    expected = HEADER_BYTES + header["tokens"] * _DTYPES[header["dtype"]].itemsize
+    if size != expected:
+        raise ValueError(f"token file {path!r} has {size:,} bytes, but its header says "
+                         f"{header['tokens']:,} {header['dtype']} tokens ({expected:,} bytes): "
+                         f"a partial copy? Copy or prepare it again")
+    return header
+
+
+def map_token_file(path: str) -> tuple[torch.Tensor, dict]:
+    """(tokens, header) of the token file at `path`: the tokens as a 1-D tensor mapped
+    from the file, copy-on-write (pages are read when touched and shared with every process
+    that maps the file; a write to the tensor would never reach the file). Raises
+    ValueError as read_header does."""
+    header = read_header(path)
+    if header["tokens"] == 0:
+        return torch.empty(0, dtype=_DTYPES[header["dtype"]]), header
+    raw = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)
+    return raw[HEADER_BYTES:].view(_DTYPES[header["dtype"]]), header

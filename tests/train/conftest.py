@@ -1,0 +1,53 @@
+"""Fixtures shared by the training tests."""
+
+import json
+import sys
+import types
+
+import pytest
+
+
+class _WordTokenizer:
+    """Stands in for tokenizers.Tokenizer (not a dependency): one id per word, and the
+    truncation to `max_length` that a saved tokenizer.json can carry."""
+
+    def __init__(self, vocab, max_length=None):
+        self.vocab, self.max_length = vocab, max_length
+
+    @classmethod
+    def from_file(cls, path):
+        spec = json.loads(open(path).read())
+        return cls(spec["vocab"], spec.get("truncation"))
+
+    def no_truncation(self):
+        self.max_length = None
+
+    def no_padding(self):
+        pass
+
+    def get_vocab(self, with_added_tokens=True):
+        return dict(self.vocab)
+
+    def get_vocab_size(self, with_added_tokens=True):
+        return len(self.vocab)
+
+    def token_to_id(self, token):
+        return self.vocab.get(token)
+
+    def encode(self, text, add_special_tokens=False):
+        ids = [self.vocab[w] for w in text.split()]
+        return types.SimpleNamespace(ids=ids[:self.max_length] if self.max_length else ids)
+
+
+@pytest.fixture
+def word_tokenizer(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=_WordTokenizer))
+
+    def write(vocab, truncation=None, eos_token=None):
+        path = tmp_path / "tok" / "tokenizer.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"vocab": vocab, "truncation": truncation}))
+        if eos_token is not None:
+            (path.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos_token}))
+        return str(path)
+    return write
