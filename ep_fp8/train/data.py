@@ -236,17 +236,17 @@ class TokenFileSource(_TokenWindows):
 
 
 class PreparedTokenSource(_TokenWindows):
-    """A token file written by `python -m ep_fp8.train.prepare_data` (ep_fp8.train.
-    token_file), mapped rather than read: the ranks of a node share its pages through the
+    """The token file that `path` names (a file, or a glob matching one), written by
+    `python -m ep_fp8.train.prepare_data` (ep_fp8.train.token_file), mapped rather than read: the ranks of a node share its pages through the
     page cache and a rank's memory holds only the windows it draws. Its samples are those
     of TokenFileSource over the same documents and tokenizer (same fingerprint). Raises
     ValueError naming the file when it is not a complete token file, or holds fewer than
     seq_len + 1 tokens."""
 
     def __init__(self, path: str, seq_len: int, seed: int):
-        from ep_fp8.train.token_file import map_token_file
+        from ep_fp8.train.token_file import map_token_file, token_file_path
 
-        tokens, self.header = map_token_file(path)
+        tokens, self.header = map_token_file(token_file_path(path))
         tokenizer = self.header["tokenizer"]
         super().__init__(tokens, self.header["hash"], path, seq_len, seed,
                          "" if self.header["eos_id"] is not None else no_eos_note(tokenizer))

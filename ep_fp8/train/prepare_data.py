@@ -13,6 +13,8 @@ same tokenizer.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from ep_fp8.train.token_file import write_token_file
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source != "jsonl" and args.jsonl_field != "text":
         parser.error("--jsonl-field is read only with --source jsonl")
+    before = _identity(args.out)
+    stop = _stop_on_signals()
     try:
         write_token_file(args.path, args.source, args.tokenizer, args.out, args.jsonl_field,
                          overwrite=args.overwrite, progress=lambda line: print(line, flush=True))
@@ -44,10 +48,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare_data: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"prepare_data: interrupted; {args.out} is as it was", file=sys.stderr)
-        return 130
+        name = signal.Signals(stop.signum).name
+        state = ("was written before it stopped" if _identity(args.out) != before
+                 else "is as it was")
+        print(f"prepare_data: stopped by {name}; {args.out} {state}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        stop.restore()
     return 0
 
+
+def _identity(path: str):
+    """What tells a file that was replaced from the one before: (device, inode, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+class _stop_on_signals:
+    """SIGTERM and SIGHUP (a scheduler's cancel, a closed terminal) stop the preparation as
+    Ctrl-C does, so that its temporary file is removed on the way out."""
+
+    def __init__(self):
+        self.signum = signal.SIGINT
+        self._before = {}
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                self._before[sig] = signal.signal(sig, self._raise)
+
+    def _raise(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def restore(self):
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
 
 if __name__ == "__main__":
     sys.exit(main())

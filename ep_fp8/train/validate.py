@@ -137,6 +137,10 @@ def _data(cfg: Config, vocab_size: int) -> None:
                f"reads a token file, which records the tokenizer it was prepared with")
         header = _token_file_header(cfg, "data", d.path)
         name, vocab = f"token file {d.path!r} (tokenizer {header['tokenizer']!r})", header["vocab_size"]
+        seq_len = cfg.training.seq_len
+        _check(header["tokens"] >= seq_len + 1, cfg,
+               f"[data] {name} holds {header['tokens']} tokens, fewer than [training] seq_len "
+               f"+ 1 = {seq_len + 1}")
     else:
         try:
             list_files(d.path)
@@ -151,18 +155,12 @@ def _data(cfg: Config, vocab_size: int) -> None:
 
 def _token_file_header(cfg: Config, section: str, path: str) -> dict:
     """The checked header of the one token file that [section] path names."""
-    from ep_fp8.train.data import list_files
-    from ep_fp8.train.token_file import read_header
+    from ep_fp8.train.token_file import read_header, token_file_path
 
     try:
-        files = list_files(path)
-        header = read_header(files[0]) if len(files) == 1 else None
+        return read_header(token_file_path(path))
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [{section}] {e}") from None
-    _check(header is not None, cfg,
-           f"[{section}] path {path!r} matches {len(files)} files; source = \"tokens\" "
-           f"reads one token file (python -m ep_fp8.train.prepare_data writes it)")
-    return header
 
 
 def _validation(cfg: Config) -> None:
@@ -186,6 +184,12 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
+    training = {file_identity(p) for p in list_files(d.path)}   # every name of a file alike
+    shared = [p for p in held_out if file_identity(p) in training]
+    _check(not shared, cfg,
+           f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
+           f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "
+           f"training")
     if d.source == "tokens":
         held, trained = (_token_file_header(cfg, section, path)
                          for section, path in (("validation", v.path), ("data", d.path)))
@@ -195,12 +199,10 @@ def _validation(cfg: Config) -> None:
                f"{held['eos_id']}), [data] path {d.path!r} with {trained['tokenizer']!r} "
                f"({trained['vocab_size']} tokens, end of document {trained['eos_id']}): prepare both "
                f"with the same tokenizer")
-    training = {file_identity(p) for p in list_files(d.path)}   # every name of a file alike
-    shared = [p for p in held_out if file_identity(p) in training]
-    _check(not shared, cfg,
-           f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
-           f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "
-           f"training")
+        _check(held["hash"] != trained["hash"], cfg,
+               f"[validation] token file {v.path!r} holds the same documents as [data] path "
+               f"{d.path!r} (documents' hash {held['hash']}): validation data must be held out "
+               f"of training")
 
 
 def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True) -> None:

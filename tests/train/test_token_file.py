@@ -148,7 +148,7 @@ def test_a_file_that_is_not_a_whole_token_file_is_named_and_refused(tmp_path):
         variant("nokey.tokens", with_header(tokens="many")): "header key 'tokens' is missing or not int",
         variant("dtype.tokens", with_header(dtype="float32")): "header has dtype 'float32'",
         variant("json.tokens", b"EPFP8TOK[" + raw[9:]): "its header is not valid JSON",
-        str(tmp_path / "missing.tokens"): "cannot be read",
+        str(tmp_path / "missing.tokens"): "matches no file",
     }
     for path, message in cases.items():
         with pytest.raises(ValueError, match=message) as err:
@@ -260,3 +260,126 @@ def test_a_header_too_long_for_its_space_is_refused_before_tokenizing(tmp_path):
         write_token_file(str(tmp_path / "d.jsonl"), "jsonl", "bytes", str(tmp_path / "d.tokens"),
                          field="f" * 5000, progress=_quiet)
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
+
+
+def test_many_small_documents_are_written_as_they_come_not_held(tmp_path, monkeypatch):
+    writes = []
+    as_bytes = token_file._as_bytes
+    monkeypatch.setattr(token_file, "_as_bytes", lambda t: writes.append(t.numel()) or as_bytes(t))
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": "ab"}) + "\n" for _ in range(10000)))
+    header = write_token_file(str(path), "jsonl", "bytes", str(tmp_path / "d.tokens"), progress=_quiet)
+    assert header["tokens"] == 30000 and header["documents"] == 10000
+    assert writes[0] == 3 * 4096 and sum(writes) == 30000   # 8192 pieces, two per document
+
+
+def test_a_corpus_without_tokens_is_refused_and_writes_nothing(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("")
+    (tmp_path / "docs" / "b.txt").write_text("")
+    with pytest.raises(ValueError, match="its 2 file\\(s\\) hold no token"):
+        write_token_file(str(tmp_path / "docs" / "*.txt"), "text", "bytes",
+                         str(tmp_path / "e.tokens"), progress=_quiet)
+    assert sorted(os.listdir(tmp_path)) == ["docs"]
+
+
+def test_a_file_that_appears_meanwhile_is_kept_unless_overwrite(tmp_path):
+    pattern, out = _corpus(tmp_path / "docs"), tmp_path / "t.tokens"
+
+    def another_run(line):       # called mid-way, once the temporary file exists
+        assert any(n.startswith(".t.tokens.tmp-") for n in os.listdir(tmp_path))
+        if not out.exists():
+            out.write_bytes(b"the other run's file")
+
+    with pytest.raises(ValueError, match="appeared while it was being prepared"):
+        write_token_file(pattern, "text", "bytes", str(out), progress=another_run, every_s=0.0)
+    assert out.read_bytes() == b"the other run's file"
+    assert sorted(os.listdir(tmp_path)) == ["docs", "t.tokens"]
+    write_token_file(pattern, "text", "bytes", str(out), overwrite=True, progress=_quiet)
+    assert read_header(str(out))["files"] == 7
+
+
+def test_a_symbolic_link_as_output_writes_its_target(tmp_path):
+    (tmp_path / "store").mkdir()
+    link = tmp_path / "t.tokens"
+    link.symlink_to(tmp_path / "store" / "real.tokens")        # dangling until written
+    write_token_file(_corpus(tmp_path / "docs"), "text", "bytes", str(link), progress=_quiet)
+    assert link.is_symlink() and read_header(str(tmp_path / "store" / "real.tokens"))["files"] == 7
+    assert sorted(os.listdir(tmp_path / "store")) == ["real.tokens"]
+
+
+def test_a_glob_or_home_path_names_the_same_file_for_the_check_and_the_run(tmp_path, monkeypatch):
+    from ep_fp8.train.data import build_source, build_validation_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_token_file(_corpus(tmp_path / "a"), "text", "bytes", str(tmp_path / "train.tokens"),
+                     progress=_quiet)
+    write_token_file(_corpus(tmp_path / "b", n=3), "text", "bytes", str(tmp_path / "held.tokens"),
+                     progress=_quiet)
+    cfg = _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 'tr*.tokens'}",
+                  "--validation.enabled=true", "--validation.path=~/held.tokens",
+                  "--training.seq_len=16")
+    train, held = build_source(cfg), build_validation_source(cfg)
+    assert train.fingerprint == PreparedTokenSource(str(tmp_path / "train.tokens"), 16, 0).fingerprint
+    assert held.fingerprint == PreparedTokenSource(str(tmp_path / "held.tokens"), 16, 0).fingerprint
+    assert train.fingerprint != held.fingerprint
+
+
+def test_held_out_tokens_of_the_same_documents_and_too_short_files_are_config_errors(tmp_path):
+    pattern = _corpus(tmp_path / "docs")
+    for name in ("train.tokens", "copy.tokens"):
+        write_token_file(pattern, "text", "bytes", str(tmp_path / name), progress=_quiet)
+    with pytest.raises(ConfigError, match="holds the same documents as \\[data\\] path"):
+        _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 'train.tokens'}",
+                "--validation.enabled=true", f"--validation.path={tmp_path / 'copy.tokens'}")
+    tokens = read_header(str(tmp_path / "train.tokens"))["tokens"]
+    with pytest.raises(ConfigError, match=f"holds {tokens} tokens, fewer than \\[training\\] seq_len"):
+        _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 'train.tokens'}",
+                f"--training.seq_len={tokens}", f"--model.max_seq_len={tokens}")
+
+
+def test_writes_to_the_mapped_tokens_never_reach_the_file(tmp_path):
+    out = tmp_path / "t.tokens"
+    write_token_file(_corpus(tmp_path / "docs"), "text", "bytes", str(out), progress=_quiet)
+    before = out.read_bytes()
+    tokens, _ = map_token_file(str(out))
+    tokens[:100] = 3
+    assert out.read_bytes() == before
+
+
+def test_sigterm_stops_the_command_line_and_removes_its_temporary_file(tmp_path, capsys, monkeypatch):
+    import signal
+
+    pattern, out = _corpus(tmp_path / "docs"), tmp_path / "t.tokens"
+    monkeypatch.setattr(token_file, "_WRITE_TOKENS", 10)
+    write = token_file.write_token_file
+
+    def write_then_terminated(*args, **kwargs):
+        kwargs.update(every_s=0.0, progress=lambda line: os.kill(os.getpid(), signal.SIGTERM))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr("ep_fp8.train.prepare_data.write_token_file", write_then_terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert prepare_main(["--source", "text", "--path", pattern, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM; {out} is as it was" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["docs"]
+    assert signal.getsignal(signal.SIGTERM) is handler          # restored
+
+
+def test_an_interrupt_after_the_rename_says_the_file_was_written(tmp_path, capsys, monkeypatch):
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(token_file, "_fsync_folder", interrupted)
+    out = tmp_path / "t.tokens"
+    out.write_bytes(b"old")
+    code = prepare_main(["--source", "text", "--path", _corpus(tmp_path / "docs"), "--out", str(out),
+                         "--overwrite"])
+    assert code == 130 and f"{out} was written before it stopped" in capsys.readouterr().err
+    assert read_header(str(out))["files"] == 7
+
+
+@pytest.mark.parametrize("out, message", [("", "must name a file"), ("newdir/", "must name a file")])
+def test_an_output_that_names_no_file_is_refused_before_tokenizing(tmp_path, out, message):
+    with pytest.raises(ValueError, match=message):
+        write_token_file(_corpus(tmp_path / "docs"), "text", "bytes", out, progress=_quiet)
