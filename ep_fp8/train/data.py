@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -223,6 +224,7 @@ class TokenFileSource(_TokenWindows):
 
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):
+        started = time.monotonic()
         self.tokenizer = load_tokenizer(tokenizer)
         dtype = token_dtype(self.tokenizer.vocab_size)
         chunks, pieces = [], []
@@ -233,6 +235,7 @@ class TokenFileSource(_TokenWindows):
                 chunks.append(_join(pieces, dtype))
         super().__init__(_join(chunks + pieces, dtype), digest.hexdigest(), pattern, seq_len,
                          seed, "" if self.tokenizer.eos_id is not None else no_eos_note(tokenizer))
+        self.seconds = time.monotonic() - started   # to read and tokenize, on this rank
 
 
 class PreparedTokenSource(_TokenWindows):

@@ -26,10 +26,15 @@ from ep_fp8.parallel.agree import first_difference, first_problem
 from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
-from ep_fp8.train.data import DataLoader, MarkovSource, build_source, build_validation_source
+from ep_fp8.train.data import (DataLoader, MarkovSource, TokenFileSource, build_source,
+                                build_validation_source)
 from ep_fp8.train.metrics import MetricsLogger, peak_flops
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, schedule_note
 from ep_fp8.train.validate import EARLIER_RUNS, resolve_ep
+
+
+# Start-up tokenization this slow gets a hint at token files (ep_fp8.train.prepare_data).
+SLOW_TOKENIZING_S = 30.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -411,6 +416,10 @@ def train(cfg: Config) -> dict:
     _describe(cfg, args, dims, device, dtype)
     if note := source.note:  # e.g. a tokenizer without an end-of-document token
         say(note)
+    if isinstance(source, TokenFileSource) and source.seconds >= SLOW_TOKENIZING_S:
+        say(f"[data] reading and tokenizing [data] path took {source.seconds:.0f} s on every "
+            f"rank; python -m ep_fp8.train.prepare_data does it once, into a token file that "
+            f"the ranks map (docs/getting_started.md, \"Large corpora\")")
     if note := schedule_note(t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio):
         say(note)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model)

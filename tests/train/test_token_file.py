@@ -233,8 +233,10 @@ def test_the_command_line_writes_the_file_and_reports_errors(tmp_path, capsys):
     assert exit_.value.code == 2 and "--jsonl-field is read only with --source jsonl" in capsys.readouterr().err
 
 
-def test_training_on_a_token_file_repeats_the_run_on_its_text(tmp_path, monkeypatch):
+def test_training_on_a_token_file_repeats_the_run_on_its_text(tmp_path, monkeypatch, capsys):
     from ep_fp8.train.main import free_port, main
+
+    monkeypatch.setattr("ep_fp8.train.loop.SLOW_TOKENIZING_S", 0.0)   # every tokenization is slow
 
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(free_port())).items():
@@ -251,6 +253,8 @@ def test_training_on_a_token_file_repeats_the_run_on_its_text(tmp_path, monkeypa
         assert code == 0
         with open(out / "debug_model" / "metrics.jsonl") as f:
             losses[source] = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        hint = "on every rank; python -m ep_fp8.train.prepare_data does it once"
+        assert (hint in capsys.readouterr().out) == (source == "text")   # no hint for tokens
     assert len(losses["text"]) == 3 and losses["text"] == losses["tokens"], losses
 
 
