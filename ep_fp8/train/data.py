@@ -196,20 +196,44 @@ def no_eos_note(tokenizer: str) -> str:
 def tokenize_documents(files: list[str], source: str, tokenizer, field: str, digest):
     """Yields, for each non-empty document of `files` ("text" or "jsonl", see _documents)
     in order, its tokens and `tokenizer`'s end-of-document token (empty when it has none),
-    two tensors of token_dtype(tokenizer.vocab_size); `digest` (a
-    hashlib object) is updated with every document, empty ones too, for the fingerprint.
-    Raises ValueError naming the file (and line) that cannot be read, parsed or tokenized."""
+    two tensors of token_dtype(tokenizer.vocab_size); `digest` (a hashlib object) is
+    updated with every document, empty ones too, for the fingerprint. Documents are encoded
+    in batches (up to _BATCH_DOCS documents or _BATCH_BYTES bytes), which a tokenizer.json
+    encodes on several threads. Raises ValueError naming the file (and line) that cannot be
+    read, parsed or tokenized."""
     dtype = token_dtype(tokenizer.vocab_size)
     eos = torch.tensor([] if tokenizer.eos_id is None else [tokenizer.eos_id], dtype=dtype)
+    batch, size = [], 0
     for where, doc in _documents(files, source, field):
         digest.update(len(doc).to_bytes(8, "little") + doc)
         if doc:  # an empty document adds nothing, not even its end token
+            batch.append((where, doc))
+            size += len(doc)
+        del doc   # a large file's bytes are held only as long as its batch
+        if len(batch) >= _BATCH_DOCS or size >= _BATCH_BYTES:
+            yield from _encode(tokenizer, batch, dtype, eos)
+            batch, size = [], 0
+    yield from _encode(tokenizer, batch, dtype, eos)
+
+
+_BATCH_DOCS, _BATCH_BYTES = 1024, 1 << 24
+
+
+def _encode(tokenizer, batch: list[tuple[str, bytes]], dtype: torch.dtype, eos: torch.Tensor):
+    if not batch:
+        return
+    try:
+        pieces = tokenizer.encode_tensors([doc for _, doc in batch], dtype)
+    except ValueError:
+        for where, doc in batch:   # the document that fails, to name it
             try:
-                piece = tokenizer.encode_tensor(doc, dtype)
+                tokenizer.encode_tensors([doc], dtype)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            del doc   # a large file's bytes are not held while the next one is read
-            yield piece, eos
+        raise
+    batch.clear()
+    for piece in pieces:
+        yield piece, eos
 
 
 class TokenFileSource(_TokenWindows):

@@ -34,6 +34,9 @@ class ByteTokenizer:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(raw, dtype=torch.uint8).to(dtype, copy=True)
 
+    def encode_tensors(self, docs: list[bytes | str], dtype: torch.dtype) -> list[torch.Tensor]:
+        return [self.encode_tensor(d, dtype) for d in docs]
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -74,6 +77,16 @@ class JsonTokenizer:
 
     def encode_tensor(self, data: bytes | str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(self.encode(data), dtype=dtype)
+
+    def encode_tensors(self, docs: list[bytes | str], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each document encoded as encode_tensor does, the batch on the `tokenizers`
+        package's threads (encode_batch). Raises ValueError when one cannot be encoded."""
+        texts = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs]
+        try:
+            encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        except Exception as e:   # the tokenizers package raises a bare Exception
+            raise ValueError(f"tokenizer {self.path!r} cannot encode the text: {e}") from None
+        return [torch.tensor(e.ids, dtype=dtype) for e in encodings]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

@@ -341,3 +341,23 @@ def test_a_position_saved_with_other_data_is_loaded_with_a_note(tmp_path):
     v1 = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
     v1.load_state_dict({"samples_seen": 2, "source": "synthetic vocab 16 branching 2, seq_len 4, seed 0"})
     assert "another sample order" in v1.resume_note
+
+
+def test_a_tokenizer_json_encodes_documents_in_batches_and_names_the_one_that_fails(
+        word_tokenizer, tmp_path, monkeypatch):
+    import ep_fp8.train.data as data
+
+    monkeypatch.setattr(data, "_BATCH_DOCS", 4)
+    g = torch.Generator().manual_seed(0)
+    words = ["a", "b", "c"]
+    lines = [" ".join(words[int(i)] for i in torch.randint(3, (5 + j,), generator=g)) for j in range(10)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    tok = word_tokenizer({"a": 0, "b": 1, "c": 2, "<|endoftext|>": 3})
+    src = TokenFileSource(str(tmp_path / "d.jsonl"), "jsonl", tok, seq_len=4, seed=0)
+    expected = [i for t in lines for i in [words.index(w) for w in t.split()] + [3]]
+    assert src.tokens.tolist() == expected
+    assert src.tokenizer._tok.batches == 3                   # 10 documents, 4 per batch
+    lines[6] = "a b unknown"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    with pytest.raises(ValueError, match=f"^{tmp_path}/d.jsonl:7: tokenizer .* cannot encode"):
+        TokenFileSource(str(tmp_path / "d.jsonl"), "jsonl", tok, seq_len=4, seed=0)
