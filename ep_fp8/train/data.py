@@ -241,8 +241,9 @@ class TokenFileSource(_TokenWindows):
     joined by the tokenizer's end-of-document token; empty documents left out) and cut into
     windows as _TokenWindows says. `note` is what to say at start-up ('' or that the
     tokenizer has no end-of-document token). Every rank holds the whole stream (2 bytes per
-    token up to 32768 ids, else 4); loading it takes about twice that at its peak, plus the
-    largest document read as bytes (PreparedTokenSource maps a file prepared once instead).
+    token up to 32768 ids, else 4); loading it takes about twice that at its peak, plus a
+    batch of documents read as bytes (16 MB, or one larger document; PreparedTokenSource
+    maps a file prepared once instead).
     Raises ValueError naming the file (and line) that cannot be read, parsed or tokenized,
     or when the stream holds fewer than seq_len + 1 tokens."""
 

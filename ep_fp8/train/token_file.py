@@ -55,8 +55,8 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
     line's `field`) with `tokenizer` ("bytes" or a tokenizer.json path) into the token file
     `out` (a symbolic link is followed: its target is written), and returns its header.
     Calls `progress` with a line of counts every `every_s` seconds and once at the end;
-    makes `out`'s folder if needed. Holds at most a few million tokens and the largest
-    document, whatever the corpus. `out` appears only once complete: under a temporary name
+    makes `out`'s folder if needed. Holds at most a few million tokens and a batch of
+    documents (16 MB, or one larger document), whatever the corpus. `out` appears only once complete: under a temporary name
     in its folder until then, and without `overwrite` never over a file that appeared
     meanwhile. Raises ValueError, before tokenizing, when `out` exists (unless
     `overwrite`), is a folder or one of the input files, or cannot be written, or when the
