@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from ep_fp8.train.checkpoint import MARKER, CheckpointDamagedError, Checkpointer, complete_checkpoints
-from ep_fp8.train.data import DataLoader, MarkovSource
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_factor
-
-
-def _state(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    opt = build_optimizer(model, 1e-2, (0.9, 0.95), 0.1, 1e-8)
-    sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    loader = DataLoader(MarkovSource(16, 2, 4, seed=0), batch_size=2, rank=0, world=1)
-    return model, opt, sched, loader
+from tests.train.test_checkpoint import make_state
 
 
 def _reference_factor(step, steps, warmup, floor):
@@ -93,7 +84,7 @@ def test_clipping_skips_parameters_without_a_gradient():
 
 def test_steps_are_ordered_as_numbers_not_as_names(tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep_last=2)
-    state = _state()
+    state = make_state(0)
     for step in (9, 10, 11):
         ckpt.save(step, *state)
     assert _steps_in(tmp_path) == [10, 11]
@@ -109,16 +100,16 @@ def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
     # Saving a step older than the newest (a run resumed from an earlier checkpoint):
     # keep_last = 1 would make the new save the one to prune.
     ckpt = Checkpointer(str(tmp_path), keep_last=1)
-    state = _state()
+    state = make_state(0)
     ckpt.save(5, *state)
     path = ckpt.save(2, *state)
     assert _steps_in(tmp_path) == [2, 5]
-    assert ckpt.load(path, *_state(1)) == 2
+    assert ckpt.load(path, *make_state(1)) == 2
 
 
 def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep_last=0)
-    state = _state()
+    state = make_state(0)
     for step in (1, 2, 3, 4):
         ckpt.save(step, *state)
     assert _steps_in(tmp_path) == [1, 2, 3, 4]
@@ -128,14 +119,14 @@ def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
 def test_an_old_save_without_its_new_one_survives_the_next_save_of_another_step(tmp_path):
     # A crash while step 2 was being replaced leaves only step-2.old: the only copy of step 2.
     ckpt = Checkpointer(str(tmp_path), keep_last=3)
-    state = _state()
+    state = make_state(0)
     ckpt.save(2, *state)
     saved = {k: v.clone() for k, v in state[0].state_dict().items()}
     os.rename(tmp_path / "step-2", tmp_path / "step-2.old")
     ckpt.save(3, *state)
     assert complete_checkpoints(str(tmp_path)) == [(2, str(tmp_path / "step-2.old")),
                                                    (3, str(tmp_path / "step-3"))]
-    fresh = _state(1)
+    fresh = make_state(1)
     assert ckpt.load(str(tmp_path / "step-2.old"), *fresh) == 2
     assert all(torch.equal(v, saved[k]) for k, v in fresh[0].state_dict().items())
 
@@ -143,7 +134,7 @@ def test_an_old_save_without_its_new_one_survives_the_next_save_of_another_step(
 @pytest.mark.parametrize("world_size", [0, -1, "1", None, 1.5])
 def test_a_marker_with_an_invalid_world_size_is_a_damaged_checkpoint(tmp_path, world_size):
     ckpt = Checkpointer(str(tmp_path))
-    path = ckpt.save(1, *_state())
+    path = ckpt.save(1, *make_state(0))
     marker = os.path.join(path, MARKER)
     with open(marker) as f:
         content = json.load(f)
@@ -151,4 +142,4 @@ def test_a_marker_with_an_invalid_world_size_is_a_damaged_checkpoint(tmp_path, w
     with open(marker, "w") as f:
         json.dump(content, f)
     with pytest.raises(CheckpointDamagedError, match="not a valid marker"):
-        ckpt.load(path, *_state(1))
+        ckpt.load(path, *make_state(1))
