@@ -125,8 +125,9 @@ PRESETS: dict[str, ModelArgs] = {
     "debug": ModelArgs(),
     # Fits and trains on one H200 with a useful batch. Expert-heavy on purpose: top-4 of 16
     # experts of hidden 2048 make the expert GEMMs ~70% of the weight matmul FLOPs (at the
-    # data's vocabulary; ~62% with attention's at seq_len 2048), so the float8 experts'
-    # speed shows end to end. Recipes set vocab_size to their tokenizer's.
+    # 4096-token vocabulary of moe_1b_h200.toml's data, 60% at the preset's 32768; ~62% and
+    # 54% with attention's at seq_len 2048), so the float8 experts' speed shows end to end.
+    # Recipes set vocab_size to their tokenizer's.
     "moe_1b": ModelArgs(
         vocab_size=32768, dim=2048, n_layers=6, n_heads=16, n_kv_heads=4, n_dense_layers=1,
         dense_hidden_dim=5632, n_experts=16, top_k=4, expert_hidden_dim=2048,
