@@ -6,16 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from ep_fp8.model import PRESETS, Attention, ModelArgs, RMSNorm, Transformer, flops_per_token
-
-TINY = ModelArgs(vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, n_dense_layers=1,
-                 dense_hidden_dim=24, n_experts=4, top_k=2, expert_hidden_dim=8,
-                 n_shared_experts=1, max_seq_len=16)
-
-
-def _tokens(B, S, vocab, seed=0):
-    return torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
-
+from ep_fp8.model import PRESETS, Attention, RMSNorm, Transformer, flops_per_token
+from tests.model.test_model import TINY, _tokens
 
 # --- RMSNorm in bf16 ------------------------------------------------------------------
 
