@@ -174,3 +174,15 @@ def test_swiglu_bf16_torch_path_rounds_float32_results_once():
         assert got.dtype == torch.bfloat16
         excess = (got.double() - want).abs() - (2**-8 * want.abs() + slack)
         assert excess.max().item() <= 0, name
+
+
+def test_auto_applies_the_group_limit_before_the_size_rule(pretend_sm90):
+    # A call below the size threshold with 1024 groups: the group limit decides (emulated,
+    # with its warning), not the size rule (bf16), as docs/ops.md states.
+    G = backends.MAX_CUDA_GROUPS
+    small_M = 16
+    assert small_M * 16 * 16 < backends.AUTO_FP8_MIN_MACS
+    with pytest.warns(UserWarning, match=f"G={G} groups"):
+        picked = backends.resolve_backend("auto", torch.device("cuda", 0), 16, 16, M=small_M, G=G)
+    assert picked == "emulated"
+    assert backends.resolve_backend("auto", torch.device("cuda", 0), 16, 16, M=small_M, G=G - 1) == "bf16"
