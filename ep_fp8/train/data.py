@@ -189,6 +189,7 @@ def token_dtype(vocab_size: int) -> torch.dtype:
 
 
 def no_eos_note(tokenizer: str) -> str:
+    """What a run says at start-up when `tokenizer` has no end-of-document token."""
     return (f"[data] tokenizer {tokenizer!r} has no end-of-document token: documents are "
             "joined without a separator")
 
@@ -219,6 +220,26 @@ def tokenize_documents(files: list[str], source: str, tokenizer, field: str, dig
 _BATCH_DOCS, _BATCH_BYTES = 1024, 1 << 24
 
 
+def token_chunks(files: list[str], source: str, tokenizer, field: str, digest,
+                 max_tokens: int = 1 << 22):
+    """The token stream of tokenize_documents(files, source, tokenizer, field, digest) as
+    contiguous 1-D chunks of token_dtype(tokenizer.vocab_size), each yielded with the number
+    of documents it holds once it reaches `max_tokens` tokens or 4096 documents (two small
+    tensors per document add up), so that at most one chunk's pieces are held. Raises
+    ValueError as tokenize_documents does."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    pieces, tokens, documents = [], 0, 0
+    for document in tokenize_documents(files, source, tokenizer, field, digest):
+        pieces += document
+        tokens += sum(p.numel() for p in document)
+        documents += 1
+        if tokens >= max_tokens or len(pieces) >= 8192:
+            yield _join(pieces, dtype), documents
+            tokens = documents = 0
+    if pieces:
+        yield _join(pieces, dtype), documents
+
+
 def _encode(tokenizer, batch: list[tuple[str, bytes]], dtype: torch.dtype, eos: torch.Tensor):
     if not batch:
         return
@@ -243,30 +264,28 @@ class TokenFileSource(_TokenWindows):
     tokenizer has no end-of-document token). Every rank holds the whole stream (2 bytes per
     token up to 32768 ids, else 4); loading it takes about twice that at its peak, plus a
     batch of documents read as bytes (16 MB, or one larger document; PreparedTokenSource
-    maps a file prepared once instead).
-    Raises ValueError naming the file (and line) that cannot be read, parsed or tokenized,
-    or when the stream holds fewer than seq_len + 1 tokens."""
+    maps a file prepared once instead). Raises ValueError naming the file (and line) that
+    cannot be read, parsed or tokenized, or when the stream holds fewer than seq_len + 1
+    tokens."""
 
     def __init__(self, pattern: str, source: str, tokenizer: str, seq_len: int, seed: int,
                  field: str = "text"):
         started = time.monotonic()
         self.tokenizer = load_tokenizer(tokenizer)
         dtype = token_dtype(self.tokenizer.vocab_size)
-        chunks, pieces = [], []
         digest = hashlib.blake2b(digest_size=8)   # of the documents read, for `fingerprint`
-        for document in tokenize_documents(list_files(pattern), source, self.tokenizer, field, digest):
-            pieces += document
-            if len(pieces) >= 8192:  # two small tensors per document add up: join as we go
-                chunks.append(_join(pieces, dtype))
-        super().__init__(_join(chunks + pieces, dtype), digest.hexdigest(), pattern, seq_len,
+        chunks = [chunk for chunk, _ in token_chunks(list_files(pattern), source, self.tokenizer,
+                                                     field, digest)]
+        super().__init__(_join(chunks, dtype), digest.hexdigest(), pattern, seq_len,
                          seed, "" if self.tokenizer.eos_id is not None else no_eos_note(tokenizer))
         self.seconds = time.monotonic() - started   # to read and tokenize, on this rank
 
 
 class PreparedTokenSource(_TokenWindows):
     """The token file that `path` names (a file, or a glob matching one), written by
-    `python -m ep_fp8.train.prepare_data` (ep_fp8.train.token_file), mapped rather than read: the ranks of a node share its pages through the
-    page cache and a rank's memory holds only the windows it draws. Its samples are those
+    `python -m ep_fp8.train.prepare_data` (ep_fp8.train.token_file), mapped rather than
+    read: the ranks of a node share its pages through the page cache and a rank's memory
+    holds only the windows it draws. Its samples are those
     of TokenFileSource over the same documents and tokenizer (same fingerprint). Raises
     ValueError naming the file when it is not a complete token file, or holds fewer than
     seq_len + 1 tokens."""

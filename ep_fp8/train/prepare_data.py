@@ -13,10 +13,10 @@ same tokenizer.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
+from ep_fp8.train.data import file_identity
 from ep_fp8.train.token_file import write_token_file
 
 
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _identity(path: str):
-    """What tells a file that was replaced from the one before: (device, inode, mtime)."""
+    """file_identity of `path`, None when there is no file: a file renamed over it (as
+    write_token_file does) has another."""
     try:
-        st = os.stat(path)
+        return file_identity(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 class _stop_on_signals:
@@ -85,6 +85,7 @@ class _stop_on_signals:
     def restore(self):
         for sig, handler in self._before.items():
             signal.signal(sig, handler)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,14 +21,14 @@ import time
 
 import torch
 
-from ep_fp8.train.data import file_identity, list_files, token_dtype, tokenize_documents
+from ep_fp8.train.data import file_identity, list_files, token_chunks, token_dtype
 from ep_fp8.train.tokenizer import load_tokenizer
 
 MAGIC = b"EPFP8TOK"
 HEADER_BYTES = 4096
 VERSION = 1
 _DTYPES = {"int16": torch.int16, "int32": torch.int32}
-_WRITE_TOKENS = 1 << 22   # tokens gathered before each write
+_WRITE_TOKENS = 1 << 22   # tokens gathered before each write (token_chunks)
 _KEYS = {"version": int, "dtype": str, "tokens": int, "documents": int, "files": int,
          "hash": str, "tokenizer": str, "vocab_size": int, "source": str}
 
@@ -56,9 +56,9 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
     `out` (a symbolic link is followed: its target is written), and returns its header.
     Calls `progress` with a line of counts every `every_s` seconds and once at the end;
     makes `out`'s folder if needed. Holds at most a few million tokens and a batch of
-    documents (16 MB, or one larger document), whatever the corpus. `out` appears only once complete: under a temporary name
-    in its folder until then, and without `overwrite` never over a file that appeared
-    meanwhile. Raises ValueError, before tokenizing, when `out` exists (unless
+    documents (16 MB, or one larger document), whatever the corpus. `out` appears only once
+    complete: under a temporary name in its folder until then, and without `overwrite`
+    never over a file that appeared meanwhile. Raises ValueError, before tokenizing, when `out` exists (unless
     `overwrite`), is a folder or one of the input files, or cannot be written, or when the
     files or the tokenizer cannot be found; and, leaving `out` as it was, naming the file
     (and line) that cannot be read, parsed or tokenized, when the documents hold no token,
@@ -102,23 +102,15 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
     try:
         with f:
             f.write(bytes(HEADER_BYTES))   # the header is written last, once counts are known
-            buffered, pieces = 0, []
-            for document in tokenize_documents(files, source, tok, field, digest):
-                pieces += document
-                documents += 1
-                buffered += sum(p.numel() for p in document)
-                # Two tensors per document add up too: many small documents flush as often.
-                if buffered >= _WRITE_TOKENS or len(pieces) >= 8192:
-                    f.write(_as_bytes(torch.cat(pieces)))
-                    tokens, buffered, pieces = tokens + buffered, 0, []
+            for chunk, n_documents in token_chunks(files, source, tok, field, digest, _WRITE_TOKENS):
+                f.write(_as_bytes(chunk))
+                tokens += chunk.numel()
+                documents += n_documents
                 now = time.monotonic()
                 if now - last >= every_s:
                     last = now
-                    progress(f"[prepare] {documents:,} documents, {tokens + buffered:,} tokens "
-                             f"so far ({(tokens + buffered) / (now - start):,.0f} tokens/s)")
-            if pieces:
-                f.write(_as_bytes(torch.cat(pieces)))
-                tokens += buffered
+                    progress(f"[prepare] {documents:,} documents, {tokens:,} tokens so far "
+                             f"({tokens / (now - start):,.0f} tokens/s)")
             if tokens == 0:
                 raise ValueError(f"data path {pattern!r}: its {len(files)} file(s) hold no "
                                  f"token (only empty documents); {out!r} not written")
@@ -227,12 +219,12 @@ def _parse_header(head: bytes, size: int, path: str) -> dict:
 
 def map_token_file(path: str) -> tuple[torch.Tensor, dict]:
     """(tokens, header) of the token file at `path` (after ~ expansion): the tokens as a
-    1-D tensor mapped from the file, copy-on-write (pages are read when touched and shared
-    with every process that maps the file; a write to the tensor never reaches the file).
-    The header is read from the mapping itself, so a file replaced meanwhile (renamed over)
-    cannot pair one file's header with another's tokens; a file rewritten in place while
-    mapped changes under the run, which is why prepare_data renames. Raises ValueError as
-    read_header does."""
+    1-D int16 or int32 tensor (the header's dtype) mapped from the file, copy-on-write
+    (pages are read when touched and shared with every process that maps the file; a
+    write to the tensor never reaches the file). The header is read from the mapping
+    itself, so a file replaced meanwhile (renamed over) cannot pair one file's header
+    with another's tokens; a file rewritten in place while mapped changes under the run,
+    which is why prepare_data renames. Raises ValueError as read_header does."""
     path = os.path.expanduser(path)
     header = read_header(path)   # a clear error before mapping anything
     try:
