@@ -12,8 +12,10 @@ sequence, and with the same global batch it sees exactly the same batches.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -150,24 +152,33 @@ def _jsonl_texts(f, path: str, field: str):
 
 
 class _TokenWindows:
-    """Windows of seq_len + 1 tokens over one token stream (`tokens`, 1-D), starting every
-    seq_len tokens (window w is tokens w*seq_len .. (w+1)*seq_len, so each token is a
-    target once per epoch). The last (tokens - 1) % seq_len tokens of the stream fill no
-    window and are never trained on. Each epoch visits every window once, in an order
-    shuffled by (seed, epoch). `fingerprint` names the stream (its length and `digest`, a
-    hash of the documents), seq_len and seed, which fix the sample sequence: the same
-    documents give the same samples whether tokenized at start-up or prepared in a file."""
+    """Windows of seq_len + 1 tokens over one token stream, held as `parts` (1-D tensors
+    read end to end: the token files of a glob, or one tensor), starting every seq_len
+    tokens (window w is tokens w*seq_len .. (w+1)*seq_len, so each token is a target once
+    per epoch; a window may span two parts). The last (tokens - 1) % seq_len tokens of the
+    stream fill no window and are never trained on. Each epoch visits every window once, in
+    an order shuffled by (seed, epoch). `fingerprint` names the stream (its length and
+    `digest`, a hash of the documents), seq_len and seed, which fix the sample sequence:
+    the same documents give the same samples whether tokenized at start-up or prepared in
+    a file."""
 
-    def __init__(self, tokens: torch.Tensor, digest: str, where: str, seq_len: int, seed: int,
-                 note: str = ""):
-        self.tokens, self.seq_len, self.seed, self.note = tokens, seq_len, seed, note
-        self.n_windows = (tokens.numel() - 1) // seq_len
+    def __init__(self, parts: list[torch.Tensor], digest: str, where: str, seq_len: int,
+                 seed: int, note: str = ""):
+        self.parts, self.seq_len, self.seed, self.note = parts, seq_len, seed, note
+        self._starts = list(itertools.accumulate((p.numel() for p in parts), initial=0))
+        n_tokens = self._starts[-1]
+        self.n_windows = (n_tokens - 1) // seq_len
         if self.n_windows < 1:
-            raise ValueError(f"data path {where!r} holds {tokens.numel()} tokens, "
+            raise ValueError(f"data path {where!r} holds {n_tokens} tokens, "
                              f"fewer than seq_len + 1 = {seq_len + 1}")
-        self.fingerprint = (f"{tokens.numel()} tokens (documents' hash {digest}), seq_len "
+        self.fingerprint = (f"{n_tokens} tokens (documents' hash {digest}), seq_len "
                             f"{seq_len}, seed {seed} (rng v{rng.VERSION})")
         self._epoch, self._order = -1, None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The whole stream as one tensor (a copy when it is held in several parts)."""
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
 
     def _window(self, index: int) -> int:
         epoch, pos = divmod(index, self.n_windows)
@@ -176,10 +187,24 @@ class _TokenWindows:
             self._epoch = epoch
         return int(self._order[pos])
 
+    def _span(self, a: int, b: int) -> torch.Tensor:
+        """Tokens a .. b - 1 of the stream."""
+        i = bisect.bisect_right(self._starts, a) - 1
+        if b <= self._starts[i + 1]:
+            return self.parts[i][a - self._starts[i]: b - self._starts[i]]
+        pieces = []
+        while a < b:
+            while self._starts[i + 1] <= a:   # skips empty parts
+                i += 1
+            end = min(b, self._starts[i + 1])
+            pieces.append(self.parts[i][a - self._starts[i]: end - self._starts[i]])
+            a = end
+        return torch.cat(pieces)
+
     def get(self, indices: list[int]) -> torch.Tensor:
         """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
         L = self.seq_len
-        rows = [self.tokens[w * L: w * L + L + 1] for w in map(self._window, indices)]
+        rows = [self._span(w * L, w * L + L + 1) for w in map(self._window, indices)]
         return torch.stack(rows).to(torch.int64)
 
 
@@ -276,27 +301,31 @@ class TokenFileSource(_TokenWindows):
         digest = hashlib.blake2b(digest_size=8)   # of the documents read, for `fingerprint`
         chunks = [chunk for chunk, _ in token_chunks(list_files(pattern), source, self.tokenizer,
                                                      field, digest)]
-        super().__init__(_join(chunks, dtype), digest.hexdigest(), pattern, seq_len,
+        super().__init__([_join(chunks, dtype)], digest.hexdigest(), pattern, seq_len,
                          seed, "" if self.tokenizer.eos_id is not None else no_eos_note(tokenizer))
         self.seconds = time.monotonic() - started   # to read and tokenize, on this rank
 
 
 class PreparedTokenSource(_TokenWindows):
-    """The token file that `path` names (a file, or a glob matching one), written by
-    `python -m ep_fp8.train.prepare_data` (ep_fp8.train.token_file), mapped rather than
-    read: the ranks of a node share its pages through the page cache and a rank's memory
-    holds only the windows it draws. Its samples are those
-    of TokenFileSource over the same documents and tokenizer (same fingerprint). Raises
-    ValueError naming the file when it is not a complete token file, or holds fewer than
-    seq_len + 1 tokens."""
+    """The token files that `path` names (a file, or a glob: files read in sorted order as
+    one stream, such as the shards of prepare_data --shards), written by `python -m
+    ep_fp8.train.prepare_data` (ep_fp8.train.token_file), mapped rather than read: the
+    ranks of a node share their pages through the page cache and a rank's memory holds
+    only the windows it draws. Its samples are those of TokenFileSource over the same
+    documents and tokenizer, with the same fingerprint for one file (for several, the
+    documents' hash is a hash of theirs). `header` is token_file.combined_header's. Raises
+    ValueError naming the file when it is not a complete token file, when the files differ
+    in tokenizer or miss a shard of their corpus, or when they hold fewer than seq_len + 1
+    tokens."""
 
     def __init__(self, path: str, seq_len: int, seed: int):
-        from ep_fp8.train.token_file import map_token_file, token_file_path
+        from ep_fp8.train.token_file import combined_header, map_token_files
 
-        tokens, self.header = map_token_file(token_file_path(path))
-        tokenizer = self.header["tokenizer"]
-        super().__init__(tokens, self.header["hash"], path, seq_len, seed,
-                         "" if self.header["eos_id"] is not None else no_eos_note(tokenizer))
+        parts, headers = map_token_files(path)
+        self.header = combined_header(headers)
+        super().__init__(parts, self.header["hash"], path, seq_len, seed,
+                         "" if self.header["eos_id"] is not None
+                         else no_eos_note(self.header["tokenizer"]))
 
 
 def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

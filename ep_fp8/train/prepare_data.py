@@ -8,16 +8,27 @@ are those the same documents give with source = "text" / "jsonl" at start-up (th
 fingerprint: a run may switch between the two and resume), but no rank tokenizes or holds
 the whole stream. Held-out files for [validation] are prepared the same way, with the
 same tokenizer.
+
+A large corpus is prepared in shards, in parallel: `--shards 16` cuts the sorted files
+into 16 contiguous runs of about equal bytes and writes data/train-00000-of-00016.tokens
+and so on, on `--workers` processes of this machine (default: one per core, at most 16),
+or one shard per job with `--shard I` (a SLURM array, say). Train on them with
+`path = "data/train-*-of-00016.tokens"`: read in order, the shards hold the tokens that
+one file would, and a run refuses a glob that misses one. Run again after a stop, it keeps
+the shards that are complete and prepares the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
+import time
 
-from ep_fp8.train.data import file_identity
-from ep_fp8.train.token_file import write_token_file
+from ep_fp8.train.data import file_identity, list_files
+from ep_fp8.train.token_file import shard_glob, shard_path, split_files, write_token_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,26 +47,118 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it exists (it is replaced only once the new "
                              "file is complete)")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="cut the files into this many token files, --out with "
+                             "-NNNNN-of-NNNNN before its extension (default: 1, --out itself)")
+    parser.add_argument("--shard", type=int, default=None,
+                        help="write only this shard (0 .. --shards - 1), e.g. one per job of "
+                             "an array; default: all of them")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes writing shards at once (default: one per core, at "
+                             "most --shards)")
     args = parser.parse_args(argv)
     if args.source != "jsonl" and args.jsonl_field != "text":
         parser.error("--jsonl-field is read only with --source jsonl")
-    before = _identity(args.out)
+    if args.shards < 1:
+        parser.error(f"--shards must be at least 1, got {args.shards}")
+    if args.shard is not None and not 0 <= args.shard < args.shards:
+        parser.error(f"--shard must be in [0, --shards {args.shards}), got {args.shard}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.shards > 1 and args.shard is None:
+        return _all_shards(args, argv if argv is not None else sys.argv[1:])
+    shard = None if args.shard is None else (args.shard, args.shards)
+    out = args.out if shard is None else shard_path(args.out, *shard)
+    before = _identity(out)
     stop = _stop_on_signals()
     try:
         write_token_file(args.path, args.source, args.tokenizer, args.out, args.jsonl_field,
-                         overwrite=args.overwrite, progress=lambda line: print(line, flush=True))
+                         overwrite=args.overwrite, progress=lambda line: print(line, flush=True),
+                         shard=shard)
     except ValueError as e:
         print(f"prepare_data: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         name = signal.Signals(stop.signum).name
-        state = ("was written before it stopped" if _identity(args.out) != before
-                 else "is as it was")
-        print(f"prepare_data: stopped by {name}; {args.out} {state}", file=sys.stderr)
+        state = "was written before it stopped" if _identity(out) != before else "is as it was"
+        print(f"prepare_data: stopped by {name}; {out} {state}", file=sys.stderr)
         return 128 + stop.signum
     finally:
         stop.restore()
     return 0
+
+
+def _all_shards(args, argv: list[str]) -> int:
+    """Writes every shard, each by a child `prepare_data ... --shard I` (its own signal
+    handling and temporary file), at most --workers at once. On the first failure or a
+    stop, starts no more and stops the running ones; what is complete stays."""
+    try:
+        split_files(list_files(args.path), args.shards)
+    except ValueError as e:   # before any child starts: no files, fewer files than shards
+        print(f"prepare_data: {e}", file=sys.stderr)
+        return 2
+    workers = min(args.workers or os.cpu_count() or 1, args.shards)
+    env = dict(os.environ)
+    # A tokenizer.json encodes on a thread pool per process: share the cores among them.
+    env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    command = [sys.executable, "-m", "ep_fp8.train.prepare_data", *argv]
+    print(f"[prepare] {args.shards} shards of {args.path!r} on {workers} worker(s)", flush=True)
+    pending, running, done, failed = list(range(args.shards)), {}, [], []
+    stop = _stop_on_signals()
+    try:
+        while (pending and not failed) or running:
+            while pending and not failed and len(running) < workers:
+                i = pending.pop(0)
+                running[i] = subprocess.Popen(command + ["--shard", str(i)], env=env)
+            for i, child in list(running.items()):
+                if child.poll() is not None:
+                    del running[i]
+                    (done if child.returncode == 0 else failed).append(i)
+            if failed:
+                _terminate(running)
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        _terminate(running)
+        for child in running.values():
+            _wait(child)
+        print(f"prepare_data: stopped by {signal.Signals(stop.signum).name}; "
+              f"{_shards_state(args, done)}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        stop.restore()
+    if failed:
+        print(f"prepare_data: shard {failed[0]} of {args.shards} failed (its error is above); "
+              f"{_shards_state(args, done)}", file=sys.stderr)
+        return 2
+    print(f"[prepare] all {args.shards} shards written: train on path = "
+          f"{shard_glob(args.out, args.shards)!r}", flush=True)
+    return 0
+
+
+def _terminate(running: dict) -> None:
+    """SIGTERM, once, to each child still running (a second signal could cut its clean-up
+    short)."""
+    for child in running.values():
+        if child.poll() is None and not getattr(child, "terminated", False):
+            child.terminate()
+            child.terminated = True
+
+
+def _wait(child) -> None:
+    """Waits for `child`, whatever signals arrive meanwhile."""
+    while True:
+        try:
+            child.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _shards_state(args, done: list[int]) -> str:
+    again = ("run it again without --overwrite to keep the complete shards and prepare the "
+             "others" if args.overwrite else
+             "the same command run again keeps the complete shards and prepares the others")
+    return f"{len(done)} of {args.shards} shards complete in this run; {again}"
 
 
 def _identity(path: str):
@@ -68,17 +171,22 @@ def _identity(path: str):
 
 
 class _stop_on_signals:
-    """SIGTERM and SIGHUP (a scheduler's cancel, a closed terminal) stop the preparation as
-    Ctrl-C does, so that its temporary file is removed on the way out."""
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, a scheduler's cancel, a closed terminal) stop the
+    preparation with a KeyboardInterrupt, so that its temporary file is removed on the way
+    out; signals after the first are ignored, so as not to cut that clean-up short."""
 
     def __init__(self):
         self.signum = signal.SIGINT
+        self._stopping = False
         self._before = {}
-        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None:
                 self._before[sig] = signal.signal(sig, self._raise)
 
     def _raise(self, signum, frame):
+        if self._stopping:
+            return
+        self._stopping = True
         self.signum = signum
         raise KeyboardInterrupt
 

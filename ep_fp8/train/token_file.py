@@ -1,10 +1,16 @@
-"""Prepared token files: documents tokenized once, ahead of training, into one file that
-every rank maps instead of tokenizing the text itself at start-up.
+"""Prepared token files: documents tokenized once, ahead of training, into a file (or
+several shards of one corpus) that every rank maps instead of tokenizing the text itself at
+start-up.
 
 Layout: a header of HEADER_BYTES bytes (MAGIC, then a JSON object, padded with spaces),
 then the token stream as little-endian int16 (up to 32768 token ids) or int32. The JSON
 names the dtype, the token count, the documents' hash (the same hash TokenFileSource
 computes, so both sources give a run the same samples and fingerprint) and the tokenizer.
+A shard (prepare_data --shards N) also names its index, N and its corpus (a hash of the
+names and sizes of all the corpus's files), so that a run can tell that a glob of shards
+holds each of the N exactly once. Shard i holds the i-th of N contiguous runs of the
+sorted input files, so the shards read in order of their names hold the tokens one file
+prepared from all the inputs would.
 
 A file is written under a temporary name in the same folder and renamed into place only
 once complete and flushed to disk: an interrupted or failed preparation leaves the
@@ -13,8 +19,10 @@ destination as it was. Readers check the header and the file's size against it.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -31,6 +39,7 @@ _DTYPES = {"int16": torch.int16, "int32": torch.int32}
 _WRITE_TOKENS = 1 << 22   # tokens gathered before each write (token_chunks)
 _KEYS = {"version": int, "dtype": str, "tokens": int, "documents": int, "files": int,
          "hash": str, "tokenizer": str, "vocab_size": int, "source": str}
+_SHARD_KEYS = {"shard": int, "shards": int, "corpus": str}   # present in shards only
 
 
 def _as_bytes(t: torch.Tensor) -> bytes:
@@ -39,41 +48,157 @@ def _as_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
-def token_file_path(pattern: str) -> str:
-    """The one file that `pattern` ([data] or [validation] path: a file, or a glob or ~
-    path that matches exactly one file) names. Raises ValueError otherwise."""
-    files = list_files(pattern)
-    if len(files) != 1:
-        raise ValueError(f"path {pattern!r} matches {len(files)} files; source = \"tokens\" "
-                         f"reads one token file (python -m ep_fp8.train.prepare_data writes it)")
-    return files[0]
+def shard_path(out: str, shard: int, shards: int) -> str:
+    """The name of shard `shard` of `shards` for --out `out`: `-00003-of-00016` before its
+    extension (data/train.tokens -> data/train-00003-of-00016.tokens), so that a glob of
+    the shards lists them in order."""
+    root, ext = os.path.splitext(out)
+    return f"{root}-{shard:05d}-of-{shards:05d}{ext}"
+
+
+def shard_glob(out: str, shards: int) -> str:
+    """The glob that names all `shards` shards of --out `out` (for [data] path)."""
+    root, ext = os.path.splitext(out)
+    return f"{root}-*-of-{shards:05d}{ext}"
+
+
+def split_files(files: list[str], shards: int) -> list[list[str]]:
+    """`files` (sorted) cut into `shards` contiguous, non-empty runs of about equal bytes; a
+    file is never split. The same files of the same sizes give the same runs on every
+    machine. Raises ValueError when there are fewer files than shards."""
+    if not 1 <= shards <= len(files):
+        raise ValueError(f"--shards {shards}: must be in [1, {len(files)}], the number of input "
+                         f"files (a file is never split across shards)")
+    starts = list(itertools.accumulate((os.path.getsize(p) for p in files), initial=0))
+    bounds = [0]
+    for i in range(1, shards):
+        at = bisect.bisect_left(starts, i * starts[-1] / shards)
+        bounds.append(min(max(at, bounds[-1] + 1), len(files) - (shards - i)))
+    bounds.append(len(files))
+    return [files[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def corpus_id(files: list[str], source: str, field: str, shards: int) -> str:
+    """A hash of how a corpus is cut into shards: the files' names (relative to the folder
+    they share) and sizes, the source, the JSONL field and the number of shards. Shards
+    prepared on different machines agree on it if they see the same files."""
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
+    digest = hashlib.blake2b(digest_size=8)
+    for part in [source, field, str(shards)] + [
+            f"{os.path.relpath(os.path.abspath(p), folder)}\0{os.path.getsize(p)}" for p in files]:
+        digest.update(part.encode("utf-8", errors="surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def token_file_paths(pattern: str) -> list[str]:
+    """The token files that `pattern` ([data] or [validation] path: a file, a glob, a ~
+    path) names, in the order list_files gives (sorted). Raises ValueError when it matches
+    nothing."""
+    return list_files(pattern)
+
+
+def read_token_files(pattern: str) -> tuple[list[str], list[dict]]:
+    """(paths, headers) of the token files of `pattern`, each header checked by
+    read_header and all of them by check_token_files. Raises ValueError naming the file and
+    what is wrong."""
+    paths = token_file_paths(pattern)
+    headers = [read_header(p) for p in paths]
+    check_token_files(pattern, paths, headers)
+    return paths, headers
+
+
+def check_token_files(pattern: str, paths: list[str], headers: list[dict]) -> None:
+    """Checks that the token files `paths` (of `pattern`), with their `headers`, make one
+    stream: one tokenizer vocabulary (vocab_size, end-of-document id and dtype alike), and
+    every corpus that a shard names present whole, each of its shards exactly once. Raises
+    ValueError naming the files and what is wrong."""
+    first = headers[0]
+    for path, h in zip(paths, headers):
+        if (h["vocab_size"], h["eos_id"], h["dtype"]) != (first["vocab_size"], first["eos_id"],
+                                                          first["dtype"]):
+            raise ValueError(
+                f"token files of {pattern!r} were prepared with different tokenizers: "
+                f"{paths[0]!r} with {first['tokenizer']!r} ({first['vocab_size']} tokens, end of "
+                f"document {first['eos_id']}), {path!r} with {h['tokenizer']!r} "
+                f"({h['vocab_size']} tokens, end of document {h['eos_id']})")
+    corpora: dict[str, dict[int, str]] = {}
+    for path, h in zip(paths, headers):
+        if "corpus" not in h:
+            continue
+        seen = corpora.setdefault(h["corpus"], {})
+        if h["shard"] in seen:
+            raise ValueError(f"token files of {pattern!r}: {seen[h['shard']]!r} and {path!r} are "
+                             f"both shard {h['shard']} of {h['shards']} of one corpus: keep one")
+        seen[h["shard"]] = path
+    for corpus, seen in corpora.items():
+        one = next(iter(seen.values()))
+        shards = headers[paths.index(one)]["shards"]
+        missing = sorted(set(range(shards)) - set(seen))
+        if missing:
+            listed = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise ValueError(
+                f"token files of {pattern!r}: {len(missing)} of the {shards} shards of corpus "
+                f"{corpus} ({one!r} is one) are missing: shard(s) {listed}. Prepare them "
+                f"(prepare_data --shards {shards} keeps the shards already complete) or widen "
+                f"the glob")
+
+
+def combined_header(headers: list[dict]) -> dict:
+    """What a run needs of token files read end to end: their `tokens` summed, the
+    `tokenizer`, `vocab_size`, `eos_id` and `dtype` of the first, and a `hash`: the file's
+    own for one file, else a hash of all the files' hashes in order."""
+    first = headers[0]
+    digest = first["hash"]
+    if len(headers) > 1:
+        digest = hashlib.blake2b("|".join(h["hash"] for h in headers).encode(),
+                                 digest_size=8).hexdigest()
+    return {"tokens": sum(h["tokens"] for h in headers), "hash": digest,
+            **{key: first[key] for key in ("tokenizer", "vocab_size", "eos_id", "dtype")}}
 
 
 def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field: str = "text",
-                     overwrite: bool = False, progress=print, every_s: float = 10.0) -> dict:
+                     overwrite: bool = False, progress=print, every_s: float = 10.0,
+                     shard: tuple[int, int] | None = None) -> dict:
     """Tokenizes the documents of `pattern` ("text": each file is a document; "jsonl": each
     line's `field`) with `tokenizer` ("bytes" or a tokenizer.json path) into the token file
     `out` (a symbolic link is followed: its target is written), and returns its header.
+    With `shard` = (i, n), writes only shard i of n instead: the i-th run of
+    split_files(files, n), to shard_path(out, i, n) (below, `out` means that name); a
+    complete shard i of the same corpus already there is kept and its header returned
+    (unless `overwrite`), so that a preparation stopped midway can be run again.
     Calls `progress` with a line of counts every `every_s` seconds and once at the end;
     makes `out`'s folder if needed. Holds at most a few million tokens and a batch of
     documents (16 MB, or one larger document), whatever the corpus. `out` appears only once
     complete: under a temporary name in its folder until then, and without `overwrite`
-    never over a file that appeared meanwhile. Raises ValueError, before tokenizing, when `out` exists (unless
-    `overwrite`), is a folder or one of the input files, or cannot be written, or when the
-    files or the tokenizer cannot be found; and, leaving `out` as it was, naming the file
-    (and line) that cannot be read, parsed or tokenized, when the documents hold no token,
-    or when writing fails (a full disk, say)."""
+    never over a file that appeared meanwhile. Raises ValueError, before tokenizing, when
+    `out` exists (unless `overwrite`), is a folder or one of the input files, or cannot be
+    written, when the files or the tokenizer cannot be found, or when there are fewer files
+    than shards; and, leaving `out` as it was, naming the file (and line) that cannot be
+    read, parsed or tokenized, when the documents hold no token, or when writing fails (a
+    full disk, say)."""
     if source not in ("text", "jsonl"):
         raise ValueError(f"source must be \"text\" or \"jsonl\", got {source!r}")
     if not os.path.basename(out):
         raise ValueError(f"output {out!r} must name a file, not a folder")
+    inputs = files = list_files(pattern)
+    extra, tag = {}, "[prepare]"
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"--shard {i}: must be in [0, --shards {n})")
+        extra = {"shard": i, "shards": n, "corpus": corpus_id(inputs, source, field, n)}
+        out, files = shard_path(out, i, n), split_files(inputs, n)[i]
+        tag = f"[prepare shard {i}/{n}]"
     target = os.path.realpath(os.path.expanduser(out))
     if os.path.isdir(target):
         raise ValueError(f"output {out!r} is a folder: give the token file's path")
     if os.path.exists(target) and not overwrite:
+        done = _complete_shard(target, extra)
+        if done is not None:
+            progress(f"{tag} {out} is already complete ({done['tokens']:,} tokens), kept")
+            return done
         raise ValueError(f"output {out!r} exists: remove it or pass --overwrite")
-    files = list_files(pattern)
-    if os.path.exists(target) and file_identity(target) in {file_identity(p) for p in files}:
+    if os.path.exists(target) and file_identity(target) in {file_identity(p) for p in inputs}:
         raise ValueError(f"output {out!r} is one of the files of {pattern!r}: write it elsewhere")
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
@@ -83,7 +208,7 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
                   "tokens": tokens, "documents": documents, "files": len(files), "hash": digest,
                   "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
                   "source": source}
-        return header | ({"jsonl_field": field} if source == "jsonl" else {})
+        return header | ({"jsonl_field": field} if source == "jsonl" else {}) | extra
 
     _header_bytes(describe(2**63, 2**63, "0" * 16), out)   # fits, whatever the counts: else now
     folder = os.path.dirname(target)
@@ -109,9 +234,9 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
                 now = time.monotonic()
                 if now - last >= every_s:
                     last = now
-                    progress(f"[prepare] {documents:,} documents, {tokens:,} tokens so far "
+                    progress(f"{tag} {documents:,} documents, {tokens:,} tokens so far "
                              f"({tokens / (now - start):,.0f} tokens/s)")
-            if tokens == 0:
+            if tokens == 0 and shard is None:   # an empty shard keeps its corpus whole
                 raise ValueError(f"data path {pattern!r}: its {len(files)} file(s) hold no "
                                  f"token (only empty documents); {out!r} not written")
             header = describe(tokens, documents, digest.hexdigest())
@@ -126,10 +251,22 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
         if os.path.lexists(tmp):
             os.unlink(tmp)
     _fsync_folder(folder)
-    progress(f"[prepare] wrote {out}: {tokens:,} tokens, {documents:,} documents from "
+    progress(f"{tag} wrote {out}: {tokens:,} tokens, {documents:,} documents from "
              f"{len(files):,} file(s) in {time.monotonic() - start:.1f} s ({header['dtype']}, "
              f"tokenizer {tokenizer!r}, vocab_size {tok.vocab_size})")
     return header
+
+
+def _complete_shard(path: str, shard: dict) -> dict | None:
+    """The header of the file at `path` when it is a complete token file and the very shard
+    that `shard` ({"shard", "shards", "corpus"}, empty for no shard) describes; else None."""
+    if not shard:
+        return None
+    try:
+        header = read_header(path)
+    except ValueError:
+        return None
+    return header if all(header.get(key) == value for key, value in shard.items()) else None
 
 
 def _publish(tmp: str, target: str, out: str, overwrite: bool) -> None:
@@ -204,6 +341,12 @@ def _parse_header(head: bytes, size: int, path: str) -> dict:
         if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
             raise ValueError(f"token file {path!r}: header key {key!r} is missing or not "
                              f"{kind.__name__}")
+    if any(key in header for key in _SHARD_KEYS) and not (
+            all(type(header.get(key)) is kind for key, kind in _SHARD_KEYS.items())
+            and 0 <= header["shard"] < header["shards"]):
+        raise ValueError(f"token file {path!r}: header keys shard {header.get('shard')!r}, "
+                         f"shards {header.get('shards')!r} and corpus {header.get('corpus')!r} "
+                         f"are not an index below a count and a string")
     eos = header.get("eos_id")
     if header["dtype"] not in _DTYPES or not (eos is None or (isinstance(eos, int)
                                                               and not isinstance(eos, bool))):
@@ -233,3 +376,13 @@ def map_token_file(path: str) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"token file {path!r} cannot be mapped ({e})") from None
     header = _parse_header(_as_bytes(raw[:HEADER_BYTES]), raw.numel(), path)
     return raw[HEADER_BYTES:].view(_DTYPES[header["dtype"]]), header
+
+
+def map_token_files(pattern: str) -> tuple[list[torch.Tensor], list[dict]]:
+    """(tokens, headers) of the token files of `pattern`, each mapped by map_token_file
+    and all checked together by check_token_files (on the headers read from the mappings).
+    Raises ValueError as those do."""
+    paths = token_file_paths(pattern)
+    mapped = [map_token_file(p) for p in paths]
+    check_token_files(pattern, paths, [header for _, header in mapped])
+    return [tokens for tokens, _ in mapped], [header for _, header in mapped]

@@ -112,6 +112,7 @@ def _parallel(cfg: Config, n_experts: int, world_size: int | None) -> None:
 
 def _data(cfg: Config, vocab_size: int) -> None:
     from ep_fp8.train.data import list_files
+    from ep_fp8.train.token_file import combined_header
     from ep_fp8.train.tokenizer import load_tokenizer
 
     d = cfg.data
@@ -134,9 +135,9 @@ def _data(cfg: Config, vocab_size: int) -> None:
     if d.source == "tokens":
         _check(d.tokenizer == "bytes", cfg,
                f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
-               f"reads a token file, which records the tokenizer it was prepared with")
-        header = _token_file_header(cfg, "data", d.path)
-        name, vocab = f"token file {d.path!r} (tokenizer {header['tokenizer']!r})", header["vocab_size"]
+               f"reads token files, which record the tokenizer they were prepared with")
+        header = combined_header(_token_file_headers(cfg, "data", d.path))
+        name, vocab = f"token file(s) {d.path!r} (tokenizer {header['tokenizer']!r})", header["vocab_size"]
         seq_len = cfg.training.seq_len
         _check(header["tokens"] >= seq_len + 1, cfg,
                f"[data] {name} holds {header['tokens']} tokens, fewer than [training] seq_len "
@@ -153,12 +154,12 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"{vocab_size} ([model] vocab_size)")
 
 
-def _token_file_header(cfg: Config, section: str, path: str) -> dict:
-    """The checked header of the one token file that [section] path names."""
-    from ep_fp8.train.token_file import read_header, token_file_path
+def _token_file_headers(cfg: Config, section: str, path: str) -> list[dict]:
+    """The checked headers of the token files that [section] path names."""
+    from ep_fp8.train.token_file import read_token_files
 
     try:
-        return read_header(token_file_path(path))
+        return read_token_files(path)[1]
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [{section}] {e}") from None
 
@@ -168,6 +169,7 @@ def _validation(cfg: Config) -> None:
     does not draw; text and JSONL runs on the files of [validation] path, none of which may
     be a training file."""
     from ep_fp8.train.data import file_identity, list_files
+    from ep_fp8.train.token_file import combined_header
 
     v, d = cfg.validation, cfg.data
     if not v.enabled:
@@ -191,18 +193,21 @@ def _validation(cfg: Config) -> None:
            f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "
            f"training")
     if d.source == "tokens":
-        held, trained = (_token_file_header(cfg, section, path)
-                         for section, path in (("validation", v.path), ("data", d.path)))
+        held_files, trained_files = (_token_file_headers(cfg, section, path)
+                                     for section, path in (("validation", v.path), ("data", d.path)))
+        held, trained = combined_header(held_files), combined_header(trained_files)
         _check((held["vocab_size"], held["eos_id"]) == (trained["vocab_size"], trained["eos_id"]),
-               cfg, f"[validation] token file {v.path!r} was prepared with tokenizer "
+               cfg, f"[validation] token file(s) {v.path!r} were prepared with tokenizer "
                f"{held['tokenizer']!r} ({held['vocab_size']} tokens, end of document "
                f"{held['eos_id']}), [data] path {d.path!r} with {trained['tokenizer']!r} "
                f"({trained['vocab_size']} tokens, end of document {trained['eos_id']}): prepare both "
                f"with the same tokenizer")
-        _check(held["hash"] != trained["hash"], cfg,
-               f"[validation] token file {v.path!r} holds the same documents as [data] path "
-               f"{d.path!r} (documents' hash {held['hash']}): validation data must be held out "
-               f"of training")
+        same = ({h["hash"] for h in held_files if h["tokens"]}
+                & {h["hash"] for h in trained_files if h["tokens"]})
+        _check(not same, cfg,
+               f"[validation] token file(s) {v.path!r} hold the same documents as a file of "
+               f"[data] path {d.path!r} (documents' hash {min(same) if same else ''}): validation "
+               f"data must be held out of training")
 
 
 def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True) -> None:

@@ -201,15 +201,17 @@ def test_the_config_checks_a_token_file_and_its_held_out_twin(tmp_path, word_tok
     cfg = _config(tmp_path, *base, "--validation.enabled=true", f"--validation.path={held}")
     assert cfg.data.source == "tokens"
     bad = [
-        ([f"--data.tokenizer={tmp_path / 'tok.json'}"], "reads a token file, which records the tokenizer"),
-        (["--model.vocab_size=200"], f"[data] token file {train!r} (tokenizer 'bytes') has 257 tokens, "
+        ([f"--data.tokenizer={tmp_path / 'tok.json'}"], "reads token files, which record the tokenizer"),
+        (["--model.vocab_size=200"], f"[data] token file(s) {train!r} (tokenizer 'bytes') has 257 tokens, "
                                      "more than the model's vocab_size = 200"),
-        ([f"--data.path={tmp_path / '*.tokens'}"], "matches 3 files; source = \"tokens\" reads one token file"),
+        ([f"--data.path={tmp_path / '*.tokens'}"],   # held, train and wide, in that order
+         f"were prepared with different tokenizers: {held!r} with 'bytes' (257 tokens, end of "
+         f"document 256), {wide!r} with"),
         ([f"--data.path={tmp_path / 'a' / '0.txt'}"], "is not a token file"),
         (["--data.jsonl_field=body"], "is read only with source = \"jsonl\""),
         (["--validation.enabled=true", f"--validation.path={train}"], "share 1 file(s)"),
         (["--validation.enabled=true", f"--validation.path={wide}"],
-         f"[validation] token file {wide!r} was prepared with tokenizer"),
+         f"[validation] token file(s) {wide!r} were prepared with tokenizer"),
         (["--validation.enabled=true", f"--validation.path={tmp_path / 'a' / '0.txt'}"],
          "[validation] "),
     ]
@@ -333,7 +335,7 @@ def test_held_out_tokens_of_the_same_documents_and_too_short_files_are_config_er
     pattern = _corpus(tmp_path / "docs")
     for name in ("train.tokens", "copy.tokens"):
         write_token_file(pattern, "text", "bytes", str(tmp_path / name), progress=_quiet)
-    with pytest.raises(ConfigError, match="holds the same documents as \\[data\\] path"):
+    with pytest.raises(ConfigError, match="hold the same documents as a file of \\[data\\] path"):
         _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 'train.tokens'}",
                 "--validation.enabled=true", f"--validation.path={tmp_path / 'copy.tokens'}")
     tokens = read_header(str(tmp_path / "train.tokens"))["tokens"]

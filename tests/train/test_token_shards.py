@@ -1,0 +1,256 @@
+"""Sharded token files (prepare_data --shards): the shards of a corpus read through a glob
+give the tokens and samples of one file prepared from all of it, a glob that misses or
+repeats a shard is refused, a complete shard is kept on a second run, and the command
+line writes every shard on worker processes, stopping them all on a failure or a signal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from ep_fp8.train import prepare_data
+from ep_fp8.train.config import ConfigError
+from ep_fp8.train.data import PreparedTokenSource, list_files
+from ep_fp8.train.token_file import (HEADER_BYTES, read_header, read_token_files, shard_glob,
+                                     shard_path, split_files, write_token_file)
+from tests.train.test_token_file import _config, _corpus, _quiet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _shards(pattern, out, n, **kwargs):
+    return [write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(i, n), **kwargs)
+            for i in range(n)]
+
+
+def test_split_files_cuts_sorted_files_into_contiguous_runs_of_about_equal_bytes(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        count = int(torch.randint(1, 30, (1,), generator=g))
+        for i in range(count):   # sizes spread over three orders of magnitude, some empty
+            size = int(torch.randint(0, 3, (1,), generator=g)) and int(10 ** (1 + 3 * torch.rand(1, generator=g)))
+            (folder / f"{i:03d}.txt").write_bytes(b"x" * size)
+        files = list_files(str(folder / "*.txt"))
+        sizes = {p: os.path.getsize(p) for p in files}
+        for n in {1, 2, count // 2 or 1, count}:
+            runs = split_files(files, n)
+            assert len(runs) == n and all(runs) and sum(runs, []) == files   # order kept, none lost
+            biggest, total = max(sizes.values()), sum(sizes.values())
+            for run in runs:   # no run holds more than its share plus one file
+                assert sum(sizes[p] for p in run) <= total / n + biggest, (trial, n)
+        with pytest.raises(ValueError, match=f"--shards {count + 1}: must be in \\[1, {count}\\]"):
+            split_files(files, count + 1)
+
+
+def test_shards_read_through_a_glob_are_the_one_file_of_the_whole_corpus(tmp_path):
+    pattern = _corpus(tmp_path / "docs", n=7, size=200)   # and an empty file: 8 files
+    whole = str(tmp_path / "whole.tokens")
+    write_token_file(pattern, "text", "bytes", whole, progress=_quiet)
+    out = str(tmp_path / "sh" / "train.tokens")
+    headers = _shards(pattern, out, 5)
+    names = sorted(os.listdir(tmp_path / "sh"))
+    assert names == [f"train-{i:05d}-of-00005.tokens" for i in range(5)]
+    assert [h["shard"] for h in headers] == list(range(5)) and {h["shards"] for h in headers} == {5}
+    assert len({h["corpus"] for h in headers}) == 1
+    assert sum(h["files"] for h in headers) == 8
+    assert sum(h["documents"] for h in headers) == read_header(whole)["documents"] == 7
+    one = PreparedTokenSource(whole, seq_len=16, seed=5)
+    sharded = PreparedTokenSource(shard_glob(out, 5), seq_len=16, seed=5)
+    assert len(sharded.parts) == 5 and torch.equal(sharded.tokens, one.tokens)
+    assert sharded.n_windows == one.n_windows
+    n = one.n_windows   # every window, many of them across two shards, for two epochs
+    assert torch.equal(sharded.get(list(range(2 * n))), one.get(list(range(2 * n))))
+    assert sharded.fingerprint != one.fingerprint   # other files, so another name for the stream
+    assert sharded.fingerprint == PreparedTokenSource(shard_glob(out, 5), 16, 5).fingerprint
+
+
+def test_an_empty_shard_is_written_and_a_window_reads_across_it(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("abcdefghij" * 3)
+    (docs / "b.txt").write_text("")
+    (docs / "c.txt").write_text("klmnopqrst" * 3)
+    headers = _shards(str(docs / "*.txt"), str(tmp_path / "t.tokens"), 3)
+    assert [h["tokens"] for h in headers] == [31, 0, 31]   # 30 bytes and an end token
+    source = PreparedTokenSource(str(tmp_path / "t-*.tokens"), seq_len=20, seed=0)
+    expected = torch.tensor([*b"abcdefghij" * 3, 256, *b"klmnopqrst" * 3, 256])
+    assert torch.equal(source.tokens.long(), expected)
+    for w in range(source.n_windows):   # window 1 starts in shard 0 and ends in shard 2
+        assert torch.equal(source._span(20 * w, 20 * w + 21).long(), expected[20 * w: 20 * w + 21])
+
+
+def test_a_glob_missing_or_repeating_a_shard_or_mixing_tokenizers_is_refused(
+        tmp_path, word_tokenizer):
+    pattern = _corpus(tmp_path / "docs")
+    out = str(tmp_path / "t.tokens")
+    _shards(pattern, out, 4)
+    os.rename(shard_path(out, 2, 4), tmp_path / "aside")
+    with pytest.raises(ValueError, match=r"1 of the 4 shards of corpus \w+ .* are missing: shard\(s\) 2\. "):
+        PreparedTokenSource(str(tmp_path / "t-*.tokens"), 8, 0)
+    with pytest.raises(ConfigError, match=r"\[data\] token files of .* are missing: shard\(s\) 2"):
+        _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 't-*.tokens'}")
+    os.rename(tmp_path / "aside", shard_path(out, 2, 4))
+    (tmp_path / "t-copy.tokens").write_bytes(open(shard_path(out, 1, 4), "rb").read())
+    with pytest.raises(ValueError, match="are both shard 1 of 4 of one corpus: keep one"):
+        read_token_files(str(tmp_path / "t-*.tokens"))
+    os.unlink(tmp_path / "t-copy.tokens")
+    (tmp_path / "words.txt").write_text("a b " * 50)
+    write_token_file(str(tmp_path / "words.txt"), "text", word_tokenizer({"a": 0, "b": 1}),
+                     str(tmp_path / "t-words.tokens"), progress=_quiet)
+    with pytest.raises(ValueError, match="were prepared with different tokenizers"):
+        read_token_files(str(tmp_path / "t-*.tokens"))
+    os.unlink(tmp_path / "t-words.tokens")
+    cfg = _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 't-*.tokens'}")
+    assert cfg.data.path.endswith("t-*.tokens")   # whole again: accepted
+
+
+def test_a_corpus_cut_another_way_is_another_corpus(tmp_path):
+    """Shards of two preparations (other shard counts, or files changed between them) do not
+    complete each other."""
+    pattern = _corpus(tmp_path / "docs")
+    out = str(tmp_path / "t.tokens")
+    three = _shards(pattern, out, 3)
+    assert three[0]["corpus"] != _shards(pattern, str(tmp_path / "u.tokens"), 2)[0]["corpus"]
+    with open(tmp_path / "docs" / "5.txt", "a") as f:
+        f.write("more")
+    write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(1, 3), overwrite=True)
+    with pytest.raises(ValueError, match=r"of the 3 shards of corpus \w+ .* are missing: shard\(s\) (1|0, 2)\."):
+        read_token_files(str(tmp_path / "t-*.tokens"))
+
+
+def test_a_held_out_shard_with_the_documents_of_a_training_shard_is_a_config_error(tmp_path):
+    import shutil
+
+    pattern = _corpus(tmp_path / "docs", n=4)
+    _shards(pattern, str(tmp_path / "train.tokens"), 2)
+    (tmp_path / "held").mkdir()   # shard 0's documents, copied and prepared on their own
+    for path in split_files(list_files(pattern), 2)[0]:
+        shutil.copy(path, tmp_path / "held")
+    held = str(tmp_path / "held.tokens")
+    write_token_file(str(tmp_path / "held" / "*"), "text", "bytes", held, progress=_quiet)
+    with pytest.raises(ConfigError, match=r"hold the same documents as a file of \[data\] path"):
+        _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 'train-*.tokens'}",
+                "--validation.enabled=true", f"--validation.path={held}")
+    os.unlink(held)   # other documents: accepted
+    write_token_file(str(tmp_path / "held" / "0.txt"), "text", "bytes", held, progress=_quiet)
+    _config(tmp_path, "--data.source=tokens", f"--data.path={tmp_path / 'train-*.tokens'}",
+            "--validation.enabled=true", f"--validation.path={held}")
+
+
+def test_a_complete_shard_is_kept_and_anything_else_there_is_refused(tmp_path):
+    pattern = _corpus(tmp_path / "docs")
+    out = str(tmp_path / "t.tokens")
+    header = write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(1, 3))
+    before = os.stat(shard_path(out, 1, 3))
+    lines = []
+    again = write_token_file(pattern, "text", "bytes", out, progress=lines.append, shard=(1, 3))
+    after = os.stat(shard_path(out, 1, 3))
+    assert again == header and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert lines == [f"[prepare shard 1/3] {shard_path(out, 1, 3)} is already complete "
+                     f"({header['tokens']:,} tokens), kept"]
+    # Another shard under that name (shard 1 renamed as shard 2): not kept, not overwritten.
+    os.replace(shard_path(out, 1, 3), shard_path(out, 2, 3))
+    with pytest.raises(ValueError, match="exists: remove it or pass --overwrite"):
+        write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(2, 3))
+    # A cut-short file under the shard's name: refused too, rewritten with overwrite.
+    raw = open(shard_path(out, 2, 3), "rb").read()
+    with open(shard_path(out, 1, 3), "wb") as f:
+        f.write(raw[:-2])
+    with pytest.raises(ValueError, match="exists"):
+        write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(1, 3))
+    assert write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(1, 3),
+                            overwrite=True) == header
+
+
+def test_a_shard_header_that_does_not_add_up_is_refused(tmp_path):
+    out = str(tmp_path / "t.tokens")
+    write_token_file(_corpus(tmp_path / "docs"), "text", "bytes", out, progress=_quiet, shard=(0, 2))
+    raw = open(shard_path(out, 0, 2), "rb").read()
+    header = json.loads(raw[8:HEADER_BYTES].decode())
+    for change in ({"shard": 2}, {"shard": -1}, {"shards": "2"}, {"corpus": None}, {"shard": True}):
+        text = json.dumps({**header, **change}).encode()
+        (tmp_path / "bad.tokens").write_bytes((b"EPFP8TOK" + text).ljust(HEADER_BYTES, b" ")
+                                              + raw[HEADER_BYTES:])
+        with pytest.raises(ValueError, match="header keys shard .* are not an index below a count"):
+            read_header(str(tmp_path / "bad.tokens"))
+
+
+def test_the_command_line_writes_all_shards_on_workers(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pattern = _corpus(tmp_path / "docs")
+    out = str(tmp_path / "t.tokens")
+    assert prepare_data.main(["--source", "text", "--path", pattern, "--out", out, "--shards", "2",
+                              "--workers", "2"]) == 0
+    stdout = capfd.readouterr().out
+    assert "[prepare] 2 shards of" in stdout and "on 2 worker(s)" in stdout
+    for i in range(2):
+        assert f"[prepare shard {i}/2] wrote {shard_path(out, i, 2)}: " in stdout
+    assert stdout.rstrip().endswith(f"train on path = {shard_glob(out, 2)!r}")
+    assert sorted(os.listdir(tmp_path)) == ["docs"] + [f"t-{i:05d}-of-00002.tokens" for i in range(2)]
+    write_token_file(pattern, "text", "bytes", str(tmp_path / "whole.tokens"), progress=_quiet)
+    assert torch.equal(PreparedTokenSource(shard_glob(out, 2), 16, 0).tokens,
+                       PreparedTokenSource(str(tmp_path / "whole.tokens"), 16, 0).tokens)
+
+
+def test_a_failing_shard_stops_the_command_line_and_leaves_the_complete_ones(tmp_path, capfd,
+                                                                            monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "0.jsonl").write_text(json.dumps({"text": "x" * 100}) + "\n")
+    (docs / "1.jsonl").write_text("not json\n")   # shard 1 of 3 fails; shard 2 never starts
+    (docs / "2.jsonl").write_text(json.dumps({"text": "y" * 100}) + "\n")
+    out = str(tmp_path / "t.tokens")
+    code = prepare_data.main(["--source", "jsonl", "--path", str(docs / "*.jsonl"), "--out", out,
+                              "--shards", "3", "--workers", "1"])
+    stderr = capfd.readouterr().err
+    assert code == 2
+    assert "1.jsonl:1: not valid JSON" in stderr and "shard 1 of 3 failed" in stderr
+    assert ("1 of 3 shards complete in this run; the same command run again keeps the complete "
+            "shards") in stderr
+    assert sorted(os.listdir(tmp_path)) == ["docs", "t-00000-of-00003.tokens"]   # no temporary file
+
+
+def test_the_command_line_checks_its_shard_arguments(tmp_path, capsys):
+    pattern = _corpus(tmp_path / "docs")   # 7 files
+    for args, message in ((["--shards", "0"], "--shards must be at least 1"),
+                          (["--shards", "3", "--shard", "3"], "--shard must be in [0, --shards 3)"),
+                          (["--shards", "3", "--workers", "0"], "--workers must be at least 1")):
+        with pytest.raises(SystemExit):
+            prepare_data.main(["--source", "text", "--path", pattern, "--out", "t", *args])
+        assert message in capsys.readouterr().err
+    code = prepare_data.main(["--source", "text", "--path", pattern, "--out",
+                              str(tmp_path / "t.tokens"), "--shards", "8"])
+    assert code == 2 and "--shards 8: must be in [1, 7]" in capsys.readouterr().err
+    assert prepare_data.main(["--source", "text", "--path", pattern, "--out",
+                              str(tmp_path / "t.tokens"), "--shards", "3", "--shard", "2"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["docs", "t-00002-of-00003.tokens"]
+
+
+def test_sigterm_stops_every_running_shard_once_and_reports(tmp_path, capsys, monkeypatch):
+    started, popen = [], subprocess.Popen
+
+    def slow_child(command, env):   # stands in for a shard: sleeps until stopped
+        assert command[-2] == "--shard" and env["RAYON_NUM_THREADS"]
+        child = popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started.append(child)
+        return child
+
+    monkeypatch.setattr(prepare_data.subprocess, "Popen", slow_child)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    handler = signal.getsignal(signal.SIGTERM)
+    code = prepare_data.main(["--source", "text", "--path", _corpus(tmp_path / "docs"), "--out",
+                              str(tmp_path / "t.tokens"), "--shards", "5", "--workers", "2"])
+    timer.join()
+    assert code == 128 + signal.SIGTERM
+    assert len(started) == 2 and all(c.returncode == -signal.SIGTERM for c in started)
+    assert "stopped by SIGTERM; 0 of 5 shards complete in this run" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler
