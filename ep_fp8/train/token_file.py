@@ -90,18 +90,12 @@ def corpus_id(files: list[str], source: str, field: str, shards: int) -> str:
     return digest.hexdigest()
 
 
-def token_file_paths(pattern: str) -> list[str]:
-    """The token files that `pattern` ([data] or [validation] path: a file, a glob, a ~
-    path) names, in the order list_files gives (sorted). Raises ValueError when it matches
-    nothing."""
-    return list_files(pattern)
-
-
 def read_token_files(pattern: str) -> tuple[list[str], list[dict]]:
-    """(paths, headers) of the token files of `pattern`, each header checked by
+    """(paths, headers) of the token files of `pattern` ([data] or [validation] path: a
+    file, a glob, a ~ path; in list_files's order, sorted), each header checked by
     read_header and all of them by check_token_files. Raises ValueError naming the file and
     what is wrong."""
-    paths = token_file_paths(pattern)
+    paths = list_files(pattern)
     headers = [read_header(p) for p in paths]
     check_token_files(pattern, paths, headers)
     return paths, headers
@@ -382,7 +376,7 @@ def map_token_files(pattern: str) -> tuple[list[torch.Tensor], list[dict]]:
     """(tokens, headers) of the token files of `pattern`, each mapped by map_token_file
     and all checked together by check_token_files (on the headers read from the mappings).
     Raises ValueError as those do."""
-    paths = token_file_paths(pattern)
+    paths = list_files(pattern)
     mapped = [map_token_file(p) for p in paths]
     check_token_files(pattern, paths, [header for _, header in mapped])
     return [tokens for tokens, _ in mapped], [header for _, header in mapped]
