@@ -108,6 +108,7 @@ class MarkovSource:
         return torch.stack(tokens, dim=1)
 
 
+TOKEN_FILE_MAGIC = b"EPFP8TOK"   # a token file's first bytes (ep_fp8.train.token_file)
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors put at a file's start
 
 
@@ -119,6 +120,11 @@ def _documents(files: list[str], source: str, field: str):
     for path in files:
         try:
             with open(path, "rb") as f:
+                if f.read(len(TOKEN_FILE_MAGIC)) == TOKEN_FILE_MAGIC:
+                    raise ValueError(f"{path}: is a token file (prepare_data wrote it), not "
+                                     f"{source}: read it with source = \"tokens\", or give a "
+                                     f"path that does not match it")
+                f.seek(0)
                 if source == "text":
                     yield path, f.read().removeprefix(_BOM)
                     continue

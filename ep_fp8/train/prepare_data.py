@@ -21,14 +21,16 @@ the shards that are complete and prepares the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from ep_fp8.train.data import file_identity, list_files
-from ep_fp8.train.token_file import shard_glob, shard_path, split_files, write_token_file
+from ep_fp8.train.data import file_identity
+from ep_fp8.train.token_file import (check_shards, read_header, shard_glob, shard_path,
+                                     write_token_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,49 +92,76 @@ def main(argv: list[str] | None = None) -> int:
 
 def _all_shards(args, argv: list[str]) -> int:
     """Writes every shard, each by a child `prepare_data ... --shard I` (its own signal
-    handling and temporary file), at most --workers at once. On the first failure or a
-    stop, starts no more and stops the running ones; what is complete stays."""
-    try:
-        split_files(list_files(args.path), args.shards)
-    except ValueError as e:   # before any child starts: no files, fewer files than shards
+    handling and temporary file), at most --workers at once, after checking every output
+    first. On the first failure or a stop, starts no more and stops the running ones; what
+    is complete stays."""
+    n = args.shards
+    try:   # before any child starts: the files, the tokenizer and every output
+        kept = check_shards(args.path, args.source, args.tokenizer, args.out, args.jsonl_field,
+                            args.overwrite, n)
+    except ValueError as e:
         print(f"prepare_data: {e}", file=sys.stderr)
         return 2
-    workers = min(args.workers or os.cpu_count() or 1, args.shards)
+    pending = [i for i in range(n) if i not in kept]
+    workers = min(args.workers or os.cpu_count() or 1, max(len(pending), 1))
     env = dict(os.environ)
     # A tokenizer.json encodes on a thread pool per process: share the cores among them.
     env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     command = [sys.executable, "-m", "ep_fp8.train.prepare_data", *argv]
-    print(f"[prepare] {args.shards} shards of {args.path!r} on {workers} worker(s)", flush=True)
-    pending, running, done, failed = list(range(args.shards)), {}, [], []
+    print(f"[prepare] {n} shards of {args.path!r}: {len(kept)} already complete, "
+          f"{len(pending)} to write" + (f" on {workers} worker(s)" if pending else ""), flush=True)
+    running, done, failed = {}, list(kept), []
     stop = _stop_on_signals()
     try:
         while (pending and not failed) or running:
             while pending and not failed and len(running) < workers:
-                i = pending.pop(0)
-                running[i] = subprocess.Popen(command + ["--shard", str(i)], env=env)
-            for i, child in list(running.items()):
-                if child.poll() is not None:
-                    del running[i]
-                    (done if child.returncode == 0 else failed).append(i)
+                with stop.held():   # a signal here waits until the child is in `running`
+                    i = pending.pop(0)
+                    running[i] = subprocess.Popen(command + ["--shard", str(i)], env=env)
+            _reap(running, done, failed)
             if failed:
                 _terminate(running)
             time.sleep(0.05)
     except KeyboardInterrupt:
         _terminate(running)
         for child in running.values():
-            _wait(child)
+            child.wait()
+        _reap(running, done, failed)
         print(f"prepare_data: stopped by {signal.Signals(stop.signum).name}; "
               f"{_shards_state(args, done)}", file=sys.stderr)
         return 128 + stop.signum
     finally:
         stop.restore()
     if failed:
-        print(f"prepare_data: shard {failed[0]} of {args.shards} failed (its error is above); "
-              f"{_shards_state(args, done)}", file=sys.stderr)
+        i, code = failed[0]
+        why = ("failed (its error is above)" if code > 0 else
+               f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals()
+               else f"exited with {code}")
+        print(f"prepare_data: shard {i} of {n} {why}; {_shards_state(args, done)}",
+              file=sys.stderr)
         return 2
-    print(f"[prepare] all {args.shards} shards written: train on path = "
-          f"{shard_glob(args.out, args.shards)!r}", flush=True)
+    headers = [read_header(shard_path(args.out, i, n)) for i in range(n)]
+    tokens = sum(h["tokens"] for h in headers)
+    if tokens == 0:
+        print(f"prepare_data: data path {args.path!r}: its files hold no token (only empty "
+              f"documents); its {n} shards are empty", file=sys.stderr)
+        return 2
+    print(f"[prepare] all {n} shards complete: {tokens:,} tokens, "
+          f"{sum(h['documents'] for h in headers):,} documents; train on path = "
+          f"{shard_glob(args.out, n)!r}", flush=True)
     return 0
+
+
+def _reap(running: dict, done: list, failed: list) -> None:
+    """Moves the children of `running` that have exited to `done` (by shard) or `failed`
+    (shard, return code)."""
+    for i, child in list(running.items()):
+        if child.poll() is not None:
+            del running[i]
+            if child.returncode == 0:
+                done.append(i)
+            else:
+                failed.append((i, child.returncode))
 
 
 def _terminate(running: dict) -> None:
@@ -144,21 +173,11 @@ def _terminate(running: dict) -> None:
             child.terminated = True
 
 
-def _wait(child) -> None:
-    """Waits for `child`, whatever signals arrive meanwhile."""
-    while True:
-        try:
-            child.wait()
-            return
-        except KeyboardInterrupt:
-            continue
-
-
 def _shards_state(args, done: list[int]) -> str:
     again = ("run it again without --overwrite to keep the complete shards and prepare the "
              "others" if args.overwrite else
              "the same command run again keeps the complete shards and prepares the others")
-    return f"{len(done)} of {args.shards} shards complete in this run; {again}"
+    return f"{len(done)} of {args.shards} shards complete; {again}"
 
 
 def _identity(path: str):
@@ -177,7 +196,7 @@ class _stop_on_signals:
 
     def __init__(self):
         self.signum = signal.SIGINT
-        self._stopping = False
+        self._stopping = self._holding = self._pending = False
         self._before = {}
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None:
@@ -188,7 +207,22 @@ class _stop_on_signals:
             return
         self._stopping = True
         self.signum = signum
-        raise KeyboardInterrupt
+        if self._holding:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        """A signal inside the block stops the preparation at its end, not in it."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
 
     def restore(self):
         for sig, handler in self._before.items():

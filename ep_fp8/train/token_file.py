@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fnmatch
 import hashlib
 import itertools
 import json
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
-from ep_fp8.train.data import file_identity, list_files, token_chunks, token_dtype
+from ep_fp8.train.data import (TOKEN_FILE_MAGIC, file_identity, list_files, token_chunks,
+                               token_dtype)
 from ep_fp8.train.tokenizer import load_tokenizer
 
-MAGIC = b"EPFP8TOK"
+MAGIC = TOKEN_FILE_MAGIC
 HEADER_BYTES = 4096
 VERSION = 1
 _DTYPES = {"int16": torch.int16, "int32": torch.int32}
@@ -50,41 +53,47 @@ def _as_bytes(t: torch.Tensor) -> bytes:
 
 def shard_path(out: str, shard: int, shards: int) -> str:
     """The name of shard `shard` of `shards` for --out `out`: `-00003-of-00016` before its
-    extension (data/train.tokens -> data/train-00003-of-00016.tokens), so that a glob of
-    the shards lists them in order."""
+    extension (data/train.tokens -> data/train-00003-of-00016.tokens), both numbers with
+    as many digits (at least 5), so that a glob of the shards lists them in order."""
     root, ext = os.path.splitext(out)
-    return f"{root}-{shard:05d}-of-{shards:05d}{ext}"
+    width = max(5, len(str(shards)))
+    return f"{root}-{shard:0{width}d}-of-{shards:0{width}d}{ext}"
 
 
 def shard_glob(out: str, shards: int) -> str:
     """The glob that names all `shards` shards of --out `out` (for [data] path)."""
     root, ext = os.path.splitext(out)
-    return f"{root}-*-of-{shards:05d}{ext}"
+    return f"{root}-*-of-{shards:0{max(5, len(str(shards)))}d}{ext}"
 
 
 def split_files(files: list[str], shards: int) -> list[list[str]]:
-    """`files` (sorted) cut into `shards` contiguous, non-empty runs of about equal bytes; a
-    file is never split. The same files of the same sizes give the same runs on every
-    machine. Raises ValueError when there are fewer files than shards."""
+    """`files` (sorted) cut into `shards` contiguous, non-empty runs of about equal bytes: run
+    i ends at the file boundary nearest to i / shards of the bytes (a file is never split).
+    The same files of the same sizes give the same runs on every machine. Raises ValueError
+    when there are fewer files than shards."""
     if not 1 <= shards <= len(files):
         raise ValueError(f"--shards {shards}: must be in [1, {len(files)}], the number of input "
                          f"files (a file is never split across shards)")
     starts = list(itertools.accumulate((os.path.getsize(p) for p in files), initial=0))
     bounds = [0]
     for i in range(1, shards):
-        at = bisect.bisect_left(starts, i * starts[-1] / shards)
+        target = i * starts[-1] / shards
+        at = bisect.bisect_left(starts, target)
+        if at > 0 and target - starts[at - 1] <= starts[at] - target:
+            at -= 1   # the boundary below is as near
         bounds.append(min(max(at, bounds[-1] + 1), len(files) - (shards - i)))
     bounds.append(len(files))
     return [files[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def corpus_id(files: list[str], source: str, field: str, shards: int) -> str:
-    """A hash of how a corpus is cut into shards: the files' names (relative to the folder
-    they share) and sizes, the source, the JSONL field and the number of shards. Shards
-    prepared on different machines agree on it if they see the same files."""
+def corpus_id(files: list[str], source: str, field: str, tokenizer: str, shards: int) -> str:
+    """A hash of how a corpus is cut into shards and tokenized: the files' names (relative
+    to the folder they share) and sizes, the source, the JSONL field, the tokenizer (as
+    named) and the number of shards. Shards prepared on different machines agree on it if
+    they see the same files and name the tokenizer alike."""
     folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
     digest = hashlib.blake2b(digest_size=8)
-    for part in [source, field, str(shards)] + [
+    for part in [source, field, tokenizer, str(shards)] + [
             f"{os.path.relpath(os.path.abspath(p), folder)}\0{os.path.getsize(p)}" for p in files]:
         digest.update(part.encode("utf-8", errors="surrogateescape") + b"\0")
     return digest.hexdigest()
@@ -128,13 +137,18 @@ def check_token_files(pattern: str, paths: list[str], headers: list[dict]) -> No
         one = next(iter(seen.values()))
         shards = headers[paths.index(one)]["shards"]
         missing = sorted(set(range(shards)) - set(seen))
-        if missing:
-            listed = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-            raise ValueError(
-                f"token files of {pattern!r}: {len(missing)} of the {shards} shards of corpus "
-                f"{corpus} ({one!r} is one) are missing: shard(s) {listed}. Prepare them "
-                f"(prepare_data --shards {shards} keeps the shards already complete) or widen "
-                f"the glob")
+        if not missing:
+            continue
+        listed = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        advice = (f"Prepare them (prepare_data --shards {shards} keeps the shards already "
+                  f"complete) or widen the glob")
+        if len(corpora) > 1:
+            advice = (f"The glob holds shards of {len(corpora)} preparations (of other files, "
+                      f"file sizes, tokenizers or shard counts): remove those of the older "
+                      f"one, or prepare again with --overwrite")
+        raise ValueError(f"token files of {pattern!r}: {len(missing)} of the {shards} shards of "
+                         f"corpus {corpus} ({one!r} is one) are missing: shard(s) {listed}. "
+                         f"{advice}")
 
 
 def combined_header(headers: list[dict]) -> dict:
@@ -148,6 +162,74 @@ def combined_header(headers: list[dict]) -> dict:
                                  digest_size=8).hexdigest()
     return {"tokens": sum(h["tokens"] for h in headers), "hash": digest,
             **{key: first[key] for key in ("tokenizer", "vocab_size", "eos_id", "dtype")}}
+
+
+class _Plan(NamedTuple):
+    out: str            # the name written (shard_path's for a shard)
+    target: str         # its real path
+    files: list[str]    # the input files it holds
+    extra: dict         # the shard's header keys (empty for no shard)
+    tag: str            # progress lines' prefix
+    done: dict | None   # the header of the complete shard already there, kept
+
+
+def _plan(pattern: str, source: str, tokenizer: str, out: str, field: str, overwrite: bool,
+          shard: tuple[int, int] | None, layout: tuple[list[str], str, list] | None = None) -> _Plan:
+    """What write_token_file writes, checked before anything is tokenized (see there).
+    `layout`: (the input files, the corpus id, split_files's runs) when already known."""
+    if source not in ("text", "jsonl"):
+        raise ValueError(f"source must be \"text\" or \"jsonl\", got {source!r}")
+    if not os.path.basename(out):
+        raise ValueError(f"output {out!r} must name a file, not a folder")
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"--shard {shard[0]}: must be in [0, --shards {shard[1]})")
+    if layout is None:
+        inputs = list_files(pattern)
+        layout = (inputs, "", [inputs]) if shard is None else (
+            inputs, corpus_id(inputs, source, field, tokenizer, shard[1]),
+            split_files(inputs, shard[1]))
+    inputs, corpus, runs = layout
+    files, extra, tag = inputs, {}, "[prepare]"
+    if shard is not None:
+        i, n = shard
+        extra = {"shard": i, "shards": n, "corpus": corpus}
+        out, files, tag = shard_path(out, i, n), runs[i], f"[prepare shard {i}/{n}]"
+    target = os.path.realpath(os.path.expanduser(out))
+    if os.path.isdir(target):
+        raise ValueError(f"output {out!r} is a folder: give the token file's path")
+    if shard is not None and _matches([os.path.abspath(os.path.expanduser(out)), target], pattern):
+        raise ValueError(f"output {out!r} would match --path {pattern!r}: shards written "
+                         f"first would be read as documents by the others; write them elsewhere")
+    if os.path.exists(target) and not overwrite:
+        done = _complete_shard(target, extra)
+        if done is None:
+            raise ValueError(f"output {out!r} exists: remove it or pass --overwrite")
+        return _Plan(out, target, files, extra, tag, done)
+    if os.path.exists(target) and file_identity(target) in {file_identity(p) for p in inputs}:
+        raise ValueError(f"output {out!r} is one of the files of {pattern!r}: write it elsewhere")
+    return _Plan(out, target, files, extra, tag, None)
+
+
+def _matches(paths: list[str], pattern: str) -> bool:
+    """Whether a file at one of `paths` (absolute) would be one of list_files(pattern)'s,
+    were it there. fnmatch's `*` also crosses folders, as `**` does: it errs towards yes."""
+    pattern = os.path.abspath(os.path.expanduser(pattern))
+    return any(fnmatch.fnmatchcase(path, pattern) for path in paths)
+
+
+def check_shards(pattern: str, source: str, tokenizer: str, out: str, field: str,
+                 overwrite: bool, shards: int) -> list[int]:
+    """Checks, before any shard is written, what write_token_file checks for each of the
+    `shards` shards (every output, not only the first) and that the tokenizer loads;
+    returns the shards already complete (kept unless `overwrite`). Raises ValueError as
+    write_token_file does."""
+    inputs = list_files(pattern)
+    layout = (inputs, corpus_id(inputs, source, field, tokenizer, shards),
+              split_files(inputs, shards))
+    plans = [_plan(pattern, source, tokenizer, out, field, overwrite, (i, shards), layout)
+             for i in range(shards)]
+    load_tokenizer(tokenizer)
+    return [i for i, plan in enumerate(plans) if plan.done is not None]
 
 
 def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field: str = "text",
@@ -168,32 +250,15 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
     `out` exists (unless `overwrite`), is a folder or one of the input files, or cannot be
     written, when the files or the tokenizer cannot be found, or when there are fewer files
     than shards; and, leaving `out` as it was, naming the file (and line) that cannot be
-    read, parsed or tokenized, when the documents hold no token, or when writing fails (a
-    full disk, say)."""
-    if source not in ("text", "jsonl"):
-        raise ValueError(f"source must be \"text\" or \"jsonl\", got {source!r}")
-    if not os.path.basename(out):
-        raise ValueError(f"output {out!r} must name a file, not a folder")
-    inputs = files = list_files(pattern)
-    extra, tag = {}, "[prepare]"
-    if shard is not None:
-        i, n = shard
-        if not 0 <= i < n:
-            raise ValueError(f"--shard {i}: must be in [0, --shards {n})")
-        extra = {"shard": i, "shards": n, "corpus": corpus_id(inputs, source, field, n)}
-        out, files = shard_path(out, i, n), split_files(inputs, n)[i]
-        tag = f"[prepare shard {i}/{n}]"
-    target = os.path.realpath(os.path.expanduser(out))
-    if os.path.isdir(target):
-        raise ValueError(f"output {out!r} is a folder: give the token file's path")
-    if os.path.exists(target) and not overwrite:
-        done = _complete_shard(target, extra)
-        if done is not None:
-            progress(f"{tag} {out} is already complete ({done['tokens']:,} tokens), kept")
-            return done
-        raise ValueError(f"output {out!r} exists: remove it or pass --overwrite")
-    if os.path.exists(target) and file_identity(target) in {file_identity(p) for p in inputs}:
-        raise ValueError(f"output {out!r} is one of the files of {pattern!r}: write it elsewhere")
+    read, parsed or tokenized, when the documents hold no token (an empty shard is written:
+    its corpus stays whole), or when writing fails (a full disk, say). For a shard, it also
+    refuses an `out` that `pattern` would match, and a complete shard counts as kept only
+    when prepared from the same files (names and sizes) with the same tokenizer name."""
+    plan = _plan(pattern, source, tokenizer, out, field, overwrite, shard)
+    out, target, files, extra, tag = plan.out, plan.target, plan.files, plan.extra, plan.tag
+    if plan.done is not None:
+        progress(f"{tag} {out} is already complete ({plan.done['tokens']:,} tokens), kept")
+        return plan.done
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
 
@@ -211,14 +276,15 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
     except OSError as e:
         raise ValueError(f"output {out!r}: its folder cannot be made ({e.strerror or e})") from None
     tmp = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
-    try:
-        f = open(tmp, "wb")
-    except OSError as e:
-        raise ValueError(f"output {out!r} cannot be written in {folder!r} ({e.strerror or e})") from None
     digest = hashlib.blake2b(digest_size=8)
     tokens = documents = 0
     start = last = time.monotonic()
-    try:
+    try:   # from the temporary file's creation on, its removal is certain
+        try:
+            f = open(tmp, "wb")
+        except OSError as e:
+            raise ValueError(f"output {out!r} cannot be written in {folder!r} "
+                             f"({e.strerror or e})") from None
         with f:
             f.write(bytes(HEADER_BYTES))   # the header is written last, once counts are known
             for chunk, n_documents in token_chunks(files, source, tok, field, digest, _WRITE_TOKENS):

@@ -121,7 +121,8 @@ def test_a_corpus_cut_another_way_is_another_corpus(tmp_path):
     with open(tmp_path / "docs" / "5.txt", "a") as f:
         f.write("more")
     write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(1, 3), overwrite=True)
-    with pytest.raises(ValueError, match=r"of the 3 shards of corpus \w+ .* are missing: shard\(s\) (1|0, 2)\."):
+    with pytest.raises(ValueError, match=r"of the 3 shards of corpus \w+ .* are missing: shard\(s\) (1|0, 2)\. "
+                                         r"The glob holds shards of 2 preparations"):
         read_token_files(str(tmp_path / "t-*.tokens"))
 
 
@@ -189,10 +190,12 @@ def test_the_command_line_writes_all_shards_on_workers(tmp_path, capfd, monkeypa
     assert prepare_data.main(["--source", "text", "--path", pattern, "--out", out, "--shards", "2",
                               "--workers", "2"]) == 0
     stdout = capfd.readouterr().out
-    assert "[prepare] 2 shards of" in stdout and "on 2 worker(s)" in stdout
+    assert "[prepare] 2 shards of" in stdout and "0 already complete, 2 to write on 2 worker(s)" in stdout
     for i in range(2):
         assert f"[prepare shard {i}/2] wrote {shard_path(out, i, 2)}: " in stdout
-    assert stdout.rstrip().endswith(f"train on path = {shard_glob(out, 2)!r}")
+    tokens = sum(read_header(shard_path(out, i, 2))["tokens"] for i in range(2))
+    assert stdout.rstrip().endswith(f"all 2 shards complete: {tokens:,} tokens, 6 documents; "
+                                    f"train on path = {shard_glob(out, 2)!r}")
     assert sorted(os.listdir(tmp_path)) == ["docs"] + [f"t-{i:05d}-of-00002.tokens" for i in range(2)]
     write_token_file(pattern, "text", "bytes", str(tmp_path / "whole.tokens"), progress=_quiet)
     assert torch.equal(PreparedTokenSource(shard_glob(out, 2), 16, 0).tokens,
@@ -213,8 +216,8 @@ def test_a_failing_shard_stops_the_command_line_and_leaves_the_complete_ones(tmp
     stderr = capfd.readouterr().err
     assert code == 2
     assert "1.jsonl:1: not valid JSON" in stderr and "shard 1 of 3 failed" in stderr
-    assert ("1 of 3 shards complete in this run; the same command run again keeps the complete "
-            "shards") in stderr
+    assert ("1 of 3 shards complete; the same command run again keeps the complete shards"
+            in stderr)
     assert sorted(os.listdir(tmp_path)) == ["docs", "t-00000-of-00003.tokens"]   # no temporary file
 
 
@@ -252,5 +255,104 @@ def test_sigterm_stops_every_running_shard_once_and_reports(tmp_path, capsys, mo
     timer.join()
     assert code == 128 + signal.SIGTERM
     assert len(started) == 2 and all(c.returncode == -signal.SIGTERM for c in started)
-    assert "stopped by SIGTERM; 0 of 5 shards complete in this run" in capsys.readouterr().err
+    assert "stopped by SIGTERM; 0 of 5 shards complete" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_shard_names_sort_in_shard_order_past_five_digits():
+    names = [shard_path("d/t.tokens", i, 123456) for i in (0, 9, 10, 99999, 100000, 123455)]
+    assert names[0] == "d/t-000000-of-123456.tokens" and sorted(names) == names
+    assert shard_glob("d/t.tokens", 123456) == "d/t-*-of-123456.tokens"
+    assert shard_path("t", 3, 16) == "t-00003-of-00016"
+
+
+def test_each_cut_is_the_file_boundary_nearest_its_share_of_the_bytes(tmp_path):
+    for name, size in (("a", 25), ("b", 25), ("c", 25), ("d", 25), ("e", 1)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    files = list_files(str(tmp_path / "*"))
+    assert [len(run) for run in split_files(files, 2)] == [2, 3]   # 50 | 51, not 75 | 26
+    assert [len(run) for run in split_files(files, 4)] == [1, 1, 1, 2]
+
+
+def test_a_rerun_with_another_tokenizer_keeps_no_shard(tmp_path, word_tokenizer):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(2):
+        (docs / f"{i}.txt").write_text("a b " * (50 + i))
+    pattern, out = str(docs / "*.txt"), str(tmp_path / "t.tokens")
+    write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(0, 2))
+    # Another tokenizer with the bytes tokenizer's vocabulary size and end-of-document id.
+    words = word_tokenizer({"a": 97, "b": 98, "<|endoftext|>": 256})
+    with pytest.raises(ValueError, match="exists: remove it or pass --overwrite"):
+        write_token_file(pattern, "text", words, out, progress=_quiet, shard=(0, 2))
+    write_token_file(pattern, "text", words, out, progress=_quiet, shard=(1, 2))
+    assert [read_header(shard_path(out, i, 2))["vocab_size"] for i in range(2)] == [257, 257]
+    with pytest.raises(ValueError, match="shards of corpus .* The glob holds shards of 2 preparations"):
+        read_token_files(str(tmp_path / "t-*.tokens"))
+
+
+def test_shards_are_refused_where_the_input_glob_would_read_them(tmp_path, capsys):
+    pattern = _corpus(tmp_path / "docs")
+    inside = str(tmp_path / "docs" / "t.txt")   # t-00000-of-00002.txt matches docs/*.txt
+    with pytest.raises(ValueError, match="would match --path .*: shards written first would be read"):
+        write_token_file(pattern, "text", "bytes", inside, progress=_quiet, shard=(0, 2))
+    code = prepare_data.main(["--source", "text", "--path", pattern, "--out", inside, "--shards", "2"])
+    assert code == 2 and "would match --path" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "docs")) == [f"{i}.txt" for i in range(6)] + ["empty.txt"]
+
+
+def test_every_output_is_checked_before_any_shard_is_written(tmp_path, capsys, monkeypatch):
+    def no_child(*args, **kwargs):
+        raise AssertionError("a shard was started")
+
+    monkeypatch.setattr(prepare_data.subprocess, "Popen", no_child)
+    pattern = _corpus(tmp_path / "docs")
+    out = str(tmp_path / "t.tokens")
+    (tmp_path / "t-00002-of-00003.tokens").write_text("left from something else")
+    code = prepare_data.main(["--source", "text", "--path", pattern, "--out", out, "--shards", "3"])
+    assert code == 2 and "t-00002-of-00003.tokens' exists" in capsys.readouterr().err
+    os.unlink(tmp_path / "t-00002-of-00003.tokens")
+    for i in range(3):   # all complete already: nothing to start, and the totals reported
+        write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(i, 3))
+    assert prepare_data.main(["--source", "text", "--path", pattern, "--out", out, "--shards", "3"]) == 0
+    stdout = capsys.readouterr().out
+    assert "3 already complete, 0 to write" in stdout and "all 3 shards complete: " in stdout
+
+
+def test_a_shard_killed_from_outside_is_named_as_such(tmp_path, capsys, monkeypatch):
+    popen = subprocess.Popen
+
+    def killed(command, env):
+        return popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+
+    monkeypatch.setattr(prepare_data.subprocess, "Popen", killed)
+    code = prepare_data.main(["--source", "text", "--path", _corpus(tmp_path / "docs"), "--out",
+                              str(tmp_path / "t.tokens"), "--shards", "2", "--workers", "1"])
+    assert code == 2 and "shard 0 of 2 was killed by SIGKILL; 0 of 2 shards complete" in capsys.readouterr().err
+
+
+def test_shards_of_only_empty_documents_are_reported_as_such(tmp_path, capsys, monkeypatch):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (docs / name).write_text("")
+    popen = subprocess.Popen
+
+    def in_process(command, env):   # the shard written here; a child that only exits 0
+        write_token_file(str(docs / "*.txt"), "text", "bytes", str(tmp_path / "t.tokens"),
+                         progress=_quiet, shard=(int(command[-1]), 2))
+        return popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(prepare_data.subprocess, "Popen", in_process)
+    code = prepare_data.main(["--source", "text", "--path", str(docs / "*.txt"), "--out",
+                              str(tmp_path / "t.tokens"), "--shards", "2"])
+    assert code == 2 and "hold no token (only empty documents); its 2 shards are empty" in capsys.readouterr().err
+
+
+def test_a_token_file_among_text_inputs_is_named_not_read_as_text(tmp_path):
+    from ep_fp8.train.data import TokenFileSource
+
+    pattern = _corpus(tmp_path / "docs")
+    write_token_file(pattern, "text", "bytes", str(tmp_path / "docs" / "z.txt"), progress=_quiet)
+    with pytest.raises(ValueError, match="z.txt: is a token file \\(prepare_data wrote it\\), not text"):
+        TokenFileSource(pattern, "text", "bytes", seq_len=8, seed=0)
