@@ -9,13 +9,14 @@ fingerprint: a run may switch between the two and resume), but no rank tokenizes
 the whole stream. Held-out files for [validation] are prepared the same way, with the
 same tokenizer.
 
-A large corpus is prepared in shards, in parallel: `--shards 16` cuts the sorted files
-into 16 contiguous runs of about equal bytes and writes data/train-00000-of-00016.tokens
-and so on, on `--workers` processes of this machine (default: one per core, at most 16),
-or one shard per job with `--shard I` (a SLURM array, say). Train on them with
-`path = "data/train-*-of-00016.tokens"`: read in order, the shards hold the tokens that
-one file would, and a run refuses a glob that misses one. Run again after a stop, it keeps
-the shards that are complete and prepares the others.
+A large corpus can be prepared in shards: `--shards 16` cuts the sorted files into 16
+contiguous runs of about equal bytes and writes data/train-00000-of-00016.tokens and so
+on, on `--workers` processes of this machine (default: one per core, at most 16), or one
+shard per job with `--shard I` (a SLURM array over many machines, where shards pay off:
+on one machine a single process was at least as fast, docs/getting_started.md). Train on
+them with `path = "data/train-*-of-00016.tokens"`: read in order, the shards hold the
+tokens that one file would, and a run refuses a glob that misses one. Run again after a
+stop, it keeps the shards that are complete and prepares the others.
 """
 
 from __future__ import annotations
@@ -105,8 +106,11 @@ def _all_shards(args, argv: list[str]) -> int:
     pending = [i for i in range(n) if i not in kept]
     workers = min(args.workers or os.cpu_count() or 1, max(len(pending), 1))
     env = dict(os.environ)
-    # A tokenizer.json encodes on a thread pool per process: share the cores among them.
-    env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    # torch's and a tokenizer.json's thread pools, one each per process: share the cores
+    # among the workers (with a pool of every core in each, they would spin against each
+    # other).
+    for pool in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
+        env.setdefault(pool, str(max(1, (os.cpu_count() or 1) // workers)))
     command = [sys.executable, "-m", "ep_fp8.train.prepare_data", *argv]
     print(f"[prepare] {n} shards of {args.path!r}: {len(kept)} already complete, "
           f"{len(pending)} to write" + (f" on {workers} worker(s)" if pending else ""), flush=True)

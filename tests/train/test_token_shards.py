@@ -241,7 +241,7 @@ def test_sigterm_stops_every_running_shard_once_and_reports(tmp_path, capsys, mo
     started, popen = [], subprocess.Popen
 
     def slow_child(command, env):   # stands in for a shard: sleeps until stopped
-        assert command[-2] == "--shard" and env["RAYON_NUM_THREADS"]
+        assert command[-2] == "--shard" and env["RAYON_NUM_THREADS"] and env["OMP_NUM_THREADS"]
         child = popen([sys.executable, "-c", "import time; time.sleep(60)"])
         started.append(child)
         return child
