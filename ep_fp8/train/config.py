@@ -321,13 +321,17 @@ def to_dict(cfg: Config, resolve_model: bool = False) -> dict[str, dict[str, Any
     return out
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"'} | {
+    chr(c): f"\\u{c:04x}" for c in [*range(0x20), 0x7F] if c != 0x09}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):   # a TOML basic string: backslash, quote and controls escaped
+        return '"' + "".join(_TOML_ESCAPES.get(c, c) for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

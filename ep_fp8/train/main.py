@@ -36,6 +36,9 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
         if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value, i = argv[i + 1], i + 1
         if name == "--config":
+            if not value:
+                raise ConfigError(f"command line: {arg!r} names no file: write --config FILE"
+                                  f"\n{USAGE}")
             if path is not None:
                 raise ConfigError(f"command line: --config given twice ({path!r} and "
                                   f"{value!r}); give one config file\n{USAGE}")
