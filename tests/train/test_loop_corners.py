@@ -212,23 +212,6 @@ def test_loop_step_reports_the_largest_imbalance_of_several_moe_layers(monkeypat
     assert result.load_imbalance_max == pytest.approx(float(per_layer.max()), rel=1e-6)
 
 
-def test_held_out_text_of_exactly_one_evaluation_is_enough(tmp_path):
-    """_held_out_problem accepts n_windows == the sequences one evaluation reads."""
-    from ep_fp8.train.data import TokenFileSource
-
-    (tmp_path / "train.txt").write_text("training text " * 100)
-    (tmp_path / "held.txt").write_text("x" * (4 * 16 + 1))   # 4 windows of 16 + 1 bytes
-    cfg = load_config(None, ["--data.source=text", f"--data.path={tmp_path / 'train.txt'}",
-                             "--model.vocab_size=257", "--training.seq_len=16",
-                             "--training.batch_size=2", "--validation.enabled=true",
-                             f"--validation.path={tmp_path / 'held.txt'}",
-                             "--validation.batches=1"])
-    held = TokenFileSource(str(tmp_path / "held.txt"), "text", "bytes", 16, 0)
-    assert held.n_windows == 4
-    assert loop._held_out_problem(cfg, held, world=2) == ""          # 1 x 2 x 2 = 4
-    assert "fewer than the 6 one evaluation reads" in loop._held_out_problem(cfg, held, world=3)
-
-
 def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu():
     """training.dtype = "auto" resolves by device; an explicit dtype is kept."""
     cfg = Config()

@@ -71,18 +71,18 @@ def test_evaluate_leaves_the_model_as_it_found_it():
 
 def test_held_out_text_too_short_for_one_evaluation_is_named(tmp_path):
     (tmp_path / "train.txt").write_text("training text " * 100)
-    (tmp_path / "held.txt").write_text("x" * (3 * 16 + 1))   # 3 windows of 16 + 1 bytes
+    (tmp_path / "held.txt").write_text("x" * (4 * 16 + 1))   # 4 windows of 16 + 1 bytes
     cfg = load_config(None, ["--data.source=text", f"--data.path={tmp_path / 'train.txt'}",
                              "--model.vocab_size=257", "--training.seq_len=16",
                              "--training.batch_size=2", "--validation.enabled=true",
                              f"--validation.path={tmp_path / 'held.txt'}",
                              "--validation.batches=1"])
     held = TokenFileSource(str(tmp_path / "held.txt"), "text", "bytes", 16, 0)
-    assert held.n_windows == 3
-    assert _held_out_problem(cfg, held, world=1) == ""            # 1 x 2 x 1 = 2 sequences
-    problem = _held_out_problem(cfg, held, world=2)               # 1 x 2 x 2 = 4
-    assert "holds 3 sequence(s) of seq_len + 1 = 17 tokens, fewer than the 4 one evaluation " \
-           "reads (batches 1 x batch_size 2 x 2 ranks)" in problem, problem
+    assert held.n_windows == 4
+    assert _held_out_problem(cfg, held, world=2) == ""            # 1 x 2 x 2 = 4: exactly enough
+    problem = _held_out_problem(cfg, held, world=3)               # 1 x 2 x 3 = 6
+    assert "holds 4 sequence(s) of seq_len + 1 = 17 tokens, fewer than the 6 one evaluation " \
+           "reads (batches 1 x batch_size 2 x 3 ranks)" in problem, problem
 
 
 def test_main_stops_before_writing_anything_when_the_held_out_text_is_too_short(
