@@ -55,3 +55,24 @@ def word_tokenizer(monkeypatch, tmp_path):
             (path.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos_token}))
         return str(path)
     return write
+
+
+@pytest.fixture
+def tensorboard(monkeypatch):
+    """torch.utils.tensorboard.SummaryWriter replaced by a recorder: the list it returns
+    gets ("open", log_dir, purge_step), (tag, value, step) and ("close",)."""
+    log = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            log.append(("open", log_dir, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            log.append((tag, value, step))
+
+        def close(self):
+            log.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=Writer))
+    return log

@@ -17,8 +17,6 @@ import math
 import os
 import re
 import signal
-import sys
-import types
 
 import pytest
 import torch
@@ -224,27 +222,6 @@ def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu():
 
 
 # --- metrics ----------------------------------------------------------------------------
-
-@pytest.fixture
-def tensorboard(monkeypatch):
-    """torch.utils.tensorboard.SummaryWriter replaced by a recorder: the list it returns
-    gets ("open", log_dir, purge_step), (tag, value, step) and ("close",)."""
-    log = []
-
-    class Writer:
-        def __init__(self, log_dir, purge_step=None):
-            log.append(("open", log_dir, purge_step))
-
-        def add_scalar(self, tag, value, step):
-            log.append((tag, value, step))
-
-        def close(self):
-            log.append(("close",))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
-                        types.SimpleNamespace(SummaryWriter=Writer))
-    return log
-
 
 def test_a_resumed_run_purges_tensorboard_after_its_step_and_logs_validation(tmp_path,
                                                                              tensorboard):

@@ -105,24 +105,8 @@ def test_the_log_line_leaves_out_what_is_not_measured():
     assert "mfu" not in short and "mem" not in short and "tok/s 2,000 (1,000/rank)" in short
 
 
-def test_tensorboard_gets_every_metric_of_each_logged_step(tmp_path, monkeypatch):
-    import sys
-    import types
-
-    written = []
-
-    class FakeWriter:
-        def __init__(self, log_dir, purge_step=None):
-            written.append(("open", log_dir, purge_step))
-
-        def add_scalar(self, tag, value, step):
-            written.append((tag, value, step))
-
-        def close(self):
-            written.append(("close",))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
-                        types.SimpleNamespace(SummaryWriter=FakeWriter))
+def test_tensorboard_gets_every_metric_of_each_logged_step(tmp_path, tensorboard):
+    written = tensorboard   # the fake SummaryWriter's record (tests/train/conftest.py)
     m = make(tmp_path, tensorboard=True, log_every=2, steps=4)
     m.start("a", {}, resumed_step=0)
     for step in range(1, 5):
