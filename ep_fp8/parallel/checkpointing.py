@@ -112,14 +112,23 @@ class CheckpointedForward:
 def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
     """Checkpoint every block of `blocks` with `mode` ("none" | "full" | "selective").
 
-    Raises ValueError on an unknown mode or a block that is already checkpointed.
+    Raises ValueError on an unknown mode or a block that is already checkpointed, before
+    changing any block.
     """
+    check_activation_checkpointing(blocks, mode)
+    if mode == "none":
+        return
+    _ignore_profiler_ops_in_sac()
+    for block in blocks:
+        block.forward = CheckpointedForward(block.forward, mode)
+
+
+def check_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
+    """Raise what apply_activation_checkpointing(blocks, mode) would, changing nothing."""
     if mode not in AC_MODES:
         raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {mode!r}")
     if mode == "none":
         return
-    _ignore_profiler_ops_in_sac()
     for i, block in enumerate(blocks):
         if isinstance(block.__dict__.get("forward"), CheckpointedForward):
             raise ValueError(f"block {i} is already activation-checkpointed")
-        block.forward = CheckpointedForward(block.forward, mode)

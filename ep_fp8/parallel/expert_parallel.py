@@ -45,23 +45,35 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = 
     Every rank must hold the same full weights (same seed, or meta tensors): each keeps
     its slice without communication. Raises ValueError when ep does not divide n_experts,
     a layer is already sharded, or the mesh is not 1-D or lists its ranks in another order
-    than its process group (then a rank's slice would not be the experts it is sent).
+    than its process group (then a rank's slice would not be the experts it is sent),
+    before changing any layer.
     """
+    check_expert_parallel(model, ep_mesh, payload)
+    shard_experts(model, ep_mesh, payload)
+
+
+def shard_experts(model: nn.Module, ep_mesh: DeviceMesh, payload: str) -> None:
+    """apply_expert_parallel without its checks (for callers that made them up front)."""
+    for moe in moe_layers(model):
+        n_experts = moe.router.n_experts
+        experts = moe.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
+            experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
+        moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), n_experts, payload=payload,
+                                            exact_scales=experts.exact_scales)
+
+
+def check_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, payload: str = "bf16") -> None:
+    """Raise what apply_expert_parallel(model, ep_mesh, payload) would, changing nothing."""
     if payload not in DISPATCH_PAYLOADS:
         raise ValueError(f"dispatch_payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh must be 1-D, got {ep_mesh.ndim} dimensions")
     _check_rank_order(ep_mesh)
-    ep = ep_mesh.size()
-    for moe in moe_layers(model):
-        n_experts = moe.router.n_experts
-        check_ep_divides(ep, n_experts)
-        experts = moe.experts
-        for name, param in list(experts.named_parameters(recurse=False)):
+    for layer, moe in enumerate(moe_layers(model)):
+        check_ep_divides(ep_mesh.size(), moe.router.n_experts)
+        for name, param in moe.experts.named_parameters(recurse=False):
             if isinstance(param, DTensor):
-                raise ValueError(f"expert weight {name} is already a DTensor: "
-                                 "apply expert parallelism once")
-            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
-            experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
-        moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), n_experts, payload=payload,
-                                            exact_scales=experts.exact_scales)
+                raise ValueError(f"expert weight {name} of MoE layer {layer} is already a "
+                                 "DTensor: apply expert parallelism once")

@@ -7,13 +7,14 @@ import warnings
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from ep_fp8.model import Transformer
 from ep_fp8.moe import DISPATCH_PAYLOADS, GroupedExperts
-from ep_fp8.parallel.checkpointing import AC_MODES, apply_activation_checkpointing
+from ep_fp8.parallel.checkpointing import (AC_MODES, apply_activation_checkpointing,
+                                           check_activation_checkpointing)
 from ep_fp8.parallel.dims import MESH_DIMS, ParallelDims
-from ep_fp8.parallel.expert_parallel import apply_expert_parallel, moe_layers
+from ep_fp8.parallel.expert_parallel import check_expert_parallel, moe_layers, shard_experts
 
 
 def submesh(mesh: DeviceMesh, names: str | tuple[str, ...]) -> DeviceMesh:
@@ -185,10 +186,17 @@ def parallelize_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
     except KeyError:
         raise ValueError("mesh lacks the flattened 'dp_shard' and 'dp' dims: build it with "
                          "dims.build_mesh") from None
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            raise ValueError(f"parameter {name} is already a DTensor: parallelize_model takes "
+                             "a model of plain (or meta) tensors")
+    check_activation_checkpointing(model.layers, ac_mode)
+    if dims.ep > 1:   # last: its rank-order check is collective
+        check_expert_parallel(model, submesh(mesh, "ep"), dispatch_payload)
 
     model._ep_fp8_parallelized = True
     if dims.ep > 1:
-        apply_expert_parallel(model, submesh(mesh, "ep"), dispatch_payload)
+        shard_experts(model, submesh(mesh, "ep"), dispatch_payload)
     apply_activation_checkpointing(model.layers, ac_mode)
     if compile:
         apply_compile(model, "inductor" if compile is True else compile)

@@ -53,6 +53,11 @@ def test_apply_activation_checkpointing_validates_mode_and_passes_keyword_argume
     apply_activation_checkpointing(model.layers, "selective")
     assert all(isinstance(block.__dict__["forward"], CheckpointedForward) for block in model.layers)
     torch.testing.assert_close(model.layers[0](x_BSD=x), plain, rtol=0, atol=0)
+    fresh = Transformer(TINY)   # a checkpointed later block: the error comes before any wrap
+    apply_activation_checkpointing(fresh.layers[1:], "full")
+    with pytest.raises(ValueError, match="block 1 is already activation-checkpointed"):
+        apply_activation_checkpointing(fresh.layers, "selective")
+    assert "forward" not in fresh.layers[0].__dict__
 
 
 def test_policy_saves_every_listed_matmul_and_c10d_all_to_all():
@@ -198,6 +203,26 @@ def _one_rank(rank: int, world: int) -> dict:
     out["ep.dispatchers"] = [(type(d) is AllToAllDispatcher, getattr(d, "payload", None),
                               getattr(d, "exact_scales", None)) for d in dispatchers]
     out["ep.again"] = error(apply_expert_parallel, model, ep_mesh)
+
+    # A problem found in a later layer leaves the earlier ones as they were.
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    *first, last = moe_layers(model)
+    last.experts.w2 = torch.nn.Parameter(DTensor.from_local(last.experts.w2.data, ep_mesh, [Shard(0)]))
+    out["ep.late"] = error(apply_expert_parallel, model, ep_mesh)
+    out["ep.late.untouched"] = bool(first) and not any(
+        isinstance(p, DTensor) or isinstance(m.dispatcher, AllToAllDispatcher)
+        for m in first for p in m.experts.parameters())
+    out["dtensor.parallelize"] = error(parallelize_model, model, dims, mesh)
+    out["dtensor.untouched"] = not hasattr(model, "_ep_fp8_parallelized") and not any(
+        isinstance(m, FSDPModule) for m in model.modules())
+
+    model = Transformer(ARGS)
+    apply_activation_checkpointing(model.layers[1:2], "full")
+    out["ac.late"] = error(parallelize_model, model, dims, mesh, ac_mode="selective")
+    out["ac.late.untouched"] = "forward" not in model.layers[0].__dict__ and not any(
+        isinstance(m, FSDPModule) for m in model.modules())
+    out["ac.late.retry"] = error(parallelize_model, model, dims, mesh, ac_mode="none")
     return out
 
 
@@ -278,3 +303,17 @@ def test_apply_expert_parallel_checks_and_what_it_carries_over(one_rank):
     assert one_rank["ep.dispatchers"] and \
         set(one_rank["ep.dispatchers"]) == {(True, "float8", True)}
     assert "already a DTensor" in one_rank["ep.again"]
+
+
+def test_a_problem_in_a_later_layer_is_found_before_any_layer_changes(one_rank):
+    """An expert weight of the last MoE layer already a DTensor, or the second block
+    already checkpointed: the error names it, and the earlier layers, the FSDP2 units and
+    the parallelized flag are untouched, so a corrected call still succeeds."""
+    assert one_rank["ep.late"].startswith("ValueError: expert weight w2 of MoE layer")
+    assert one_rank["ep.late.untouched"]
+    assert "parameter layers." in one_rank["dtensor.parallelize"] and \
+        "already a DTensor" in one_rank["dtensor.parallelize"]
+    assert one_rank["dtensor.untouched"]
+    assert one_rank["ac.late"] == "ValueError: block 1 is already activation-checkpointed"
+    assert one_rank["ac.late.untouched"]
+    assert one_rank["ac.late.retry"] == ""
