@@ -8,7 +8,9 @@ names the dtype, the token count, the documents' hash (the same hash TokenFileSo
 computes, so both sources give a run the same samples and fingerprint) and the tokenizer.
 A shard (prepare_data --shards N) also names its index, N and its corpus (a hash of the
 names and sizes of all the corpus's files), so that a run can tell that a glob of shards
-holds each of the N exactly once. Shard i holds the i-th of N contiguous runs of the
+holds each of the N exactly once. Every file also names its inputs: a hash of the contents
+of all the files it was prepared from (in shards, of the whole corpus), so that held-out data
+prepared from the training corpus in another cut is recognised. Shard i holds the i-th of N contiguous runs of the
 sorted input files, so the shards read in order of their names hold the tokens one file
 prepared from all the inputs would.
 
@@ -31,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from ep_fp8.train.data import (TOKEN_FILE_MAGIC, file_identity, list_files, token_chunks,
-                               token_dtype)
+from ep_fp8.train.data import (TOKEN_FILE_MAGIC, file_fingerprint, file_identity, list_files,
+                               token_chunks, token_dtype)
 from ep_fp8.train.tokenizer import load_tokenizer
 
 MAGIC = TOKEN_FILE_MAGIC
@@ -96,6 +98,19 @@ def corpus_id(files: list[str], source: str, field: str, tokenizer: str, shards:
     for part in [source, field, tokenizer, str(shards)] + [
             f"{os.path.relpath(os.path.abspath(p), folder)}\0{os.path.getsize(p)}" for p in files]:
         digest.update(part.encode("utf-8", errors="surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def inputs_id(files: list[str], source: str, field: str) -> str:
+    """A hash of what the documents of `files` are, wherever the files lie and whatever the
+    tokenizer: the files' fingerprints (data.file_fingerprint: size, first and last 4 KiB;
+    in any order of the files), the source and the JSONL field. Two preparations of one
+    corpus agree on it, in one file or in any number of shards, from its folder or from a
+    copy. Raises ValueError naming a file that cannot be read."""
+    digest = hashlib.blake2b(f"{source}\0{field}\0".encode("utf-8", errors="surrogateescape"),
+                             digest_size=8)
+    for one in sorted(file_fingerprint(p) for p in files):
+        digest.update(one)
     return digest.hexdigest()
 
 
@@ -168,6 +183,7 @@ class _Plan(NamedTuple):
     out: str            # the name written (shard_path's for a shard)
     target: str         # its real path
     files: list[str]    # the input files it holds
+    inputs: list[str]   # all the input files (of the whole corpus, for a shard)
     extra: dict         # the shard's header keys (empty for no shard)
     tag: str            # progress lines' prefix
     done: dict | None   # the header of the complete shard already there, kept
@@ -204,10 +220,10 @@ def _plan(pattern: str, source: str, tokenizer: str, out: str, field: str, overw
         done = _complete_shard(target, extra)
         if done is None:
             raise ValueError(f"output {out!r} exists: remove it or pass --overwrite")
-        return _Plan(out, target, files, extra, tag, done)
+        return _Plan(out, target, files, inputs, extra, tag, done)
     if os.path.exists(target) and file_identity(target) in {file_identity(p) for p in inputs}:
         raise ValueError(f"output {out!r} is one of the files of {pattern!r}: write it elsewhere")
-    return _Plan(out, target, files, extra, tag, None)
+    return _Plan(out, target, files, inputs, extra, tag, None)
 
 
 def _matches(paths: list[str], pattern: str) -> bool:
@@ -261,12 +277,13 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
         return plan.done
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
+    inputs = inputs_id(plan.inputs, source, field)
 
     def describe(tokens: int, documents: int, digest: str) -> dict:
         header = {"version": VERSION, "dtype": str(dtype).removeprefix("torch."),
                   "tokens": tokens, "documents": documents, "files": len(files), "hash": digest,
                   "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                  "source": source}
+                  "source": source, "inputs": inputs}
         return header | ({"jsonl_field": field} if source == "jsonl" else {}) | extra
 
     _header_bytes(describe(2**63, 2**63, "0" * 16), out)   # fits, whatever the counts: else now
@@ -407,6 +424,8 @@ def _parse_header(head: bytes, size: int, path: str) -> dict:
         raise ValueError(f"token file {path!r}: header keys shard {header.get('shard')!r}, "
                          f"shards {header.get('shards')!r} and corpus {header.get('corpus')!r} "
                          f"are not an index below a count and a string")
+    if not isinstance(header.get("inputs", ""), str):   # absent in files of earlier releases
+        raise ValueError(f"token file {path!r}: header key 'inputs' is not str")
     eos = header.get("eos_id")
     if header["dtype"] not in _DTYPES or not (eos is None or (isinstance(eos, int)
                                                               and not isinstance(eos, bool))):

@@ -167,8 +167,9 @@ def _token_file_headers(cfg: Config, section: str, path: str) -> list[dict]:
 def _validation(cfg: Config) -> None:
     """Held-out data: synthetic runs validate on samples of the same chain that training
     does not draw; text and JSONL runs on the files of [validation] path, none of which may
-    be a training file."""
-    from ep_fp8.train.data import file_identity, list_files
+    be a training file or a copy of one; token runs on token files of the same vocabulary,
+    prepared from other input files than the training files."""
+    from ep_fp8.train.data import file_fingerprint, file_identity, list_files
     from ep_fp8.train.token_file import combined_header
 
     v, d = cfg.validation, cfg.data
@@ -192,6 +193,18 @@ def _validation(cfg: Config) -> None:
            f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
            f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "
            f"training")
+    if d.source != "tokens":   # copies: the same contents under another name
+        try:
+            training = {file_fingerprint(p): p for p in list_files(d.path) if os.path.getsize(p)}
+            copies = [(p, training[f]) for p in held_out if os.path.getsize(p)
+                      and (f := file_fingerprint(p)) in training]
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{cfg.source}: [validation] {e}") from None
+        _check(not copies, cfg,
+               f"[validation] path {v.path!r}: {len(copies)} file(s) are copies of files of "
+               f"[data] path {d.path!r} (by size and first and last 4 KiB; "
+               f"{copies[0][0] if copies else ''!r} of {copies[0][1] if copies else ''!r}): "
+               f"validation data must be held out of training")
     if d.source == "tokens":
         held_files, trained_files = (_token_file_headers(cfg, section, path)
                                      for section, path in (("validation", v.path), ("data", d.path)))
@@ -208,6 +221,12 @@ def _validation(cfg: Config) -> None:
                f"[validation] token file(s) {v.path!r} hold the same documents as a file of "
                f"[data] path {d.path!r} (documents' hash {min(same) if same else ''}): validation "
                f"data must be held out of training")
+        same = ({h.get("inputs") for h in held_files} & {h.get("inputs") for h in trained_files}
+                - {None})
+        _check(not same, cfg,
+               f"[validation] token file(s) {v.path!r} were prepared from the same input files as "
+               f"[data] path {d.path!r} (inputs {min(same) if same else ''}), in another cut "
+               f"(one file or other shards): validation data must be held out of training")
 
 
 def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True) -> None:

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import shutil
 import typing
 
 import pytest
@@ -171,6 +172,29 @@ def test_validation_files_that_are_also_training_files_are_an_error(tmp_path):
         with pytest.raises(ConfigError, match=r"share 1 file\(s\) .* validation data must be "
                                               r"held out of training"):
             load_config(None, base + [f"--validation.path={shared}"])
+
+
+def test_validation_files_that_are_copies_of_training_files_are_an_error(tmp_path):
+    """A held-out file with a training file's contents under another name or folder is
+    refused, naming both; a file of the same size with other bytes, and empty files on both
+    sides, are not copies."""
+    g = torch.Generator().manual_seed(3)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "held").mkdir()
+    for name in ("a.txt", "b.txt"):   # 20 KiB each: longer than both ends read
+        text = "".join(map(chr, torch.randint(97, 123, (20480,), generator=g).tolist()))
+        (tmp_path / "train" / name).write_text(text)
+    (tmp_path / "train" / "empty.txt").write_text("")
+    (tmp_path / "held" / "empty.txt").write_text("")
+    b = (tmp_path / "train" / "b.txt").read_text()
+    (tmp_path / "held" / "b_last_byte.txt").write_text(b[:-1] + ("a" if b[-1] != "a" else "b"))
+    base = ["--data.source=text", f"--data.path={tmp_path / 'train' / '*.txt'}",
+            "--model.vocab_size=257", "--validation.enabled=true"]
+    load_config(None, base + [f"--validation.path={tmp_path / 'held' / '*.txt'}"])
+    shutil.copy(tmp_path / "train" / "b.txt", tmp_path / "held" / "renamed.txt")
+    with pytest.raises(ConfigError, match=r"1 file\(s\) are copies of files of \[data\] path .*"
+                                          r"'.*held/renamed.txt' of '.*train/b.txt'\): validation"):
+        load_config(None, base + [f"--validation.path={tmp_path / 'held' / '*.txt'}"])
 
 
 @pytest.mark.parametrize("arg, key", [

@@ -16,7 +16,7 @@ import torch
 from ep_fp8.train import prepare_data
 from ep_fp8.train.config import ConfigError
 from ep_fp8.train.data import PreparedTokenSource, list_files
-from ep_fp8.train.token_file import (HEADER_BYTES, read_header, read_token_files, shard_glob,
+from ep_fp8.train.token_file import (HEADER_BYTES, inputs_id, read_header, read_token_files, shard_glob,
                                      shard_path, split_files, write_token_file)
 from tests.train.test_token_file import _config, _corpus, _quiet
 
@@ -356,3 +356,57 @@ def test_a_token_file_among_text_inputs_is_named_not_read_as_text(tmp_path):
     write_token_file(pattern, "text", "bytes", str(tmp_path / "docs" / "z.txt"), progress=_quiet)
     with pytest.raises(ValueError, match="z.txt: is a token file \\(prepare_data wrote it\\), not text"):
         TokenFileSource(pattern, "text", "bytes", seq_len=8, seed=0)
+
+
+def test_held_out_data_prepared_from_the_training_corpus_in_another_cut_is_a_config_error(tmp_path):
+    """The whole corpus prepared as one held-out file against its training shards (or in
+    another number of shards, or copied elsewhere first): the documents' hashes differ, but
+    the files' `inputs` (the corpus's files by content) agree, and the run is refused. A
+    corpus of other contents under the same file names and sizes is accepted."""
+    import shutil
+
+    pattern = _corpus(tmp_path / "docs", n=5)
+    _shards(pattern, str(tmp_path / "train.tokens"), 3)
+    train = f"--data.path={tmp_path / 'train-*.tokens'}"
+    shutil.copytree(tmp_path / "docs", tmp_path / "copy")
+    cuts = {"one file": (str(tmp_path / "docs" / "*"), str(tmp_path / "whole.tokens"), None),
+            "two shards": (pattern, str(tmp_path / "two.tokens"), 2),
+            "a copy": (str(tmp_path / "copy" / "*"), str(tmp_path / "copied.tokens"), None)}
+    for what, (source, out, n) in cuts.items():
+        if n is None:
+            write_token_file(source, "text", "bytes", out, progress=_quiet)
+            held = out
+        else:
+            _shards(source, out, n)
+            held = shard_glob(out, n)
+        with pytest.raises(ConfigError, match=r"were prepared from the same input files as "
+                                              r"\[data\] path .* \(inputs \w{16}\)"):
+            _config(tmp_path, "--data.source=tokens", train, "--validation.enabled=true",
+                    f"--validation.path={held}")
+    other = tmp_path / "other"   # same names and sizes, other bytes
+    other.mkdir()
+    for path in list_files(pattern):
+        data = bytearray(open(path, "rb").read())
+        if data:
+            data[len(data) // 2] ^= 1
+        (other / os.path.basename(path)).write_bytes(bytes(data))
+    held = str(tmp_path / "other.tokens")
+    header = write_token_file(str(other / "*"), "text", "bytes", held, progress=_quiet)
+    assert header["inputs"] != read_header(str(tmp_path / "whole.tokens"))["inputs"]
+    _config(tmp_path, "--data.source=tokens", train, "--validation.enabled=true",
+            f"--validation.path={held}")
+
+
+def test_inputs_key_names_the_files_by_content_source_and_field(tmp_path):
+    """Equal for the same files in any folder, order or shard count, whatever the
+    tokenizer; different when a byte, the source or the JSONL field differs."""
+    pattern = _corpus(tmp_path / "docs", n=4)
+    files = list_files(pattern)
+    ident = inputs_id(files, "text", "text")
+    assert ident == inputs_id(files[::-1], "text", "text")
+    assert ident != inputs_id(files, "jsonl", "text") != inputs_id(files, "jsonl", "body")
+    assert ident != inputs_id(files[1:], "text", "text")
+    with open(files[-1], "r+b") as f:   # the last byte of a file longer than head and tail
+        f.seek(0, os.SEEK_END)
+        f.write(b"x")
+    assert ident != inputs_id(files, "text", "text")
