@@ -277,6 +277,17 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
     Touches no process group and writes no file. Raises ConfigError (a ValueError) naming
     the file or override and the key; FileNotFoundError for a missing config file.
     """
+    cfg = read_config(path, overrides)
+    from ep_fp8.train.validate import validate
+
+    validate(cfg, world_size, run_folder)
+    return cfg
+
+
+def read_config(path: str | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """load_config without its checks of values, combinations, files and folders: only
+    the TOML, the keys and their types (for a tool reading a finished run's config.toml,
+    whose data files may be gone)."""
     cfg = Config(source=path or "<defaults>")
     if path is not None:
         try:
@@ -300,9 +311,6 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
         _set(cfg, section, key, _override_value(raw, _key_type(section, key, where)), where)
     if overrides:
         cfg.source = f"{cfg.source} + command line"
-    from ep_fp8.train.validate import validate
-
-    validate(cfg, world_size, run_folder)
     return cfg
 
 

@@ -1,0 +1,122 @@
+"""Sample text from an exported model (python -m ep_fp8.train.export).
+
+    python -m ep_fp8.generate model.pt --prompt "def fib(n):" [--max-new-tokens 200]
+        [--temperature 0.8] [--top-k 50] [--seed 0] [--device auto]
+
+Encodes the prompt with the tokenizer the run trained with (or --tokenizer), samples one
+token at a time and prints the prompt and its continuation; it stops early at the
+tokenizer's end-of-document token. A model trained on synthetic data has no tokenizer:
+give --prompt-ids 1,2,3 and read token ids back. Each new token runs the model over the
+whole context (the last max_seq_len tokens; no key-value cache): fine for checking what a
+run learned, not a serving path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, allowed: int | None = None, stop: int | None = None,
+             generator: torch.Generator | None = None) -> list[int]:
+    """The tokens that `model` (an ep_fp8.model.Transformer) continues `prompt` with: at
+    most `max_new_tokens`, each drawn from the softmax of the last position's logits over
+    `temperature` (0: the most likely token), restricted to the `top_k` most likely (0: all)
+    and to ids below `allowed` (None: the whole vocabulary); ends after `stop` when drawn.
+    Seeded by `generator` (on the model's device). Raises ValueError on an empty prompt, an
+    id outside the vocabulary or a negative setting."""
+    vocab, window = model.args.vocab_size, model.args.max_seq_len
+    if not prompt:
+        raise ValueError("the prompt holds no token")
+    if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+        raise ValueError(f"prompt ids must be ints in [0, {vocab}), got {prompt[:8]}...")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}), temperature ({temperature}) and "
+                         f"top_k ({top_k}) must be >= 0")
+    allowed = vocab if allowed is None else min(allowed, vocab)
+    device = next(model.parameters()).device
+    tokens = torch.tensor([prompt], dtype=torch.int64, device=device)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -window:])[0, -1]
+        token = sample_next(logits, temperature, top_k, allowed, generator)
+        new.append(token)
+        if token == stop:
+            break
+        tokens = torch.cat([tokens, tokens.new_tensor([[token]])], dim=1)
+    return new
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, allowed: int,
+                generator: torch.Generator | None = None) -> int:
+    """One token id drawn from the 1-D `logits`: ids below `allowed` only, then the `top_k`
+    largest of those (0: all; ties at the k-th value are kept), then softmax(logits /
+    `temperature`); `temperature` 0 takes the largest."""
+    logits = logits[:allowed].float()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if 0 < top_k < allowed:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ep_fp8.train.export import load_exported
+    from ep_fp8.train.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m ep_fp8.generate",
+                                     description="Sample a continuation of a prompt from an "
+                                                 "exported model.")
+    parser.add_argument("model", help="a model file of python -m ep_fp8.train.export")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-ids", help="token ids to continue, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: the most likely token")
+    parser.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    parser.add_argument("--tokenizer", default=None,
+                        help="'bytes' or a tokenizer.json (default: the run's)")
+    ns = parser.parse_args(argv)
+    try:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
+        model, meta = load_exported(ns.model, device)
+        spec = ns.tokenizer or meta.get("tokenizer")
+        tok = load_tokenizer(spec) if spec else None
+        if ns.prompt is not None:
+            if tok is None:
+                raise ValueError(f"{ns.model!r} was trained without a tokenizer (synthetic data): "
+                                 "give --prompt-ids, or --tokenizer")
+            ids = tok.encode(ns.prompt)
+        else:
+            try:
+                ids = [int(t) for t in ns.prompt_ids.split(",")]
+            except ValueError:
+                raise ValueError(f"--prompt-ids must be comma-separated ints, got "
+                                 f"{ns.prompt_ids!r}") from None
+        if tok is not None and tok.vocab_size > model.args.vocab_size:
+            raise ValueError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model "
+                             f"{model.args.vocab_size}: it is not the run's tokenizer")
+        generator = torch.Generator(device=device).manual_seed(ns.seed)
+        new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature,
+                       top_k=ns.top_k, allowed=tok.vocab_size if tok else None,
+                       stop=tok.eos_id if tok else None, generator=generator)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tok is None:
+        print(",".join(map(str, ids + new)))
+    else:
+        print(tok.decode(ids + [t for t in new if t != tok.eos_id]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Export a trained model from a run's checkpoint into one file, and load it back.
+
+    python -m ep_fp8.train.export RUN_FOLDER --out model.pt [--step N] [--dtype bfloat16]
+
+reads RUN_FOLDER/config.toml (which the run saved), takes the newest complete checkpoint
+in its checkpoint folder (or step N), and writes the model's weights, unsharded, with
+what is needed to rebuild it: the model's sizes (ModelArgs), the step, the tokenizer the
+run read its data with, and the run's config. The checkpoint may come from any number of
+ranks and any EP degree (DCP reassembles the sharded tensors); no process group is
+needed. The file is an ordinary `torch.save` of plain types and tensors: `load_exported`
+(or `torch.load(path, weights_only=True)`) reads it. It is written under a temporary
+name and renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+from ep_fp8.paths import output_path_problem
+
+FORMAT = "ep_fp8.model"
+VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def find_checkpoint(run: str, step: int | None = None):
+    """(config, step, path) of run folder `run`'s newest complete checkpoint (or of `step`).
+    Raises ValueError naming what is missing: the folder, its config.toml, any complete
+    checkpoint, or the step asked for (listing those there are)."""
+    from ep_fp8.train.checkpoint import complete_checkpoints
+    from ep_fp8.train.config import read_config, resolve_model_args
+
+    run = os.path.expanduser(run)
+    config = os.path.join(run, "config.toml")
+    if not os.path.isdir(run):
+        raise ValueError(f"run folder {run!r} does not exist")
+    if not os.path.isfile(config):
+        raise ValueError(f"{run!r} is not a run folder: it has no config.toml (a run writes it "
+                         f"at its start)")
+    try:   # its data may be gone: only the model and the checkpoint folder are needed
+        cfg = read_config(config)
+        resolve_model_args(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"the run's config cannot be read: {e}") from None
+    folder = os.path.expanduser(cfg.checkpoint.folder)
+    folder = folder if os.path.isabs(folder) else os.path.join(run, folder)
+    found = complete_checkpoints(folder)
+    if not found:
+        raise ValueError(f"run {run!r} has no complete checkpoint in {folder!r}")
+    if step is None:
+        return (cfg, *found[-1])
+    paths = dict(found)
+    if step not in paths:
+        raise ValueError(f"run {run!r} has no complete checkpoint of step {step} in {folder!r}; "
+                         f"steps there: {', '.join(str(s) for s, _ in found)}")
+    return cfg, step, paths[step]
+
+
+def _tokenizer(cfg) -> str | None:
+    """The tokenizer the run read its data with ('bytes' or a tokenizer.json path), or None
+    for synthetic data (or token files no longer there)."""
+    if cfg.data.source in ("text", "jsonl"):
+        return cfg.data.tokenizer
+    if cfg.data.source == "tokens":
+        from ep_fp8.train.token_file import read_token_files
+        try:
+            return read_token_files(cfg.data.path)[1][0]["tokenizer"]
+        except ValueError:
+            return None
+    return None
+
+
+def export_model(run: str, out: str, step: int | None = None, dtype: str | None = None,
+                 overwrite: bool = False, progress=print) -> dict:
+    """Write run `run`'s checkpoint (the newest, or `step`) as the model file `out`; returns
+    the file's contents less the weights. `dtype` ("float32" | "bfloat16") casts the
+    parameters (buffers, such as the routers' biases, stay as saved); None keeps them as saved. Raises ValueError, before reading any
+    weight, when the checkpoint cannot be found, `out` exists (unless `overwrite`) or cannot
+    be written, or `dtype` is unknown; and, leaving `out` as it was, when the checkpoint
+    does not hold this model's tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    from ep_fp8.model import Transformer
+    from ep_fp8.train.checkpoint import _quiet_single_process, _saved_keys
+    from ep_fp8.train.config import resolve_model_args, to_toml
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = os.path.expanduser(out)
+    if problem := output_path_problem(out):
+        raise ValueError(f"output {out!r} {problem}")
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"output {out!r} exists: remove it or pass --overwrite")
+    cfg, step, path = find_checkpoint(run, step)
+    args = resolve_model_args(cfg)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    wanted = {f"model.{k}" for k in state["model"]}
+    saved = {k for k in _saved_keys(path) if k.startswith("model.")}
+    if saved != wanted:
+        missing, extra = sorted(wanted - saved), sorted(saved - wanted)
+        raise ValueError(f"{path} does not hold the model of {run!r}'s config.toml: "
+                         + (f"missing {missing[:3]}" if missing else "")
+                         + (" and " if missing and extra else "")
+                         + (f"unexpected {extra[:3]}" if extra else ""))
+    progress(f"[export] reading step {step} of {run!r} ({path})")
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+    except Exception as e:   # noqa: BLE001 - DCP wraps every failure; say which checkpoint
+        raise ValueError(f"{path} could not be read: {str(e).strip().splitlines()[-1]}") from None
+    weights = state["model"]
+    if dtype is not None:   # the parameters; buffers (the routers' biases) stay as they are
+        params = {name for name, _ in model.named_parameters()}
+        weights = {k: v.to(DTYPES[dtype]) if k in params else v for k, v in weights.items()}
+    meta = {"format": FORMAT, "version": VERSION, "model_args": dataclasses.asdict(args),
+            "step": step, "tokenizer": _tokenizer(cfg), "checkpoint": os.path.abspath(path),
+            "config": to_toml(cfg, resolve_model=True)}
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**meta, "state_dict": weights}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ValueError(f"output {out!r} could not be written ({e.strerror or e})") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    n = sum(v.numel() for v in weights.values())
+    progress(f"[export] wrote {out}: {n:,} weights ({os.path.getsize(out) / 2**20:,.1f} MiB), "
+             f"step {step}, tokenizer {meta['tokenizer']!r}")
+    return meta
+
+
+def load_exported(path: str, device: str | torch.device = "cpu"):
+    """(model, meta) from a file of export_model: an ep_fp8.model.Transformer in eval mode
+    on `device` holding the exported weights (in their dtype), and the file's other
+    entries. Raises ValueError when the file is not such a file or its weights do not fit
+    its ModelArgs."""
+    from ep_fp8.model import ModelArgs, Transformer
+
+    try:
+        data = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ValueError(f"model file {path!r} cannot be read ({e.strerror or e})") from None
+    except Exception:   # noqa: BLE001 - torch.load's errors for a file of another kind vary
+        data = None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a model file of python -m ep_fp8.train.export")
+    if data.get("version") != VERSION:
+        raise ValueError(f"model file {path!r} has format version {data.get('version')!r}; "
+                         f"this ep_fp8 reads version {VERSION}: export it again")
+    try:
+        args = ModelArgs(**data["model_args"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model file {path!r}: its model_args are not valid ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:   # the file's tensors become the parameters, in their dtype
+        model.load_state_dict(data.pop("state_dict"), assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"model file {path!r}: its weights do not fit its model_args ({e})") from None
+    for module in model.modules():   # buffers not saved (routing counts) start at zero
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                module.register_buffer(name, torch.zeros_like(buf, device="cpu"), persistent=False)
+    return model.to(device).eval(), data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ep_fp8.train.export",
+        description="Write a run's checkpoint as one model file (weights unsharded, with "
+                    "the model's sizes, step and tokenizer).")
+    parser.add_argument("run", help="the run folder (holds config.toml and the checkpoints)")
+    parser.add_argument("--out", required=True, help="the model file to write")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint's step (default: the newest complete one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast the weights (default: as saved, float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ns = parser.parse_args(argv)
+    try:
+        export_model(ns.run, ns.out, ns.step, ns.dtype, ns.overwrite)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Exporting a run's checkpoint as one model file (ep_fp8.train.export) and sampling from
+it (ep_fp8.generate): a checkpoint of 2 EP ranks comes out whole, equal to torch's own
+conversion of the same DCP folder; the loaded model gives the logits of those weights;
+every refusal comes before anything is written; and generation follows its definition
+(greedy = the argmax chain, the window of max_seq_len, top-k, the allowed ids, the stop
+token, the seed)."""
+
+import dataclasses
+import functools
+import os
+import shutil
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from ep_fp8.generate import generate, main as generate_main, sample_next
+from ep_fp8.model import PRESETS, ModelArgs, Transformer
+from ep_fp8.train import export
+from ep_fp8.train.export import export_model, find_checkpoint, load_exported
+from tests._dist import run_ranks
+from tests.train._train_worker import run_plan
+
+pytestmark = pytest.mark.slow
+
+TEXT = "def f(x):\n    return x * 2\n\n" * 200
+
+
+def _quiet(line):
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run of 2 gloo ranks with EP = 2 on byte-tokenized text, checkpoints at steps 2
+    and 4."""
+    root = tmp_path_factory.mktemp("runs")
+    (root / "train.txt").write_text(TEXT)
+    plan = [{"name": "ep2", "overrides": [
+        "--parallel.ep=2", "--training.steps=4", "--checkpoint.enabled=true",
+        "--checkpoint.interval=2", "--data.source=text", f"--data.path={root / 'train.txt'}",
+        "--model.vocab_size=257"]}]
+    results = run_ranks(functools.partial(run_plan, root=str(root), plan=plan), 2, timeout=240)
+    assert all("error" not in r.get("ep2", {}) for r in results if isinstance(r, dict)), results
+    return root / "ep2"
+
+
+def _reference(checkpoint, tmp_path):
+    """The model tensors of a DCP checkpoint through torch's own converter."""
+    dcp_to_torch_save(checkpoint, tmp_path / "ref.pt")
+    saved = torch.load(tmp_path / "ref.pt", weights_only=True)
+    return saved["model"]
+
+
+def test_an_ep2_checkpoint_is_exported_whole_and_loads_into_a_plain_model(run, tmp_path):
+    meta = export_model(str(run), str(tmp_path / "m.pt"), progress=_quiet)
+    assert (meta["step"], meta["tokenizer"], meta["format"]) == (4, "bytes", export.FORMAT)
+    assert meta["checkpoint"].endswith("step-4")
+    reference = _reference(meta["checkpoint"], tmp_path)
+    written = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
+    assert written.keys() == reference.keys()
+    for name, tensor in reference.items():   # the experts' EP shards reassembled, bit for bit
+        assert torch.equal(written[name], tensor), name
+    assert written["layers.1.moe.experts.w1"].shape[0] == meta["model_args"]["n_experts"]
+
+    model, loaded = load_exported(str(tmp_path / "m.pt"))
+    assert not model.training and loaded["step"] == 4
+    plain = Transformer(ModelArgs(**meta["model_args"]))
+    plain.load_state_dict(reference)
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain.eval()(tokens), rtol=0, atol=0)
+    assert not any(b.is_meta for b in model.buffers())
+
+
+def test_an_older_step_and_bfloat16_weights(run, tmp_path):
+    """--step picks a checkpoint; --dtype bfloat16 casts the parameters only (the routers'
+    bias stays float32), and the loaded model computes in bfloat16."""
+    meta = export_model(str(run), str(tmp_path / "m.pt"), step=2, dtype="bfloat16", progress=_quiet)
+    assert meta["step"] == 2 and meta["checkpoint"].endswith("step-2")
+    reference = _reference(meta["checkpoint"], tmp_path)
+    written = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
+    for name, tensor in reference.items():
+        if name.endswith("expert_bias"):
+            assert written[name].dtype == torch.float32 and torch.equal(written[name], tensor)
+        else:
+            assert written[name].dtype == torch.bfloat16
+            assert torch.equal(written[name], tensor.to(torch.bfloat16)), name
+    model, _ = load_exported(str(tmp_path / "m.pt"))
+    assert model.output.weight.dtype == torch.bfloat16
+
+
+def test_what_cannot_be_exported_is_refused_before_anything_is_written(run, tmp_path):
+    out = tmp_path / "m.pt"
+    cases = [
+        (dict(run=str(tmp_path / "nowhere")), "does not exist"),
+        (dict(run=str(tmp_path)), "is not a run folder: it has no config.toml"),
+        (dict(run=str(run), step=3), r"no complete checkpoint of step 3 .* steps there: 2, 4"),
+        (dict(run=str(run), dtype="float16"), "dtype must be one of"),
+        (dict(run=str(run), out=str(tmp_path)), "it is a folder, not a file"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            export_model(**{"out": str(out), **kwargs}, progress=_quiet)
+    assert sorted(os.listdir(tmp_path)) == []
+
+    empty = tmp_path / "empty"   # a run folder whose checkpoints are gone
+    empty.mkdir()
+    shutil.copy(run / "config.toml", empty / "config.toml")
+    with pytest.raises(ValueError, match="has no complete checkpoint in"):
+        export_model(str(empty), str(out), progress=_quiet)
+
+    other = tmp_path / "other"   # the checkpoints of another model size
+    shutil.copytree(run, other)
+    text = (other / "config.toml").read_text()
+    assert "\nn_layers = 4\n" in text
+    (other / "config.toml").write_text(text.replace("\nn_layers = 4\n", "\nn_layers = 3\n"))
+    with pytest.raises(ValueError, match=r"does not hold the model of .* unexpected \['model.layers.3"):
+        export_model(str(other), str(out), progress=_quiet)
+
+    out.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="exists: remove it or pass --overwrite"):
+        export_model(str(run), str(out), progress=_quiet)
+    assert out.read_bytes() == b"keep me"
+    export_model(str(run), str(out), overwrite=True, progress=_quiet)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "m.pt", "other"]   # no temporary file left
+    with pytest.raises(ValueError, match="is not a model file"):
+        load_exported(str(run / "config.toml"))
+
+
+def test_a_run_whose_checkpoints_lie_elsewhere_and_whose_data_is_gone(run, tmp_path):
+    """An absolute [checkpoint] folder is followed; the run's data files need not exist
+    any more (the tokenizer is still recorded)."""
+    moved = tmp_path / "run"
+    moved.mkdir()
+    shutil.copytree(run / "checkpoints", tmp_path / "elsewhere")
+    text = (run / "config.toml").read_text()
+    assert 'folder = "checkpoints"' in text and "train.txt" in text
+    text = text.replace('folder = "checkpoints"', f'folder = "{tmp_path / "elsewhere"}"')
+    (moved / "config.toml").write_text(text.replace("train.txt", "gone.txt"))
+    _, step, path = find_checkpoint(str(moved))
+    assert step == 4 and path == str(tmp_path / "elsewhere" / "step-4")
+    meta = export_model(str(moved), str(tmp_path / "m.pt"), progress=_quiet)
+    assert meta["tokenizer"] == "bytes"
+
+
+# ---- generation -------------------------------------------------------------------------
+
+def _tiny(max_seq_len=8):
+    args = dataclasses.replace(PRESETS["debug"], dim=16, n_layers=2, vocab_size=32,
+                               max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights(5)
+    return model.eval()
+
+
+def test_greedy_generation_is_the_argmax_chain_over_the_last_max_seq_len_tokens():
+    model = _tiny(max_seq_len=8)
+    prompt = [3, 1, 4, 1, 5, 9]
+    new = generate(model, prompt, 10, temperature=0)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):   # the definition, written out
+            context = torch.tensor([seq[-8:]])
+            seq.append(int(model(context)[0, -1].argmax()))
+    assert new == seq[len(prompt):]
+    assert generate(model, prompt, 10, temperature=2.0, top_k=1,
+                    generator=torch.Generator().manual_seed(3)) == new   # top-1 is greedy
+    assert generate(model, prompt, 0) == []
+    stop = new[2]
+    assert generate(model, prompt, 10, temperature=0, stop=stop) == new[:new.index(stop) + 1]
+
+
+def test_sampling_follows_the_softmax_within_the_top_k_and_allowed_ids():
+    """Frequencies of 20,000 draws against softmax(logits / T) over the allowed top k,
+    within 5 standard errors (about 0.015 at p = 0.5); nothing outside it is ever drawn."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, generator=g, dtype=torch.float64) * 2
+    for temperature, top_k, allowed in ((1.0, 0, 12), (0.5, 4, 12), (2.0, 0, 6), (1.0, 3, 6)):
+        kept = logits[:allowed]
+        order = kept.argsort(descending=True)
+        keep = order[:top_k] if top_k else order
+        expected = torch.zeros(allowed, dtype=torch.float64)
+        expected[keep] = (kept[keep] / temperature).softmax(-1)
+        n = 20_000
+        draws = torch.tensor([sample_next(logits.float(), temperature, top_k, allowed, g)
+                              for _ in range(n)])
+        freq = torch.bincount(draws, minlength=allowed).double() / n
+        assert freq.numel() == allowed
+        assert torch.all(freq[expected == 0] == 0)
+        tolerance = 5 * (expected * (1 - expected) / n).sqrt() + 1e-9
+        assert torch.all((freq - expected).abs() <= tolerance), (temperature, top_k, freq, expected)
+    assert sample_next(logits.float(), 0.0, 0, 12, g) == int(logits.argmax())
+
+
+def test_the_seed_fixes_the_sample_and_bad_settings_are_refused():
+    model = _tiny()
+    draw = functools.partial(generate, model, [1, 2], 12, temperature=1.0)
+    assert draw(generator=torch.Generator().manual_seed(7)) == \
+        draw(generator=torch.Generator().manual_seed(7))
+    assert draw(generator=torch.Generator().manual_seed(7)) != \
+        draw(generator=torch.Generator().manual_seed(8))
+    for kwargs, message in ((dict(prompt=[]), "holds no token"),
+                            (dict(prompt=[32]), r"ints in \[0, 32\)"),
+                            (dict(temperature=-1.0), "must be >= 0"),
+                            (dict(top_k=-1), "must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            generate(model, **{"prompt": [1], "max_new_tokens": 2, **kwargs})
+
+
+def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_path, capsys):
+    export_model(str(run), str(tmp_path / "m.pt"), progress=_quiet)
+    assert generate_main([str(tmp_path / "m.pt"), "--prompt", "def f(", "--max-new-tokens", "5",
+                          "--temperature", "0", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("def f(")
+    model, _ = load_exported(str(tmp_path / "m.pt"))
+    prompt = list(b"def f(")
+    new = generate(model, prompt, 5, temperature=0, allowed=257, stop=256)
+    assert printed == bytes(prompt + [t for t in new if t < 256]).decode("utf-8", "replace") + "\n"
+    assert generate_main([str(tmp_path / "m.pt"), "--prompt-ids", "1,x"]) == 2
+    assert "--prompt-ids must be comma-separated ints" in capsys.readouterr().err
