@@ -40,6 +40,29 @@ def test_one_gpu_float8_cuda_backend_trains_and_reports_memory(tmp_path):
     assert "summary: 60/60 steps" in out
 
 
+def test_a_gpu_runs_checkpoint_exports_and_samples_on_the_gpu(tmp_path):
+    """A checkpoint of a float8 run on the GPU, exported on the CPU, gives on the GPU the
+    logits it gives on the CPU (float32 weights; 2e-3, for the GPU's other reduction
+    orders and attention kernels), and samples there with a CUDA generator."""
+    from ep_fp8.generate import generate
+    from ep_fp8.train.export import export_model, load_exported
+
+    run(tmp_path, [sys.executable], "--parallel.ep=1", "--float8.backend=cuda",
+        "--training.dtype=bfloat16", "--checkpoint.enabled=true")
+    meta = export_model(os.path.join(tmp_path, "gpu"), str(tmp_path / "m.pt"),
+                        progress=lambda line: None)
+    assert meta["step"] == 60
+    cpu, _ = load_exported(str(tmp_path / "m.pt"))
+    gpu, _ = load_exported(str(tmp_path / "m.pt"), "cuda")
+    vocab = meta["model_args"]["vocab_size"]
+    tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(tokens.cuda()).cpu(), cpu(tokens), rtol=2e-3, atol=2e-3)
+    new = generate(gpu, [1, 2, 3], 20, temperature=1.0,
+                   generator=torch.Generator("cuda").manual_seed(0))
+    assert len(new) == 20 and all(0 <= t < vocab for t in new)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_ep2_float8_payload_matches_the_bf16_payload_closely(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
