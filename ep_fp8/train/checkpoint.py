@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from ep_fp8.parallel.agree import first_problem
 
@@ -200,27 +201,12 @@ class Checkpointer:
         # DCP loads the keys the model asks for and ignores the rest: a checkpoint of a
         # model with more layers or experts would load into a smaller one without a word.
         saved = _saved_keys(path)
-        extra = sorted({k[len("model."):] for k in saved if k.startswith("model.")} - set(state["model"]))
-        if extra:
-            shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-            raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
-                                          f"it holds model tensors this model does not have: {shown}")
+        _check_model_keys(path, saved, state["model"], "this model and optimizer")
         # The data state gained entries over time; a checkpoint without one loads without it.
         state["train"]["data"] = {k: v for k, v in state["train"]["data"].items()
                                   if f"train.data.{k}" in saved}
-        try:
-            with _quiet_single_process():
-                dcp.load(state, checkpoint_id=path, no_dist=_single())
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
-        except (CheckpointException, ValueError, RuntimeError, KeyError, OSError) as e:
-            failures = _failures(e) if isinstance(e, CheckpointException) else [e]
-            if any(isinstance(failure, KeyboardInterrupt) for failure in failures):
-                raise KeyboardInterrupt from None  # Ctrl-C during the load, not a misfit
-            if any(isinstance(failure, OSError) for failure in failures):   # a file missing
-                raise CheckpointDamagedError(f"{path} is damaged: {_first_failure(e)}") from None
-            raise CheckpointMismatchError(f"{path} could not be loaded into this model and optimizer: "
-                                          f"{_first_failure(e)}") from None
+        _load(path, state, "this model and optimizer", lambda: set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]))
         scheduler.load_state_dict(state["train"]["scheduler"])
         _keep_hyperparameters(optimizer, scheduler, built)
         loader.load_state_dict(state["train"]["data"])
@@ -231,6 +217,57 @@ class Checkpointer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return int(state["train"]["step"])
+
+
+def load_weights(path: str, model) -> int:
+    """Load only the model weights of the complete checkpoint `path` into `model`
+    (resharded to its layout, as `Checkpointer.load` does); returns the checkpoint's step.
+    Optimizer, schedule, data position and RNG are left as they are. Raises ValueError
+    when `path` is not a complete checkpoint, CheckpointMismatchError (on every rank) when
+    its model tensors are not exactly this model's, CheckpointDamagedError when its files
+    are missing or unreadable. Collective."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    _agree(_read_marker, path)
+    state = {"model": get_model_state_dict(model), "train": {"step": 0}}
+    saved = _saved_keys(path)
+    _check_model_keys(path, saved, state["model"], "this model", missing_too=True)
+    _load(path, state, "this model", lambda: set_model_state_dict(model, state["model"]))
+    return int(state["train"]["step"])
+
+
+def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str,
+                      missing_too: bool = False) -> None:
+    """CheckpointMismatchError when checkpoint `path` (its keys `saved`) holds model tensors
+    that `model_state` lacks (or, with `missing_too`, lacks some of it): DCP loads the keys
+    the model asks for and ignores the rest, so a checkpoint of a model with more layers or
+    experts would load into a smaller one without a word."""
+    held = {k[len("model."):] for k in saved if k.startswith("model.")}
+    extra = sorted(held - set(model_state))
+    missing = sorted(set(model_state) - held) if missing_too else []
+    for names, what in ((extra, "it holds model tensors this model does not have"),
+                        (missing, "it lacks tensors of this model")):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise CheckpointMismatchError(f"{path} could not be loaded into {into}: {what}: {shown}")
+
+
+def _load(path: str, state: dict, into: str, apply) -> None:
+    """dcp.load of `state` from checkpoint `path`, then apply(); its failures raised as
+    CheckpointDamagedError (a file missing or unreadable) or CheckpointMismatchError (naming
+    `into`), and a Ctrl-C during it as KeyboardInterrupt."""
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=_single())
+        apply()
+    except (CheckpointException, ValueError, RuntimeError, KeyError, OSError) as e:
+        failures = _failures(e) if isinstance(e, CheckpointException) else [e]
+        if any(isinstance(failure, KeyboardInterrupt) for failure in failures):
+            raise KeyboardInterrupt from None  # Ctrl-C during the load, not a misfit
+        if any(isinstance(failure, OSError) for failure in failures):   # a file missing
+            raise CheckpointDamagedError(f"{path} is damaged: {_first_failure(e)}") from None
+        raise CheckpointMismatchError(f"{path} could not be loaded into {into}: "
+                                      f"{_first_failure(e)}") from None
 
 
 def _read_marker(path: str) -> int:

@@ -112,6 +112,7 @@ class CheckpointConfig:
     keep_last: int = 3
     folder: str = "checkpoints"
     resume: bool = True
+    initial_load: str = ""
 
 
 @dataclass

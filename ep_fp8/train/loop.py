@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ep_fp8 import rng
 from ep_fp8.parallel.agree import first_difference, first_problem
-from ep_fp8.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpointer
+from ep_fp8.train.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpointer,
+                                     load_weights)
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
 from ep_fp8.train.data import (DataLoader, MarkovSource, TokenFileSource, build_source,
@@ -447,6 +448,13 @@ def train(cfg: Config) -> dict:
         if step >= t.steps:
             say(f"nothing to train: the checkpoint is at step {step} and [training] steps "
                  f"is {t.steps}; raise training.steps to continue")
+    elif initial := os.path.expanduser(cfg.checkpoint.initial_load):
+        try:
+            from_step = load_weights(initial, model)
+        except (CheckpointMismatchError, ValueError) as e:   # raised on every rank alike
+            raise ConfigError(f"{cfg.source}: [checkpoint] initial_load: {e}") from None
+        say(f"weights from {initial} (its step {from_step}); optimizer, learning-rate "
+            f"schedule, data order and step start anew")
 
     _agree_on_lock(cfg, create=True)   # held until the process ends
     if step == 0:

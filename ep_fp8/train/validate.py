@@ -254,6 +254,7 @@ def validate(cfg: Config, world_size: int | None = None, run_folder: bool = True
     _float8_backend(cfg, args)
     _data(cfg, args.vocab_size)
     _validation(cfg)
+    _initial_load(cfg)
     if not run_folder:
         return
     _can_create_folder(cfg, run_dir(cfg), "the run's folder ([job] output_dir / name)")
@@ -290,6 +291,20 @@ def _earlier_checkpoint_folders(cfg: Config) -> list[str]:
     except (OSError, ValueError, AttributeError):   # none, or not ours: nothing more to look at
         pass
     return list(dict.fromkeys(os.path.normpath(f) for f in folders))
+
+
+def _initial_load(cfg: Config) -> None:
+    """[checkpoint] initial_load names a complete checkpoint (a step-N folder)."""
+    from ep_fp8.train.checkpoint import MARKER
+
+    path = os.path.expanduser(cfg.checkpoint.initial_load)
+    if not path:
+        return
+    _check(os.path.isdir(path), cfg, f"[checkpoint] initial_load {path!r} is not a folder: give "
+           f"a checkpoint's step-N folder (in a run's checkpoints/)")
+    _check(os.path.isfile(os.path.join(path, MARKER)), cfg,
+           f"[checkpoint] initial_load {path!r} is not a complete checkpoint (no {MARKER} "
+           f"marker): give a checkpoint's step-N folder (in a run's checkpoints/)")
 
 
 def _checkpoint_folder(cfg: Config) -> None:

@@ -7,6 +7,7 @@ token, the seed)."""
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 
@@ -40,8 +41,9 @@ def run(tmp_path_factory):
         "--parallel.ep=2", "--training.steps=4", "--checkpoint.enabled=true",
         "--checkpoint.interval=2", "--data.source=text", f"--data.path={root / 'train.txt'}",
         "--model.vocab_size=257"]}]
-    results = run_ranks(functools.partial(run_plan, root=str(root), plan=plan), 2, timeout=240)
-    assert all("error" not in r.get("ep2", {}) for r in results if isinstance(r, dict)), results
+    run_ranks(functools.partial(run_plan, root=str(root), plan=plan), 2, timeout=240)
+    result = json.loads((root / "ep2" / "result-rank0.json").read_text())
+    assert "error" not in result and result["step"] == 4, result
     return root / "ep2"
 
 
@@ -142,6 +144,46 @@ def test_a_run_whose_checkpoints_lie_elsewhere_and_whose_data_is_gone(run, tmp_p
     assert step == 4 and path == str(tmp_path / "elsewhere" / "step-4")
     meta = export_model(str(moved), str(tmp_path / "m.pt"), progress=_quiet)
     assert meta["tokenizer"] == "bytes"
+
+
+def test_a_new_run_starts_from_a_checkpoints_weights_on_another_layout(run, tmp_path):
+    """[checkpoint] initial_load: one rank (EP = 1) starts from the EP = 2 run's step 4;
+    with lr 1e-30 (below every weight's float32 spacing) and no bias update its step-1 checkpoint holds exactly those weights, and
+    its own step count and optimizer start anew. A model of another size is refused,
+    naming the tensors, before the run writes its config."""
+    initial = run / "checkpoints" / "step-4"
+    common = ["--parallel.ep=1", f"--checkpoint.initial_load={initial}", "--training.steps=1",
+              "--data.source=text", f"--data.path={run.parent / 'train.txt'}",
+              "--model.vocab_size=257"]
+    plan = [{"name": "init", "overrides": common + [
+                "--optimizer.lr=1e-30", "--router.bias_update_rate=0", "--checkpoint.enabled=true"]},
+            {"name": "misfit", "overrides": common + ["--model.n_layers=3"]}]
+    run_ranks(functools.partial(run_plan, root=str(tmp_path), plan=plan), 1, timeout=240)
+    result = json.loads((tmp_path / "init" / "result-rank0.json").read_text())
+    assert "error" not in result and result["step"] == 1, result
+    dcp_to_torch_save(tmp_path / "init" / "checkpoints" / "step-1", tmp_path / "new.pt")
+    new = torch.load(tmp_path / "new.pt", weights_only=True)
+    reference = _reference(initial, tmp_path)
+    assert new["model"].keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(new["model"][name], tensor), name
+    assert new["train"]["step"] == 1
+    steps = {v["step"] for k, v in new["optimizer"]["state"].items()}
+    assert {float(s) for s in steps} == {1.0}   # AdamW's own count: one step, not five
+    misfit = json.loads((tmp_path / "misfit" / "result-rank0.json").read_text())
+    assert "[checkpoint] initial_load:" in misfit["error"]
+    assert "model tensors this model does not have: layers.3." in misfit["error"]
+    assert not (tmp_path / "misfit" / "config.toml").exists()
+
+
+def test_initial_load_must_name_a_complete_checkpoint(run, tmp_path):
+    from ep_fp8.train.config import ConfigError, load_config
+
+    for path, message in ((tmp_path / "nowhere", "is not a folder"),
+                          (run, "is not a complete checkpoint")):
+        with pytest.raises(ConfigError, match=r"\[checkpoint\] initial_load .* " + message):
+            load_config(None, [f"--checkpoint.initial_load={path}",
+                               f"--job.output_dir={tmp_path}"])
 
 
 # ---- generation -------------------------------------------------------------------------
