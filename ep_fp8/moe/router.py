@@ -217,9 +217,9 @@ def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
     """Set the gradient every Router of `model` sends into its aux loss. A loop that
     divides each of n accumulated micro-batch losses by n passes 1 / n, so that n
     micro-batches give the gradient of one batch of all their sequences. Raises
-    ValueError for scale <= 0."""
-    if not scale > 0:
-        raise ValueError(f"aux gradient scale must be > 0, got {scale}")
+    ValueError for a scale that is not finite and > 0."""
+    if not 0 < scale < math.inf:
+        raise ValueError(f"aux gradient scale must be finite and > 0, got {scale}")
     for m in model.modules():
         if isinstance(m, Router):
             m.aux_grad_scale = float(scale)
