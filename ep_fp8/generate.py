@@ -67,8 +67,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, allowed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ep_fp8.train.export import load_exported
-    from ep_fp8.train.tokenizer import load_tokenizer
+    from ep_fp8.train.export import exported_tokenizer, load_exported
 
     parser = argparse.ArgumentParser(prog="python -m ep_fp8.generate",
                                      description="Sample a continuation of a prompt from an "
@@ -88,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
         model, meta = load_exported(ns.model, device)
+        tok = exported_tokenizer(meta, ns.tokenizer)
         spec = ns.tokenizer or meta.get("tokenizer")
-        tok = load_tokenizer(spec) if spec else None
         if ns.prompt is not None:
             if tok is None:
-                raise ValueError(f"{ns.model!r} was trained without a tokenizer (synthetic data): "
-                                 "give --prompt-ids, or --tokenizer")
+                raise ValueError(f"{ns.model!r} records no tokenizer (a run on synthetic data, "
+                                 f"or one whose tokenizer the export could not find): give "
+                                 f"--prompt-ids, or --tokenizer")
             ids = tok.encode(ns.prompt)
         else:
             try:

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import signal
 import sys
+import tempfile
 
 import torch
 
 from ep_fp8.paths import output_path_problem
+from ep_fp8.train.prepare_data import StopOnSignals
 
 FORMAT = "ep_fp8.model"
 VERSION = 1
@@ -61,28 +65,46 @@ def find_checkpoint(run: str, step: int | None = None):
     return cfg, step, paths[step]
 
 
-def _tokenizer(cfg) -> str | None:
-    """The tokenizer the run read its data with ('bytes' or a tokenizer.json path), or None
-    for synthetic data (or token files no longer there)."""
-    if cfg.data.source in ("text", "jsonl"):
-        return cfg.data.tokenizer
-    if cfg.data.source == "tokens":
+def _tokenizer(cfg, given: str | None, progress) -> dict:
+    """The model file's tokenizer entries: `tokenizer`, the name ('bytes', a tokenizer.json
+    path, or None), and for a tokenizer.json found here `tokenizer_json` (its text) and
+    `tokenizer_eos` (its end-of-document token, or None), so that the file carries it.
+    `given` replaces the run's; a tokenizer that cannot be found is said, not fatal."""
+    from ep_fp8.train.tokenizer import load_tokenizer
+
+    name = given
+    if name is None and cfg.data.source in ("text", "jsonl"):
+        name = cfg.data.tokenizer
+    elif name is None and cfg.data.source == "tokens":
         from ep_fp8.train.token_file import read_token_files
         try:
-            return read_token_files(cfg.data.path)[1][0]["tokenizer"]
-        except ValueError:
-            return None
-    return None
+            name = read_token_files(cfg.data.path)[1][0]["tokenizer"]
+        except ValueError as e:
+            progress(f"[export] warning: the run's token files cannot be read here ({e}), so "
+                     f"its tokenizer is unknown: pass --tokenizer to record it")
+    if name is None or name == "bytes":
+        return {"tokenizer": name}
+    try:
+        tok = load_tokenizer(name)
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ValueError) as e:
+        progress(f"[export] warning: tokenizer {name!r} cannot be read here ({e}); the file "
+                 f"records its name only: pass --tokenizer to embed it")
+        return {"tokenizer": name}
+    return {"tokenizer": os.path.abspath(name), "tokenizer_json": text,
+            "tokenizer_eos": tok.eos_token}
 
 
 def export_model(run: str, out: str, step: int | None = None, dtype: str | None = None,
-                 overwrite: bool = False, progress=print) -> dict:
+                 overwrite: bool = False, progress=print, tokenizer: str | None = None) -> dict:
     """Write run `run`'s checkpoint (the newest, or `step`) as the model file `out`; returns
     the file's contents less the weights. `dtype` ("float32" | "bfloat16") casts the
     parameters (buffers, such as the routers' biases, stay as saved); None keeps them as saved. Raises ValueError, before reading any
     weight, when the checkpoint cannot be found, `out` exists (unless `overwrite`) or cannot
     be written, or `dtype` is unknown; and, leaving `out` as it was, when the checkpoint
-    does not hold this model's tensors."""
+    does not hold this model's tensors or the file cannot be written. `tokenizer` ('bytes'
+    or a tokenizer.json) replaces the one the run used; a tokenizer.json is embedded."""
     import torch.distributed.checkpoint as dcp
 
     from ep_fp8.model import Transformer
@@ -116,13 +138,15 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
             dcp.load(state, checkpoint_id=path, no_dist=True)
     except Exception as e:   # noqa: BLE001 - DCP wraps every failure; say which checkpoint
         raise ValueError(f"{path} could not be read: {str(e).strip().splitlines()[-1]}") from None
-    weights = state["model"]
+    weights = state.pop("model")
+    params = {name for name, _ in model.named_parameters()}
+    del model   # then each float32 tensor is freed as its cast replaces it
     if dtype is not None:   # the parameters; buffers (the routers' biases) stay as they are
-        params = {name for name, _ in model.named_parameters()}
-        weights = {k: v.to(DTYPES[dtype]) if k in params else v for k, v in weights.items()}
+        for k in params:
+            weights[k] = weights[k].to(DTYPES[dtype])
     meta = {"format": FORMAT, "version": VERSION, "model_args": dataclasses.asdict(args),
-            "step": step, "tokenizer": _tokenizer(cfg), "checkpoint": os.path.abspath(path),
-            "config": to_toml(cfg, resolve_model=True)}
+            "step": step, **_tokenizer(cfg, tokenizer, progress),
+            "checkpoint": os.path.abspath(path), "config": to_toml(cfg, resolve_model=True)}
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
@@ -132,8 +156,8 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except OSError as e:
-        raise ValueError(f"output {out!r} could not be written ({e.strerror or e})") from None
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as RuntimeError
+        raise ValueError(f"output {out!r} could not be written ({e})") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -178,6 +202,25 @@ def load_exported(path: str, device: str | torch.device = "cpu"):
     return model.to(device).eval(), data
 
 
+def exported_tokenizer(meta: dict, given: str | None = None):
+    """The tokenizer of a model file's entries `meta` (or `given`, 'bytes' or a
+    tokenizer.json, in its place): the one embedded in the file, else the one it names;
+    None when it names none. Raises ValueError when a named file cannot be loaded."""
+    from ep_fp8.train.tokenizer import load_tokenizer
+
+    if given is not None:
+        return load_tokenizer(given)
+    if meta.get("tokenizer_json") is None:
+        return load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
+    with tempfile.TemporaryDirectory() as folder:   # as written: tokenizer.json + its eos
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(meta["tokenizer_json"])
+        if meta.get("tokenizer_eos") is not None:
+            with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump({"eos_token": meta["tokenizer_eos"]}, f)
+        return load_tokenizer(os.path.join(folder, "tokenizer.json"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ep_fp8.train.export",
@@ -190,12 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast the weights (default: as saved, float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--tokenizer", default=None,
+                        help="'bytes' or a tokenizer.json to record (default: the run's)")
     ns = parser.parse_args(argv)
+    stop = StopOnSignals()   # a signal ends the export with its temporary file removed
     try:
-        export_model(ns.run, ns.out, ns.step, ns.dtype, ns.overwrite)
+        export_model(ns.run, ns.out, ns.step, ns.dtype, ns.overwrite,
+                     progress=lambda line: print(line, flush=True), tokenizer=ns.tokenizer)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"export: stopped by {signal.Signals(stop.signum).name}; {ns.out} is whole or as "
+              f"it was, and no temporary file is left", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        stop.restore()
     return 0
 
 

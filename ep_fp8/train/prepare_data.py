@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     shard = None if args.shard is None else (args.shard, args.shards)
     out = args.out if shard is None else shard_path(args.out, *shard)
     before = _identity(out)
-    stop = _stop_on_signals()
+    stop = StopOnSignals()
     try:
         write_token_file(args.path, args.source, args.tokenizer, args.out, args.jsonl_field,
                          overwrite=args.overwrite, progress=lambda line: print(line, flush=True),
@@ -115,7 +115,7 @@ def _all_shards(args, argv: list[str]) -> int:
     print(f"[prepare] {n} shards of {args.path!r}: {len(kept)} already complete, "
           f"{len(pending)} to write" + (f" on {workers} worker(s)" if pending else ""), flush=True)
     running, done, failed = {}, list(kept), []
-    stop = _stop_on_signals()
+    stop = StopOnSignals()
     try:
         while (pending and not failed) or running:
             while pending and not failed and len(running) < workers:
@@ -193,7 +193,7 @@ def _identity(path: str):
         return None
 
 
-class _stop_on_signals:
+class StopOnSignals:
     """SIGINT, SIGTERM and SIGHUP (Ctrl-C, a scheduler's cancel, a closed terminal) stop the
     preparation with a KeyboardInterrupt, so that its temporary file is removed on the way
     out; signals after the first are ignored, so as not to cut that clean-up short."""

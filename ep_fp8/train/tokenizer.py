@@ -66,7 +66,8 @@ class JsonTokenizer:
             raise ValueError(f"tokenizer file {path!r} has an empty vocabulary")
         self.path, self.vocab_size = path, max(vocab.values()) + 1
         names = (_configured_eos(path), *_EOS_NAMES)
-        self.eos_id = next((vocab[n] for n in names if n in vocab), None)
+        self.eos_token = next((n for n in names if n in vocab), None)   # its name
+        self.eos_id = None if self.eos_token is None else vocab[self.eos_token]
 
     def encode(self, data: bytes | str) -> list[int]:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data

@@ -38,6 +38,10 @@ class _WordTokenizer:
         ids = [self.vocab[w] for w in text.split()]
         return types.SimpleNamespace(ids=ids[:self.max_length] if self.max_length else ids)
 
+    def decode(self, ids):
+        words = {i: w for w, i in self.vocab.items()}
+        return " ".join(words[i] for i in ids)
+
     def encode_batch(self, texts, add_special_tokens=False):
         self.batches = getattr(self, "batches", 0) + 1
         return [self.encode(t, add_special_tokens) for t in texts]

@@ -175,9 +175,10 @@ def test_validation_files_that_are_also_training_files_are_an_error(tmp_path):
 
 
 def test_validation_files_that_are_copies_of_training_files_are_an_error(tmp_path):
-    """A held-out file with a training file's contents under another name or folder is
-    refused, naming both; a file of the same size with other bytes, and empty files on both
-    sides, are not copies."""
+    """Held-out files that are copies of training files (under another name or folder) are
+    refused, naming one pair, when they hold a tenth of the held-out bytes or more; a
+    small shared file (boilerplate) is let through, and a file of the same size with other
+    bytes, or empty files on both sides, are not copies."""
     g = torch.Generator().manual_seed(3)
     (tmp_path / "train").mkdir()
     (tmp_path / "held").mkdir()
@@ -188,12 +189,15 @@ def test_validation_files_that_are_copies_of_training_files_are_an_error(tmp_pat
     (tmp_path / "held" / "empty.txt").write_text("")
     b = (tmp_path / "train" / "b.txt").read_text()
     (tmp_path / "held" / "b_last_byte.txt").write_text(b[:-1] + ("a" if b[-1] != "a" else "b"))
+    (tmp_path / "train" / "init.txt").write_text("x = 1\n" * 300)   # 1,800 bytes: < 10%
+    shutil.copy(tmp_path / "train" / "init.txt", tmp_path / "held" / "init_copy.txt")
     base = ["--data.source=text", f"--data.path={tmp_path / 'train' / '*.txt'}",
             "--model.vocab_size=257", "--validation.enabled=true"]
     load_config(None, base + [f"--validation.path={tmp_path / 'held' / '*.txt'}"])
     shutil.copy(tmp_path / "train" / "b.txt", tmp_path / "held" / "renamed.txt")
-    with pytest.raises(ConfigError, match=r"1 file\(s\) are copies of files of \[data\] path .*"
-                                          r"'.*held/renamed.txt' of '.*train/b.txt'\): validation"):
+    with pytest.raises(ConfigError, match=r"2 file\(s\), 52% of its bytes, are copies of files "
+                                          r"of \[data\] path .*'.*held/init_copy.txt' of "
+                                          r"'.*train/init.txt'\): validation"):
         load_config(None, base + [f"--validation.path={tmp_path / 'held' / '*.txt'}"])
 
 

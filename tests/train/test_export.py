@@ -146,6 +146,63 @@ def test_a_run_whose_checkpoints_lie_elsewhere_and_whose_data_is_gone(run, tmp_p
     assert meta["tokenizer"] == "bytes"
 
 
+def test_the_tokenizer_is_found_embedded_or_said_to_be_missing(run, tmp_path, word_tokenizer):
+    """A tokens run's tokenizer comes from its token files, and a warning (not a silent
+    None) when they are gone; a tokenizer.json is embedded with its end-of-document token,
+    so the model file decodes after the original is deleted; --tokenizer replaces the run's."""
+    from ep_fp8.train.config import read_config
+    from ep_fp8.train.export import _tokenizer, exported_tokenizer
+    from ep_fp8.train.token_file import write_token_file
+
+    write_token_file(str(run.parent / "train.txt"), "text", "bytes", str(tmp_path / "t.tokens"),
+                     progress=_quiet)
+    cfg = read_config(None, ["--data.source=tokens", f"--data.path={tmp_path / 't.tokens'}"])
+    said = []
+    assert _tokenizer(cfg, None, said.append) == {"tokenizer": "bytes"} and said == []
+    os.rename(tmp_path / "t.tokens", tmp_path / "moved.tokens")
+    assert _tokenizer(cfg, None, said.append) == {"tokenizer": None}
+    assert len(said) == 1 and "its tokenizer is unknown: pass --tokenizer" in said[0]
+    assert _tokenizer(cfg, "bytes", said.append) == {"tokenizer": "bytes"}
+
+    path = word_tokenizer({"def": 0, "f": 1, "x": 2, "<eos>": 3}, eos_token="<eos>")
+    text_cfg = read_config(None, ["--data.source=text", f"--data.tokenizer={path}"])
+    entries = _tokenizer(text_cfg, None, said.append)
+    assert entries["tokenizer"] == path and entries["tokenizer_eos"] == "<eos>"
+    os.unlink(path)
+    tok = exported_tokenizer(entries)
+    assert (tok.eos_id, tok.encode("def f x"), tok.decode([2, 1])) == (3, [0, 1, 2], "x f")
+    said.clear()
+    assert _tokenizer(text_cfg, None, said.append) == {"tokenizer": path}
+    assert "cannot be read here" in said[0] and "--tokenizer to embed it" in said[0]
+    assert exported_tokenizer({"tokenizer": None}) is None
+
+
+def test_a_failed_or_stopped_write_leaves_no_file(run, tmp_path, monkeypatch, capsys):
+    """torch.save failing as on a full disk (a RuntimeError) is a ValueError naming the
+    output; a SIGTERM during the write ends the command with 128 + 15; neither leaves the
+    output or a temporary file."""
+    import signal
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 458432")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ValueError, match=r"output '.*m.pt' could not be written \(.*unexpected pos"):
+        export_model(str(run), str(tmp_path / "m.pt"), progress=_quiet)
+    assert os.listdir(tmp_path) == []
+
+    def killed(obj, f):
+        f.write(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch, "save", killed)
+    assert export.main([str(run), "--out", str(tmp_path / "m.pt")]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is restored
+
+
 def test_a_new_run_starts_from_a_checkpoints_weights_on_another_layout(run, tmp_path):
     """[checkpoint] initial_load: one rank (EP = 1) starts from the EP = 2 run's step 4;
     with lr 1e-30 (below every weight's float32 spacing) and no bias update its step-1 checkpoint holds exactly those weights, and
