@@ -44,8 +44,12 @@ def find_checkpoint(run: str, step: int | None = None):
     if not os.path.isdir(run):
         raise ValueError(f"run folder {run!r} does not exist")
     if not os.path.isfile(config):
-        raise ValueError(f"{run!r} is not a run folder: it has no config.toml (a run writes it "
-                         f"at its start)")
+        from ep_fp8.train.checkpoint import MARKER
+
+        hint = (": it is a checkpoint; give its run's folder, and --step for another than the "
+                "newest" if os.path.isfile(os.path.join(run, MARKER)) else
+                " (a run writes it at its start)")
+        raise ValueError(f"{run!r} is not a run folder: it has no config.toml{hint}")
     try:   # its data may be gone: only the model and the checkpoint folder are needed
         cfg = read_config(config)
         resolve_model_args(cfg)

@@ -97,6 +97,8 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(run, tmp_
     cases = [
         (dict(run=str(tmp_path / "nowhere")), "does not exist"),
         (dict(run=str(tmp_path)), "is not a run folder: it has no config.toml"),
+        (dict(run=str(run / "checkpoints" / "step-2")), "no config.toml: it is a checkpoint; "
+                                                         "give its run's folder"),
         (dict(run=str(run), step=3), r"no complete checkpoint of step 3 .* steps there: 2, 4"),
         (dict(run=str(run), dtype="float16"), "dtype must be one of"),
         (dict(run=str(run), out=str(tmp_path)), "it is a folder, not a file"),
