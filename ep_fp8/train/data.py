@@ -35,6 +35,7 @@ def file_identity(path: str) -> tuple[int, int]:
 
 
 _FINGERPRINT_SAMPLE = 4096   # bytes read from each end of a file by file_fingerprint
+_FINGERPRINT_TOKENS = 1 << 20   # tokens hashed into a token stream's fingerprint
 
 
 def file_fingerprint(path: str) -> bytes:
@@ -181,8 +182,9 @@ class _TokenWindows:
     tokens (window w is tokens w*seq_len .. (w+1)*seq_len, so each token is a target once
     per epoch; a window may span two parts). The last (tokens - 1) % seq_len tokens of the
     stream fill no window and are never trained on. Each epoch visits every window once, in
-    an order shuffled by (seed, epoch). `fingerprint` names the stream (its length and
-    `digest`, a hash of the documents), seq_len and seed, which fix the sample sequence:
+    an order shuffled by (seed, epoch). `fingerprint` names the stream (its length,
+    `digest`, a hash of the documents, and a hash of its first 2^20 tokens, which tells
+    tokenizers apart), seq_len and seed, which fix the sample sequence:
     the same documents give the same samples whether tokenized at start-up or prepared in
     a file."""
 
@@ -195,8 +197,18 @@ class _TokenWindows:
         if self.n_windows < 1:
             raise ValueError(f"data path {where!r} holds {n_tokens} tokens, "
                              f"fewer than seq_len + 1 = {seq_len + 1}")
-        self.fingerprint = (f"{n_tokens} tokens (documents' hash {digest}), seq_len "
-                            f"{seq_len}, seed {seed} (rng v{rng.VERSION})")
+        # The documents' hash does not see the tokenizer: the hash of the first tokens does
+        # (two tokenizers that give as many tokens would otherwise look alike on a resume).
+        head, taken = hashlib.blake2b(digest_size=8), 0
+        for part in parts:
+            piece = part[:_FINGERPRINT_TOKENS - taken]
+            head.update(piece.to(torch.int64).numpy().tobytes())
+            taken += piece.numel()
+        rest = f"seq_len {seq_len}, seed {seed} (rng v{rng.VERSION})"
+        self.fingerprint = (f"{n_tokens} tokens (documents' hash {digest}, first tokens' hash "
+                            f"{head.hexdigest()}), {rest}")
+        # as checkpoints of earlier releases saved it, without the tokens' hash
+        self.earlier_fingerprint = f"{n_tokens} tokens (documents' hash {digest}), {rest}"
         self._epoch, self._order = -1, None
 
     @property
@@ -433,7 +445,8 @@ class DataLoader:
         self._ready.clear()
         self.samples_seen = int(state["samples_seen"])
         saved = state.get("source", self.source.fingerprint)   # absent from older checkpoints
-        self.resume_note = "" if saved == self.source.fingerprint else (
+        same = (self.source.fingerprint, getattr(self.source, "earlier_fingerprint", None))
+        self.resume_note = "" if saved in same else (
             f"[data] differs from the checkpoint's (saved with {saved}; now "
             f"{self.source.fingerprint}): its position, {self.samples_seen} samples, "
             f"continues in another sample order, so samples of this epoch may repeat or be "

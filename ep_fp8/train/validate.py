@@ -117,7 +117,8 @@ def _data(cfg: Config, vocab_size: int) -> None:
 
     d = cfg.data
     if d.source == "synthetic":   # reads no files: a path or tokenizer set here is a slip
-        for key, value, default in (("path", d.path, ""), ("tokenizer", d.tokenizer, "bytes")):
+        for key, value, default in (("path", d.path, ""), ("tokenizer", d.tokenizer, "bytes"),
+                                    ("jsonl_field", d.jsonl_field, "text")):
             _check(value == default, cfg,
                    f"[data] {key} = {value!r} is set, but [data] source = \"synthetic\" reads "
                    f"no files: set source = \"text\" or \"jsonl\" to train on them")

@@ -147,6 +147,7 @@ def test_seeds_and_names_that_torch_or_the_file_system_cannot_take_are_errors(tm
 @pytest.mark.parametrize("overrides, message", [
     (["--data.path=corpus/*.txt"], '[data] path = \'corpus/*.txt\' is set, but [data] source = "synthetic"'),
     (["--data.tokenizer=tok.json"], "[data] tokenizer = 'tok.json' is set, but"),
+    (["--data.jsonl_field=body"], '[data] jsonl_field = \'body\' is set, but [data] source = "synthetic"'),
     (["--data.source=text", "--data.path={readme}", "--data.jsonl_field=body", "--model.vocab_size=257"],
      "[data] jsonl_field = 'body' is set, but [data] source = 'text'"),
 ])

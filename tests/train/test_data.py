@@ -313,11 +313,12 @@ def test_the_fingerprint_changes_with_the_documents_seq_len_and_seed(tmp_path):
     assert base != TokenFileSource(glob_, "text", "bytes", seq_len=8, seed=0).fingerprint
     assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=1).fingerprint
     (tmp_path / "b.txt").write_text("ijklmnoq" * 4)            # same length, one byte changed
-    assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+    changed = TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+    assert base != changed
     # The documents' bounds count: the same bytes split otherwise are other documents.
     (tmp_path / "a.txt").write_text("abcdefgh" * 4 + "i")
     (tmp_path / "b.txt").write_text("jklmnoq" + "ijklmnoq" * 3)
-    assert base != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
+    assert changed != TokenFileSource(glob_, "text", "bytes", seq_len=4, seed=0).fingerprint
 
 
 def test_a_position_saved_with_other_data_is_loaded_with_a_note(tmp_path):

@@ -235,16 +235,6 @@ def test_a_new_run_starts_from_a_checkpoints_weights_on_another_layout(run, tmp_
     assert not (tmp_path / "misfit" / "config.toml").exists()
 
 
-def test_initial_load_must_name_a_complete_checkpoint(run, tmp_path):
-    from ep_fp8.train.config import ConfigError, load_config
-
-    for path, message in ((tmp_path / "nowhere", "is not a folder"),
-                          (run, "is not a complete checkpoint")):
-        with pytest.raises(ConfigError, match=r"\[checkpoint\] initial_load .* " + message):
-            load_config(None, [f"--checkpoint.initial_load={path}",
-                               f"--job.output_dir={tmp_path}"])
-
-
 # ---- generation -------------------------------------------------------------------------
 
 def _tiny(max_seq_len=8):
