@@ -200,7 +200,7 @@ class Checkpointer:
         state = self._state(model, optimizer, scheduler, loader, step=0)
         # DCP loads the keys the model asks for and ignores the rest: a checkpoint of a
         # model with more layers or experts would load into a smaller one without a word.
-        saved = _saved_keys(path)
+        saved = _agree(_saved_keys, path)
         _check_model_keys(path, saved, state["model"], "this model and optimizer")
         # The data state gained entries over time; a checkpoint without one loads without it.
         state["train"]["data"] = {k: v for k, v in state["train"]["data"].items()
@@ -230,7 +230,7 @@ def load_weights(path: str, model) -> int:
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     _agree(_read_marker, path)
     state = {"model": get_model_state_dict(model), "train": {"step": 0}}
-    saved = _saved_keys(path)
+    saved = _agree(_saved_keys, path)
     _check_model_keys(path, saved, state["model"], "this model", missing_too=True)
     _load(path, state, "this model", lambda: set_model_state_dict(model, state["model"]))
     return int(state["train"]["step"])
@@ -307,8 +307,13 @@ def _agree(read, *args):
 
 def _saved_keys(path: str) -> set[str]:
     """The keys saved in checkpoint `path`, flattened by DCP with dots ("model.<name>",
-    "train.data.samples_seen", ...)."""
-    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    "train.data.samples_seen", ...); CheckpointDamagedError when its metadata cannot be
+    read."""
+    try:
+        return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    except (OSError, ValueError, EOFError) as e:   # .metadata missing, cut short, foreign
+        raise CheckpointDamagedError(f"{path} is damaged: its .metadata cannot be read "
+                                     f"({type(e).__name__}: {e})") from None
 
 
 class CheckpointMismatchError(ValueError):

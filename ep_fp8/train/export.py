@@ -74,7 +74,7 @@ def _tokenizer(cfg, given: str | None, progress) -> dict:
     path, or None), and for a tokenizer.json found here `tokenizer_json` (its text) and
     `tokenizer_eos` (its end-of-document token, or None), so that the file carries it.
     `given` replaces the run's; a tokenizer that cannot be found is said, not fatal."""
-    from ep_fp8.train.tokenizer import load_tokenizer
+    from ep_fp8.train.tokenizer import configured_eos
 
     name = given
     if name is None and cfg.data.source in ("text", "jsonl"):
@@ -88,16 +88,17 @@ def _tokenizer(cfg, given: str | None, progress) -> dict:
                      f"its tokenizer is unknown: pass --tokenizer to record it")
     if name is None or name == "bytes":
         return {"tokenizer": name}
-    try:
-        tok = load_tokenizer(name)
+    try:   # as it is: no need for the tokenizers package here
         with open(name, encoding="utf-8") as f:
             text = f.read()
     except (OSError, ValueError) as e:
         progress(f"[export] warning: tokenizer {name!r} cannot be read here ({e}); the file "
                  f"records its name only: pass --tokenizer to embed it")
         return {"tokenizer": name}
+    # The end-of-document token that a tokenizer_config.json beside it names (else None:
+    # the same default names apply when the embedded copy is loaded).
     return {"tokenizer": os.path.abspath(name), "tokenizer_json": text,
-            "tokenizer_eos": tok.eos_token}
+            "tokenizer_eos": configured_eos(name)}
 
 
 def export_model(run: str, out: str, step: int | None = None, dtype: str | None = None,
@@ -109,10 +110,8 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     be written, or `dtype` is unknown; and, leaving `out` as it was, when the checkpoint
     does not hold this model's tensors or the file cannot be written. `tokenizer` ('bytes'
     or a tokenizer.json) replaces the one the run used; a tokenizer.json is embedded."""
-    import torch.distributed.checkpoint as dcp
-
     from ep_fp8.model import Transformer
-    from ep_fp8.train.checkpoint import _quiet_single_process, _saved_keys
+    from ep_fp8.train.checkpoint import _load, _saved_keys
     from ep_fp8.train.config import resolve_model_args, to_toml
 
     if dtype is not None and dtype not in DTYPES:
@@ -137,11 +136,7 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
                          + (" and " if missing and extra else "")
                          + (f"unexpected {extra[:3]}" if extra else ""))
     progress(f"[export] reading step {step} of {run!r} ({path})")
-    try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path, no_dist=True)
-    except Exception as e:   # noqa: BLE001 - DCP wraps every failure; say which checkpoint
-        raise ValueError(f"{path} could not be read: {str(e).strip().splitlines()[-1]}") from None
+    _load(path, state, "this model", lambda: None)   # a Ctrl-C or SIGTERM in it stays one
     weights = state.pop("model")
     params = {name for name, _ in model.named_parameters()}
     del model   # then each float32 tensor is freed as its cast replaces it

@@ -203,7 +203,8 @@ class StopOnSignals:
         self._stopping = self._holding = self._pending = False
         self._before = {}
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None:
+            # One ignored when the process started (nohup, a background job) stays ignored.
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
                 self._before[sig] = signal.signal(sig, self._raise)
 
     def _raise(self, signum, frame):

@@ -65,9 +65,8 @@ class JsonTokenizer:
         if not vocab:
             raise ValueError(f"tokenizer file {path!r} has an empty vocabulary")
         self.path, self.vocab_size = path, max(vocab.values()) + 1
-        names = (_configured_eos(path), *_EOS_NAMES)
-        self.eos_token = next((n for n in names if n in vocab), None)   # its name
-        self.eos_id = None if self.eos_token is None else vocab[self.eos_token]
+        names = (configured_eos(path), *_EOS_NAMES)
+        self.eos_id = next((vocab[n] for n in names if n in vocab), None)
 
     def encode(self, data: bytes | str) -> list[int]:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
@@ -93,7 +92,7 @@ class JsonTokenizer:
         return self._tok.decode(ids)
 
 
-def _configured_eos(path: str) -> str | None:
+def configured_eos(path: str) -> str | None:
     """The eos_token named by tokenizer_config.json beside `path` (a string, or a dict with
     its "content"), or None where there is no such file or key."""
     config = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")

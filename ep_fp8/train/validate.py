@@ -302,11 +302,13 @@ def _earlier_checkpoint_folders(cfg: Config) -> list[str]:
 
 
 def _initial_load(cfg: Config) -> None:
-    """[checkpoint] initial_load names a complete checkpoint (a step-N folder)."""
-    from ep_fp8.train.checkpoint import MARKER
+    """[checkpoint] initial_load names a complete checkpoint (a step-N folder), unless the
+    run resumes from its own checkpoints, which already hold the weights (by then the
+    source checkpoint may have been pruned or moved)."""
+    from ep_fp8.train.checkpoint import MARKER, complete_checkpoints
 
-    path = os.path.expanduser(cfg.checkpoint.initial_load)
-    if not path:
+    c, path = cfg.checkpoint, os.path.expanduser(cfg.checkpoint.initial_load)
+    if not path or (c.enabled and c.resume and complete_checkpoints(checkpoint_dir(cfg))):
         return
     _check(os.path.isdir(path), cfg, f"[checkpoint] initial_load {path!r} is not a folder: give "
            f"a checkpoint's step-N folder (in a run's checkpoints/)")

@@ -204,31 +204,72 @@ def test_a_failed_or_stopped_write_leaves_no_file(run, tmp_path, monkeypatch, ca
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is restored
 
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def read_killed(self, plan, planner):   # most of an export's time is this read
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", read_killed)
+    assert export.main([str(run), "--out", str(tmp_path / "m.pt")]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+def test_an_ignored_hangup_stays_ignored_and_a_damaged_checkpoint_is_named(run, tmp_path):
+    """Under nohup SIGHUP is ignored: the export's signal handling leaves it so. A
+    checkpoint without its .metadata is an error naming it, not a traceback."""
+    import signal
+
+    from ep_fp8.train.prepare_data import StopOnSignals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = StopOnSignals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        stop.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    shutil.copytree(run, tmp_path / "run")
+    os.unlink(tmp_path / "run" / "checkpoints" / "step-4" / ".metadata")
+    with pytest.raises(ValueError, match=r"step-4 is damaged: its .metadata cannot be read"):
+        export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"), progress=_quiet)
+    assert not (tmp_path / "m.pt").exists()
+
 
 def test_a_new_run_starts_from_a_checkpoints_weights_on_another_layout(run, tmp_path):
-    """[checkpoint] initial_load: one rank (EP = 1) starts from the EP = 2 run's step 4;
-    with lr 1e-30 (below every weight's float32 spacing) and no bias update its step-1 checkpoint holds exactly those weights, and
-    its own step count and optimizer start anew. A model of another size is refused,
-    naming the tensors, before the run writes its config."""
-    initial = run / "checkpoints" / "step-4"
-    common = ["--parallel.ep=1", f"--checkpoint.initial_load={initial}", "--training.steps=1",
-              "--data.source=text", f"--data.path={run.parent / 'train.txt'}",
-              "--model.vocab_size=257"]
+    """[checkpoint] initial_load: one rank (EP = 1) starts from the EP = 2 run's step 4.
+    With lr 1e-30 (below every weight's float32 spacing) and no bias update, its step-1
+    checkpoint holds exactly those weights, and its own step count and optimizer start
+    anew. Resumed (to step 2) with initial_load naming another checkpoint, it keeps its
+    own weights; resumed again (to step 3) with initial_load naming a folder that is gone,
+    it still starts. A model of another size is refused, naming the tensors, before the
+    run writes its config."""
+    source = run / "checkpoints"
+    common = ["--parallel.ep=1", "--data.source=text", f"--data.path={run.parent / 'train.txt'}",
+              "--model.vocab_size=257", "--optimizer.lr=1e-30", "--router.bias_update_rate=0",
+              "--checkpoint.enabled=true", "--checkpoint.interval=1"]
     plan = [{"name": "init", "overrides": common + [
-                "--optimizer.lr=1e-30", "--router.bias_update_rate=0", "--checkpoint.enabled=true"]},
-            {"name": "misfit", "overrides": common + ["--model.n_layers=3"]}]
-    run_ranks(functools.partial(run_plan, root=str(tmp_path), plan=plan), 1, timeout=240)
-    result = json.loads((tmp_path / "init" / "result-rank0.json").read_text())
-    assert "error" not in result and result["step"] == 1, result
-    dcp_to_torch_save(tmp_path / "init" / "checkpoints" / "step-1", tmp_path / "new.pt")
-    new = torch.load(tmp_path / "new.pt", weights_only=True)
-    reference = _reference(initial, tmp_path)
-    assert new["model"].keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert torch.equal(new["model"][name], tensor), name
-    assert new["train"]["step"] == 1
-    steps = {v["step"] for k, v in new["optimizer"]["state"].items()}
-    assert {float(s) for s in steps} == {1.0}   # AdamW's own count: one step, not five
+                f"--checkpoint.initial_load={source / 'step-4'}", "--training.steps=1"]},
+            {"name": "init", "overrides": common + [
+                f"--checkpoint.initial_load={source / 'step-2'}", "--training.steps=2"]},
+            {"name": "init", "overrides": common + [
+                f"--checkpoint.initial_load={tmp_path / 'gone' / 'step-9'}", "--training.steps=3"]},
+            {"name": "misfit", "overrides": ["--parallel.ep=1", "--model.n_layers=3",
+                                             f"--checkpoint.initial_load={source / 'step-4'}"]}]
+    run_ranks(functools.partial(run_plan, root=str(tmp_path), plan=plan), 1, timeout=300)
+    result = json.loads((tmp_path / "init" / "result-rank0.json").read_text())   # the last
+    assert "error" not in result and result["step"] == 3, result
+    reference = _reference(source / "step-4", tmp_path)
+    for step in (1, 2, 3):
+        dcp_to_torch_save(tmp_path / "init" / "checkpoints" / f"step-{step}", tmp_path / "new.pt")
+        new = torch.load(tmp_path / "new.pt", weights_only=True)
+        assert new["model"].keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(new["model"][name], tensor), (step, name)
+        assert new["train"]["step"] == step
+        steps = {float(v["step"]) for v in new["optimizer"]["state"].values()}
+        assert steps == {float(step)}   # AdamW's own count: from this run's start, not 4 + step
     misfit = json.loads((tmp_path / "misfit" / "result-rank0.json").read_text())
     assert "[checkpoint] initial_load:" in misfit["error"]
     assert "model tensors this model does not have: layers.3." in misfit["error"]
