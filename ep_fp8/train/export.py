@@ -105,13 +105,14 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
                  overwrite: bool = False, progress=print, tokenizer: str | None = None) -> dict:
     """Write run `run`'s checkpoint (the newest, or `step`) as the model file `out`; returns
     the file's contents less the weights. `dtype` ("float32" | "bfloat16") casts the
-    parameters (buffers, such as the routers' biases, stay as saved); None keeps them as saved. Raises ValueError, before reading any
-    weight, when the checkpoint cannot be found, `out` exists (unless `overwrite`) or cannot
-    be written, or `dtype` is unknown; and, leaving `out` as it was, when the checkpoint
-    does not hold this model's tensors or the file cannot be written. `tokenizer` ('bytes'
+    parameters (buffers, such as the routers' biases, stay as saved); None keeps them as
+    saved. Raises ValueError, before reading any weight, when the checkpoint cannot be
+    found, `out` exists (unless `overwrite`) or cannot be written, or `dtype` is unknown,
+    or the checkpoint does not hold exactly the tensors of the run's model; and, leaving
+    `out` as it was, when the checkpoint is damaged or the file cannot be written. `tokenizer` ('bytes'
     or a tokenizer.json) replaces the one the run used; a tokenizer.json is embedded."""
     from ep_fp8.model import Transformer
-    from ep_fp8.train.checkpoint import _load, _saved_keys
+    from ep_fp8.train.checkpoint import _check_model_keys, _load, _saved_keys
     from ep_fp8.train.config import resolve_model_args, to_toml
 
     if dtype is not None and dtype not in DTYPES:
@@ -127,14 +128,8 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
         model = Transformer(args)
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
-    wanted = {f"model.{k}" for k in state["model"]}
-    saved = {k for k in _saved_keys(path) if k.startswith("model.")}
-    if saved != wanted:
-        missing, extra = sorted(wanted - saved), sorted(saved - wanted)
-        raise ValueError(f"{path} does not hold the model of {run!r}'s config.toml: "
-                         + (f"missing {missing[:3]}" if missing else "")
-                         + (" and " if missing and extra else "")
-                         + (f"unexpected {extra[:3]}" if extra else ""))
+    _check_model_keys(path, _saved_keys(path), state["model"],
+                      f"the model of {run!r}'s config.toml", missing_too=True)
     progress(f"[export] reading step {step} of {run!r} ({path})")
     _load(path, state, "this model", lambda: None)   # a Ctrl-C or SIGTERM in it stays one
     weights = state.pop("model")
