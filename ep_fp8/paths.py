@@ -1,4 +1,5 @@
-"""Whether an output path can be written, checked before any work that would end in writing it."""
+"""Output files: whether a path can be written, checked before any work that would end in
+writing it, and giving a complete temporary file its name for good."""
 
 from __future__ import annotations
 
@@ -38,3 +39,37 @@ def output_path_problem(path: str, *, folder: bool = False) -> str:
     if not os.access(where, os.W_OK | (os.X_OK if os.path.isdir(where) else 0)):
         return f"cannot be written: no write permission on {where!r}"
     return ""
+
+
+def publish_file(tmp: str, target: str, out: str, overwrite: bool) -> None:
+    """Gives the complete file at `tmp` its name `target` (`out`: the name given, for
+    messages): with `overwrite` by a rename over whatever is there; else by a hard link,
+    which fails rather than replace a file that appeared while this one was written (a
+    rename where links are not supported), and `tmp` is left for the caller to remove.
+    Raises ValueError when such a file appeared, OSError when the rename fails."""
+    if not overwrite:
+        try:
+            os.link(tmp, target)
+            return
+        except FileExistsError:
+            raise ValueError(f"output {out!r} appeared while it was being prepared (another "
+                             f"run?); it was left as it is: remove it or pass --overwrite") from None
+        except OSError:   # a file system without hard links
+            if os.path.exists(target):
+                raise ValueError(f"output {out!r} appeared while it was being prepared; it "
+                                 f"was left as it is: remove it or pass --overwrite") from None
+    os.replace(tmp, target)
+
+
+def fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

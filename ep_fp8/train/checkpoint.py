@@ -231,20 +231,20 @@ def load_weights(path: str, model) -> int:
     _agree(_read_marker, path)
     state = {"model": get_model_state_dict(model), "train": {"step": 0}}
     saved = _agree(_saved_keys, path)
-    _check_model_keys(path, saved, state["model"], "this model", missing_too=True)
+    _check_model_keys(path, saved, state["model"], "this model")
     _load(path, state, "this model", lambda: set_model_state_dict(model, state["model"]))
     return int(state["train"]["step"])
 
 
-def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str,
-                      missing_too: bool = False) -> None:
+def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str) -> None:
     """CheckpointMismatchError when checkpoint `path` (its keys `saved`) holds model tensors
-    that `model_state` lacks (or, with `missing_too`, lacks some of it): DCP loads the keys
-    the model asks for and ignores the rest, so a checkpoint of a model with more layers or
-    experts would load into a smaller one without a word."""
+    that `model_state` lacks (DCP loads the keys the model asks for and ignores the rest, so
+    a checkpoint of a model with more layers or experts would load into a smaller one
+    without a word), or lacks some of `model_state`'s (named here rather than in DCP's
+    words)."""
     held = {k[len("model."):] for k in saved if k.startswith("model.")}
     extra = sorted(held - set(model_state))
-    missing = sorted(set(model_state) - held) if missing_too else []
+    missing = sorted(set(model_state) - held)
     for names, what in ((extra, "it holds model tensors this model does not have"),
                         (missing, "it lacks tensors of this model")):
         if names:

@@ -288,7 +288,8 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = (),
 def read_config(path: str | None, overrides: typing.Sequence[str] = ()) -> Config:
     """load_config without its checks of values, combinations, files and folders: only
     the TOML, the keys and their types (for a tool reading a finished run's config.toml,
-    whose data files may be gone)."""
+    whose data files may be gone). Raises ConfigError naming the file or override and the
+    key, FileNotFoundError for a missing file, as load_config does."""
     cfg = Config(source=path or "<defaults>")
     if path is not None:
         try:

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from ep_fp8.paths import output_path_problem
+from ep_fp8.paths import fsync_folder, output_path_problem, publish_file
 from ep_fp8.train.prepare_data import StopOnSignals
 
 FORMAT = "ep_fp8.model"
@@ -55,8 +55,7 @@ def find_checkpoint(run: str, step: int | None = None):
         resolve_model_args(cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"the run's config cannot be read: {e}") from None
-    folder = os.path.expanduser(cfg.checkpoint.folder)
-    folder = folder if os.path.isabs(folder) else os.path.join(run, folder)
+    folder = os.path.join(run, os.path.expanduser(cfg.checkpoint.folder))   # unless absolute
     found = complete_checkpoints(folder)
     if not found:
         raise ValueError(f"run {run!r} has no complete checkpoint in {folder!r}")
@@ -109,8 +108,9 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     saved. Raises ValueError, before reading any weight, when the checkpoint cannot be
     found, `out` exists (unless `overwrite`) or cannot be written, or `dtype` is unknown,
     or the checkpoint does not hold exactly the tensors of the run's model; and, leaving
-    `out` as it was, when the checkpoint is damaged or the file cannot be written. `tokenizer` ('bytes'
-    or a tokenizer.json) replaces the one the run used; a tokenizer.json is embedded."""
+    `out` as it was, when the checkpoint is damaged, the file cannot be written, or a file
+    appeared at `out` meanwhile (unless `overwrite`). `tokenizer` ('bytes' or a
+    tokenizer.json) replaces the one the run used; a tokenizer.json is embedded."""
     from ep_fp8.model import Transformer
     from ep_fp8.train.checkpoint import _check_model_keys, _load, _saved_keys
     from ep_fp8.train.config import resolve_model_args, to_toml
@@ -128,10 +128,10 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
         model = Transformer(args)
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
-    _check_model_keys(path, _saved_keys(path), state["model"],
-                      f"the model of {run!r}'s config.toml", missing_too=True)
+    into = f"the model of {run!r}'s config.toml"
+    _check_model_keys(path, _saved_keys(path), state["model"], into)
     progress(f"[export] reading step {step} of {run!r} ({path})")
-    _load(path, state, "this model", lambda: None)   # a Ctrl-C or SIGTERM in it stays one
+    _load(path, state, into, lambda: None)   # a Ctrl-C or SIGTERM in it stays one
     weights = state.pop("model")
     params = {name for name, _ in model.named_parameters()}
     del model   # then each float32 tensor is freed as its cast replaces it
@@ -149,12 +149,13 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
             torch.save({**meta, "state_dict": weights}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        publish_file(tmp, out, out, overwrite)   # never over a file that appeared meanwhile
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as RuntimeError
         raise ValueError(f"output {out!r} could not be written ({e})") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+    fsync_folder(folder)
     n = sum(v.numel() for v in weights.values())
     progress(f"[export] wrote {out}: {n:,} weights ({os.path.getsize(out) / 2**20:,.1f} MiB), "
              f"step {step}, tokenizer {meta['tokenizer']!r}")

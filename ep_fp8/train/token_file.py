@@ -9,10 +9,10 @@ computes, so both sources give a run the same samples and fingerprint) and the t
 A shard (prepare_data --shards N) also names its index, N and its corpus (a hash of the
 names and sizes of all the corpus's files), so that a run can tell that a glob of shards
 holds each of the N exactly once. Every file also names its inputs: a hash of the contents
-of all the files it was prepared from (in shards, of the whole corpus), so that held-out data
-prepared from the training corpus in another cut is recognised. Shard i holds the i-th of N contiguous runs of the
-sorted input files, so the shards read in order of their names hold the tokens one file
-prepared from all the inputs would.
+of all the files it was prepared from (in shards, of the whole corpus), so that held-out
+data prepared from the training corpus in another cut is recognised. Shard i holds the
+i-th of N contiguous runs of the sorted input files, so the shards read in order of their
+names hold the tokens one file prepared from all the inputs would.
 
 A file is written under a temporary name in the same folder and renamed into place only
 once complete and flushed to disk: an interrupted or failed preparation leaves the
@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from ep_fp8.paths import fsync_folder, publish_file
 from ep_fp8.train.data import (TOKEN_FILE_MAGIC, file_fingerprint, file_identity, list_files,
                                token_chunks, token_dtype)
 from ep_fp8.train.tokenizer import load_tokenizer
@@ -321,13 +322,13 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
             f.write(_header_bytes(header, out))
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, target, out, overwrite)
+        publish_file(tmp, target, out, overwrite)
     except OSError as e:
         raise ValueError(f"output {out!r} could not be written ({e.strerror or e})") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-    _fsync_folder(folder)
+    fsync_folder(folder)
     progress(f"{tag} wrote {out}: {tokens:,} tokens, {documents:,} documents from "
              f"{len(files):,} file(s) in {time.monotonic() - start:.1f} s ({header['dtype']}, "
              f"tokenizer {tokenizer!r}, vocab_size {tok.vocab_size})")
@@ -346,24 +347,6 @@ def _complete_shard(path: str, shard: dict) -> dict | None:
     return header if all(header.get(key) == value for key, value in shard.items()) else None
 
 
-def _publish(tmp: str, target: str, out: str, overwrite: bool) -> None:
-    """Gives the complete file at `tmp` its name `target`: with `overwrite` by a rename
-    over whatever is there; else by a hard link, which fails rather than replace a file
-    that appeared while this one was written (a rename where links are not supported)."""
-    if not overwrite:
-        try:
-            os.link(tmp, target)
-            return
-        except FileExistsError:
-            raise ValueError(f"output {out!r} appeared while it was being prepared (another "
-                             f"run?); it was left as it is: remove it or pass --overwrite") from None
-        except OSError:   # a file system without hard links
-            if os.path.exists(target):
-                raise ValueError(f"output {out!r} appeared while it was being prepared; it "
-                                 f"was left as it is: remove it or pass --overwrite") from None
-    os.replace(tmp, target)
-
-
 def _header_bytes(header: dict, out: str) -> bytes:
     text = json.dumps(header, sort_keys=True).encode("utf-8")
     if len(MAGIC) + len(text) + 1 > HEADER_BYTES:
@@ -372,20 +355,6 @@ def _header_bytes(header: dict, out: str) -> bytes:
                          f"{len(header['tokenizer']) + len(header.get('jsonl_field', ''))} "
                          f"characters of it)")
     return (MAGIC + text + b"\n").ljust(HEADER_BYTES, b" ")
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable where the system allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_header(path: str) -> dict:

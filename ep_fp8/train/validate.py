@@ -191,7 +191,8 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
-    training = {file_identity(p) for p in list_files(d.path)}   # every name of a file alike
+    training_files = list_files(d.path)
+    training = {file_identity(p) for p in training_files}   # every name of a file alike
     shared = [p for p in held_out if file_identity(p) in training]
     _check(not shared, cfg,
            f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
@@ -199,7 +200,7 @@ def _validation(cfg: Config) -> None:
            f"training")
     if d.source != "tokens":   # copies: the same contents under another name
         try:
-            training = {file_fingerprint(p): p for p in list_files(d.path) if os.path.getsize(p)}
+            training = {file_fingerprint(p): p for p in training_files if os.path.getsize(p)}
             sizes = {p: os.path.getsize(p) for p in held_out}
             copies = [(p, training[f]) for p in held_out if sizes[p]
                       and (f := file_fingerprint(p)) in training]

@@ -122,6 +122,10 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(run, tmp_
     with pytest.raises(ValueError, match=r"could not be loaded into the model of .*config.toml: it "
                                           r"holds model tensors this model does not have: layers.3"):
         export_model(str(other), str(out), progress=_quiet)
+    (other / "config.toml").write_text(text.replace("\nn_layers = 4\n", "\nn_layers = 5\n"))
+    with pytest.raises(ValueError, match=r"could not be loaded into the model of .*config.toml: it "
+                                          r"lacks tensors of this model: layers.4"):
+        export_model(str(other), str(out), progress=_quiet)
 
     out.write_bytes(b"keep me")
     with pytest.raises(ValueError, match="exists: remove it or pass --overwrite"):
@@ -131,6 +135,38 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(run, tmp_
     assert sorted(os.listdir(tmp_path)) == ["empty", "m.pt", "other"]   # no temporary file left
     with pytest.raises(ValueError, match="is not a model file"):
         load_exported(str(run / "config.toml"))
+
+
+def test_a_model_file_that_does_not_add_up_is_refused(run, tmp_path):
+    """load_exported names the file: another format version, model_args ModelArgs refuses,
+    weights of another shape than its model_args."""
+    export_model(str(run), str(tmp_path / "m.pt"), progress=_quiet)
+    good = torch.load(tmp_path / "m.pt", weights_only=True)
+    bad_weights = dict(good["state_dict"], **{"output.weight": torch.zeros(3, 3)})
+    for name, change, message in (
+            ("v2", {"version": 2}, "has format version 2; this ep_fp8 reads version 1"),
+            ("args", {"model_args": dict(good["model_args"], n_heads=3)},
+             "its model_args are not valid"),
+            ("shape", {"state_dict": bad_weights}, "its weights do not fit its model_args")):
+        torch.save(dict(good, **change), tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=rf"model file '.*{name}.pt'.*{message}"):
+            load_exported(str(tmp_path / f"{name}.pt"))
+
+
+def test_an_output_that_appears_during_the_export_is_left_as_it_is(run, tmp_path, monkeypatch):
+    """Without --overwrite, a file another process puts at the output while the export
+    writes is not replaced: a ValueError says so, and no temporary file is left."""
+    out = tmp_path / "m.pt"
+    save = torch.save
+
+    def save_while_another_writes(obj, f):
+        out.write_bytes(b"another run's")
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_while_another_writes)
+    with pytest.raises(ValueError, match="appeared while it was being prepared"):
+        export_model(str(run), str(out), progress=_quiet)
+    assert out.read_bytes() == b"another run's" and os.listdir(tmp_path) == ["m.pt"]
 
 
 def test_a_run_whose_checkpoints_lie_elsewhere_and_whose_data_is_gone(run, tmp_path):
@@ -337,12 +373,14 @@ def test_the_seed_fixes_the_sample_and_bad_settings_are_refused():
     for kwargs, message in ((dict(prompt=[]), "holds no token"),
                             (dict(prompt=[32]), r"ints in \[0, 32\)"),
                             (dict(temperature=-1.0), "must be >= 0"),
-                            (dict(top_k=-1), "must be >= 0")):
+                            (dict(top_k=-1), "must be >= 0"),
+                            (dict(max_new_tokens=-1), "must be >= 0")):
         with pytest.raises(ValueError, match=message):
             generate(model, **{"prompt": [1], "max_new_tokens": 2, **kwargs})
 
 
-def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_path, capsys):
+def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_path, capsys,
+                                                                      word_tokenizer):
     export_model(str(run), str(tmp_path / "m.pt"), progress=_quiet)
     assert generate_main([str(tmp_path / "m.pt"), "--prompt", "def f(", "--max-new-tokens", "5",
                           "--temperature", "0", "--device", "cpu"]) == 0
@@ -354,3 +392,6 @@ def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_pa
     assert printed == bytes(prompt + [t for t in new if t < 256]).decode("utf-8", "replace") + "\n"
     assert generate_main([str(tmp_path / "m.pt"), "--prompt-ids", "1,x"]) == 2
     assert "--prompt-ids must be comma-separated ints" in capsys.readouterr().err
+    wide = word_tokenizer({"a": 0, "b": 300})   # 301 ids for a model of 257
+    assert generate_main([str(tmp_path / "m.pt"), "--prompt", "a b", "--tokenizer", wide]) == 2
+    assert "has 301 tokens, the model 257: it is not the run's tokenizer" in capsys.readouterr().err
