@@ -90,11 +90,18 @@ class RouterConfig:
 class DataConfig:
     source: Literal["synthetic", "text", "jsonl", "tokens"] = "synthetic"
     path: str = ""
+    blend: list[str] = field(default_factory=list)
+    blend_weights: list[float] = field(default_factory=list)
     tokenizer: str = "bytes"
     jsonl_field: str = "text"
     seed: int = 0
     synthetic_vocab: int = 256
     synthetic_branching: int = 4
+
+    @property
+    def paths(self) -> list[str]:
+        """The training corpora's paths: `blend`, or `path` alone."""
+        return list(self.blend) if self.blend else [self.path]
 
 
 @dataclass

@@ -377,14 +377,115 @@ def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def build_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource:
-    """The data source that `cfg.data` (a DataConfig) names, for `cfg.training.seq_len`."""
+BLEND_BLOCK = 4096   # samples per block of a blend, each block holding fixed counts per corpus
+
+
+def blend_counts(weights: list[float], block: int = BLEND_BLOCK) -> list[int]:
+    """How many of each `block` consecutive samples of a blend come from each corpus:
+    weights / sum(weights) * block, rounded down, plus one for each of the corpora with the
+    largest remainders (the first on ties) until they add up to `block`. Raises ValueError
+    when a weight is not finite and positive, or is below 1/`block` of their sum."""
+    if not weights or not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0
+                              for w in weights):
+        raise ValueError(f"blend_weights must be finite and > 0, got {list(weights)}")
+    total = math.fsum(weights)
+    quotas = [w / total * block for w in weights]
+    for c, q in enumerate(quotas):
+        if q < 1:
+            raise ValueError(f"blend_weights[{c}] = {weights[c]:g} is below 1/{block} of the "
+                             f"weights' sum {total:g}: that corpus would hardly be drawn")
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda c: (counts[c] - quotas[c], c))
+    for c in by_remainder[:block - sum(counts)]:
+        counts[c] += 1
+    return counts
+
+
+class BlendedSource:
+    """Several corpora (sources of their own) drawn in proportion to `weights`. Sample g of
+    the run lies in block g // BLEND_BLOCK; every block holds blend_counts(weights) samples
+    of each corpus, in an order shuffled by (seed, block), so a prefix of n samples holds
+    each corpus's share to within one block's rounding, and every global batch a mix. The
+    k-th sample drawn from corpus c is that corpus's own sample k: each corpus walks its
+    windows epoch after epoch as alone, so one whose weight exceeds its share of the tokens
+    is repeated (more epochs of it) and one below it is seen in part. `fingerprint` names
+    the corpora's fingerprints, weights and the block rule."""
+
+    def __init__(self, sources: list, weights: list[float], seed: int):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(f"a blend needs one weight per corpus, got {len(sources)} "
+                             f"corpora and {len(weights)} weights")
+        self.sources, self.weights, self.seed = sources, list(weights), seed
+        self.counts = blend_counts(self.weights)
+        self.note = "\n".join(dict.fromkeys(s.note for s in sources if s.note))
+        tokenized = [s.seconds for s in sources if hasattr(s, "seconds")]   # text read at start-up
+        self.seconds = sum(tokenized) if tokenized else None
+        parts = "; ".join(f"weight {w:g}: {s.fingerprint}" for w, s in zip(weights, sources))
+        self.fingerprint = (f"blend of {len(sources)} corpora, blocks of {BLEND_BLOCK} samples "
+                            f"(rng v{rng.VERSION}, seed {seed}): {parts}")
+        self._labels = torch.repeat_interleave(torch.arange(len(sources)), torch.tensor(self.counts))
+        self._first = torch.tensor(list(itertools.accumulate(self.counts, initial=0))[:-1])
+        self._block, self._corpus, self._rank = -1, None, None
+
+    def _place(self, block: int) -> None:
+        """The corpus of each position of `block` and its rank among that corpus's."""
+        if block == self._block:
+            return
+        perm = torch.randperm(BLEND_BLOCK, generator=rng.generator(self.seed, "blend", block))
+        corpus = self._labels[perm]
+        # A position's rank among its corpus's positions: sorted by corpus, positions stay
+        # in order within each corpus (a stable sort), so the rank is the offset in its run.
+        rank = torch.empty(BLEND_BLOCK, dtype=torch.int64)
+        order = torch.argsort(corpus, stable=True)
+        rank[order] = torch.arange(BLEND_BLOCK) - self._first[corpus[order]]
+        self._block, self._corpus, self._rank = block, corpus.tolist(), rank.tolist()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(corpus, that corpus's sample index) of sample `index` of the run."""
+        block, pos = divmod(index, BLEND_BLOCK)
+        self._place(block)
+        c = self._corpus[pos]
+        return c, block * self.counts[c] + self._rank[pos]
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
+        wanted: list[list[tuple[int, int]]] = [[] for _ in self.sources]
+        for row, index in enumerate(indices):
+            c, k = self.locate(index)
+            wanted[c].append((row, k))
+        out = None
+        for source, rows in zip(self.sources, wanted):
+            if rows:
+                got = source.get([k for _, k in rows])
+                if out is None:
+                    out = got.new_empty((len(indices), got.shape[1]))
+                out[[row for row, _ in rows]] = got
+        return out
+
+
+def _corpus(d, path: str, seq_len: int) -> TokenFileSource | PreparedTokenSource:
+    if d.source == "tokens":
+        return PreparedTokenSource(path, seq_len, d.seed)
+    return TokenFileSource(path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
+
+
+def build_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource | BlendedSource:
+    """The data source that `cfg.data` (a DataConfig) names, for `cfg.training.seq_len`: a
+    blend of its `blend` corpora when it has two or more (one is that corpus alone, the
+    same samples as `path` would give). Raises ValueError naming the corpus whose file
+    cannot be read or which holds too few tokens."""
     d, seq_len = cfg.data, cfg.training.seq_len
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed)
-    if d.source == "tokens":
-        return PreparedTokenSource(d.path, seq_len, d.seed)
-    return TokenFileSource(d.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
+    if len(d.blend) < 2:
+        return _corpus(d, d.blend[0] if d.blend else d.path, seq_len)
+    sources = []
+    for i, path in enumerate(d.blend):
+        try:
+            sources.append(_corpus(d, path, seq_len))
+        except ValueError as e:
+            raise ValueError(f"blend[{i}]: {e}") from None
+    return BlendedSource(sources, d.blend_weights, d.seed)
 
 
 def build_validation_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource:

@@ -81,7 +81,7 @@ def _tokenizer(cfg, given: str | None, progress) -> dict:
     elif name is None and cfg.data.source == "tokens":
         from ep_fp8.train.token_file import read_token_files
         try:
-            name = read_token_files(cfg.data.path)[1][0]["tokenizer"]
+            name = read_token_files(cfg.data.paths[0])[1][0]["tokenizer"]
         except ValueError as e:
             progress(f"[export] warning: the run's token files cannot be read here ({e}), so "
                      f"its tokenizer is unknown: pass --tokenizer to record it")

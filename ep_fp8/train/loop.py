@@ -27,7 +27,7 @@ from ep_fp8.train.checkpoint import (CheckpointDamagedError, CheckpointMismatchE
                                      load_weights)
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
                                  to_dict, to_toml)
-from ep_fp8.train.data import (DataLoader, MarkovSource, TokenFileSource, build_source,
+from ep_fp8.train.data import (DataLoader, MarkovSource, build_source,
                                 build_validation_source)
 from ep_fp8.train.metrics import MetricsLogger, peak_flops
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, schedule_note
@@ -417,8 +417,9 @@ def train(cfg: Config) -> dict:
     _describe(cfg, args, dims, device, dtype)
     if note := source.note:  # e.g. a tokenizer without an end-of-document token
         say(note)
-    if isinstance(source, TokenFileSource) and source.seconds >= SLOW_TOKENIZING_S:
-        say(f"[data] reading and tokenizing [data] path took {source.seconds:.0f} s on every "
+    seconds = getattr(source, "seconds", None)   # to tokenize text: TokenFileSource, or a blend
+    if seconds is not None and seconds >= SLOW_TOKENIZING_S:
+        say(f"[data] reading and tokenizing the [data] files took {seconds:.0f} s on every "
             f"rank; python -m ep_fp8.train.prepare_data does it once, into a token file that "
             f"the ranks map (docs/getting_started.md, \"Large corpora\")")
     if note := schedule_note(t.steps, cfg.lr_schedule.warmup_steps, cfg.lr_schedule.min_lr_ratio):

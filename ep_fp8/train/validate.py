@@ -110,14 +110,25 @@ def _parallel(cfg: Config, n_experts: int, world_size: int | None) -> None:
            f"largest that fits)")
 
 
+def _corpus_name(d, i: int) -> str:
+    """How messages name training corpus i: [data] path 'x' or [data] blend[i] 'x'."""
+    return f"[data] blend[{i}] {d.blend[i]!r}" if d.blend else f"[data] path {d.path!r}"
+
+
+def _training_name(d) -> str:
+    return f"[data] blend {list(d.blend)!r}" if d.blend else f"[data] path {d.path!r}"
+
+
 def _data(cfg: Config, vocab_size: int) -> None:
-    from ep_fp8.train.data import list_files
+    from ep_fp8.train.data import blend_counts, file_identity, list_files
     from ep_fp8.train.token_file import combined_header
     from ep_fp8.train.tokenizer import load_tokenizer
 
     d = cfg.data
     if d.source == "synthetic":   # reads no files: a path or tokenizer set here is a slip
-        for key, value, default in (("path", d.path, ""), ("tokenizer", d.tokenizer, "bytes"),
+        for key, value, default in (("path", d.path, ""), ("blend", d.blend, []),
+                                    ("blend_weights", d.blend_weights, []),
+                                    ("tokenizer", d.tokenizer, "bytes"),
                                     ("jsonl_field", d.jsonl_field, "text")):
             _check(value == default, cfg,
                    f"[data] {key} = {value!r} is set, but [data] source = \"synthetic\" reads "
@@ -129,40 +140,83 @@ def _data(cfg: Config, vocab_size: int) -> None:
                f"[data] synthetic_branching must be in [1, synthetic_vocab = "
                f"{d.synthetic_vocab}], got {d.synthetic_branching}")
         return
-    _check(bool(d.path), cfg, f"[data] source = {d.source!r} needs [data] path (a file or glob)")
+    _check(not (d.path and d.blend), cfg,
+           f"[data] path = {d.path!r} and [data] blend = {list(d.blend)!r} are both set: path "
+           f"names one corpus, blend several (with blend_weights); keep one of them")
+    _check(bool(d.path or d.blend), cfg,
+           f"[data] source = {d.source!r} needs [data] path (a file or glob), or [data] blend "
+           f"and blend_weights (several, drawn in proportion)")
+    _check(len(d.blend_weights) == len(d.blend), cfg,
+           f"[data] blend_weights needs one weight per [data] blend entry: got "
+           f"{len(d.blend_weights)} weight(s) for {len(d.blend)} entries")
+    if d.blend:
+        _check(all(d.blend), cfg, f"[data] blend = {list(d.blend)!r} holds an empty path")
+        try:
+            blend_counts(d.blend_weights)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: [data] {e}") from None
     _check(d.source == "jsonl" or d.jsonl_field == "text", cfg,
            f"[data] jsonl_field = {d.jsonl_field!r} is set, but [data] source = {d.source!r}: "
            f"it is read only with source = \"jsonl\"")
+    files: list[list[str]] = []   # each corpus's files
     if d.source == "tokens":
         _check(d.tokenizer == "bytes", cfg,
                f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
                f"reads token files, which record the tokenizer they were prepared with")
-        header = combined_header(_token_file_headers(cfg, "data", d.path))
-        name, vocab = f"token file(s) {d.path!r} (tokenizer {header['tokenizer']!r})", header["vocab_size"]
-        seq_len = cfg.training.seq_len
-        _check(header["tokens"] >= seq_len + 1, cfg,
-               f"[data] {name} holds {header['tokens']} tokens, fewer than [training] seq_len "
-               f"+ 1 = {seq_len + 1}")
+        seq_len, first = cfg.training.seq_len, None
+        for i, path in enumerate(d.paths):
+            where = _corpus_name(d, i)
+            paths, headers = _token_files(cfg, f"[data] blend[{i}]:" if d.blend else "[data]", path)
+            header = combined_header(headers)
+            files.append(paths)
+            name = f"token file(s) {path!r} (tokenizer {header['tokenizer']!r})"
+            _check(header["tokens"] >= seq_len + 1, cfg,
+                   f"{where}: {name} holds {header['tokens']} tokens, fewer than [training] "
+                   f"seq_len + 1 = {seq_len + 1}")
+            if first is None:
+                first, vocab, first_name = header, header["vocab_size"], name
+            _check((header["vocab_size"], header["eos_id"]) == (first["vocab_size"], first["eos_id"]),
+                   cfg, f"{where}: {name} has {header['vocab_size']} tokens and end of document "
+                   f"{header['eos_id']}, {_corpus_name(d, 0)} {first['vocab_size']} and "
+                   f"{first['eos_id']}: prepare every corpus of a blend with the same tokenizer")
+        name = first_name
     else:
         try:
-            list_files(d.path)
+            for i, path in enumerate(d.paths):
+                try:
+                    files.append(list_files(path))
+                except ValueError as e:
+                    raise ValueError(f"blend[{i}]: {e}" if d.blend else str(e)) from None
             tokenizer = load_tokenizer(d.tokenizer)
         except ValueError as e:
             raise ConfigError(f"{cfg.source}: [data] {e}") from None
         name, vocab = f"tokenizer {d.tokenizer!r}", tokenizer.vocab_size
+    seen: dict[tuple[int, int], int] = {}
+    for i, corpus_files in enumerate(files):
+        for p in corpus_files:
+            j = seen.setdefault(file_identity(p), i)
+            _check(j == i, cfg,
+                   f"{_corpus_name(d, i)} and {_corpus_name(d, j)} both hold {p!r}: a file may be "
+                   f"in one corpus of a blend only (raise that corpus's weight instead)")
     _check(vocab <= vocab_size, cfg,
            f"[data] {name} has {vocab} tokens, more than the model's vocab_size = "
            f"{vocab_size} ([model] vocab_size)")
 
 
-def _token_file_headers(cfg: Config, section: str, path: str) -> list[dict]:
-    """The checked headers of the token files that [section] path names."""
+def _token_files(cfg: Config, where: str, path: str) -> tuple[list[str], list[dict]]:
+    """The paths and checked headers of the token files that `path` names; ConfigError
+    after `where` ("[data]", "[data] blend[1]:") when they cannot be read."""
     from ep_fp8.train.token_file import read_token_files
 
     try:
-        return read_token_files(path)[1]
+        return read_token_files(path)
     except ValueError as e:
-        raise ConfigError(f"{cfg.source}: [{section}] {e}") from None
+        raise ConfigError(f"{cfg.source}: {where} {e}") from None
+
+
+def _token_file_headers(cfg: Config, section: str, path: str) -> list[dict]:
+    """The checked headers of the token files that [section] path names."""
+    return _token_files(cfg, f"[{section}]", path)[1]
 
 
 COPIED_SHARE = 0.1   # held-out bytes in copies of training files that make a config error
@@ -191,11 +245,11 @@ def _validation(cfg: Config) -> None:
         held_out = list_files(v.path)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [validation] {e}") from None
-    training_files = list_files(d.path)
+    training_files = [p for path in d.paths for p in list_files(path)]
     training = {file_identity(p) for p in training_files}   # every name of a file alike
     shared = [p for p in held_out if file_identity(p) in training]
     _check(not shared, cfg,
-           f"[validation] path {v.path!r} and [data] path {d.path!r} share {len(shared)} "
+           f"[validation] path {v.path!r} and {_training_name(d)} share {len(shared)} "
            f"file(s) ({shared[0] if shared else ''}): validation data must be held out of "
            f"training")
     if d.source != "tokens":   # copies: the same contents under another name
@@ -211,30 +265,30 @@ def _validation(cfg: Config) -> None:
         share = sum(sizes[p] for p, _ in copies) / max(1, sum(sizes.values()))
         _check(share < COPIED_SHARE, cfg,
                f"[validation] path {v.path!r}: {len(copies)} file(s), {share:.0%} of its bytes, "
-               f"are copies of files of [data] path {d.path!r} (by size and first and last 4 KiB; "
+               f"are copies of files of {_training_name(d)} (by size and first and last 4 KiB; "
                f"{copies[0][0] if copies else ''!r} of {copies[0][1] if copies else ''!r}): "
                f"validation data must be held out of training")
     if d.source == "tokens":
-        held_files, trained_files = (_token_file_headers(cfg, section, path)
-                                     for section, path in (("validation", v.path), ("data", d.path)))
+        held_files = _token_file_headers(cfg, "validation", v.path)
+        trained_files = [h for path in d.paths for h in _token_file_headers(cfg, "data", path)]
         held, trained = combined_header(held_files), combined_header(trained_files)
         _check((held["vocab_size"], held["eos_id"]) == (trained["vocab_size"], trained["eos_id"]),
                cfg, f"[validation] token file(s) {v.path!r} were prepared with tokenizer "
                f"{held['tokenizer']!r} ({held['vocab_size']} tokens, end of document "
-               f"{held['eos_id']}), [data] path {d.path!r} with {trained['tokenizer']!r} "
+               f"{held['eos_id']}), {_training_name(d)} with {trained['tokenizer']!r} "
                f"({trained['vocab_size']} tokens, end of document {trained['eos_id']}): prepare both "
                f"with the same tokenizer")
         same = ({h["hash"] for h in held_files if h["tokens"]}
                 & {h["hash"] for h in trained_files if h["tokens"]})
         _check(not same, cfg,
                f"[validation] token file(s) {v.path!r} hold the same documents as a file of "
-               f"[data] path {d.path!r} (documents' hash {min(same) if same else ''}): validation "
+               f"{_training_name(d)} (documents' hash {min(same) if same else ''}): validation "
                f"data must be held out of training")
         same = ({h.get("inputs") for h in held_files} & {h.get("inputs") for h in trained_files}
                 - {None})
         _check(not same, cfg,
                f"[validation] token file(s) {v.path!r} were prepared from the same input files as "
-               f"[data] path {d.path!r} (inputs {min(same) if same else ''}), in another cut "
+               f"{_training_name(d)} (inputs {min(same) if same else ''}), in another cut "
                f"(one file or other shards): validation data must be held out of training")
 
 
