@@ -6,9 +6,12 @@
 Encodes the prompt with the tokenizer the run trained with (or --tokenizer), samples one
 token at a time and prints the prompt and its continuation; it stops early at the
 tokenizer's end-of-document token. A model trained on synthetic data has no tokenizer:
-give --prompt-ids 1,2,3 and read token ids back. Each new token runs the model over the
-whole context (the last max_seq_len tokens; no key-value cache): fine for checking what a
-run learned, not a serving path.
+give --prompt-ids 1,2,3 and read token ids back. The prompt runs through the model once
+and each new token then costs one position, with a key-value cache
+(ep_fp8.model.KVCache), as long as the context fits in max_seq_len tokens; past that,
+each new token runs the model over the last max_seq_len tokens again (see generate). One
+sequence at a time, on the model as exported: fine for checking what a run learned, not
+a serving path.
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     `temperature` (0: the most likely token), restricted to the `top_k` most likely (0: all)
     and to ids below `allowed` (None: the whole vocabulary); ends after `stop` when drawn.
     Seeded by `generator` (on the model's device). Raises ValueError on an empty prompt, an
-    id outside the vocabulary or a negative setting."""
+    id outside the vocabulary or a negative setting.
+
+    Each token is drawn from the logits of the model run over the last max_seq_len tokens
+    of the context (positions from 0). While the context fits, a KVCache makes that one
+    forward of the prompt (its last max_seq_len tokens) and then one position per token;
+    the logits equal those of the whole-context forward up to rounding. Once the cache is
+    full, the window slides by one token per new token, which moves every position in it
+    (and what each attends to), so cached keys and values no longer apply: each further
+    token empties the cache and runs the last max_seq_len tokens again, as the loop
+    without a cache did. The tokens are those of that loop, `model(context[-max_seq_len:])`
+    per token."""
     vocab, window = model.args.vocab_size, model.args.max_seq_len
     if not prompt:
         raise ValueError("the prompt holds no token")
@@ -38,16 +51,26 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
         raise ValueError(f"max_new_tokens ({max_new_tokens}), temperature ({temperature}) and "
                          f"top_k ({top_k}) must be >= 0")
     allowed = vocab if allowed is None else min(allowed, vocab)
+    from ep_fp8.model.cache import KVCache
+
     device = next(model.parameters()).device
-    tokens = torch.tensor([prompt], dtype=torch.int64, device=device)
+    cache = KVCache.for_model(model, 1)                 # max_len: max_seq_len
+    context = list(prompt[-window:])                    # the last `window` tokens
+    pending = context                                   # what the cache has not seen yet
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, -window:])[0, -1]
+        ids = torch.tensor([pending], dtype=torch.int64, device=device)
+        logits = model(ids, cache=cache)[0, -1]
         token = sample_next(logits, temperature, top_k, allowed, generator)
         new.append(token)
         if token == stop:
             break
-        tokens = torch.cat([tokens, tokens.new_tensor([[token]])], dim=1)
+        context = (context + [token])[-window:]
+        if cache.length < window:
+            pending = [token]
+        else:                   # full: the window slides, every position moves
+            cache.reset()
+            pending = context
     return new
 
 
