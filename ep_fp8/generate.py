@@ -41,7 +41,8 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     (and what each attends to), so cached keys and values no longer apply: each further
     token empties the cache and runs the last max_seq_len tokens again, as the loop
     without a cache did. The tokens are those of that loop, `model(context[-max_seq_len:])`
-    per token."""
+    per token, unless two logits are close enough for the rounding of the cached path (in
+    float32 about 1e-7 of their size; more in bf16) to swap them."""
     vocab, window = model.args.vocab_size, model.args.max_seq_len
     if not prompt:
         raise ValueError("the prompt holds no token")
@@ -54,8 +55,9 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     from ep_fp8.model.cache import KVCache
 
     device = next(model.parameters()).device
-    cache = KVCache.for_model(model, 1)                 # max_len: max_seq_len
     context = list(prompt[-window:])                    # the last `window` tokens
+    # Room for every position this call can reach, at most the window.
+    cache = KVCache.for_model(model, 1, max_len=min(window, len(context) + max_new_tokens))
     pending = context                                   # what the cache has not seen yet
     new: list[int] = []
     for _ in range(max_new_tokens):

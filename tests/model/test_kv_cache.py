@@ -84,6 +84,19 @@ def test_a_step_uses_the_cached_positions_and_its_own_position():
     assert (step - alone).abs().max() > 1e-3
 
 
+def test_a_bf16_model_gets_a_bf16_cache_and_the_logits_within_bf16_rounding():
+    model = _model().to(torch.bfloat16)
+    tokens = _tokens(2, 16)
+    cache = KVCache.for_model(model, 2)
+    assert cache.dtype == torch.bfloat16 and cache.k[0].shape == (2, 16, 2, 4)
+    with torch.no_grad():
+        full = model(tokens)
+        got = torch.cat([model(tokens[:, :5], cache=cache)]
+                        + [model(tokens[:, i:i + 1], cache=cache) for i in range(5, 16)], dim=1)
+    torch.testing.assert_close(got, full, rtol=0, atol=2e-2 * full.abs().max().item())
+    assert len(generate(model, [1, 2, 3], 20, temperature=0)) == 20   # past the window
+
+
 def test_rotary_rows_from_start_are_those_of_the_whole_table():
     cos, sin = rope_cos_sin(16, 8, 10000.0, torch.device("cpu"))
     cos5, sin5 = rope_cos_sin(3, 8, 10000.0, torch.device("cpu"), start=5)
