@@ -91,6 +91,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, allowed: i
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def _device(name: str) -> torch.device:
+    """--device: 'auto' (cuda when there is a GPU, else cpu) or a device torch knows that
+    this machine has; ValueError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: give cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (give cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     from ep_fp8.train.export import exported_tokenizer, load_exported
 
@@ -110,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="'bytes' or a tokenizer.json (default: the run's)")
     ns = parser.parse_args(argv)
     try:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
+        device = _device(ns.device)
         model, meta = load_exported(ns.model, device)
         tok = exported_tokenizer(meta, ns.tokenizer)
         spec = ns.tokenizer or meta.get("tokenizer")

@@ -58,7 +58,9 @@ def find_checkpoint(run: str, step: int | None = None):
     folder = os.path.join(run, os.path.expanduser(cfg.checkpoint.folder))   # unless absolute
     found = complete_checkpoints(folder)
     if not found:
-        raise ValueError(f"run {run!r} has no complete checkpoint in {folder!r}")
+        why = ("" if cfg.checkpoint.enabled else
+               " (its config has [checkpoint] enabled = false: it saved none)")
+        raise ValueError(f"run {run!r} has no complete checkpoint in {folder!r}{why}")
     if step is None:
         return (cfg, *found[-1])
     paths = dict(found)
@@ -158,7 +160,8 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     fsync_folder(folder)
     n = sum(v.numel() for v in weights.values())
     progress(f"[export] wrote {out}: {n:,} weights ({os.path.getsize(out) / 2**20:,.1f} MiB), "
-             f"step {step}, tokenizer {meta['tokenizer']!r}")
+             f"step {step}, " + (f"tokenizer {meta['tokenizer']!r}" if meta["tokenizer"] else
+                                 "no tokenizer (sample it with --prompt-ids)"))
     return meta
 
 

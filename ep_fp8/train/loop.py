@@ -252,7 +252,7 @@ def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype)
                                   G=args.n_experts // max(dims.ep, 1) or None)
         float8 = f"on ({cfg.float8.backend}: {backend})"
     say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "
-         f"per token; {dims.world_size} ranks, ep={dims.ep}, dp_replicate={dims.dp_replicate}, "
+         f"per token; {dims.world_size} rank{'s' if dims.world_size > 1 else ''}, ep={dims.ep}, dp_replicate={dims.dp_replicate}, "
          f"device {device.type}, {str(dtype).removeprefix('torch.')}, float8 {float8}, "
          f"dispatch payload {dispatch_payload(cfg)}")
 
@@ -417,6 +417,9 @@ def train(cfg: Config) -> dict:
     _describe(cfg, args, dims, device, dtype)
     if note := source.note:  # e.g. a tokenizer without an end-of-document token
         say(note)
+    if cfg.validation.path and not cfg.validation.enabled:
+        say(f"[validation] path = {cfg.validation.path!r} is set, but enabled = false: this run "
+            f"computes no held-out loss")
     seconds = getattr(source, "seconds", None)   # to tokenize text: TokenFileSource, or a blend
     if seconds is not None and seconds >= SLOW_TOKENIZING_S:
         say(f"[data] reading and tokenizing the [data] files took {seconds:.0f} s on every "

@@ -111,7 +111,14 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(run, tmp_
     empty = tmp_path / "empty"   # a run folder whose checkpoints are gone
     empty.mkdir()
     shutil.copy(run / "config.toml", empty / "config.toml")
-    with pytest.raises(ValueError, match="has no complete checkpoint in"):
+    with pytest.raises(ValueError, match="has no complete checkpoint in [^(]*$"):
+        export_model(str(empty), str(out), progress=_quiet)
+    config = (empty / "config.toml").read_text()   # a run that never saved one says why
+    assert "[checkpoint]\nenabled = true\n" in config
+    (empty / "config.toml").write_text(config.replace("[checkpoint]\nenabled = true\n",
+                                                      "[checkpoint]\nenabled = false\n"))
+    with pytest.raises(ValueError, match=r"no complete checkpoint .*\(its config has \[checkpoint\] "
+                                         r"enabled = false: it saved none\)"):
         export_model(str(empty), str(out), progress=_quiet)
 
     other = tmp_path / "other"   # the checkpoints of another model size
@@ -395,3 +402,7 @@ def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_pa
     wide = word_tokenizer({"a": 0, "b": 300})   # 301 ids for a model of 257
     assert generate_main([str(tmp_path / "m.pt"), "--prompt", "a b", "--tokenizer", wide]) == 2
     assert "has 301 tokens, the model 257: it is not the run's tokenizer" in capsys.readouterr().err
+    for device, message in (("gpu", "--device 'gpu' is not a device: give cpu, cuda, cuda:N or auto"),
+                            ("cuda:99", "--device cuda:99: this machine has")):
+        assert generate_main([str(tmp_path / "m.pt"), "--prompt-ids", "1", "--device", device]) == 2
+        assert message in capsys.readouterr().err

@@ -420,3 +420,14 @@ def test_config_without_a_file_says_so():
     for argv in (["--config"], ["--config="], ["--training.steps=3", "--config"]):
         with pytest.raises(ConfigError, match="names no file: write --config FILE"):
             parse_cli(argv)
+
+
+def test_a_held_out_path_with_validation_off_is_said_at_start_up(tmp_path, one_rank, capsys):
+    (tmp_path / "held.txt").write_text("held out")
+    _train(tmp_path, "--training.steps=1", "--data.source=text", f"--data.path={__file__}",
+           "--model.vocab_size=257", f"--validation.path={tmp_path / 'held.txt'}")
+    said = capsys.readouterr().out
+    assert "[validation] path = " in said and "enabled = false: this run computes no held-out loss" in said
+    assert "1 rank, ep=" in said
+    _train(tmp_path, "--training.steps=1", name="plain")
+    assert "computes no held-out loss" not in capsys.readouterr().out
