@@ -172,3 +172,26 @@ def test_a_cache_that_does_not_fit_is_refused_naming_why():
         KVCache(TINY, 0)
     with pytest.raises(ValueError, match="max_seq_len"):   # the model's own check comes first
         model(_tokens(2, 17), cache=KVCache.for_model(model, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.25)])
+def test_on_the_gpu_decoding_kernels_give_the_logits_of_the_whole_forward(dtype, atol):
+    """generate's attention kernels (flash / memory-efficient, not cuDNN) with the cache
+    against the default kernels over the whole sequence, on CUDA; bf16's tolerance is about
+    twice the gap between this model's bf16 and float32 logits on the CPU (0.07-0.11)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from ep_fp8.generate import _DECODING_ATTENTION
+
+    model = _model(TINY).to("cuda", dtype)
+    tokens = _tokens(2, 16).cuda()
+    cache = KVCache.for_model(model, 2)
+    with torch.no_grad():
+        full = model(tokens)
+        with sdpa_kernel(_DECODING_ATTENTION):
+            got = torch.cat([model(tokens[:, :6], cache=cache), model(tokens[:, 6:10], cache=cache)]
+                            + [model(tokens[:, i:i + 1], cache=cache) for i in range(10, 16)], dim=1)
+    torch.testing.assert_close(got, full, rtol=0, atol=atol)
+    assert (full[:, 1:] - full[:, :-1]).abs().amax() > 4   # logits that differ by far more
