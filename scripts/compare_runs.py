@@ -68,7 +68,9 @@ def read_metrics(path) -> tuple[dict, list[dict], list[dict]]:
     a non-integer step or a non-numeric metric, or no loss records at all."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder, not a metrics file")
+        inside = path / "metrics.jsonl"
+        hint = f" (the run's metrics are {inside})" if inside.is_file() else ""
+        raise ValueError(f"{path}: is a folder, not a metrics file{hint}")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:

@@ -168,8 +168,13 @@ def _jsonl_texts(f, path: str, field: str):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column "
                              f"{e.colno + (skipped > 0)})") from None
-        if not isinstance(doc, dict) or field not in doc:
+        if not isinstance(doc, dict):
             raise ValueError(f"{path}:{lineno}: not a JSON object with a string field {field!r}")
+        if field not in doc:
+            keys = ", ".join(repr(k) for k in list(doc)[:8]) + (", ..." if len(doc) > 8 else "")
+            raise ValueError(f"{path}:{lineno}: the JSON object has no field {field!r} (its "
+                             f"fields: {keys or 'none'}; [data] jsonl_field names the one to "
+                             f"train on)")
         if not isinstance(doc[field], str):
             raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
         # JSON may escape lone surrogates (\ud800), which UTF-8 cannot hold.

@@ -114,7 +114,8 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     appeared at `out` meanwhile (unless `overwrite`). `tokenizer` ('bytes' or a
     tokenizer.json) replaces the one the run used; a tokenizer.json is embedded."""
     from ep_fp8.model import Transformer
-    from ep_fp8.train.checkpoint import _check_model_keys, _load, _saved_keys
+    from ep_fp8.train.checkpoint import (CheckpointDamagedError, _check_model_keys, _load, _saved_keys,
+                                         complete_checkpoints)
     from ep_fp8.train.config import resolve_model_args, to_toml
 
     if dtype is not None and dtype not in DTYPES:
@@ -131,9 +132,14 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     into = f"the model of {run!r}'s config.toml"
-    _check_model_keys(path, _saved_keys(path), state["model"], into)
-    progress(f"[export] reading step {step} of {run!r} ({path})")
-    _load(path, state, into, lambda: None)   # a Ctrl-C or SIGTERM in it stays one
+    try:
+        _check_model_keys(path, _saved_keys(path), state["model"], into)
+        progress(f"[export] reading step {step} of {run!r} ({path})")
+        _load(path, state, into, lambda: None)   # a Ctrl-C or SIGTERM in it stays one
+    except CheckpointDamagedError as e:
+        earlier = [s for s, _ in complete_checkpoints(os.path.dirname(path)) if s < step]
+        hint = f"; --step {earlier[-1]} exports the one before it" if earlier else ""
+        raise CheckpointDamagedError(f"{e}{hint}") from None
     weights = state.pop("model")
     params = {name for name, _ in model.named_parameters()}
     del model   # then each float32 tensor is freed as its cast replaces it

@@ -455,7 +455,12 @@ def train(cfg: Config) -> dict:
     elif initial := os.path.expanduser(cfg.checkpoint.initial_load):
         try:
             from_step = load_weights(initial, model)
-        except (CheckpointMismatchError, ValueError) as e:   # raised on every rank alike
+        except CheckpointMismatchError as e:   # raised on every rank alike
+            raise ConfigError(
+                f"{cfg.source}: [checkpoint] initial_load: {e}. The model this config builds must "
+                f"have the sizes of the one saved there ([model] name and overrides; its run's "
+                f"config.toml lists them)") from None
+        except ValueError as e:   # not a complete checkpoint, or a damaged one
             raise ConfigError(f"{cfg.source}: [checkpoint] initial_load: {e}") from None
         say(f"weights from {initial} (its step {from_step}); optimizer, learning-rate "
             f"schedule, data order and step start anew")

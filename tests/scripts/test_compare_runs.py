@@ -214,6 +214,10 @@ def test_a_metrics_file_that_is_not_utf8_or_is_a_folder_is_named(compare_runs, t
     for bad, message in (("b.jsonl", "b.jsonl:2: not UTF-8 (byte 22 of the line)"), ("c", "c: is a folder")):
         assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / bad), "--out", str(tmp_path / "p.png")]) == 2
         assert message in capsys.readouterr().err
+    (tmp_path / "run").mkdir()   # a run's folder
+    write_metrics(tmp_path / "run" / "metrics.jsonl", "run", [1, 2], [2.0, 1.5], seed=0)
+    assert compare_runs.main([str(tmp_path / "a.jsonl"), str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 2
+    assert f"run: is a folder, not a metrics file (the run's metrics are {tmp_path / 'run' / 'metrics.jsonl'})" in capsys.readouterr().err
 
 
 def test_throughput_skips_the_first_record_of_a_short_run(compare_runs):

@@ -135,7 +135,8 @@ def test_jsonl_reads_the_named_field_and_names_the_bad_line(tmp_path):
     src = TokenFileSource(str(path), "jsonl", "bytes", seq_len=4, seed=0, field="body")
     assert src.tokens.tolist() == list(b"abcdefgh") + [256] + list(b"ij") + [256]
     path.write_text(json.dumps({"body": "ok"}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(ValueError, match=f"{path}:2: not a JSON object with a string field 'body'"):
+    with pytest.raises(ValueError, match=f"{path}:2: the JSON object has no field 'body' \\(its "
+                                         f"fields: 'text'; \\[data\\] jsonl_field names the one"):
         TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0, field="body")
     # A byte-order mark opening the file (as some editors write it) is not part of the data.
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"body": "abc"}).encode() + b"\r\n")

@@ -276,9 +276,13 @@ def test_an_ignored_hangup_stays_ignored_and_a_damaged_checkpoint_is_named(run, 
         signal.signal(signal.SIGHUP, before)
     shutil.copytree(run, tmp_path / "run")
     os.unlink(tmp_path / "run" / "checkpoints" / "step-4" / ".metadata")
-    with pytest.raises(ValueError, match=r"step-4 is damaged: its .metadata cannot be read"):
+    with pytest.raises(ValueError, match=r"step-4 is damaged: its .metadata cannot be read.*; "
+                                         r"--step 2 exports the one before it"):
         export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"), progress=_quiet)
     assert not (tmp_path / "m.pt").exists()
+    os.unlink(tmp_path / "run" / "checkpoints" / "step-2" / ".metadata")   # none before it
+    with pytest.raises(ValueError, match=r"step-2 is damaged: its .metadata cannot be read[^;]*$"):
+        export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"), step=2, progress=_quiet)
 
 
 def test_a_new_run_starts_from_a_checkpoints_weights_on_another_layout(run, tmp_path):
@@ -317,6 +321,7 @@ def test_a_new_run_starts_from_a_checkpoints_weights_on_another_layout(run, tmp_
     misfit = json.loads((tmp_path / "misfit" / "result-rank0.json").read_text())
     assert "[checkpoint] initial_load:" in misfit["error"]
     assert "model tensors this model does not have: layers.3." in misfit["error"]
+    assert "must have the sizes of the one saved there" in misfit["error"]
     assert not (tmp_path / "misfit" / "config.toml").exists()
 
 
