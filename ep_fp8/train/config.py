@@ -198,6 +198,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise bad
         return value
     if origin in (tuple, list):
+        if isinstance(value, str):   # a list the shell unquoted, or one written as a string
+            raise ConfigError(f"{bad}: write a TOML list, such as [\"a\", \"b\"] or [1, 2] (on "
+                              f"the command line in quotes: '--section.key=[\"a\", \"b\"]')")
         if not isinstance(value, (list, tuple)):
             raise bad
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]

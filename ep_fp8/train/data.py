@@ -214,7 +214,14 @@ class _TokenWindows:
                             f"{head.hexdigest()}), {rest}")
         # as checkpoints of earlier releases saved it, without the tokens' hash
         self.earlier_fingerprint = f"{n_tokens} tokens (documents' hash {digest}), {rest}"
-        self._epoch, self._order = -1, None
+        self._epoch, self._order, self._stream = -1, None, "data"
+
+    def as_blend_corpus(self, i: int) -> None:
+        """Make this corpus i of a blend: its windows in an order of its own (two corpora of
+        as many windows would otherwise share one), named in the fingerprint."""
+        self._stream, self._epoch = f"data/blend{i}", -1
+        self.fingerprint += f", corpus {i} of a blend"
+        self.earlier_fingerprint = self.fingerprint   # no earlier release had blends
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -224,7 +231,8 @@ class _TokenWindows:
     def _window(self, index: int) -> int:
         epoch, pos = divmod(index, self.n_windows)
         if epoch != self._epoch:
-            self._order = torch.randperm(self.n_windows, generator=_generator(self.seed, epoch))
+            self._order = torch.randperm(self.n_windows,
+                                         generator=rng.generator(self.seed, self._stream, epoch))
             self._epoch = epoch
         return int(self._order[pos])
 
@@ -393,7 +401,12 @@ def blend_counts(weights: list[float], block: int = BLEND_BLOCK) -> list[int]:
     if not weights or not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0
                               for w in weights):
         raise ValueError(f"blend_weights must be finite and > 0, got {list(weights)}")
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        raise ValueError(f"blend_weights must add up to a finite number, got {list(weights)}")
     quotas = [w / total * block for w in weights]
     for c, q in enumerate(quotas):
         if q < 1:
@@ -425,7 +438,8 @@ class BlendedSource:
         self.note = "\n".join(dict.fromkeys(s.note for s in sources if s.note))
         tokenized = [s.seconds for s in sources if hasattr(s, "seconds")]   # text read at start-up
         self.seconds = sum(tokenized) if tokenized else None
-        parts = "; ".join(f"weight {w:g}: {s.fingerprint}" for w, s in zip(weights, sources))
+        # The counts, not the weights, fix the samples ([3, 1] and [6, 2] draw alike).
+        parts = "; ".join(f"{n} per block: {s.fingerprint}" for n, s in zip(self.counts, sources))
         self.fingerprint = (f"blend of {len(sources)} corpora, blocks of {BLEND_BLOCK} samples "
                             f"(rng v{rng.VERSION}, seed {seed}): {parts}")
         self._labels = torch.repeat_interleave(torch.arange(len(sources)), torch.tensor(self.counts))
@@ -446,7 +460,9 @@ class BlendedSource:
         self._block, self._corpus, self._rank = block, corpus.tolist(), rank.tolist()
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(corpus, that corpus's sample index) of sample `index` of the run."""
+        """(corpus, that corpus's sample index) of sample `index` (>= 0) of the run."""
+        if index < 0:
+            raise ValueError(f"sample index must be >= 0, got {index}")
         block, pos = divmod(index, BLEND_BLOCK)
         self._place(block)
         c = self._corpus[pos]
@@ -458,13 +474,10 @@ class BlendedSource:
         for row, index in enumerate(indices):
             c, k = self.locate(index)
             wanted[c].append((row, k))
-        out = None
+        out = torch.empty((len(indices), self.sources[0].seq_len + 1), dtype=torch.int64)
         for source, rows in zip(self.sources, wanted):
             if rows:
-                got = source.get([k for _, k in rows])
-                if out is None:
-                    out = got.new_empty((len(indices), got.shape[1]))
-                out[[row for row, _ in rows]] = got
+                out[[row for row, _ in rows]] = source.get([k for _, k in rows])
         return out
 
 
@@ -490,6 +503,7 @@ def build_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource | 
             sources.append(_corpus(d, path, seq_len))
         except ValueError as e:
             raise ValueError(f"blend[{i}]: {e}") from None
+        sources[-1].as_blend_corpus(i)
     return BlendedSource(sources, d.blend_weights, d.seed)
 
 

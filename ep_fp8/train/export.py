@@ -82,11 +82,17 @@ def _tokenizer(cfg, given: str | None, progress) -> dict:
         name = cfg.data.tokenizer
     elif name is None and cfg.data.source == "tokens":
         from ep_fp8.train.token_file import read_token_files
-        try:
-            name = read_token_files(cfg.data.paths[0])[1][0]["tokenizer"]
-        except ValueError as e:
-            progress(f"[export] warning: the run's token files cannot be read here ({e}), so "
-                     f"its tokenizer is unknown: pass --tokenizer to record it")
+        problems = []
+        for path in cfg.data.paths:   # any corpus of a blend tells it
+            try:
+                name = read_token_files(path)[1][0]["tokenizer"]
+                break
+            except ValueError as e:
+                problems.append(str(e))
+        else:
+            progress(f"[export] warning: the run's token files cannot be read here "
+                     f"({'; '.join(problems)}), so its tokenizer is unknown: pass --tokenizer "
+                     f"to record it")
     if name is None or name == "bytes":
         return {"tokenizer": name}
     try:   # as it is: no need for the tokenizers package here

@@ -120,7 +120,7 @@ def _training_name(d) -> str:
 
 
 def _data(cfg: Config, vocab_size: int) -> None:
-    from ep_fp8.train.data import blend_counts, file_identity, list_files
+    from ep_fp8.train.data import blend_counts, file_fingerprint, file_identity, list_files
     from ep_fp8.train.token_file import combined_header
     from ep_fp8.train.tokenizer import load_tokenizer
 
@@ -159,6 +159,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"[data] jsonl_field = {d.jsonl_field!r} is set, but [data] source = {d.source!r}: "
            f"it is read only with source = \"jsonl\"")
     files: list[list[str]] = []   # each corpus's files
+    contents: list[list[tuple[str, str]]] = []   # each corpus's (file, documents' hash) of token files
     if d.source == "tokens":
         _check(d.tokenizer == "bytes", cfg,
                f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
@@ -169,6 +170,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
             paths, headers = _token_files(cfg, f"[data] blend[{i}]:" if d.blend else "[data]", path)
             header = combined_header(headers)
             files.append(paths)
+            contents.append([(p, h["hash"]) for p, h in zip(paths, headers) if h["tokens"]])
             name = f"token file(s) {path!r} (tokenizer {header['tokenizer']!r})"
             _check(header["tokens"] >= seq_len + 1, cfg,
                    f"{where}: {name} holds {header['tokens']} tokens, fewer than [training] "
@@ -198,6 +200,21 @@ def _data(cfg: Config, vocab_size: int) -> None:
             _check(j == i, cfg,
                    f"{_corpus_name(d, i)} and {_corpus_name(d, j)} both hold {p!r}: a file may be "
                    f"in one corpus of a blend only (raise that corpus's weight instead)")
+    if len(files) > 1:   # copies too: the same contents under another name
+        if not contents:   # text / JSONL: by size and first and last 4 KiB
+            try:
+                contents = [[(p, file_fingerprint(p)) for p in corpus_files if os.path.getsize(p)]
+                            for corpus_files in files]
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{cfg.source}: [data] {e}") from None
+        first_seen: dict = {}
+        for i, corpus in enumerate(contents):
+            for p, key in corpus:
+                j, q = first_seen.setdefault(key, (i, p))
+                _check(j == i, cfg,
+                       f"{_corpus_name(d, i)} and {_corpus_name(d, j)} hold the same contents "
+                       f"({p!r} and {q!r}): a document may be in one corpus of a blend only "
+                       f"(raise that corpus's weight instead)")
     _check(vocab <= vocab_size, cfg,
            f"[data] {name} has {vocab} tokens, more than the model's vocab_size = "
            f"{vocab_size} ([model] vocab_size)")

@@ -3,6 +3,7 @@ windows; the config's checks; a blend through prepared token files, a resume and
 
 import math
 import pathlib
+import shutil
 from collections import Counter
 
 import pytest
@@ -56,7 +57,7 @@ def test_blend_counts_fill_the_block_within_one_of_each_quota(weights):
 
 @pytest.mark.parametrize("weights, message", [
     ([1, 0], "finite and > 0"), ([1, -2], "finite and > 0"), ([1, float("inf")], "finite"),
-    ([1, float("nan")], "finite"), ([], "finite"), ([BLEND_BLOCK * 2, 1], r"blend_weights\[1\] = 1 is below 1/4096"),
+    ([1, float("nan")], "finite"), ([], "finite"), ([1e308, 1e308], "add up to a finite number"), ([BLEND_BLOCK * 2, 1], r"blend_weights\[1\] = 1 is below 1/4096"),
 ])
 def test_blend_counts_refuse_weights_that_would_not_draw_a_corpus(weights, message):
     with pytest.raises(ValueError, match=message):
@@ -78,11 +79,13 @@ def test_every_block_holds_each_corpus_its_count_in_a_shuffled_order(tmp_path):
 
 def test_each_corpus_yields_its_own_samples_in_order_as_if_it_were_alone(tmp_path):
     """The k-th sample drawn from a corpus is its own sample k: every window of the
-    corpus once per epoch, in the order the corpus alone would give."""
+    corpus once per epoch, in the order of that corpus as corpus i of a blend."""
     a_path, b_path = _text_corpus(tmp_path / "a", "a"), _text_corpus(tmp_path / "b", "b", n_files=1)
     cfg = _config(tmp_path, f'--data.blend=["{a_path}", "{b_path}"]', "--data.blend_weights=[1, 1]")
     blend = build_source(cfg)
     alone = [TokenFileSource(p, "text", "bytes", SEQ, seed=0) for p in (a_path, b_path)]
+    for i, source in enumerate(alone):
+        source.as_blend_corpus(i)
     n = 2 * BLEND_BLOCK + 100   # into the third block; b (25 windows) runs through many epochs
     got = blend.get(list(range(n)))
     drawn = {0: [], 1: []}
@@ -94,9 +97,21 @@ def test_each_corpus_yields_its_own_samples_in_order_as_if_it_were_alone(tmp_pat
         assert drawn[c] == list(range(len(drawn[c])))   # in order, none skipped or repeated
 
 
+def test_corpora_of_as_many_windows_are_walked_in_orders_of_their_own(tmp_path):
+    source = build_source(_blend(tmp_path, weights=(1, 1)))
+    a, b = source.sources
+    assert a.n_windows == b.n_windows > 50
+    order = [[s._window(k) for k in range(a.n_windows)] for s in (a, b)]
+    assert sorted(order[0]) == sorted(order[1]) == list(range(a.n_windows)) and order[0] != order[1]
+    assert a.fingerprint.endswith("corpus 0 of a blend") and b.fingerprint.endswith("corpus 1 of a blend")
+
+
 def test_a_sample_is_the_same_whichever_batch_rank_or_order_asks_for_it(tmp_path):
     source = build_source(_blend(tmp_path, weights=(1, 2, 4), letters="abc"))
-    indices = [5, BLEND_BLOCK * 7 + 3, 9000, 4, 3 * BLEND_BLOCK - 1]
+    assert source.get([]).shape == (0, SEQ + 1)
+    with pytest.raises(ValueError, match="sample index must be >= 0, got -1"):
+        source.get([3, -1])
+    indices = [5, BLEND_BLOCK * 7 + 3, 9000, 4, 3 * BLEND_BLOCK - 1, 10**12, 5]
     together = source.get(indices)
     fresh = build_source(_blend(tmp_path, weights=(1, 2, 4), letters="abc"))
     for i, index in enumerate(indices):
@@ -115,9 +130,14 @@ def test_a_blend_of_one_corpus_is_that_corpus_as_path(tmp_path):
     assert torch.equal(one.get(list(range(40))), alone.get(list(range(40))))
 
 
-def test_the_fingerprint_changes_with_the_weights_and_a_resume_says_so(tmp_path):
+def test_the_fingerprint_changes_with_the_counts_and_a_resume_says_so(tmp_path):
     a, b = build_source(_blend(tmp_path, weights=(3, 1))), build_source(_blend(tmp_path, weights=(1, 1)))
-    assert a.fingerprint != b.fingerprint and "weight 3" in a.fingerprint
+    assert a.fingerprint != b.fingerprint and "3072 per block" in a.fingerprint
+    # The counts fix the samples: weights in the same ratio give the same fingerprint, and
+    # weights that print alike but round to other counts do not.
+    assert build_source(_blend(tmp_path, weights=(6, 2))).fingerprint == a.fingerprint
+    near = [build_source(_blend(tmp_path, weights=(1000.5 * f, 3095.5))) for f in (1 - 1e-9, 1 + 1e-9)]
+    assert near[0].counts != near[1].counts and near[0].fingerprint != near[1].fingerprint
     run = DataLoader(a, batch_size=4, rank=0, world=1)
     run.next()
     same, other = DataLoader(a, 4, 0, 1), DataLoader(b, 4, 0, 1)
@@ -154,6 +174,13 @@ def test_the_config_refuses_a_blend_that_cannot_be_read_as_asked(tmp_path, word_
         ([f'--data.blend=["{a_path}", "{tmp_path}/a/1.txt"]', "--data.blend_weights=[1, 1]"],
          "blend\\[1\\] .* and \\[data\\] blend\\[0\\] .* both hold"),
     ]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "copy.txt").write_text((tmp_path / "a" / "1.txt").read_text())   # a's file, renamed
+    cases += [
+        ([f'--data.blend=["{a_path}", "{tmp_path}/c/*.txt"]', "--data.blend_weights=[1, 1]"],
+         "blend\\[1\\] .* and \\[data\\] blend\\[0\\] .* hold the same contents \\(.*copy.txt' and .*1.txt'\\)"),
+        (["--data.blend=[a/*.txt, b/*.txt]"], "write a TOML list"),
+    ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             _config(tmp_path, *overrides)
@@ -167,6 +194,10 @@ def test_the_config_refuses_a_blend_that_cannot_be_read_as_asked(tmp_path, word_
     (tmp_path / "words.txt").write_text("x y " * 100)
     write_token_file(str(tmp_path / "words.txt"), "text", word_tokenizer({"x": 0, "y": 1}),
                      outs[1], progress=_quiet)
+    shutil.copy(outs[0], tmp_path / "a_copy.tokens")   # the same token file under another name
+    with pytest.raises(ConfigError, match="blend\\[1\\] .* and \\[data\\] blend\\[0\\] .* hold the same contents"):
+        _config(tmp_path, "--data.source=tokens", f'--data.blend=["{outs[0]}", "{tmp_path / "a_copy.tokens"}"]',
+                "--data.blend_weights=[1, 1]")
     with pytest.raises(ConfigError, match="blend\\[1\\] .* has 2 tokens and end of document None, "
                                           "\\[data\\] blend\\[0\\] .* 257 and 256"):
         _config(tmp_path, "--data.source=tokens", f'--data.blend=["{outs[0]}", "{outs[1]}"]',

@@ -408,6 +408,7 @@ def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_pa
     assert generate_main([str(tmp_path / "m.pt"), "--prompt", "a b", "--tokenizer", wide]) == 2
     assert "has 301 tokens, the model 257: it is not the run's tokenizer" in capsys.readouterr().err
     for device, message in (("gpu", "--device 'gpu' is not a device: give cpu, cuda, cuda:N or auto"),
-                            ("cuda:99", "--device cuda:99: this machine has")):
+                            ("cuda:99", "--device cuda:99: this machine has"),
+                            ("meta", "--device meta: give cpu, cuda, cuda:N or auto")):
         assert generate_main([str(tmp_path / "m.pt"), "--prompt-ids", "1", "--device", device]) == 2
         assert message in capsys.readouterr().err
