@@ -110,6 +110,11 @@ def _parallel(cfg: Config, n_experts: int, world_size: int | None) -> None:
            f"largest that fits)")
 
 
+# The share of a file set's bytes in copies of training files that makes a config error:
+# of held-out files, or of a corpus of a blend (copies of another corpus's files).
+COPIED_SHARE = 0.1
+
+
 def _corpus_name(d, i: int) -> str:
     """How messages name training corpus i: [data] path 'x' or [data] blend[i] 'x'."""
     return f"[data] blend[{i}] {d.blend[i]!r}" if d.blend else f"[data] path {d.path!r}"
@@ -120,7 +125,7 @@ def _training_name(d) -> str:
 
 
 def _data(cfg: Config, vocab_size: int) -> None:
-    from ep_fp8.train.data import blend_counts, file_fingerprint, file_identity, list_files
+    from ep_fp8.train.data import blend_counts, file_identity, list_files
     from ep_fp8.train.token_file import combined_header
     from ep_fp8.train.tokenizer import load_tokenizer
 
@@ -200,24 +205,47 @@ def _data(cfg: Config, vocab_size: int) -> None:
             _check(j == i, cfg,
                    f"{_corpus_name(d, i)} and {_corpus_name(d, j)} both hold {p!r}: a file may be "
                    f"in one corpus of a blend only (raise that corpus's weight instead)")
-    if len(files) > 1:   # copies too: the same contents under another name
-        if not contents:   # text / JSONL: by size and first and last 4 KiB
-            try:
-                contents = [[(p, file_fingerprint(p)) for p in corpus_files if os.path.getsize(p)]
-                            for corpus_files in files]
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{cfg.source}: [data] {e}") from None
-        first_seen: dict = {}
-        for i, corpus in enumerate(contents):
-            for p, key in corpus:
-                j, q = first_seen.setdefault(key, (i, p))
-                _check(j == i, cfg,
-                       f"{_corpus_name(d, i)} and {_corpus_name(d, j)} hold the same contents "
-                       f"({p!r} and {q!r}): a document may be in one corpus of a blend only "
-                       f"(raise that corpus's weight instead)")
+    if len(files) > 1:
+        _no_copies_across_corpora(cfg, files, contents)
     _check(vocab <= vocab_size, cfg,
            f"[data] {name} has {vocab} tokens, more than the model's vocab_size = "
            f"{vocab_size} ([model] vocab_size)")
+
+
+def _no_copies_across_corpora(cfg: Config, files: list[list[str]],
+                              contents: list[list[tuple[str, str]]]) -> None:
+    """ConfigError when a corpus of the blend holds copies of another's files: a token file
+    with another's documents' hash (`contents`), or text / JSONL files of the same size and
+    first and last 4 KiB that make a tenth of its bytes or more (a shared licence or
+    __init__.py is no mistake)."""
+    from ep_fp8.train.data import file_fingerprint
+
+    d = cfg.data
+    text = not contents
+    if text:
+        try:
+            contents = [[(p, file_fingerprint(p)) for p in corpus_files if os.path.getsize(p)]
+                        for corpus_files in files]
+            sizes = {p: os.path.getsize(p) for corpus_files in files for p in corpus_files}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{cfg.source}: [data] {e}") from None
+    first_seen: dict = {}
+    for i, corpus in enumerate(contents):
+        copies = []
+        for p, key in corpus:
+            j, q = first_seen.setdefault(key, (i, p))
+            if j != i:
+                copies.append((p, j, q))
+        if not copies:
+            continue
+        share = (sum(sizes[p] for p, _, _ in copies) / max(1, sum(sizes[p] for p in files[i]))
+                 if text else 1.0)
+        p, j, q = copies[0]
+        _check(share < COPIED_SHARE, cfg,
+               f"{_corpus_name(d, i)} holds copies of files of {_corpus_name(d, j)} ({p!r} of "
+               f"{q!r}" + (f"; {len(copies)} file(s), {share:.0%} of its bytes" if text else "") +
+               "): a document may be in one corpus of a blend only (raise that corpus's weight "
+               "instead)")
 
 
 def _token_files(cfg: Config, where: str, path: str) -> tuple[list[str], list[dict]]:
@@ -234,9 +262,6 @@ def _token_files(cfg: Config, where: str, path: str) -> tuple[list[str], list[di
 def _token_file_headers(cfg: Config, section: str, path: str) -> list[dict]:
     """The checked headers of the token files that [section] path names."""
     return _token_files(cfg, f"[{section}]", path)[1]
-
-
-COPIED_SHARE = 0.1   # held-out bytes in copies of training files that make a config error
 
 
 def _validation(cfg: Config) -> None:

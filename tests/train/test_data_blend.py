@@ -178,7 +178,8 @@ def test_the_config_refuses_a_blend_that_cannot_be_read_as_asked(tmp_path, word_
     (tmp_path / "c" / "copy.txt").write_text((tmp_path / "a" / "1.txt").read_text())   # a's file, renamed
     cases += [
         ([f'--data.blend=["{a_path}", "{tmp_path}/c/*.txt"]', "--data.blend_weights=[1, 1]"],
-         "blend\\[1\\] .* and \\[data\\] blend\\[0\\] .* hold the same contents \\(.*copy.txt' and .*1.txt'\\)"),
+         "blend\\[1\\] .* holds copies of files of \\[data\\] blend\\[0\\] .* \\(.*copy.txt' of .*1.txt'; "
+         "1 file\\(s\\), 100% of its bytes\\)"),
         (["--data.blend=[a/*.txt, b/*.txt]"], "write a TOML list"),
     ]
     for overrides, message in cases:
@@ -186,6 +187,8 @@ def test_the_config_refuses_a_blend_that_cannot_be_read_as_asked(tmp_path, word_
             _config(tmp_path, *overrides)
     with pytest.raises(ConfigError, match="\\[data\\] blend = .* is set, but \\[data\\] source = \"synthetic\""):
         load_config(None, [blend, "--data.blend_weights=[1, 1]"])
+    (tmp_path / "c" / "own.txt").write_text("c" * 20 * len((tmp_path / "c" / "copy.txt").read_text()))
+    _config(tmp_path, f'--data.blend=["{a_path}", "{tmp_path}/c/*.txt"]', "--data.blend_weights=[1, 1]")   # 5%: boilerplate
     with pytest.raises(ConfigError, match="needs \\[data\\] path .* or \\[data\\] blend"):
         _config(tmp_path)
     # token files of two tokenizers cannot be one stream of ids
@@ -195,7 +198,7 @@ def test_the_config_refuses_a_blend_that_cannot_be_read_as_asked(tmp_path, word_
     write_token_file(str(tmp_path / "words.txt"), "text", word_tokenizer({"x": 0, "y": 1}),
                      outs[1], progress=_quiet)
     shutil.copy(outs[0], tmp_path / "a_copy.tokens")   # the same token file under another name
-    with pytest.raises(ConfigError, match="blend\\[1\\] .* and \\[data\\] blend\\[0\\] .* hold the same contents"):
+    with pytest.raises(ConfigError, match="blend\\[1\\] .* holds copies of files of \\[data\\] blend\\[0\\] .*tokens'\\)"):
         _config(tmp_path, "--data.source=tokens", f'--data.blend=["{outs[0]}", "{tmp_path / "a_copy.tokens"}"]',
                 "--data.blend_weights=[1, 1]")
     with pytest.raises(ConfigError, match="blend\\[1\\] .* has 2 tokens and end of document None, "
