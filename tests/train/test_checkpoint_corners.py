@@ -1,0 +1,147 @@
+"""Checkpoints: corners of the commit order, pruning, and the checks of load and load_weights."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from ep_fp8.train import checkpoint
+from ep_fp8.train.checkpoint import (MARKER, CheckpointDamagedError, Checkpointer, complete_checkpoints,
+                                     load_weights)
+from tests.train.test_checkpoint import make_state
+
+
+def _steps_in(folder):
+    return [s for s, _ in complete_checkpoints(str(folder))]
+
+
+def test_the_marker_is_synced_to_disk_before_the_folder_is_renamed(tmp_path, monkeypatch):
+    # The rename makes step-N a checkpoint: its marker must be on disk by then, or a power
+    # cut could leave a step-N whose marker is empty.
+    events, real_fsync, real_rename = [], os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    final = Checkpointer(str(tmp_path)).save(3, *make_state(0))
+    commit = events.index(("rename", final + ".tmp", final))
+    assert ("fsync", os.path.join(final + ".tmp", MARKER)) in events[:commit]
+
+
+def test_a_tmp_folder_that_already_has_its_marker_is_not_a_checkpoint(tmp_path):
+    # A crash between the marker's write and the rename leaves step-N.tmp with a marker.
+    ckpt = Checkpointer(str(tmp_path), keep_last=3)
+    state = make_state(0)
+    ckpt.save(2, *state)
+    os.makedirs(tmp_path / "step-7.tmp")
+    (tmp_path / "step-7.tmp" / MARKER).write_text(json.dumps({"step": 7, "world_size": 1}))
+    assert ckpt.latest() == (2, str(tmp_path / "step-2"))
+    assert _steps_in(tmp_path) == [2]
+    ckpt.save(3, *state)
+    assert sorted(os.listdir(tmp_path)) == ["step-2", "step-3"]
+
+
+def test_keep_last_one_keeps_only_the_newest(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep_last=1)
+    state = make_state(0)
+    for step in (1, 2, 3):
+        ckpt.save(step, *state)
+    assert sorted(os.listdir(tmp_path)) == ["step-3"]
+
+
+def test_keep_last_keeps_exactly_that_many(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep_last=3)
+    state = make_state(0)
+    for step in range(1, 7):
+        ckpt.save(step, *state)
+    assert sorted(os.listdir(tmp_path)) == ["step-4", "step-5", "step-6"]
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_and_the_save_stands(tmp_path, monkeypatch):
+    ckpt = Checkpointer(str(tmp_path), keep_last=1)
+    state = make_state(0)
+    ckpt.save(1, *state)
+    real_rename = os.rename
+
+    def refuse_step_1(src, dst):
+        if os.path.basename(src) == "step-1":
+            raise PermissionError("read-only")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", refuse_step_1)
+    with pytest.warns(UserWarning, match="could not remove the old checkpoint .*step-1: read-only"):
+        path = ckpt.save(2, *state)
+    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    assert path == str(tmp_path / "step-2") and _steps_in(tmp_path) == [1, 2]
+    assert ckpt.load(path, *make_state(1)) == 2
+
+
+def test_a_folder_that_does_not_exist_has_no_checkpoints(tmp_path):
+    assert complete_checkpoints(str(tmp_path / "nowhere")) == []
+    assert Checkpointer(str(tmp_path / "nowhere")).latest() is None
+
+
+def test_an_empty_metadata_file_is_a_damaged_checkpoint(tmp_path, cut=0):
+    path = Checkpointer(str(tmp_path)).save(1, *make_state(0))
+    metadata = os.path.join(path, ".metadata")
+    with open(metadata, "rb") as f:
+        head = f.read(cut)
+    with open(metadata, "wb") as f:
+        f.write(head)
+    with pytest.raises(CheckpointDamagedError, match="metadata"):
+        Checkpointer(str(tmp_path)).load(path, *make_state(1))
+    with pytest.raises(CheckpointDamagedError, match="metadata"):
+        load_weights(path, make_state(1)[0])
+
+
+def test_load_weights_refuses_a_folder_without_the_marker(tmp_path):
+    path = Checkpointer(str(tmp_path)).save(1, *make_state(0))
+    os.remove(os.path.join(path, MARKER))
+    model = make_state(1)[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        load_weights(path, model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("marker", ["garbage{", '{"step": 1}', '{"step": 1, "world_size": 0}'])
+def test_load_weights_refuses_a_damaged_marker(tmp_path, marker):
+    path = Checkpointer(str(tmp_path)).save(1, *make_state(0))
+    with open(os.path.join(path, MARKER), "w") as f:
+        f.write(marker)
+    with pytest.raises(CheckpointDamagedError, match="not a valid marker"):
+        load_weights(path, make_state(1)[0])
+
+
+def test_load_weights_loads_the_weights_and_returns_the_step(tmp_path):
+    saved = make_state(0)
+    path = Checkpointer(str(tmp_path)).save(4, *saved)
+    model = make_state(1)[0]
+    assert load_weights(path, model) == 4
+    assert all(torch.equal(v, saved[0].state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_marker_records_the_step_and_the_world_size(tmp_path):
+    path = Checkpointer(str(tmp_path)).save(6, *make_state(0))
+    with open(os.path.join(path, MARKER)) as f:
+        marker = json.load(f)
+    assert (marker["step"], marker["world_size"]) == (6, 1)
+
+
+def test_a_redone_step_leaves_no_old_copy(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep_last=0)
+    state = make_state(0)
+    ckpt.save(2, *state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.save(2, *state)
+    assert sorted(os.listdir(tmp_path)) == ["step-2"]
