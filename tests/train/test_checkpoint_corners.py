@@ -145,3 +145,79 @@ def test_a_redone_step_leaves_no_old_copy(tmp_path):
         warnings.simplefilter("error")
         ckpt.save(2, *state)
     assert sorted(os.listdir(tmp_path)) == ["step-2"]
+
+
+# --- two ranks: what one rank sees, every rank raises --------------------------------------
+
+def _commit_fails_on_rank_0_worker(rank, world, folder):
+    import pytest as _pytest
+
+    from ep_fp8.train.checkpoint import CheckpointSaveError
+
+    state = make_state(0)
+    ckpt = Checkpointer(folder, keep_last=3)
+    ckpt.save(1, *state)
+    real_rename = os.rename
+
+    def refuse(src, dst):
+        if os.path.basename(src) == "step-2.tmp":
+            raise OSError("simulated rename failure")
+        real_rename(src, dst)
+
+    with _pytest.MonkeyPatch.context() as mp:
+        if rank == 0:
+            mp.setattr(checkpoint.os, "rename", refuse)
+        try:
+            ckpt.save(2, *state)
+            return "saved"
+        except CheckpointSaveError as e:
+            return str(e).split(": ", 1)[1]
+
+
+def test_a_commit_that_fails_on_rank_0_is_raised_on_every_rank(tmp_path):
+    import functools
+
+    from tests._dist import run_ranks
+
+    results = run_ranks(functools.partial(_commit_fails_on_rank_0_worker, folder=str(tmp_path)),
+                        2, timeout=60, pg_timeout=20)
+    assert results[0] == results[1] and "rank 0: simulated rename failure" in results[0], results
+    assert sorted(os.listdir(tmp_path)) == ["step-1"]
+
+
+def _marker_unreadable_on_rank_1_worker(rank, world, folder, weights_only):
+    import builtins
+
+    import pytest as _pytest
+
+    state = make_state(0)
+    path = Checkpointer(folder).save(1, *state)
+    real_open = builtins.open
+
+    def unreadable_marker(file, *args, **kwargs):
+        if str(file).endswith(MARKER):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    with _pytest.MonkeyPatch.context() as mp:
+        if rank == 1:
+            mp.setattr(checkpoint, "open", unreadable_marker, raising=False)
+        try:
+            if weights_only:
+                load_weights(path, make_state(1)[0])
+            else:
+                Checkpointer(folder).load(path, *make_state(1))
+            return "loaded"
+        except CheckpointDamagedError as e:
+            return f"raised: {e}"
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_a_marker_only_one_rank_cannot_read_is_raised_on_every_rank(tmp_path, weights_only):
+    import functools
+
+    from tests._dist import run_ranks
+
+    results = run_ranks(functools.partial(_marker_unreadable_on_rank_1_worker, folder=str(tmp_path),
+                                          weights_only=weights_only), 2, timeout=60, pg_timeout=20)
+    assert results[0] == results[1] and "Permission denied" in results[0], results
