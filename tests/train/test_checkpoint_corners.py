@@ -147,6 +147,22 @@ def test_a_redone_step_leaves_no_old_copy(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step-2"]
 
 
+def test_a_checkpoint_lacking_tensors_of_the_model_names_them(tmp_path):
+    from ep_fp8.train.checkpoint import CheckpointMismatchError
+    from ep_fp8.train.optim import build_optimizer, build_scheduler
+
+    _, _, _, loader = make_state(0)
+    shallow = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    opt = build_optimizer(shallow, 1e-2, (0.9, 0.95), 0.1, 1e-8)
+    sched = build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    path = Checkpointer(str(tmp_path)).save(1, shallow, opt, sched, loader)
+    with pytest.raises(CheckpointMismatchError, match=r"it lacks tensors of this model: 1\.bias, 1\.weight, "
+                                                      r"2\.bias and 1 more"):
+        Checkpointer(str(tmp_path)).load(path, *make_state(1))
+    with pytest.raises(CheckpointMismatchError, match=r"lacks tensors of this model: 1\.bias"):
+        load_weights(path, make_state(1)[0])
+
+
 # --- two ranks: what one rank sees, every rank raises --------------------------------------
 
 def _commit_fails_on_rank_0_worker(rank, world, folder):

@@ -89,3 +89,9 @@ def test_validation_records_go_to_the_file_and_a_resume_drops_the_redone_ones(tm
     lines = read(tmp_path)
     assert {"step": 2, "val_loss": 3.5} in lines
     assert all(r.get("step", 0) <= 3 for r in lines)
+
+
+def test_a_resume_leaves_no_temporary_file_in_the_run_folder(tmp_path):
+    _logged(tmp_path, 4)
+    make(tmp_path, log_every=1).start("a", {}, resumed_step=2)
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
