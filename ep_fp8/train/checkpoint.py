@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -311,7 +312,9 @@ def _saved_keys(path: str) -> set[str]:
     read."""
     try:
         return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-    except (OSError, ValueError, EOFError) as e:   # .metadata missing, cut short, foreign
+    # .metadata missing, empty (EOFError), cut short or not a pickle (UnpicklingError), or a
+    # pickle of something else (AttributeError: no state_dict_metadata)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError) as e:
         raise CheckpointDamagedError(f"{path} is damaged: its .metadata cannot be read "
                                      f"({type(e).__name__}: {e})") from None
 

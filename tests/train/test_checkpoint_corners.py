@@ -90,13 +90,17 @@ def test_a_folder_that_does_not_exist_has_no_checkpoints(tmp_path):
     assert Checkpointer(str(tmp_path / "nowhere")).latest() is None
 
 
-def test_an_empty_metadata_file_is_a_damaged_checkpoint(tmp_path, cut=0):
+@pytest.mark.parametrize("damage", ["empty", "cut short", "not a pickle", "a pickle of a dict"])
+def test_a_damaged_metadata_file_is_a_damaged_checkpoint(tmp_path, damage):
+    import pickle
+
     path = Checkpointer(str(tmp_path)).save(1, *make_state(0))
     metadata = os.path.join(path, ".metadata")
     with open(metadata, "rb") as f:
-        head = f.read(cut)
+        whole = f.read()
     with open(metadata, "wb") as f:
-        f.write(head)
+        f.write({"empty": b"", "cut short": whole[:len(whole) // 2], "not a pickle": b"garbage\n",
+                 "a pickle of a dict": pickle.dumps({"model": 1})}[damage])
     with pytest.raises(CheckpointDamagedError, match="metadata"):
         Checkpointer(str(tmp_path)).load(path, *make_state(1))
     with pytest.raises(CheckpointDamagedError, match="metadata"):
