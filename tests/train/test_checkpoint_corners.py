@@ -241,3 +241,20 @@ def test_a_marker_only_one_rank_cannot_read_is_raised_on_every_rank(tmp_path, we
     results = run_ranks(functools.partial(_marker_unreadable_on_rank_1_worker, folder=str(tmp_path),
                                           weights_only=weights_only), 2, timeout=60, pg_timeout=20)
     assert results[0] == results[1] and "Permission denied" in results[0], results
+
+
+def test_a_load_failure_is_named_by_the_last_line_of_the_error_behind_it(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ep_fp8.train.checkpoint import CheckpointMismatchError
+
+    path = Checkpointer(str(tmp_path)).save(1, *make_state(0))
+
+    def failing_load(*args, **kwargs):
+        error = RuntimeError("Error(s) in loading:\nsize mismatch for 0.weight: [8, 4] vs [16, 4]")
+        raise CheckpointException("load failed", {0: (error, None)})
+
+    monkeypatch.setattr(checkpoint.dcp, "load", failing_load)
+    with pytest.raises(CheckpointMismatchError) as info:
+        Checkpointer(str(tmp_path)).load(path, *make_state(1))
+    assert str(info.value).endswith("this model and optimizer: size mismatch for 0.weight: [8, 4] vs [16, 4]")
