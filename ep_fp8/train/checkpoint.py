@@ -278,7 +278,7 @@ def _read_marker(path: str) -> int:
     try:
         with open(marker) as f:
             world = json.load(f)["world_size"]
-        if not isinstance(world, int) or world < 1:
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
             raise ValueError(f"world_size {world!r}")
         return world
     except (OSError, ValueError, KeyError, TypeError) as e:

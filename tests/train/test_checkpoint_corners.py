@@ -258,3 +258,13 @@ def test_a_load_failure_is_named_by_the_last_line_of_the_error_behind_it(tmp_pat
     with pytest.raises(CheckpointMismatchError) as info:
         Checkpointer(str(tmp_path)).load(path, *make_state(1))
     assert str(info.value).endswith("this model and optimizer: size mismatch for 0.weight: [8, 4] vs [16, 4]")
+
+
+@pytest.mark.parametrize("world_size", [True, False])
+def test_a_marker_whose_world_size_is_a_boolean_is_a_damaged_checkpoint(tmp_path, world_size):
+    # json's true is an int to Python: without a check it would read as a world of 1.
+    path = Checkpointer(str(tmp_path)).save(1, *make_state(0))
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump({"step": 1, "world_size": world_size}, f)
+    with pytest.raises(CheckpointDamagedError, match=f"world_size {world_size}"):
+        Checkpointer(str(tmp_path)).load(path, *make_state(1))
