@@ -268,3 +268,10 @@ def test_a_marker_whose_world_size_is_a_boolean_is_a_damaged_checkpoint(tmp_path
         json.dump({"step": 1, "world_size": world_size}, f)
     with pytest.raises(CheckpointDamagedError, match=f"world_size {world_size}"):
         Checkpointer(str(tmp_path)).load(path, *make_state(1))
+
+
+def test_a_save_sweeps_only_the_tmp_folders_of_its_own_saves(tmp_path):
+    for name in ("scratch.tmp", "step-x.tmp", "step-3.old.tmp"):
+        os.makedirs(tmp_path / name)
+    Checkpointer(str(tmp_path), keep_last=1).save(4, *make_state(0))
+    assert sorted(os.listdir(tmp_path)) == ["scratch.tmp", "step-3.old.tmp", "step-4", "step-x.tmp"]
