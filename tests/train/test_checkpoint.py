@@ -375,7 +375,10 @@ def test_a_real_write_failure_inside_dcp_is_the_same_named_error(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step-1"]
 
 
-def _save_fails_on_rank_1_worker(rank, world, folder):
+def second_save_failing_on(rank, failing_rank, patch, folder):
+    """A rank's part of a 2-rank test: save step 1, then step 2 with `patch(monkeypatch)`
+    applied on `failing_rank` only; "saved", or what CheckpointSaveError says after its
+    first ': '."""
     import pytest as _pytest
 
     from ep_fp8.train.checkpoint import CheckpointSaveError
@@ -384,13 +387,17 @@ def _save_fails_on_rank_1_worker(rank, world, folder):
     ckpt = Checkpointer(folder, keep_last=3)
     ckpt.save(1, *state)
     with _pytest.MonkeyPatch.context() as mp:
-        if rank == 1:
-            _fail_rng_file_save(mp)
+        if rank == failing_rank:
+            patch(mp)
         try:
             ckpt.save(2, *state)
             return "saved"
         except CheckpointSaveError as e:
             return str(e).split(": ", 1)[1]
+
+
+def _save_fails_on_rank_1_worker(rank, world, folder):
+    return second_save_failing_on(rank, 1, _fail_rng_file_save, folder)
 
 
 def test_a_save_that_fails_on_one_rank_is_raised_on_every_rank(tmp_path):

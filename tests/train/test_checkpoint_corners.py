@@ -10,7 +10,7 @@ import torch
 from ep_fp8.train import checkpoint
 from ep_fp8.train.checkpoint import (MARKER, CheckpointDamagedError, Checkpointer, complete_checkpoints,
                                      load_weights)
-from tests.train.test_checkpoint import make_state
+from tests.train.test_checkpoint import make_state, second_save_failing_on
 
 
 def _steps_in(folder):
@@ -66,18 +66,24 @@ def test_keep_last_keeps_exactly_that_many(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step-4", "step-5", "step-6"]
 
 
+def _refuse_rename(mp, name, error):
+    """Make the checkpoint module's os.rename of a folder called `name` raise `error`."""
+    real_rename = os.rename
+
+    def refuse(src, dst):
+        if os.path.basename(src) == name:
+            raise error
+        real_rename(src, dst)
+
+    mp.setattr(checkpoint.os, "rename", refuse)
+
+
 def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_and_the_save_stands(tmp_path, monkeypatch):
     ckpt = Checkpointer(str(tmp_path), keep_last=1)
     state = make_state(0)
     ckpt.save(1, *state)
     real_rename = os.rename
-
-    def refuse_step_1(src, dst):
-        if os.path.basename(src) == "step-1":
-            raise PermissionError("read-only")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(checkpoint.os, "rename", refuse_step_1)
+    _refuse_rename(monkeypatch, "step-1", PermissionError("read-only"))
     with pytest.warns(UserWarning, match="could not remove the old checkpoint .*step-1: read-only"):
         path = ckpt.save(2, *state)
     monkeypatch.setattr(checkpoint.os, "rename", real_rename)
@@ -169,29 +175,12 @@ def test_a_checkpoint_lacking_tensors_of_the_model_names_them(tmp_path):
 
 # --- two ranks: what one rank sees, every rank raises --------------------------------------
 
+def _refuse_to_commit_step_2(mp):
+    _refuse_rename(mp, "step-2.tmp", OSError("simulated rename failure"))
+
+
 def _commit_fails_on_rank_0_worker(rank, world, folder):
-    import pytest as _pytest
-
-    from ep_fp8.train.checkpoint import CheckpointSaveError
-
-    state = make_state(0)
-    ckpt = Checkpointer(folder, keep_last=3)
-    ckpt.save(1, *state)
-    real_rename = os.rename
-
-    def refuse(src, dst):
-        if os.path.basename(src) == "step-2.tmp":
-            raise OSError("simulated rename failure")
-        real_rename(src, dst)
-
-    with _pytest.MonkeyPatch.context() as mp:
-        if rank == 0:
-            mp.setattr(checkpoint.os, "rename", refuse)
-        try:
-            ckpt.save(2, *state)
-            return "saved"
-        except CheckpointSaveError as e:
-            return str(e).split(": ", 1)[1]
+    return second_save_failing_on(rank, 0, _refuse_to_commit_step_2, folder)
 
 
 def test_a_commit_that_fails_on_rank_0_is_raised_on_every_rank(tmp_path):
