@@ -1,5 +1,6 @@
 """Training data: a synthetic Markov chain with a known entropy, local text / JSONL, or a
-token file prepared from them (ep_fp8.train.token_file).
+token file prepared from them (ep_fp8.train.token_file); or a blend of several such corpora
+in fixed proportions (BlendedSource).
 
 Every source is a list of samples addressed by a global index g = 0, 1, 2, ...; a sample
 is seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len). Step after
@@ -425,9 +426,10 @@ class BlendedSource:
     of each corpus, in an order shuffled by (seed, block), so a prefix of n samples holds
     each corpus's share to within one block's rounding, and every global batch a mix. The
     k-th sample drawn from corpus c is that corpus's own sample k: each corpus walks its
-    windows epoch after epoch as alone, so one whose weight exceeds its share of the tokens
-    is repeated (more epochs of it) and one below it is seen in part. `fingerprint` names
-    the corpora's fingerprints, weights and the block rule."""
+    windows epoch after epoch (build_source gives each an order of its own), so one whose
+    weight exceeds its share of the tokens is repeated (more epochs of it) and one below it
+    is seen in part. `fingerprint` names the corpora's fingerprints, their counts per block
+    and the block rule."""
 
     def __init__(self, sources: list, weights: list[float], seed: int):
         if len(sources) != len(weights) or not sources:
