@@ -164,7 +164,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"[data] jsonl_field = {d.jsonl_field!r} is set, but [data] source = {d.source!r}: "
            f"it is read only with source = \"jsonl\"")
     files: list[list[str]] = []   # each corpus's files
-    contents: list[list[tuple[str, str]]] = []   # each corpus's (file, documents' hash) of token files
+    hashes: list[dict[str, str]] = []   # each corpus's {token file: documents' hash}
     if d.source == "tokens":
         _check(d.tokenizer == "bytes", cfg,
                f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
@@ -175,7 +175,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
             paths, headers = _token_files(cfg, f"[data] blend[{i}]:" if d.blend else "[data]", path)
             header = combined_header(headers)
             files.append(paths)
-            contents.append([(p, h["hash"]) for p, h in zip(paths, headers) if h["tokens"]])
+            hashes.append({p: h["hash"] for p, h in zip(paths, headers) if h["tokens"]})
             name = f"token file(s) {path!r} (tokenizer {header['tokenizer']!r})"
             _check(header["tokens"] >= seq_len + 1, cfg,
                    f"{where}: {name} holds {header['tokens']} tokens, fewer than [training] "
@@ -206,46 +206,52 @@ def _data(cfg: Config, vocab_size: int) -> None:
                    f"{_corpus_name(d, i)} and {_corpus_name(d, j)} both hold {p!r}: a file may be "
                    f"in one corpus of a blend only (raise that corpus's weight instead)")
     if len(files) > 1:
-        _no_copies_across_corpora(cfg, files, contents)
+        _no_copies_across_corpora(cfg, files, hashes)
     _check(vocab <= vocab_size, cfg,
            f"[data] {name} has {vocab} tokens, more than the model's vocab_size = "
            f"{vocab_size} ([model] vocab_size)")
 
 
-def _no_copies_across_corpora(cfg: Config, files: list[list[str]],
-                              contents: list[list[tuple[str, str]]]) -> None:
-    """ConfigError when a corpus of the blend holds copies of another's files: a token file
-    with another's documents' hash (`contents`), or text / JSONL files of the same size and
-    first and last 4 KiB that make a tenth of its bytes or more (a shared licence or
-    __init__.py is no mistake)."""
+def _fingerprints(files: list[str]) -> dict[str, bytes]:
+    """{file: data.file_fingerprint (size and first and last 4 KiB)} of the non-empty `files`.
+    Raises OSError or ValueError as reading them does."""
     from ep_fp8.train.data import file_fingerprint
 
+    return {p: file_fingerprint(p) for p in files if os.path.getsize(p)}
+
+
+def _copies(files: list[str], prints: dict, originals: dict) -> tuple[list[tuple], float]:
+    """([(file, original)], share): the files whose key in `prints` ({file: key}) is a key of
+    `originals` ({key: its original}), and their share of the bytes of `files`."""
+    copies = [(p, originals[key]) for p, key in prints.items() if key in originals]
+    total = sum(os.path.getsize(p) for p in files)
+    return copies, sum(os.path.getsize(p) for p, _ in copies) / max(1, total)
+
+
+def _no_copies_across_corpora(cfg: Config, files: list[list[str]],
+                              hashes: list[dict[str, str]]) -> None:
+    """ConfigError when a corpus of the blend holds copies of an earlier corpus's files: a
+    token file with another's documents' hash (`hashes`, empty for text), or text / JSONL
+    files of the same size and first and last 4 KiB that make a tenth of its bytes or more
+    (a shared licence or __init__.py is no mistake)."""
     d = cfg.data
-    text = not contents
-    if text:
+    text = not hashes
+    originals: dict = {}   # {key: (corpus, file)}, the first file of each key
+    for i, corpus_files in enumerate(files):
         try:
-            contents = [[(p, file_fingerprint(p)) for p in corpus_files if os.path.getsize(p)]
-                        for corpus_files in files]
-            sizes = {p: os.path.getsize(p) for corpus_files in files for p in corpus_files}
+            prints = _fingerprints(corpus_files) if text else hashes[i]
+            copies, share = _copies(corpus_files, prints, originals)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{cfg.source}: [data] {e}") from None
-    first_seen: dict = {}
-    for i, corpus in enumerate(contents):
-        copies = []
-        for p, key in corpus:
-            j, q = first_seen.setdefault(key, (i, p))
-            if j != i:
-                copies.append((p, j, q))
-        if not copies:
-            continue
-        share = (sum(sizes[p] for p, _, _ in copies) / max(1, sum(sizes[p] for p in files[i]))
-                 if text else 1.0)
-        p, j, q = copies[0]
-        _check(share < COPIED_SHARE, cfg,
-               f"{_corpus_name(d, i)} holds copies of files of {_corpus_name(d, j)} ({p!r} of "
-               f"{q!r}" + (f"; {len(copies)} file(s), {share:.0%} of its bytes" if text else "") +
-               "): a document may be in one corpus of a blend only (raise that corpus's weight "
-               "instead)")
+        if copies:
+            p, (j, q) = copies[0]
+            _check(text and share < COPIED_SHARE, cfg,
+                   f"{_corpus_name(d, i)} holds copies of files of {_corpus_name(d, j)} ({p!r} of "
+                   f"{q!r}" + (f"; {len(copies)} file(s), {share:.0%} of its bytes" if text else "")
+                   + "): a document may be in one corpus of a blend only (raise that corpus's "
+                   "weight instead)")
+        for p, key in prints.items():
+            originals.setdefault(key, (i, p))
 
 
 def _token_files(cfg: Config, where: str, path: str) -> tuple[list[str], list[dict]]:
@@ -269,7 +275,7 @@ def _validation(cfg: Config) -> None:
     does not draw; text and JSONL runs on the files of [validation] path, none of which may
     be a training file or a copy of one; token runs on token files of the same vocabulary,
     prepared from other input files than the training files."""
-    from ep_fp8.train.data import file_fingerprint, file_identity, list_files
+    from ep_fp8.train.data import file_identity, list_files
     from ep_fp8.train.token_file import combined_header
 
     v, d = cfg.validation, cfg.data
@@ -296,15 +302,12 @@ def _validation(cfg: Config) -> None:
            f"training")
     if d.source != "tokens":   # copies: the same contents under another name
         try:
-            training = {file_fingerprint(p): p for p in training_files if os.path.getsize(p)}
-            sizes = {p: os.path.getsize(p) for p in held_out}
-            copies = [(p, training[f]) for p in held_out if sizes[p]
-                      and (f := file_fingerprint(p)) in training]
+            training = {key: p for p, key in _fingerprints(training_files).items()}
+            copies, share = _copies(held_out, _fingerprints(held_out), training)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{cfg.source}: [validation] {e}") from None
         # A few shared boilerplate files (an empty __init__.py, a licence) are no mistake;
         # a tenth of the held-out bytes is.
-        share = sum(sizes[p] for p, _ in copies) / max(1, sum(sizes.values()))
         _check(share < COPIED_SHARE, cfg,
                f"[validation] path {v.path!r}: {len(copies)} file(s), {share:.0%} of its bytes, "
                f"are copies of files of {_training_name(d)} (by size and first and last 4 KiB; "
