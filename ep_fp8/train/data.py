@@ -222,7 +222,6 @@ class _TokenWindows:
         as many windows would otherwise share one), named in the fingerprint."""
         self._stream, self._epoch = f"data/blend{i}", -1
         self.fingerprint += f", corpus {i} of a blend"
-        self.earlier_fingerprint = self.fingerprint   # no earlier release had blends
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -484,6 +483,7 @@ class BlendedSource:
 
 
 def _corpus(d, path: str, seq_len: int) -> TokenFileSource | PreparedTokenSource:
+    """The files of `path` read as `d` (a DataConfig, not synthetic) says."""
     if d.source == "tokens":
         return PreparedTokenSource(path, seq_len, d.seed)
     return TokenFileSource(path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
@@ -497,8 +497,8 @@ def build_source(cfg) -> MarkovSource | TokenFileSource | PreparedTokenSource | 
     d, seq_len = cfg.data, cfg.training.seq_len
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed)
-    if len(d.blend) < 2:
-        return _corpus(d, d.blend[0] if d.blend else d.path, seq_len)
+    if len(d.paths) == 1:
+        return _corpus(d, d.paths[0], seq_len)
     sources = []
     for i, path in enumerate(d.blend):
         try:
@@ -518,9 +518,7 @@ def build_validation_source(cfg) -> MarkovSource | TokenFileSource | PreparedTok
     d, seq_len = cfg.data, cfg.training.seq_len
     if d.source == "synthetic":
         return MarkovSource(d.synthetic_vocab, d.synthetic_branching, seq_len, d.seed, held_out=True)
-    if d.source == "tokens":
-        return PreparedTokenSource(cfg.validation.path, seq_len, d.seed)
-    return TokenFileSource(cfg.validation.path, d.source, d.tokenizer, seq_len, d.seed, d.jsonl_field)
+    return _corpus(d, cfg.validation.path, seq_len)
 
 
 class DataLoader:
