@@ -1,8 +1,9 @@
 """Output files: whether a path can be written, checked before any work that would end in
-writing it, and giving a complete temporary file its name for good."""
+writing it, and writing one so that it appears only once complete."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -73,3 +74,30 @@ def fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_file(target: str, out: str, overwrite: bool):
+    """Yields a binary file opened under a temporary name beside `target` (`out`: the name
+    given, for messages). When the block ends, the file is flushed to disk and given its
+    name by publish_file, and the folder synced; on an error or an interrupt in the block
+    (or in the publishing) the temporary file is removed and nothing appears at `target`.
+    Raises ValueError when the temporary file cannot be made, or as publish_file does;
+    OSError from writing it is the caller's to report."""
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    try:   # from the temporary file's creation on, its removal is certain
+        try:
+            f = open(tmp, "wb")
+        except OSError as e:
+            raise ValueError(f"output {out!r} cannot be written in {folder or '.'!r} "
+                             f"({e.strerror or e})") from None
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        publish_file(tmp, target, out, overwrite)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    fsync_folder(folder)

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from ep_fp8.paths import fsync_folder, output_path_problem, publish_file
+from ep_fp8.paths import new_file, output_path_problem
 from ep_fp8.train.prepare_data import StopOnSignals
 
 FORMAT = "ep_fp8.model"
@@ -155,21 +155,13 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     meta = {"format": FORMAT, "version": VERSION, "model_args": dataclasses.asdict(args),
             "step": step, **_tokenizer(cfg, tokenizer, progress),
             "checkpoint": os.path.abspath(path), "config": to_toml(cfg, resolve_model=True)}
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
+    target = os.path.abspath(out)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:   # never over a file that appeared meanwhile (unless overwrite)
+        with new_file(target, out, overwrite) as f:
             torch.save({**meta, "state_dict": weights}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_file(tmp, out, out, overwrite)   # never over a file that appeared meanwhile
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as RuntimeError
         raise ValueError(f"output {out!r} could not be written ({e})") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    fsync_folder(folder)
     n = sum(v.numel() for v in weights.values())
     progress(f"[export] wrote {out}: {n:,} weights ({os.path.getsize(out) / 2**20:,.1f} MiB), "
              f"step {step}, " + (f"tokenizer {meta['tokenizer']!r}" if meta["tokenizer"] else

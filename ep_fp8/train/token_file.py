@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ep_fp8.paths import fsync_folder, publish_file
+from ep_fp8.paths import new_file
 from ep_fp8.train.data import (TOKEN_FILE_MAGIC, file_fingerprint, file_identity, list_files,
                                token_chunks, token_dtype)
 from ep_fp8.train.tokenizer import load_tokenizer
@@ -293,17 +293,11 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ValueError(f"output {out!r}: its folder cannot be made ({e.strerror or e})") from None
-    tmp = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
     digest = hashlib.blake2b(digest_size=8)
     tokens = documents = 0
     start = last = time.monotonic()
-    try:   # from the temporary file's creation on, its removal is certain
-        try:
-            f = open(tmp, "wb")
-        except OSError as e:
-            raise ValueError(f"output {out!r} cannot be written in {folder!r} "
-                             f"({e.strerror or e})") from None
-        with f:
+    try:
+        with new_file(target, out, overwrite) as f:
             f.write(bytes(HEADER_BYTES))   # the header is written last, once counts are known
             for chunk, n_documents in token_chunks(files, source, tok, field, digest, _WRITE_TOKENS):
                 f.write(_as_bytes(chunk))
@@ -320,15 +314,8 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
             header = describe(tokens, documents, digest.hexdigest())
             f.seek(0)
             f.write(_header_bytes(header, out))
-            f.flush()
-            os.fsync(f.fileno())
-        publish_file(tmp, target, out, overwrite)
     except OSError as e:
         raise ValueError(f"output {out!r} could not be written ({e.strerror or e})") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    fsync_folder(folder)
     progress(f"{tag} wrote {out}: {tokens:,} tokens, {documents:,} documents from "
              f"{len(files):,} file(s) in {time.monotonic() - start:.1f} s ({header['dtype']}, "
              f"tokenizer {tokenizer!r}, vocab_size {tok.vocab_size})")

@@ -379,7 +379,7 @@ def test_an_interrupt_after_the_rename_says_the_file_was_written(tmp_path, capsy
     def interrupted(folder):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(token_file, "fsync_folder", interrupted)
+    monkeypatch.setattr("ep_fp8.paths.fsync_folder", interrupted)   # the folder sync after the rename
     out = tmp_path / "t.tokens"
     out.write_bytes(b"old")
     code = prepare_main(["--source", "text", "--path", _corpus(tmp_path / "docs"), "--out", str(out),
