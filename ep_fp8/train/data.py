@@ -428,7 +428,8 @@ class BlendedSource:
     windows epoch after epoch (build_source gives each an order of its own), so one whose
     weight exceeds its share of the tokens is repeated (more epochs of it) and one below it
     is seen in part. `fingerprint` names the corpora's fingerprints, their counts per block
-    and the block rule."""
+    and the block rule. Raises ValueError when `sources` and `weights` differ in length or
+    are empty, or as blend_counts does; `get` and `locate` on a negative index."""
 
     def __init__(self, sources: list, weights: list[float], seed: int):
         if len(sources) != len(weights) or not sources:

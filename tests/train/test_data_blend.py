@@ -108,6 +108,10 @@ def test_corpora_of_as_many_windows_are_walked_in_orders_of_their_own(tmp_path):
 
 def test_a_sample_is_the_same_whichever_batch_rank_or_order_asks_for_it(tmp_path):
     source = build_source(_blend(tmp_path, weights=(1, 2, 4), letters="abc"))
+    with pytest.raises(ValueError, match="a blend needs one weight per corpus, got 3 corpora and 2 weights"):
+        BlendedSource(source.sources, [1, 2], seed=0)
+    with pytest.raises(ValueError, match="got 0 corpora and 0 weights"):
+        BlendedSource([], [], seed=0)
     assert source.get([]).shape == (0, SEQ + 1)
     with pytest.raises(ValueError, match="sample index must be >= 0, got -1"):
         source.get([3, -1])
