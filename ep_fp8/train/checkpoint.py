@@ -2,7 +2,8 @@
 
 A save writes `step-N.tmp/` (DCP shards of model and optimizer; step, scheduler and data
 position; each rank's RNG state), waits for every rank, then rank 0 writes the marker file
-`COMPLETE` into it and renames it to `step-N/`. A crash or kill at any point before the
+`COMPLETE` into it, syncs the marker and the folder's entries to disk, renames it to
+`step-N/` and syncs the rename. A crash, kill or power cut at any point before the
 rename leaves only a `.tmp` folder, which `latest()` ignores and the next save removes, so
 the newest complete checkpoint stays usable. A save that fails on any rank (a full disk,
 say) is removed and raised on every rank as CheckpointSaveError, which names the folder,
@@ -32,15 +33,11 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_model_state_dict, set_state_dict)
 
 from ep_fp8.parallel.agree import first_problem
+from ep_fp8.paths import fsync_folder
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _OLD_DIR = re.compile(r"^step-(\d+)\.old$")   # a step's previous save, set aside by _commit
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _single() -> bool:
@@ -107,16 +104,26 @@ class Checkpointer:
         rank, world = _rank_world()
         final = os.path.join(self.folder, f"step-{step}")
         tmp = final + ".tmp"
-        if rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save of this step
-        _barrier()
         problem = ""
+        if rank == 0:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+            except OSError as e:   # a file in its place, say, or no permission
+                problem = f"rank 0: {_first_failure(e)}"
+            shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save of this step
+        # Every rank learns whether the folder is there (this is also the barrier before
+        # the shards are written), so that none waits alone in DCP's collectives.
+        problem = first_problem(problem)
+        if problem:
+            raise CheckpointSaveError(self._save_failed(step, problem))
         try:
             with _quiet_single_process():
                 dcp.save(self._state(model, optimizer, scheduler, loader, step),
                          checkpoint_id=tmp, no_dist=_single())
-            torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+            with open(os.path.join(tmp, f"rng-rank{rank}.pt"), "wb") as f:
+                torch.save(_rng_state(), f)
+                f.flush()
+                os.fsync(f.fileno())   # on disk before the commit, as DCP's shards are
         except (CheckpointException, OSError, RuntimeError) as e:   # a full disk, say
             problem = f"rank {rank}: {_first_failure(e)}"
         # Every rank learns of any rank's failure (this is also the barrier before the
@@ -155,11 +162,15 @@ class Checkpointer:
             os.fsync(f.fileno())
         # An older save of the same step (a redone step) is set aside, not deleted, until
         # the new one is in place: a crash in between still leaves a step-N checkpoint.
+        # The shards' and the marker's names in the folder reach the disk before it is
+        # renamed, and the rename itself after: a power cut leaves a checkpoint or none.
+        fsync_folder(tmp)
         old = final + ".old"
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(tmp, final)
+        fsync_folder(self.folder)
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep: str) -> None:

@@ -325,8 +325,9 @@ def _fail_rng_file_save(monkeypatch):
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
-        if isinstance(f, str) and os.path.basename(f).startswith("rng-rank"):
-            raise OSError(errno.ENOSPC, "No space left on device", f)
+        name = str(getattr(f, "name", f))   # a path or an open file
+        if os.path.basename(name).startswith("rng-rank"):
+            raise OSError(errno.ENOSPC, "No space left on device", name)
         return real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full_disk)
 

@@ -17,7 +17,7 @@ def _steps_in(folder):
     return [s for s, _ in complete_checkpoints(str(folder))]
 
 
-def test_the_marker_is_synced_to_disk_before_the_folder_is_renamed(tmp_path, monkeypatch):
+def test_the_marker_rng_files_and_folder_are_synced_to_disk_around_the_rename(tmp_path, monkeypatch):
     # The rename makes step-N a checkpoint: its marker must be on disk by then, or a power
     # cut could leave a step-N whose marker is empty.
     events, real_fsync, real_rename = [], os.fsync, os.rename
@@ -33,8 +33,14 @@ def test_the_marker_is_synced_to_disk_before_the_folder_is_renamed(tmp_path, mon
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
     monkeypatch.setattr(checkpoint.os, "rename", rename)
     final = Checkpointer(str(tmp_path)).save(3, *make_state(0))
-    commit = events.index(("rename", final + ".tmp", final))
-    assert ("fsync", os.path.join(final + ".tmp", MARKER)) in events[:commit]
+    tmp = final + ".tmp"
+    commit = events.index(("rename", tmp, final))
+    assert ("fsync", os.path.join(tmp, MARKER)) in events[:commit]
+    assert ("fsync", os.path.join(tmp, "rng-rank0.pt")) in events[:commit]
+    # The folder's entries (shards, marker) before the rename, and the rename after it.
+    assert events.index(("fsync", tmp)) > events.index(("fsync", os.path.join(tmp, MARKER)))
+    assert events.index(("fsync", tmp)) < commit
+    assert ("fsync", str(tmp_path)) in events[commit:]
 
 
 def test_a_tmp_folder_that_already_has_its_marker_is_not_a_checkpoint(tmp_path):
@@ -192,6 +198,33 @@ def test_a_commit_that_fails_on_rank_0_is_raised_on_every_rank(tmp_path):
                         2, timeout=60, pg_timeout=20)
     assert results[0] == results[1] and "rank 0: simulated rename failure" in results[0], results
     assert sorted(os.listdir(tmp_path)) == ["step-1"]
+
+
+def _folder_cannot_be_made_worker(rank, world, folder):
+    from ep_fp8.train.checkpoint import CheckpointSaveError
+
+    try:
+        Checkpointer(folder).save(1, *make_state(0))
+        return "saved"
+    except CheckpointSaveError as e:
+        return f"raised: {e}"
+
+
+def test_a_checkpoint_folder_rank_0_cannot_make_is_raised_on_every_rank(tmp_path):
+    import functools
+
+    from tests._dist import run_ranks
+
+    # A file where the folder should be: only rank 0 makes the folder, and rank 1 must not
+    # go on alone into DCP's collectives (it would wait there until the timeout).
+    (tmp_path / "ckpt").write_text("not a folder")
+    folder = str(tmp_path / "ckpt" / "inner")
+    results = run_ranks(functools.partial(_folder_cannot_be_made_worker, folder=folder),
+                        2, timeout=60, pg_timeout=20)
+    assert results[0] == results[1], results
+    assert results[0].startswith(f"raised: could not save step 1 to {folder}"), results
+    assert "rank 0: " in results[0] and "Not a directory" in results[0], results
+    assert (tmp_path / "ckpt").read_text() == "not a folder"
 
 
 def _marker_unreadable_on_rank_1_worker(rank, world, folder, weights_only):
