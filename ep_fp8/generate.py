@@ -1,15 +1,16 @@
 """Sample text from an exported model (python -m ep_fp8.train.export).
 
     python -m ep_fp8.generate model.pt --prompt "def fib(n):" [--max-new-tokens 200]
-        [--temperature 0.8] [--top-k 50] [--seed 0] [--device auto]
+        [--temperature 0.8] [--top-k 50] [--seed 0] [--device auto] [--no-cuda-graph]
 
 Encodes the prompt with the tokenizer the run trained with (or --tokenizer), samples one
 token at a time and prints the prompt and its continuation; it stops early at the
 tokenizer's end-of-document token. A model trained on synthetic data has no tokenizer:
 give --prompt-ids 1,2,3 and read token ids back. The prompt runs through the model once
 and each new token then costs one position, with a key-value cache
-(ep_fp8.model.KVCache), as long as the context fits in max_seq_len tokens; past that,
-each new token runs the model over the last max_seq_len tokens again (see generate). One
+(ep_fp8.model.KVCache), as long as the context fits in max_seq_len tokens; on a GPU
+that step is one CUDA graph replay (StepDecoder). Past max_seq_len, each new token runs
+the model over the last max_seq_len tokens again (see generate). One
 sequence at a time, on the model as exported: fine for checking what a run learned, not
 a serving path.
 """
@@ -29,10 +30,79 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _DECODING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+class StepDecoder:
+    """One decoding step of `model` at a time, past the positions `cache` (a KVCache of
+    batch size 1) holds: `step(token)` returns the logits (vocab_size,) float32 of `token`
+    at position cache.length and advances cache.length by one.
+
+    The token and the position go into tensors on the device and the step runs
+    `model(token, cache=cache.at(position))` (ep_fp8.model.StepCache): the same kernels
+    on the same tensors at every position. With `capture` (CUDA only) that step is
+    captured once in a CUDA graph and each call replays it: one launch instead of several
+    hundred, which is what an eager step of a small batch costs on the host. Without
+    it the step runs eagerly (the same arithmetic). The returned logits live in the
+    graph's memory: read them before the next call. The caller keeps cache.length below
+    cache.max_len (not checked on the device). Inference only: call under torch.no_grad.
+    """
+
+    def __init__(self, model, cache, *, capture: bool) -> None:
+        from ep_fp8.model.cache import KVCache
+
+        if not isinstance(cache, KVCache) or cache.batch_size != 1:
+            raise ValueError("StepDecoder takes a KVCache of batch size 1")
+        if capture and cache.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the model on a CUDA device, not {cache.device}")
+        self.model, self.cache, self.graph = model, cache, None
+        self.token = torch.zeros((1, 1), dtype=torch.int64, device=cache.device)
+        self.position = torch.zeros((), dtype=torch.int64, device=cache.device)
+        self.step = cache.at(self.position)
+        if capture:
+            self._capture()
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self.token, cache=self.step)[0, -1]
+
+    def _capture(self) -> None:
+        # The warm-up and the capture write keys and values at the slot of position
+        # cache.length, which the first real step writes again.
+        self.position.fill_(self.cache.length)
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):        # kernels compiled and tuned outside the capture
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+
+    def __call__(self, token: int) -> torch.Tensor:
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"position {self.cache.length} is past the cache's size "
+                             f"({self.cache.max_len} positions)")
+        self.token.fill_(token)
+        self.position.fill_(self.cache.length)
+        if self.graph is None:
+            logits = self._run()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        self.cache.length += 1
+        return logits
+
+
+def _step_decoder(model, cache, cuda_graph: bool) -> StepDecoder | None:
+    """The StepDecoder generate() uses for single-token steps: a captured one on CUDA
+    with `cuda_graph`, else None (steps run as ordinary cached forwards)."""
+    if cuda_graph and cache.device.type == "cuda":
+        return StepDecoder(model, cache, capture=True)
+    return None
+
+
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, allowed: int | None = None, stop: int | None = None,
-             generator: torch.Generator | None = None) -> list[int]:
+             generator: torch.Generator | None = None, cuda_graph: bool = True) -> list[int]:
     """The tokens that `model` (an ep_fp8.model.Transformer) continues `prompt` with: at
     most `max_new_tokens`, each drawn from the softmax of the last position's logits over
     `temperature` (0: the most likely token), restricted to the `top_k` most likely (0: all)
@@ -49,7 +119,11 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     token empties the cache and runs the last max_seq_len tokens again, as the loop
     without a cache did. The tokens are those of that loop, `model(context[-max_seq_len:])`
     per token, unless two logits are close enough for the rounding of the cached path (in
-    float32 about 1e-7 of their size; more in bf16) to swap them."""
+    float32 about 1e-7 of their size; more in bf16) to swap them.
+
+    On a CUDA device with `cuda_graph`, the one-position steps while the context fits run
+    as one CUDA graph (StepDecoder), captured after the prompt's forward: the same logits
+    up to rounding, at a fraction of an eager step's host time."""
     vocab, window = model.args.vocab_size, model.args.max_seq_len
     if not prompt:
         raise ValueError("the prompt holds no token")
@@ -66,11 +140,18 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     # Room for every position this call can reach, at most the window.
     cache = KVCache.for_model(model, 1, max_len=min(window, len(context) + max_new_tokens))
     pending = context                                   # what the cache has not seen yet
+    steps = None        # runs the one-position steps while the context fits, if not None
+    if max_new_tokens > 1 and len(context) < window:
+        with sdpa_kernel(_DECODING_ATTENTION):
+            steps = _step_decoder(model, cache, cuda_graph)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        ids = torch.tensor([pending], dtype=torch.int64, device=device)
         with sdpa_kernel(_DECODING_ATTENTION):
-            logits = model(ids, cache=cache)[0, -1]
+            if steps is not None and cache.length > 0:   # one position after cached ones
+                logits = steps(pending[0])
+            else:
+                ids = torch.tensor([pending], dtype=torch.int64, device=device)
+                logits = model(ids, cache=cache)[0, -1]
         token = sample_next(logits, temperature, top_k, allowed, generator)
         new.append(token)
         if token == stop:
@@ -133,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50, help="0: no limit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="decode with eager steps rather than one CUDA graph per step")
     parser.add_argument("--tokenizer", default=None,
                         help="'bytes' or a tokenizer.json (default: the run's)")
     ns = parser.parse_args(argv)
@@ -159,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device=device).manual_seed(ns.seed)
         new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature,
                        top_k=ns.top_k, allowed=tok.vocab_size if tok else None,
-                       stop=tok.eos_id if tok else None, generator=generator)
+                       stop=tok.eos_id if tok else None, generator=generator,
+                       cuda_graph=not ns.no_cuda_graph)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

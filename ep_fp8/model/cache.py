@@ -7,6 +7,7 @@ same as without this module.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ep_fp8.model.args import ModelArgs
 
@@ -65,12 +66,21 @@ class KVCache:
         """ValueError unless tokens (B, S) of a model of `args` with activations of `dtype`
         fit: same layout (layers, kv heads, head size), batch size, device and dtype, and
         room for S more positions."""
+        self.check_layout(args, tokens, dtype)
+        S = tokens.shape[1]
+        if self.length + S > self.max_len:
+            raise ValueError(f"positions [{self.length}, {self.length + S}) are past the "
+                             f"cache's size ({self.max_len} positions): reset() it or start "
+                             f"a new one")
+
+    def check_layout(self, args: ModelArgs, tokens: torch.Tensor, dtype: torch.dtype) -> None:
+        """check() without the room for the new positions."""
         layout = (args.n_layers, args.n_kv_heads, args.dim // args.n_heads)
         mine = (len(self.k), self.n_kv_heads, self.head_dim)
         if layout != mine:
             raise ValueError(f"the cache was built for another model: (n_layers, n_kv_heads, "
                              f"head_dim) {mine}, the model's {layout}")
-        B, S = tokens.shape
+        B = tokens.shape[0]
         if B != self.batch_size:
             raise ValueError(f"the cache holds {self.batch_size} sequences, the tokens {B}")
         if tokens.device != self.device:
@@ -78,13 +88,17 @@ class KVCache:
         if dtype != self.dtype:
             raise ValueError(f"the cache holds {self.dtype}, the model computes in {dtype}: "
                              f"build it with KVCache.for_model")
-        if self.length + S > self.max_len:
-            raise ValueError(f"positions [{self.length}, {self.length + S}) are past the "
-                             f"cache's size ({self.max_len} positions): reset() it or start "
-                             f"a new one")
+
+    def advance(self, S: int) -> None:
+        """After a forward of S new positions (every block has written them)."""
+        self.length += S
 
     def layer(self, i: int) -> "LayerCache":
         return LayerCache(self, i)
+
+    def at(self, position: torch.Tensor) -> "StepCache":
+        """This cache for one new position whose index the device holds (see StepCache)."""
+        return StepCache(self, position)
 
 
 class LayerCache:
@@ -108,3 +122,91 @@ class LayerCache:
         k[:, start:start + S] = k_BSHd
         v[:, start:start + S] = v_BSHd
         return k[:, :start + S], v[:, :start + S]
+
+    def attend(self, q_BSHd: torch.Tensor, k_BSHd: torch.Tensor,
+               v_BSHd: torch.Tensor) -> torch.Tensor:
+        """Attention of the new positions [start, start + S) (q, k, v (B, S, heads,
+        head_dim), after rotation) to the cached ones and to the new ones up to each
+        itself; writes k and v to the cache. Returns (B, S, n_heads, head_dim)."""
+        start, S = self.start, q_BSHd.shape[1]
+        k_all, v_all = self.update(k_BSHd, v_BSHd)          # positions [0, start + S)
+        if start == 0:      # a prefill: the forward without a cache, on the same tensors
+            k_all, v_all, mask, causal = k_BSHd, v_BSHd, None, True
+        elif S == 1:        # one new token sees every cached position
+            mask, causal = None, False
+        else:               # new token i sees positions [0, start + i]
+            mask = torch.ones(S, start + S, dtype=torch.bool, device=q_BSHd.device).tril(start)
+            causal = False
+        return _sdpa(q_BSHd, k_all, v_all, mask, causal)
+
+
+class StepCache:
+    """A KVCache for one decoding step whose position is a tensor on the cache's device
+    (0-d, int64), not a Python int: the step's work is then the same tensors and kernels
+    at every position, so it can be captured once in a CUDA graph and replayed with the
+    position (and the token) written into their tensors (ep_fp8.generate.StepDecoder).
+
+    `Transformer.forward(tokens (B, 1), cache=kv_cache.at(position))` writes the new
+    keys and values at `position` and attends to positions [0, position] by a mask over
+    all max_len slots; it does not advance kv_cache.length, which its caller keeps. The
+    logits equal those of `forward(tokens, cache=kv_cache)` with kv_cache.length ==
+    position, up to rounding. The position's range is not checked (that would read the
+    device): it must lie in [0, max_len), with positions below it written before.
+    """
+
+    def __init__(self, cache: KVCache, position: torch.Tensor) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if not (isinstance(position, torch.Tensor) and position.dtype == torch.int64
+                and position.dim() == 0 and position.device == cache.device):
+            got = (f"{position.dtype} of shape {tuple(position.shape)} on {position.device}"
+                   if isinstance(position, torch.Tensor) else type(position).__name__)
+            raise ValueError(f"a step's position must be a 0-d int64 tensor on the cache's "
+                             f"device ({cache.device}), got {got}")
+        self.cache, self.position = cache, position
+
+    def check(self, args: ModelArgs, tokens: torch.Tensor, dtype: torch.dtype) -> None:
+        """KVCache.check_layout, and one new position per sequence."""
+        self.cache.check_layout(args, tokens, dtype)
+        if tokens.shape[1] != 1:
+            raise ValueError(f"a step at a position on the device takes one new position "
+                             f"per sequence, got {tokens.shape[1]}")
+
+    def advance(self, S: int) -> None:
+        """Nothing: the caller moves the position."""
+
+    def layer(self, i: int) -> "StepLayerCache":
+        return StepLayerCache(self, i)
+
+
+class StepLayerCache:
+    """Block i's view of a StepCache, what Attention.forward takes as `cache`."""
+
+    def __init__(self, step: StepCache, i: int) -> None:
+        self.step, self.i = step, i
+
+    @property
+    def start(self) -> torch.Tensor:
+        """The new token's position (a 0-d tensor on the device)."""
+        return self.step.position
+
+    def attend(self, q_B1Hd: torch.Tensor, k_B1Hd: torch.Tensor,
+               v_B1Hd: torch.Tensor) -> torch.Tensor:
+        """LayerCache.attend for one new position given on the device: its k and v go to
+        slot `position`, and it attends to slots [0, position] of all max_len."""
+        cache, position = self.step.cache, self.step.position
+        k, v = cache.k[self.i], cache.v[self.i]
+        index = position.reshape(1)
+        k.index_copy_(1, index, k_B1Hd)
+        v.index_copy_(1, index, v_B1Hd)
+        mask = (torch.arange(k.shape[1], device=k.device) <= position).view(1, 1, 1, -1)
+        return _sdpa(q_B1Hd, k, v, mask, False)
+
+
+def _sdpa(q_BSHd, k_BLHd, v_BLHd, mask, causal) -> torch.Tensor:
+    """scaled_dot_product_attention on (B, S, heads, head_dim) layouts, kv heads shared
+    by n_heads / n_kv_heads query heads each (without repeating them in memory)."""
+    out = F.scaled_dot_product_attention(
+        q_BSHd.transpose(1, 2), k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2),
+        attn_mask=mask, is_causal=causal, enable_gqa=k_BLHd.shape[2] != q_BSHd.shape[2])
+    return out.transpose(1, 2)

@@ -25,10 +25,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for positions [start, start + seq_len): cos, sin each
     (seq_len, head_dim // 2) float32; each row the same bits whatever `start` (a decoding
-    step with a KVCache takes the rows a whole-sequence forward would).
+    step with a KVCache takes the rows a whole-sequence forward would), also when `start`
+    is a 0-d integer tensor on `device` (positions below 2^24 are exact in float32).
 
     Computed on every forward (a few kFLOPs) rather than kept in a buffer, so a cast of the
     model to bf16 or a meta-device construction cannot degrade or lose them; but outside
@@ -36,7 +37,10 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device
     """
     inv_freq_F = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device,
                                               dtype=torch.float32) / head_dim)
-    pos_S = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    if isinstance(start, torch.Tensor):     # a 0-d position on the device: no host read
+        pos_S = start.float() + torch.arange(seq_len, device=device, dtype=torch.float32)
+    else:
+        pos_S = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
     angle_SF = torch.outer(pos_S, inv_freq_F)
     return angle_SF.cos(), angle_SF.sin()
 
@@ -61,7 +65,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def rope_tables(self, seq_len: int, device: torch.device,
-                    start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The (cos, sin) float32 tables forward takes, for seq_len positions from start."""
         return rope_cos_sin(seq_len, self.head_dim, self.rope_theta, device, start)
 
@@ -69,10 +73,11 @@ class Attention(nn.Module):
                 cache=None) -> torch.Tensor:
         """x (B, S, D) and the rotary tables of rope_tables(S, device) -> (B, S, D).
 
-        With `cache` (a block's ep_fp8.model.cache.LayerCache, inference only) x holds
-        positions [cache.start, cache.start + S), the tables are rope_tables(S, device,
-        cache.start), and each new position attends to every cached one and to the new
-        ones up to itself; its keys and values are written to the cache.
+        With `cache` (a block's ep_fp8.model.cache.LayerCache or StepLayerCache,
+        inference only) x holds positions [cache.start, cache.start + S), the tables are
+        rope_tables(S, device, cache.start), and each new position attends to every cached
+        one and to the new ones up to itself; its keys and values are written to the
+        cache (cache.attend).
 
         The tables come in rather than being built here because attention is compiled on
         its own (ep_fp8.parallel.apply_compile): inside the graph inductor would fuse the
@@ -90,26 +95,10 @@ class Attention(nn.Module):
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
         if cache is not None:
-            return self.wo(self._attend_cached(q, k, v, cache).reshape(B, S, -1))
+            return self.wo(cache.attend(q, k, v).reshape(B, S, -1))
         # SDPA wants (B, H, S, head_dim); enable_gqa lets it share each kv head across
         # n_heads / n_kv_heads query heads without materialising repeated k and v.
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
-
-    def _attend_cached(self, q_BSHd, k_BSHd, v_BSHd, cache) -> torch.Tensor:
-        """(B, S, n_heads, head_dim) attention output of new positions [start, start + S)."""
-        start, S = cache.start, q_BSHd.shape[1]
-        k_all, v_all = cache.update(k_BSHd, v_BSHd)          # positions [0, start + S)
-        if start == 0:      # a prefill: the forward without a cache, on the same tensors
-            k_all, v_all, mask, causal = k_BSHd, v_BSHd, None, True
-        elif S == 1:        # one new token sees every cached position
-            mask, causal = None, False
-        else:               # new token i sees positions [0, start + i]
-            mask = torch.ones(S, start + S, dtype=torch.bool, device=q_BSHd.device).tril(start)
-            causal = False
-        out = F.scaled_dot_product_attention(
-            q_BSHd.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-            attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
-        return out.transpose(1, 2)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ep_fp8.model.args import ModelArgs
-from ep_fp8.model.cache import KVCache
+from ep_fp8.model.cache import KVCache, StepCache
 from ep_fp8.model.init import init_weights_
 from ep_fp8.model.layers import Attention, RMSNorm
 from ep_fp8.moe import FeedForward, MoE
@@ -43,19 +43,20 @@ class TransformerBlock(nn.Module):
                 aux_loss_coef=args.aux_loss_coef, load_balance_bias=args.load_balance_bias,
                 float8=float8, float8_backend=float8_backend, exact_scales=exact_scales)
 
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | StepCache | None = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D); with `cache` (inference), x holds positions
-        [cache.length, cache.length + S) and this block's keys and values go to it."""
+        [cache.length, cache.length + S) (a StepCache: its position) and this block's keys
+        and values go to it."""
         # The rotary tables in float32, built here: the block is an FSDP2 unit whose mixed
         # precision would cast float inputs to bf16, and attention may be compiled.
         if cache is None:
             cos_SF, sin_SF = self.attention.rope_tables(x_BSD.shape[1], x_BSD.device)
             h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SF, sin_SF)
         else:
+            layer = cache.layer(self.layer_id)
             cos_SF, sin_SF = self.attention.rope_tables(x_BSD.shape[1], x_BSD.device,
-                                                        cache.length)
-            h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SF, sin_SF,
-                                       cache.layer(self.layer_id))
+                                                        layer.start)
+            h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SF, sin_SF, layer)
         ffn = self.moe if self.moe is not None else self.feed_forward
         return h + ffn(self.ffn_norm(h))
 
@@ -67,6 +68,8 @@ class Transformer(nn.Module):
     forward(tokens, cache=KVCache(...)) (inference): the tokens are positions
     [cache.length, cache.length + S) after the cached ones; it returns their logits and
     advances the cache (see ep_fp8.model.cache.KVCache and ep_fp8.generate).
+    forward(tokens (B, 1), cache=kv_cache.at(position)): one position given as a 0-d
+    tensor on the device, for a step captured in a CUDA graph (see StepCache).
     `float8`, `float8_backend`, `exact_scales` go to every MoE layer's experts.
     Weights are initialised by `init_weights(0)` at construction unless the parameters are
     on the meta device; call `init_weights(seed)` for another seed or after `to_empty`.
@@ -95,7 +98,7 @@ class Transformer(nn.Module):
         """
         init_weights_(self, 0 if seed is None else int(seed), self.args.n_layers)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | StepCache | None = None) -> torch.Tensor:
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
         if tokens.ndim != 2:
@@ -111,10 +114,11 @@ class Transformer(nn.Module):
             for block in self.layers:
                 h_BSD = block(h_BSD)
             return self.output(self.norm(h_BSD)).float()
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if not isinstance(cache, (KVCache, StepCache)):
+            raise TypeError(f"cache must be a KVCache or a StepCache (KVCache.at), got "
+                            f"{type(cache).__name__}")
         cache.check(self.args, tokens, h_BSD.dtype)
         for block in self.layers:
             h_BSD = block(h_BSD, cache)
-        cache.length += S       # after every block wrote: they all read the same start
+        cache.advance(S)        # after every block wrote: they all read the same start
         return self.output(self.norm(h_BSD)).float()

@@ -152,7 +152,7 @@ def test_a_cache_that_does_not_fit_is_refused_naming_why():
     with pytest.raises(ValueError, match=r"holds torch.bfloat16, the model computes in "
                                          r"torch.float32"):
         model(tokens, cache=KVCache(TINY, 2, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="cache must be a KVCache, got dict"):
+    with pytest.raises(TypeError, match=r"cache must be a KVCache or a StepCache \(KVCache.at\), got dict"):
         model(tokens, cache={})
     cache = KVCache.for_model(model, 2, max_len=6)
     with torch.no_grad():

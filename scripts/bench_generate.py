@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Decoding speed of ep_fp8.generate: tokens per second with and without the CUDA graph.
+
+    python scripts/bench_generate.py --out outputs/bench_generate.json       # moe_1b, GPU
+    python scripts/bench_generate.py --model debug --device cpu --new-tokens 8   # smoke test
+
+Builds the preset with random weights (seed 0) in --dtype on --device, then for each
+decoding mode draws --new-tokens greedy tokens after a prompt of --prompt-len random ids,
+--repeats times, and reports the median tokens per second of the whole call (the prompt's
+forward and, with the graph, its capture included). Modes: `graph` (generate's default on
+a GPU: each one-position step one CUDA graph replay) and `eager` (cuda_graph=False: the
+same cached steps launched one kernel at a time). The tokens of both modes must agree: a
+greedy continuation that differs is reported (random weights can leave two logits close
+enough for the kernels' rounding to swap them). Prints a table and writes JSON with the
+device, torch version and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from ep_fp8.generate import generate
+from ep_fp8.model import PRESETS, Transformer
+from ep_fp8.paths import output_path_problem
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_mode(model, prompt: list[int], new_tokens: int, cuda_graph: bool,
+              repeats: int) -> tuple[float, list[int]]:
+    """(median tokens/s of `repeats` calls after one warm-up call, the tokens drawn)."""
+    device = next(model.parameters()).device
+    tokens = generate(model, prompt, new_tokens, temperature=0, cuda_graph=cuda_graph)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        again = generate(model, prompt, new_tokens, temperature=0, cuda_graph=cuda_graph)
+        _sync(device)
+        rates.append(len(again) / (time.perf_counter() - start))
+        if again != tokens:
+            raise RuntimeError("greedy decoding drew different tokens from one call to the next")
+    return statistics.median(rates), tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="moe_1b", choices=sorted(PRESETS))
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    ns = parser.parse_args(argv)
+    if ns.out and (problem := output_path_problem(ns.out)):
+        parser.error(f"--out: {problem}")
+    if min(ns.prompt_len, ns.new_tokens, ns.repeats) < 1:
+        parser.error("--prompt-len, --new-tokens and --repeats must be >= 1")
+    device = torch.device(ns.device)
+    args = PRESETS[ns.model]
+    if ns.prompt_len + ns.new_tokens > args.max_seq_len:
+        parser.error(f"--prompt-len + --new-tokens must fit the model's max_seq_len "
+                     f"({args.max_seq_len}): this measures the cached steps")
+    torch.manual_seed(0)
+    model = Transformer(args).to(device, DTYPES[ns.dtype]).eval()
+    prompt = torch.randint(0, args.vocab_size, (ns.prompt_len,),
+                           generator=torch.Generator().manual_seed(1)).tolist()
+    modes = {"eager": False, "graph": True} if device.type == "cuda" else {"eager": False}
+    results = {}
+    for name, graph in modes.items():
+        rate, tokens = time_mode(model, prompt, ns.new_tokens, graph, ns.repeats)
+        results[name] = {"tokens_per_s": rate, "tokens": tokens}
+        print(f"{name:>6}: {rate:8.1f} tokens/s", flush=True)
+    agree = len({tuple(r["tokens"]) for r in results.values()}) == 1
+    if not agree:
+        print("note: the modes drew different greedy tokens (close logits, rounding)")
+    if "graph" in results:
+        print(f"graph / eager: {results['graph']['tokens_per_s'] / results['eager']['tokens_per_s']:.2f}x")
+    record = {
+        "model": ns.model, "dtype": ns.dtype, "prompt_len": ns.prompt_len,
+        "new_tokens": ns.new_tokens, "repeats": ns.repeats, "tokens_agree": agree,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "results": {k: {"tokens_per_s": v["tokens_per_s"]} for k, v in results.items()},
+    }
+    if ns.out:
+        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
+        with open(ns.out, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
