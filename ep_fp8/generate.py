@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -91,12 +92,36 @@ class StepDecoder:
         return logits
 
 
+def graph_problem(model, dtype: torch.dtype, device: torch.device) -> str:
+    """Why generate() cannot capture `model`'s decoding steps in a CUDA graph with
+    activations of `dtype` on `device`; '' when it can: on a GPU, unless the model has MoE
+    layers and torch's grouped matmul would read their group offsets on the host there
+    (any dtype but bf16, or a GPU older than SM90)."""
+    from ep_fp8.ops.backends import grouped_mm_on_device
+
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device}"
+    if any(block.moe is not None for block in model.layers) \
+            and not grouped_mm_on_device(dtype, device):
+        return (f"the experts' grouped matmul in {dtype} on this GPU reads its group offsets "
+                f"on the host (one device kernel only in bfloat16 on SM90 or newer)")
+    return ""
+
+
 def _step_decoder(model, cache, cuda_graph: bool) -> StepDecoder | None:
-    """The StepDecoder generate() uses for single-token steps: a captured one on CUDA
-    with `cuda_graph`, else None (steps run as ordinary cached forwards)."""
-    if cuda_graph and cache.device.type == "cuda":
+    """The StepDecoder generate() uses for single-token steps: a captured one where
+    `cuda_graph` and graph_problem allow, else None (steps run as ordinary cached
+    forwards, as they also do, after a warning, if the capture fails)."""
+    if not cuda_graph or graph_problem(model, cache.dtype, cache.device):
+        return None
+    try:
         return StepDecoder(model, cache, capture=True)
-    return None
+    except RuntimeError as e:
+        torch.cuda.synchronize(cache.device)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"decoding without a CUDA graph: its capture failed ({reason})",
+                      stacklevel=3)
+        return None
 
 
 @torch.no_grad()
@@ -121,9 +146,10 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     per token, unless two logits are close enough for the rounding of the cached path (in
     float32 about 1e-7 of their size; more in bf16) to swap them.
 
-    On a CUDA device with `cuda_graph`, the one-position steps while the context fits run
-    as one CUDA graph (StepDecoder), captured after the prompt's forward: the same logits
-    up to rounding, at a fraction of an eager step's host time."""
+    With `cuda_graph`, where graph_problem() allows (a GPU; MoE layers in bf16 on SM90 or
+    newer), the one-position steps while the context fits run as one CUDA graph
+    (StepDecoder), captured before the prompt's forward: the same logits up to rounding,
+    at a fraction of an eager step's host time."""
     vocab, window = model.args.vocab_size, model.args.max_seq_len
     if not prompt:
         raise ValueError("the prompt holds no token")
@@ -239,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         if tok is not None and tok.vocab_size > model.args.vocab_size:
             raise ValueError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model "
                              f"{model.args.vocab_size}: it is not the run's tokenizer")
+        weight = model.tok_embeddings.weight
+        if not ns.no_cuda_graph and device.type == "cuda" \
+                and (problem := graph_problem(model, weight.dtype, device)):
+            print(f"note: decoding without a CUDA graph: {problem}; a model exported with "
+                  f"--dtype bfloat16 decodes with one", file=sys.stderr)
         generator = torch.Generator(device=device).manual_seed(ns.seed)
         new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature,
                        top_k=ns.top_k, allowed=tok.vocab_size if tok else None,

@@ -152,6 +152,14 @@ def stored_nk(w_t: torch.Tensor) -> bool:
     return w_t.stride(-2) == 1 and w_t.stride(-1) != 1
 
 
+def grouped_mm_on_device(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether torch._grouped_mm is one device kernel for operands of `dtype` on `device`
+    (bf16 on a GPU of SM90 or newer). Elsewhere it loops over the groups with their
+    offsets copied to the host, which a CUDA graph cannot capture."""
+    return (dtype == torch.bfloat16 and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def _grouped_mm_accepts(t: torch.Tensor) -> bool:
     """torch._grouped_mm's operand rule: row- or column-major in the last two dims, the
     other stride a multiple of 16 bytes, data 16-byte aligned."""

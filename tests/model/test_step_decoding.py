@@ -113,6 +113,13 @@ def test_a_step_decoder_is_refused_what_it_cannot_run():
     assert cache.length == 4
 
 
+def test_no_graph_is_captured_off_a_gpu():
+    from ep_fp8.generate import graph_problem
+
+    assert graph_problem(_model(DENSE_MHA), torch.float32, torch.device("cpu")) == \
+        "CUDA graphs need a CUDA device, not cpu"
+
+
 def _eager_step_decoders(monkeypatch):
     """generate() runs its steps through an uncaptured StepDecoder (the CPU has no
     graphs); returns the decoders made."""
@@ -159,17 +166,24 @@ def test_sampled_generate_through_step_decoding_draws_what_the_uncached_loop_dra
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("args", [TINY, dataclasses.replace(TINY, n_dense_layers=0)],
-                         ids=["dense+moe", "moe-only"])
-def test_on_the_gpu_captured_steps_give_the_eager_cached_logits_and_tokens(args):
-    """The CUDA graph's replays against eager cached forwards at each position (float32,
-    1e-4: the kernels differ, masked over all slots or not), and generate() with and
-    without the graph drawing the same tokens, past the window too."""
+@pytest.mark.parametrize("args, dtype, atol", [
+    (DENSE_MHA, torch.float32, 1e-4),
+    (TINY, torch.bfloat16, 0.25),
+    (dataclasses.replace(TINY, n_dense_layers=0), torch.bfloat16, 0.25),
+], ids=["dense-fp32", "dense+moe-bf16", "moe-only-bf16"])
+def test_on_the_gpu_captured_steps_give_the_eager_cached_logits_and_tokens(args, dtype, atol):
+    """The CUDA graph's replays against eager cached forwards at each position (float32 to
+    1e-4: the kernels differ, masked over all slots or not; bf16 to the tolerance of the
+    cached-forward test in test_kv_cache), and generate() with and without the graph
+    drawing the same tokens, past the window too (float32 only: bf16 rounding may swap
+    close logits)."""
+    import warnings
+
     from torch.nn.attention import sdpa_kernel
 
     from ep_fp8.generate import _DECODING_ATTENTION
 
-    model = _model(args).cuda()
+    model = _model(args).to("cuda", dtype)
     tokens = _tokens(1, 16, seed=8).cuda()
     eager, graphed = KVCache.for_model(model, 1), KVCache.for_model(model, 1)
     with torch.no_grad(), sdpa_kernel(_DECODING_ATTENTION):
@@ -180,9 +194,47 @@ def test_on_the_gpu_captured_steps_give_the_eager_cached_logits_and_tokens(args)
         for i in range(4, 16):
             want = model(tokens[:, i:i + 1], cache=eager)[0, -1]
             got = steps(int(tokens[0, i])).clone()
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            torch.testing.assert_close(got, want, rtol=0, atol=atol)
         assert graphed.length == 16
-    prompt = tokens[0, :5].tolist()
-    with_graph = generate(model, prompt, 30, temperature=0)
-    assert with_graph == generate(model, prompt, 30, temperature=0, cuda_graph=False)
-    assert len(set(with_graph)) >= 4
+    if dtype == torch.float32:
+        prompt = tokens[0, :5].tolist()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # no fallback to eager steps
+            with_graph = generate(model, prompt, 30, temperature=0)
+        assert with_graph == generate(model, prompt, 30, temperature=0, cuda_graph=False)
+        assert len(set(with_graph)) >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_a_capture_that_fails_falls_back_to_eager_steps_with_a_warning(monkeypatch):
+    model = _model(DENSE_MHA).cuda()
+    prompt = [3, 1, 4, 1, 5]
+    expected = generate(model, prompt, 12, temperature=0, cuda_graph=False)
+
+    def fail(self):
+        raise RuntimeError("simulated capture failure\nmore detail")
+    monkeypatch.setattr(StepDecoder, "_capture", fail)
+    with pytest.warns(UserWarning, match=r"decoding without a CUDA graph: its capture failed "
+                                         r"\(simulated capture failure\)$"):
+        assert generate(model, prompt, 12, temperature=0) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_float32_experts_decode_without_a_graph():
+    """torch's float32 grouped matmul reads its offsets on the host: generate() keeps
+    such a model's steps eager (no capture attempted, no warning), with the same tokens."""
+    import warnings
+
+    from ep_fp8.generate import graph_problem
+
+    model = _model().cuda()
+    assert "reads its group offsets on the host" in graph_problem(model, torch.float32,
+                                                                  torch.device("cuda"))
+    assert graph_problem(_model(DENSE_MHA), torch.float32, torch.device("cuda")) == ""
+    assert graph_problem(model, torch.bfloat16, torch.device("cuda")) == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(model, [3, 1, 4], 10, temperature=0) == \
+            generate(model, [3, 1, 4], 10, temperature=0, cuda_graph=False)
