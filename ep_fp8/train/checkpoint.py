@@ -205,8 +205,7 @@ class Checkpointer:
         checkpoint, CheckpointMismatchError (on every rank) when its tensors do not fit
         the model or optimizer (another size, a missing key, or model tensors the model
         does not have). Collective."""
-        if not os.path.isfile(os.path.join(path, MARKER)):
-            raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        _check_complete(path)
         saved_world = _agree(_read_marker, path)
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = self._state(model, optimizer, scheduler, loader, step=0)
@@ -238,8 +237,7 @@ def load_weights(path: str, model) -> int:
     when `path` is not a complete checkpoint, CheckpointMismatchError (on every rank) when
     its model tensors are not exactly this model's, CheckpointDamagedError when its files
     are missing or unreadable. Collective."""
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    _check_complete(path)
     _agree(_read_marker, path)
     state = {"model": get_model_state_dict(model), "train": {"step": 0}}
     saved = _agree(_saved_keys, path)
@@ -280,6 +278,17 @@ def _load(path: str, state: dict, into: str, apply) -> None:
             raise CheckpointDamagedError(f"{path} is damaged: {_first_failure(e)}") from None
         raise CheckpointMismatchError(f"{path} could not be loaded into {into}: "
                                       f"{_first_failure(e)}") from None
+
+
+def _check_complete(path: str) -> None:
+    """ValueError on every rank unless every rank sees checkpoint `path`'s marker (a rank
+    that went on alone would wait in the next collective). Collective."""
+    rank = _rank_world()[0]
+    seen = os.path.isfile(os.path.join(path, MARKER))
+    problem = "" if seen else (f"{path} is not a complete checkpoint (no {MARKER} marker"
+                               + (f" seen by rank {rank})" if rank else ")"))
+    if problem := first_problem(problem):
+        raise ValueError(problem)
 
 
 def _read_marker(path: str) -> int:

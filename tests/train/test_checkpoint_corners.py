@@ -227,6 +227,38 @@ def test_a_checkpoint_folder_rank_0_cannot_make_is_raised_on_every_rank(tmp_path
     assert (tmp_path / "ckpt").read_text() == "not a folder"
 
 
+def _marker_unseen_on_rank_1_worker(rank, world, folder, weights_only):
+    import pytest as _pytest
+
+    path = Checkpointer(folder).save(1, *make_state(0))
+    real_isfile = os.path.isfile
+    with _pytest.MonkeyPatch.context() as mp:
+        if rank == 1:   # a rank whose view of the folder lags (no shared cache yet, say)
+            mp.setattr(checkpoint.os.path, "isfile",
+                       lambda p: False if str(p).endswith(MARKER) else real_isfile(p))
+        try:
+            if weights_only:
+                load_weights(path, make_state(1)[0])
+            else:
+                Checkpointer(folder).load(path, *make_state(1))
+            return "loaded"
+        except ValueError as e:
+            return f"raised: {e}"
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_a_marker_only_one_rank_cannot_see_is_raised_on_every_rank(tmp_path, weights_only):
+    import functools
+
+    from tests._dist import run_ranks
+
+    results = run_ranks(functools.partial(_marker_unseen_on_rank_1_worker, folder=str(tmp_path),
+                                          weights_only=weights_only), 2, timeout=60, pg_timeout=20)
+    assert results[0] == results[1], results
+    assert results[0] == (f"raised: {tmp_path / 'step-1'} is not a complete checkpoint "
+                          f"(no {MARKER} marker seen by rank 1)"), results
+
+
 def _marker_unreadable_on_rank_1_worker(rank, world, folder, weights_only):
     import builtins
 
