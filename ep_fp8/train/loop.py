@@ -433,7 +433,14 @@ def train(cfg: Config) -> dict:
 
     step, last_ckpt = 0, None
     _agree_on_lock(cfg, create=False)   # a live run's checkpoints are not ours to load
-    if cfg.checkpoint.enabled and cfg.checkpoint.resume and (found := ckpt.latest()):
+    found = ckpt.latest() if cfg.checkpoint.enabled and cfg.checkpoint.resume else None
+    # Every rank resumes from the same checkpoint or none does (collective).
+    if differs := first_difference(str(found[1] if found else None)):
+        raise ConfigError(
+            f"{cfg.source}: cannot resume: the ranks see different newest checkpoints in "
+            f"{ckpt.folder} ({differs}); every rank must see the same checkpoint folder (one "
+            f"shared file system)")
+    if found:
         try:
             step = ckpt.load(found[1], model, optimizer, scheduler, loader)
         except CheckpointDamagedError as e:   # raised on every rank: all exit alike

@@ -56,7 +56,8 @@ def _copy_checkpoint(root: str, src_run: str, step: int, dst_run: str) -> None:
 
 def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
     """`plan`: [{"name", "overrides", optional "resume_from": [run, step],
-    optional "sigterm_after": step, optional "home_text": text that each rank writes to
+    optional "sigterm_after": step, optional "checkpoints_unseen_on_rank": r (rank r lists no
+    checkpoint), optional "home_text": text that each rank writes to
     ~/data.txt of a HOME of its own (rank r: text * (r + 1)), optional "capture": keep
     what rank 0 prints in the result}]. Runs in a process group made by
     tests._dist.run_ranks (which also sets torchrun's environment variables and leaves
@@ -83,8 +84,14 @@ def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
             os.write(held, b"host elsewhere pid 4242")
             fcntl.flock(held, fcntl.LOCK_EX)
         printed = io.StringIO()
+        hidden = contextlib.nullcontext()
+        if run.get("checkpoints_unseen_on_rank") == rank:   # this rank lists no checkpoint
+            from unittest import mock
+
+            from ep_fp8.train import checkpoint
+            hidden = mock.patch.object(checkpoint, "complete_checkpoints", lambda folder: [])
         try:
-            with contextlib.redirect_stdout(printed) if run.get("capture") else contextlib.nullcontext():
+            with contextlib.redirect_stdout(printed) if run.get("capture") else contextlib.nullcontext(), hidden:
                 out = train(cfg)
             result = {"step": out["step"], "stopped": out["stopped"],
                       "checkpoint": out["checkpoint"], "validation": out["validation"]}

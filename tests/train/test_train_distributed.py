@@ -61,6 +61,10 @@ TWO_RANK_PLAN = [
     {"name": "resumed_other_data", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true",
                                                  "--data.seed=7", "--training.steps=11"],
      "resume_from": ["ep2", 10], "capture": True},
+    # Rank 1 sees no checkpoint where rank 0 sees step 10 (a folder that is not shared):
+    # both refuse, rather than one resuming and the other starting over.
+    {"name": "resume_unseen", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true"],
+     "resume_from": ["ep2", 10], "checkpoints_unseen_on_rank": 1},
     # One path, other files on each rank (node-local disks): a config error on both ranks.
     {"name": "data_per_rank", "overrides": ["--parallel.ep=2", "--data.source=text",
                                             "--data.path=~/data.txt", "--model.vocab_size=257"],
@@ -213,6 +217,14 @@ def test_a_run_folder_held_by_another_run_is_refused_on_every_rank(runs):
     assert_refused_on_every_rank(
         runs, "locked", 2, ["another run is using", "held by host elsewhere pid 4242"],
         [".lock", "checkpoints", "result-rank0.json", "result-rank1.json"])   # no config.toml, no metrics
+
+
+def test_ranks_that_see_different_newest_checkpoints_all_refuse_to_resume(runs):
+    assert_refused_on_every_rank(
+        runs, "resume_unseen", 2,
+        ["cannot resume: the ranks see different newest checkpoints",
+         "(rank 1: None; rank 0: ", "resume_unseen/checkpoints/step-10)", "one shared file system"],
+        ["checkpoints", "result-rank0.json", "result-rank1.json"])
 
 
 def test_a_resume_with_other_data_goes_on_and_says_so(runs):
