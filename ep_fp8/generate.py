@@ -33,8 +33,8 @@ _DECODING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 class StepDecoder:
     """One decoding step of `model` at a time, past the positions `cache` (a KVCache of
-    batch size 1) holds: `step(token)` returns the logits (vocab_size,) float32 of `token`
-    at position cache.length and advances cache.length by one.
+    batch size 1) holds: `decoder(token)` returns the logits (vocab_size,) float32 of
+    `token` at position cache.length and advances cache.length by one.
 
     The token and the position go into tensors on the device and the step runs
     `model(token, cache=cache.at(position))` (ep_fp8.model.StepCache): the same kernels
@@ -42,8 +42,8 @@ class StepDecoder:
     captured once in a CUDA graph and each call replays it: one launch instead of several
     hundred, which is what an eager step of a small batch costs on the host. Without
     it the step runs eagerly (the same arithmetic). The returned logits live in the
-    graph's memory: read them before the next call. The caller keeps cache.length below
-    cache.max_len (not checked on the device). Inference only: call under torch.no_grad.
+    graph's memory: read them before the next call. A call with the cache full is a
+    ValueError. Inference only: call under torch.no_grad.
     """
 
     def __init__(self, model, cache, *, capture: bool) -> None:
@@ -65,7 +65,8 @@ class StepDecoder:
 
     def _capture(self) -> None:
         # The warm-up and the capture write keys and values at the slot of position
-        # cache.length, which the first real step writes again.
+        # cache.length, which the next forward (the prompt's, or the first step) writes
+        # again before any step reads it.
         self.position.fill_(self.cache.length)
         side = torch.cuda.Stream(self.cache.device)
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
