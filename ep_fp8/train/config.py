@@ -310,7 +310,9 @@ def read_config(path: str | None, overrides: typing.Sequence[str] = ()) -> Confi
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except (IsADirectoryError, PermissionError) as e:
+        except FileNotFoundError:
+            raise
+        except OSError as e:   # a folder, no permission, a name too long, a file on the path
             raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
         for section, table in doc.items():
             if not isinstance(table, dict):

@@ -179,3 +179,20 @@ def test_the_folder_earlier_runs_are_kept_in_is_no_checkpoint_folder(tmp_path, f
         load_config(None, [f"--job.output_dir={tmp_path}", "--checkpoint.enabled=true",
                            f"--checkpoint.folder={folder}"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_path_the_system_cannot_open_is_a_config_error(tmp_path, capsys):
+    """A file on the path in place of a folder, or a name too long, is the same error as a
+    folder or an unreadable file (exit code 2), not a traceback; a missing file stays a
+    FileNotFoundError."""
+    from ep_fp8.train.main import main
+
+    (tmp_path / "a.toml").write_text("[training]\nsteps = 3\n")
+    for path, reason in ((tmp_path / "a.toml" / "b.toml", "Not a directory"),
+                         (tmp_path / ("n" * 300 + ".toml"), "File name too long")):
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: cannot read the config file: {reason}")):
+            load_config(str(path))
+        assert main(["--check", "--config", str(path)]) == 2
+        assert f"cannot read the config file: {reason}" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        load_config(str(tmp_path / "missing.toml"))
