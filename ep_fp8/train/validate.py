@@ -428,9 +428,13 @@ def _checkpoint_folder(cfg: Config) -> None:
 
     c, folder = cfg.checkpoint, checkpoint_dir(cfg)
     if c.enabled:
-        clash = next((name for name in RUN_FILES if os.path.normpath(folder) ==
-                      os.path.normpath(os.path.join(run_dir(cfg), name))), None)
-        _check(clash is None, cfg, f"[checkpoint] folder {c.folder!r} is the run's own "
+        # Not one of them, nor inside one (a file cannot hold it, and tb/ moves aside).
+        where = os.path.normpath(folder)
+        own = {name: os.path.normpath(os.path.join(run_dir(cfg), name)) for name in RUN_FILES}
+        clash = next((name for name, p in own.items()
+                      if where == p or where.startswith(p + os.sep)), None)
+        inside = "inside " if clash is not None and where != own[clash] else ""
+        _check(clash is None, cfg, f"[checkpoint] folder {c.folder!r} is {inside}the run's own "
                f"{clash!r}: choose another name")
         _can_create_folder(cfg, folder, "[checkpoint] folder")
         if c.resume:

@@ -196,3 +196,18 @@ def test_a_config_path_the_system_cannot_open_is_a_config_error(tmp_path, capsys
         assert f"cannot read the config file: {reason}" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         load_config(str(tmp_path / "missing.toml"))
+
+
+@pytest.mark.parametrize("folder, own", [("config.toml/ck", "config.toml"), ("metrics.jsonl/ck", "metrics.jsonl"),
+                                         (".lock/ck", ".lock"), ("./tb/ck/", "tb"),
+                                         ("earlier-runs/x/ck", "earlier-runs")])
+def test_a_checkpoint_folder_inside_one_of_the_runs_own_files_is_an_error(tmp_path, folder, own):
+    """The run writes config.toml, metrics.jsonl and .lock as files before its first
+    checkpoint, so a checkpoint folder inside one could never be made; and a fresh run
+    moves tb/ aside. A name that merely starts like one of them is fine."""
+    run = [f"--job.output_dir={tmp_path}", "--checkpoint.enabled=true"]
+    with pytest.raises(ConfigError, match=re.escape(
+            f"[checkpoint] folder {folder!r} is inside the run's own {own!r}: choose another name")):
+        load_config(None, run + [f"--checkpoint.folder={folder}"])
+    assert list(tmp_path.iterdir()) == []
+    load_config(None, run + [f"--checkpoint.folder={own}-ck/x"])
