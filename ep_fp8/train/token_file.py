@@ -229,9 +229,16 @@ def _plan(pattern: str, source: str, tokenizer: str, out: str, field: str, overw
 
 def _matches(paths: list[str], pattern: str) -> bool:
     """Whether a file at one of `paths` (absolute) would be one of list_files(pattern)'s,
-    were it there. fnmatch's `*` also crosses folders, as `**` does: it errs towards yes."""
+    were it there. fnmatch's `*` also crosses folders, as `**` does: it errs towards yes.
+    The pattern's folders before its first wildcard are also tried with their symbolic
+    links resolved, as `paths` may name the output's real folder."""
     pattern = os.path.abspath(os.path.expanduser(pattern))
-    return any(fnmatch.fnmatchcase(path, pattern) for path in paths)
+    head, rest = pattern, ""
+    while any(c in head for c in "*?["):
+        head, part = os.path.split(head)
+        rest = os.path.join(part, rest) if rest else part
+    patterns = {pattern, os.path.join(os.path.realpath(head), rest) if rest else os.path.realpath(head)}
+    return any(fnmatch.fnmatchcase(path, p) for path in paths for p in patterns)
 
 
 def check_shards(pattern: str, source: str, tokenizer: str, out: str, field: str,

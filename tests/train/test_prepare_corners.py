@@ -370,3 +370,17 @@ def test_a_tokenizer_json_encodes_a_document_of_over_a_million_tokens_whole(word
     (tokens,) = tok.encode_tensors(["a " * (n - 1) + "b"], torch.int32)
     assert tokens.numel() == n and int(tokens[-1]) == 1
 
+
+def test_a_shard_the_glob_would_read_through_a_linked_input_folder_is_refused(tmp_path, capsys):
+    """The glob names the folder of the documents by a symbolic link, the output by its real
+    path: refused before any shard is written, not found when the second shard reads the
+    first as a document."""
+    _corpus(tmp_path / "docs")
+    (tmp_path / "link").symlink_to(tmp_path / "docs")
+    pattern, out = str(tmp_path / "link" / "*.txt"), str(tmp_path / "docs" / "t.txt")
+    with pytest.raises(ValueError, match="would match --path .*: shards written first would be read"):
+        write_token_file(pattern, "text", "bytes", out, progress=_quiet, shard=(0, 2))
+    code = prepare_data.main(["--source", "text", "--path", pattern, "--out", out, "--shards", "2"])
+    assert code == 2 and "would match --path" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "docs")) == [f"{i}.txt" for i in range(6)] + ["empty.txt"]
+    assert not token_file._matches([str(tmp_path / "docs" / "t.tokens")], pattern)
