@@ -134,7 +134,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     `temperature` (0: the most likely token), restricted to the `top_k` most likely (0: all)
     and to ids below `allowed` (None: the whole vocabulary); ends after `stop` when drawn.
     Seeded by `generator` (on the model's device). Raises ValueError on an empty prompt, an
-    id outside the vocabulary or a negative setting.
+    id outside the vocabulary, a negative setting or an `allowed` below 1.
 
     Each token is drawn from the logits of the model run over the last max_seq_len tokens
     of the context (positions from 0). While the context fits, a KVCache makes that one
@@ -159,6 +159,8 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     if max_new_tokens < 0 or temperature < 0 or top_k < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}), temperature ({temperature}) and "
                          f"top_k ({top_k}) must be >= 0")
+    if allowed is not None and not (isinstance(allowed, int) and allowed >= 1):
+        raise ValueError(f"allowed must be None or an int >= 1, got {allowed!r}")
     allowed = vocab if allowed is None else min(allowed, vocab)
     from ep_fp8.model.cache import KVCache
 

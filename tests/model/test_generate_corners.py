@@ -73,3 +73,13 @@ def test_a_cache_on_another_device_than_the_tokens_is_refused():
     with torch.no_grad(), pytest.raises(ValueError, match="the cache is on meta, the tokens on cpu"):
         model(_tokens(2, 4), cache=cache)
     assert cache.length == 0
+
+
+def test_an_allowed_below_one_is_refused():
+    """Not an empty choice (argmax of nothing) nor, for a negative value, the vocabulary
+    less its last ids (a slice from the end)."""
+    model = _model()
+    for allowed in (0, -1, -31):
+        with pytest.raises(ValueError, match=rf"allowed must be None or an int >= 1, got {allowed}"):
+            generate(model, [1, 2], 3, temperature=0, allowed=allowed)
+    assert generate(model, [1, 2], 3, temperature=0, allowed=1) == [0, 0, 0]
