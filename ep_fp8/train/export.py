@@ -155,7 +155,7 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     meta = {"format": FORMAT, "version": VERSION, "model_args": dataclasses.asdict(args),
             "step": step, **_tokenizer(cfg, tokenizer, progress),
             "checkpoint": os.path.abspath(path), "config": to_toml(cfg, resolve_model=True)}
-    target = os.path.abspath(out)
+    target = os.path.realpath(out)   # a symbolic link: its target is written
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:   # never over a file that appeared meanwhile (unless overwrite)
         with new_file(target, out, overwrite) as f:

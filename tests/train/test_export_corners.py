@@ -245,3 +245,17 @@ def test_an_output_name_with_a_nul_or_too_long_is_named_before_the_export(tmp_pa
         "cannot be made: it holds a NUL character"
     with pytest.raises(ValueError, match="output .* cannot be made: it holds a NUL character"):
         export_model(str(tmp_path / "nowhere"), str(tmp_path / "a\0b.pt"), progress=_quiet)
+
+
+def test_a_symbolic_link_as_output_writes_its_target(tmp_path):
+    """As for a token file: a link (dangling until written) is followed, the link stays a
+    link, and --overwrite replaces its target's content, not the link."""
+    _fake_run(tmp_path / "run")
+    (tmp_path / "store").mkdir()
+    link = tmp_path / "m.pt"
+    link.symlink_to(tmp_path / "store" / "real.pt")
+    export_model(str(tmp_path / "run"), str(link), progress=_quiet)
+    assert link.is_symlink() and load_exported(str(link))[1]["step"] == 2
+    export_model(str(tmp_path / "run"), str(link), step=1, overwrite=True, progress=_quiet)
+    assert link.is_symlink() and load_exported(str(tmp_path / "store" / "real.pt"))[1]["step"] == 1
+    assert sorted(os.listdir(tmp_path / "store")) == ["real.pt"]
