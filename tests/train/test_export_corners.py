@@ -60,7 +60,7 @@ def test_a_relative_run_folder_into_missing_folders_gives_the_documented_file(tm
     meta = export_model("run", os.path.join("out", "sub", "m.pt"), progress=_quiet)
     assert (tmp_path / "out" / "sub" / "m.pt").is_file()
     assert sorted(os.listdir(tmp_path / "out" / "sub")) == ["m.pt"]   # no temporary file
-    checkpoint = str(tmp_path / "run" / "checkpoints" / "step-2")
+    checkpoint = os.path.realpath(tmp_path / "run" / "checkpoints" / "step-2")
     assert meta["checkpoint"] == checkpoint and meta["step"] == 2 and meta["tokenizer"] is None
     monkeypatch.chdir(tmp_path / "out")
     loaded, entries = load_exported(os.path.join("sub", "m.pt"))
@@ -88,7 +88,7 @@ def test_a_tokenizer_json_is_recorded_by_absolute_path_with_its_own_eos(tmp_path
     said = []
     entries = _tokenizer(cfg, None, said.append)
     assert said == []
-    assert entries["tokenizer"] == path and entries["tokenizer_eos"] == "<stop>"
+    assert entries["tokenizer"] == os.path.realpath(path) and entries["tokenizer_eos"] == "<stop>"
     os.unlink(path)
     os.unlink(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
     tok = exported_tokenizer(entries)
@@ -211,7 +211,7 @@ def test_the_output_is_synced_with_its_content_then_published_and_its_folder_syn
     with paths.new_file(target, "m.pt", overwrite=False) as f:
         f.write(b"x" * 100)   # less than the write buffer: on disk only once flushed
         assert not os.path.exists(target)
-    assert log == [("file", 100), ("folder", str(tmp_path))]
+    assert log == [("file", 100), ("folder", os.path.realpath(tmp_path))]
     assert open(target, "rb").read() == b"x" * 100 and os.listdir(tmp_path) == ["m.pt"]
 
 
