@@ -83,3 +83,14 @@ def test_an_allowed_below_one_is_refused():
         with pytest.raises(ValueError, match=rf"allowed must be None or an int >= 1, got {allowed}"):
             generate(model, [1, 2], 3, temperature=0, allowed=allowed)
     assert generate(model, [1, 2], 3, temperature=0, allowed=1) == [0, 0, 0]
+
+
+def test_greedy_choice_keeps_to_the_allowed_ids():
+    """Temperature 0 takes the largest of the allowed logits, not of all of them."""
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0, -1.0, 0.5, 9.0, 8.0])
+    assert sample_next(logits, 0.0, 0, 6) == 1
+    assert sample_next(logits, 0.0, 0, 8) == 6
+    model = _model()
+    free = generate(model, [3, 1, 4], 12, temperature=0)
+    assert max(free) >= 8   # unrestricted, the chain takes ids the restriction removes
+    assert max(generate(model, [3, 1, 4], 12, temperature=0, allowed=8)) < 8

@@ -107,6 +107,18 @@ def test_a_blend_whose_first_token_file_is_gone_takes_the_tokenizer_of_the_next(
     assert _tokenizer(cfg, None, said.append) == {"tokenizer": "bytes"} and said == []
 
 
+def test_a_checkpoint_folder_under_the_home_directory_is_found(tmp_path, monkeypatch):
+    """[checkpoint] folder = "~/ckpts" names the folder in the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _fake_run(tmp_path / "run", ["--checkpoint.folder=~/ckpts"])
+    (tmp_path / "home").mkdir()
+    os.rename(tmp_path / "run" / "checkpoints", tmp_path / "home" / "ckpts")
+    meta = export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"), progress=_quiet)
+    assert meta["step"] == 2
+    expected = tmp_path / "home" / "ckpts" / "step-2"
+    assert os.path.realpath(meta["checkpoint"]) == os.path.realpath(expected)
+
+
 class _Payload:
     """A pickled object of a class: not a plain type, tensor or container."""
 
