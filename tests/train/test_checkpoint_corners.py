@@ -227,15 +227,35 @@ def test_a_checkpoint_folder_rank_0_cannot_make_is_raised_on_every_rank(tmp_path
     assert (tmp_path / "ckpt").read_text() == "not a folder"
 
 
-def _marker_unseen_on_rank_1_worker(rank, world, folder, weights_only):
+def _hide_marker(mp):
+    """os.path.isfile does not see the marker (a rank whose view of the folder lags)."""
+    real_isfile = os.path.isfile
+    mp.setattr(checkpoint.os.path, "isfile",
+               lambda p: False if str(p).endswith(MARKER) else real_isfile(p))
+
+
+def _lock_marker(mp):
+    """Opening the marker is refused."""
+    import builtins
+
+    real_open = builtins.open
+
+    def unreadable_marker(file, *args, **kwargs):
+        if str(file).endswith(MARKER):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    mp.setattr(checkpoint, "open", unreadable_marker, raising=False)
+
+
+def _load_with_rank_1_patched_worker(rank, world, folder, weights_only, patch):
+    """Save step 1, then load it (or only its weights) with `patch(monkeypatch)` on rank 1:
+    "loaded", or "raised: <error type>: <message>"."""
     import pytest as _pytest
 
     path = Checkpointer(folder).save(1, *make_state(0))
-    real_isfile = os.path.isfile
     with _pytest.MonkeyPatch.context() as mp:
-        if rank == 1:   # a rank whose view of the folder lags (no shared cache yet, say)
-            mp.setattr(checkpoint.os.path, "isfile",
-                       lambda p: False if str(p).endswith(MARKER) else real_isfile(p))
+        if rank == 1:
+            patch(mp)
         try:
             if weights_only:
                 load_weights(path, make_state(1)[0])
@@ -243,58 +263,32 @@ def _marker_unseen_on_rank_1_worker(rank, world, folder, weights_only):
                 Checkpointer(folder).load(path, *make_state(1))
             return "loaded"
         except ValueError as e:
-            return f"raised: {e}"
+            return f"raised: {type(e).__name__}: {e}"
+
+
+def _load_on_two_ranks(folder, weights_only, patch):
+    import functools
+
+    from tests._dist import run_ranks
+
+    results = run_ranks(functools.partial(_load_with_rank_1_patched_worker, folder=folder,
+                                          weights_only=weights_only, patch=patch),
+                        2, timeout=60, pg_timeout=20)
+    assert results[0] == results[1], results
+    return results[0]
 
 
 @pytest.mark.parametrize("weights_only", [False, True])
 def test_a_marker_only_one_rank_cannot_see_is_raised_on_every_rank(tmp_path, weights_only):
-    import functools
-
-    from tests._dist import run_ranks
-
-    results = run_ranks(functools.partial(_marker_unseen_on_rank_1_worker, folder=str(tmp_path),
-                                          weights_only=weights_only), 2, timeout=60, pg_timeout=20)
-    assert results[0] == results[1], results
-    assert results[0] == (f"raised: {tmp_path / 'step-1'} is not a complete checkpoint "
-                          f"(no {MARKER} marker seen by rank 1)"), results
-
-
-def _marker_unreadable_on_rank_1_worker(rank, world, folder, weights_only):
-    import builtins
-
-    import pytest as _pytest
-
-    state = make_state(0)
-    path = Checkpointer(folder).save(1, *state)
-    real_open = builtins.open
-
-    def unreadable_marker(file, *args, **kwargs):
-        if str(file).endswith(MARKER):
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *args, **kwargs)
-
-    with _pytest.MonkeyPatch.context() as mp:
-        if rank == 1:
-            mp.setattr(checkpoint, "open", unreadable_marker, raising=False)
-        try:
-            if weights_only:
-                load_weights(path, make_state(1)[0])
-            else:
-                Checkpointer(folder).load(path, *make_state(1))
-            return "loaded"
-        except CheckpointDamagedError as e:
-            return f"raised: {e}"
+    assert _load_on_two_ranks(str(tmp_path), weights_only, _hide_marker) == (
+        f"raised: ValueError: {tmp_path / 'step-1'} is not a complete checkpoint "
+        f"(no {MARKER} marker seen by rank 1)")
 
 
 @pytest.mark.parametrize("weights_only", [False, True])
 def test_a_marker_only_one_rank_cannot_read_is_raised_on_every_rank(tmp_path, weights_only):
-    import functools
-
-    from tests._dist import run_ranks
-
-    results = run_ranks(functools.partial(_marker_unreadable_on_rank_1_worker, folder=str(tmp_path),
-                                          weights_only=weights_only), 2, timeout=60, pg_timeout=20)
-    assert results[0] == results[1] and "Permission denied" in results[0], results
+    result = _load_on_two_ranks(str(tmp_path), weights_only, _lock_marker)
+    assert result.startswith("raised: CheckpointDamagedError: ") and "Permission denied" in result
 
 
 def test_a_load_failure_is_named_by_the_last_line_of_the_error_behind_it(tmp_path, monkeypatch):
