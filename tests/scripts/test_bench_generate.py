@@ -18,6 +18,7 @@ def test_a_cpu_run_records_the_eager_mode_and_its_settings(tmp_path, capsys):
     assert (record["model"], record["dtype"], record["prompt_len"], record["new_tokens"]) == \
         ("debug", "float32", 4, 3)
     assert record["tokens_agree"] is True and record["first_step_logits"] is None
+    assert record["graph_skipped"] is None
     assert record["device"] == "cpu" and "eager:" in capsys.readouterr().out
 
 
@@ -30,3 +31,19 @@ def test_settings_that_cannot_be_measured_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         bench.main(["--model", "debug", "--device", "cpu"] + argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_model_whose_steps_cannot_be_captured_gets_no_graph_mode():
+    """A float32 MoE model on a GPU: generate() decodes it with eager steps whatever
+    cuda_graph says, so a `graph` mode would time eager steps under the graph's name (and
+    the first step's capture would fail). graph_problem reads no GPU for float32."""
+    import torch
+
+    from ep_fp8.model import PRESETS, Transformer
+
+    bench = load_script("bench_generate")
+    model = Transformer(PRESETS["debug"])             # float32, with MoE layers
+    modes, skipped = bench.decoding_modes(model, torch.device("cuda"))
+    assert modes == {"eager": False}
+    assert skipped.startswith("no graph mode: the experts' grouped matmul in torch.float32")
+    assert bench.decoding_modes(model, torch.device("cpu")) == ({"eager": False}, "")
