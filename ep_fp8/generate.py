@@ -109,6 +109,21 @@ def graph_problem(model, dtype: torch.dtype, device: torch.device) -> str:
     return ""
 
 
+def _graph_note(model, device: torch.device) -> str:
+    """The command line's note when `model`'s steps on GPU `device` run without a CUDA
+    graph ('' when they have one): why, and, where a bf16 model would have one there, that
+    an export with --dtype bfloat16 would."""
+    from ep_fp8.ops.backends import grouped_mm_on_device
+
+    dtype = model.tok_embeddings.weight.dtype
+    if not (problem := graph_problem(model, dtype, device)):
+        return ""
+    note = f"note: decoding without a CUDA graph: {problem}"
+    if dtype != torch.bfloat16 and grouped_mm_on_device(torch.bfloat16, device):
+        note += "; a model exported with --dtype bfloat16 decodes with one"
+    return note
+
+
 def _step_decoder(model, cache, cuda_graph: bool) -> StepDecoder | None:
     """The StepDecoder generate() uses for single-token steps: a captured one where
     `cuda_graph` and graph_problem allow, else None (steps run as ordinary cached
@@ -268,11 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if tok is not None and tok.vocab_size > model.args.vocab_size:
             raise ValueError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model "
                              f"{model.args.vocab_size}: it is not the run's tokenizer")
-        weight = model.tok_embeddings.weight
-        if not ns.no_cuda_graph and device.type == "cuda" \
-                and (problem := graph_problem(model, weight.dtype, device)):
-            print(f"note: decoding without a CUDA graph: {problem}; a model exported with "
-                  f"--dtype bfloat16 decodes with one", file=sys.stderr)
+        if not ns.no_cuda_graph and device.type == "cuda" and (note := _graph_note(model, device)):
+            print(note, file=sys.stderr)
         generator = torch.Generator(device=device).manual_seed(ns.seed)
         new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature,
                        top_k=ns.top_k, allowed=tok.vocab_size if tok else None,

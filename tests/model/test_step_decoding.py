@@ -238,3 +238,21 @@ def test_on_the_gpu_float32_experts_decode_without_a_graph():
         warnings.simplefilter("error")
         assert generate(model, [3, 1, 4], 10, temperature=0) == \
             generate(model, [3, 1, 4], 10, temperature=0, cuda_graph=False)
+
+
+@pytest.mark.parametrize("dtype, bf16_on_device, advice", [
+    (torch.float32, True, True),        # an H200: a bf16 export would decode with a graph
+    (torch.float32, False, False),      # an older GPU: a bf16 export would not either
+    (torch.bfloat16, False, False),     # already bf16, on an older GPU
+], ids=["fp32-sm90", "fp32-sm80", "bf16-sm80"])
+def test_the_command_lines_note_advises_a_bf16_export_only_where_it_would_help(
+        monkeypatch, dtype, bf16_on_device, advice):
+    from ep_fp8.ops import backends
+
+    monkeypatch.setattr(backends, "grouped_mm_on_device",
+                        lambda d, device: bf16_on_device and d == torch.bfloat16)
+    model = _model().to(dtype)
+    note = generate_mod._graph_note(model, torch.device("cuda"))
+    assert note.startswith("note: decoding without a CUDA graph: the experts' grouped matmul")
+    assert note.endswith("; a model exported with --dtype bfloat16 decodes with one") == advice
+    assert generate_mod._graph_note(_model(DENSE_MHA), torch.device("cuda")) == ""
