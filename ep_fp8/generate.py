@@ -97,7 +97,7 @@ def graph_problem(model, dtype: torch.dtype, device: torch.device) -> str:
     """Why generate() cannot capture `model`'s decoding steps in a CUDA graph with
     activations of `dtype` on `device`; '' when it can: on a GPU, unless the model has MoE
     layers and torch's grouped matmul would read their group offsets on the host there
-    (any dtype but bf16, or a GPU older than SM90)."""
+    (any dtype but bf16, or a GPU other than SM90 and SM100)."""
     from ep_fp8.ops.backends import grouped_mm_on_device
 
     if device.type != "cuda":
@@ -105,7 +105,7 @@ def graph_problem(model, dtype: torch.dtype, device: torch.device) -> str:
     if any(block.moe is not None for block in model.layers) \
             and not grouped_mm_on_device(dtype, device):
         return (f"the experts' grouped matmul in {dtype} on this GPU reads its group offsets "
-                f"on the host (one device kernel only in bfloat16 on SM90 or newer)")
+                f"on the host (one device kernel only in bfloat16 on SM90 or SM100)")
     return ""
 
 
@@ -163,7 +163,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     float32 about 1e-7 of their size; more in bf16) to swap them.
 
     With `cuda_graph`, where graph_problem() allows (a GPU; MoE layers in bf16 on SM90 or
-    newer), the one-position steps while the context fits run as one CUDA graph
+    SM100), the one-position steps while the context fits run as one CUDA graph
     (StepDecoder), captured before the prompt's forward: the same logits up to rounding,
     at a fraction of an eager step's host time."""
     vocab, window = model.args.vocab_size, model.args.max_seq_len

@@ -11,7 +11,7 @@ forward and, with the graph, its capture included). Modes: `graph` (generate's d
 a GPU: each one-position step one CUDA graph replay) and `eager` (cuda_graph=False: the
 same cached steps launched one kernel at a time); no `graph` where generate() would not
 capture the step (ep_fp8.generate.graph_problem: MoE layers outside bf16 on SM90 or
-newer), which the output says. Whether both modes drew the same tokens
+SM100), which the output says. Whether both modes drew the same tokens
 is reported, with the first step's logits by both (random weights leave the logits close
 enough for the kernels' rounding to swap greedy choices). Prints a table and writes JSON
 with the device, torch version and date.

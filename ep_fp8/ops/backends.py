@@ -154,10 +154,10 @@ def stored_nk(w_t: torch.Tensor) -> bool:
 
 def grouped_mm_on_device(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether torch._grouped_mm is one device kernel for operands of `dtype` on `device`
-    (bf16 on a GPU of SM90 or newer). Elsewhere it loops over the groups with their
-    offsets copied to the host, which a CUDA graph cannot capture."""
-    return (dtype == torch.bfloat16 and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    (bf16 on an NVIDIA GPU of SM90 or SM100). Elsewhere it loops over the groups with
+    their offsets copied to the host, which a CUDA graph cannot capture."""
+    return (dtype == torch.bfloat16 and device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
 def _grouped_mm_accepts(t: torch.Tensor) -> bool:

@@ -433,7 +433,15 @@ def train(cfg: Config) -> dict:
 
     step, last_ckpt = 0, None
     _agree_on_lock(cfg, create=False)   # a live run's checkpoints are not ours to load
-    found = ckpt.latest() if cfg.checkpoint.enabled and cfg.checkpoint.resume else None
+    found, unreadable = None, ""
+    if cfg.checkpoint.enabled and cfg.checkpoint.resume:
+        try:
+            found = ckpt.latest()
+        except OSError as e:   # a folder this rank cannot list: said on every rank
+            unreadable = f"rank {rank}: {e}"
+    if problem := first_problem(unreadable):   # collective, as the next one
+        raise ConfigError(f"{cfg.source}: cannot resume: the checkpoint folder cannot be "
+                          f"read ({problem})")
     # Every rank resumes from the same checkpoint or none does (collective).
     if differs := first_difference(str(found[1] if found else None)):
         raise ConfigError(

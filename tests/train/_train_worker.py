@@ -56,8 +56,8 @@ def _copy_checkpoint(root: str, src_run: str, step: int, dst_run: str) -> None:
 
 def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
     """`plan`: [{"name", "overrides", optional "resume_from": [run, step],
-    optional "sigterm_after": step, optional "checkpoints_unseen_on_rank": r (rank r lists no
-    checkpoint), optional "home_text": text that each rank writes to
+    optional "sigterm_after": step, optional "checkpoint_listing_on_rank": {r: "none" or
+    "unreadable"} (rank r lists no checkpoint, or cannot list them), optional "home_text": text that each rank writes to
     ~/data.txt of a HOME of its own (rank r: text * (r + 1)), optional "capture": keep
     what rank 0 prints in the result}]. Runs in a process group made by
     tests._dist.run_ranks (which also sets torchrun's environment variables and leaves
@@ -85,11 +85,17 @@ def run_plan(rank: int, world: int, root: str, plan: list[dict]) -> None:
             fcntl.flock(held, fcntl.LOCK_EX)
         printed = io.StringIO()
         hidden = contextlib.nullcontext()
-        if run.get("checkpoints_unseen_on_rank") == rank:   # this rank lists no checkpoint
+        listing = run.get("checkpoint_listing_on_rank", {}).get(rank)
+        if listing is not None:   # what this rank's listing of the checkpoints gives
             from unittest import mock
 
             from ep_fp8.train import checkpoint
-            hidden = mock.patch.object(checkpoint, "complete_checkpoints", lambda folder: [])
+
+            def listed(folder):
+                if listing == "unreadable":
+                    raise PermissionError(13, "Permission denied", folder)
+                return []
+            hidden = mock.patch.object(checkpoint, "complete_checkpoints", listed)
         try:
             with contextlib.redirect_stdout(printed) if run.get("capture") else contextlib.nullcontext(), hidden:
                 out = train(cfg)

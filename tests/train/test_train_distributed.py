@@ -64,7 +64,10 @@ TWO_RANK_PLAN = [
     # Rank 1 sees no checkpoint where rank 0 sees step 10 (a folder that is not shared):
     # both refuse, rather than one resuming and the other starting over.
     {"name": "resume_unseen", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true"],
-     "resume_from": ["ep2", 10], "checkpoints_unseen_on_rank": 1},
+     "resume_from": ["ep2", 10], "checkpoint_listing_on_rank": {1: "none"}},
+    # Rank 1 cannot list the checkpoint folder: both refuse, rather than rank 0 waiting.
+    {"name": "resume_unreadable", "overrides": ["--parallel.ep=2", "--checkpoint.enabled=true"],
+     "resume_from": ["ep2", 10], "checkpoint_listing_on_rank": {1: "unreadable"}},
     # One path, other files on each rank (node-local disks): a config error on both ranks.
     {"name": "data_per_rank", "overrides": ["--parallel.ep=2", "--data.source=text",
                                             "--data.path=~/data.txt", "--model.vocab_size=257"],
@@ -224,6 +227,13 @@ def test_ranks_that_see_different_newest_checkpoints_all_refuse_to_resume(runs):
         runs, "resume_unseen", 2,
         ["cannot resume: the ranks see different newest checkpoints",
          "(rank 1: None; rank 0: ", "resume_unseen/checkpoints/step-10)", "one shared file system"],
+        ["checkpoints", "result-rank0.json", "result-rank1.json"])
+
+
+def test_a_checkpoint_folder_one_rank_cannot_read_is_refused_on_every_rank(runs):
+    assert_refused_on_every_rank(
+        runs, "resume_unreadable", 2,
+        ["cannot resume: the checkpoint folder cannot be read (rank 1: [Errno 13] Permission denied"],
         ["checkpoints", "result-rank0.json", "result-rank1.json"])
 
 
