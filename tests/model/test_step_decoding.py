@@ -256,3 +256,24 @@ def test_the_command_lines_note_advises_a_bf16_export_only_where_it_would_help(
     assert note.startswith("note: decoding without a CUDA graph: the experts' grouped matmul")
     assert note.endswith("; a model exported with --dtype bfloat16 decodes with one") == advice
     assert generate_mod._graph_note(_model(DENSE_MHA), torch.device("cuda")) == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_a_capture_that_fails_inside_falls_back_and_a_later_capture_works(monkeypatch):
+    """A real failure during the capture (torch's float32 grouped matmul copies its offsets
+    to the host, which graph_problem is made to overlook here): a warning, the eager
+    steps' tokens, and a graph that still captures afterwards in the same process."""
+    model = _model().cuda()
+    prompt = [3, 1, 4, 1, 5]
+    expected = generate(model, prompt, 12, temperature=0, cuda_graph=False)
+    monkeypatch.setattr(generate_mod, "graph_problem", lambda *args: "")
+    with pytest.warns(UserWarning, match="decoding without a CUDA graph: its capture failed"):
+        assert generate(model, prompt, 12, temperature=0) == expected
+    monkeypatch.undo()
+    dense = _model(DENSE_MHA).cuda()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(dense, prompt, 12, temperature=0) == \
+            generate(dense, prompt, 12, temperature=0, cuda_graph=False)
