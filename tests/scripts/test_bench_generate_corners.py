@@ -1,0 +1,76 @@
+"""scripts/bench_generate.py without a measurement: the rate it reports (a fake clock and a
+fake generate), the settings it records, and the options it refuses before any work."""
+import json
+import types
+
+import pytest
+import torch
+
+from tests.scripts.conftest import load_script
+
+
+@pytest.fixture
+def bench():
+    return load_script("bench_generate")
+
+
+def fake_clock(durations):
+    """perf_counter for start/stop pairs that last `durations` seconds, in turn."""
+    ticks, now = [], 0.0
+    for d in durations:
+        ticks += [now, now + d]
+        now += d + 1.0
+    return types.SimpleNamespace(perf_counter=iter(ticks).__next__)
+
+
+def test_the_rate_is_the_median_of_the_calls_in_tokens_per_second(bench, monkeypatch):
+    monkeypatch.setattr(bench, "generate", lambda *a, **k: [7, 8, 9, 10])
+    monkeypatch.setattr(bench, "time", fake_clock([0.5, 2.0, 1.0]))
+    rate, tokens = bench.time_mode(torch.nn.Linear(1, 1), [1, 2], 4, False, repeats=3)
+    assert tokens == [7, 8, 9, 10] and rate == pytest.approx(4.0)   # of 8, 2 and 4 tokens/s
+
+
+def test_calls_that_draw_other_tokens_are_an_error(bench, monkeypatch):
+    draws = iter([[1, 2], [1, 2], [1, 3]])
+    monkeypatch.setattr(bench, "generate", lambda *a, **k: next(draws))
+    monkeypatch.setattr(bench, "time", fake_clock([1.0, 1.0]))
+    with pytest.raises(RuntimeError, match="drew different tokens"):
+        bench.time_mode(torch.nn.Linear(1, 1), [1, 2], 2, False, repeats=2)
+
+
+@pytest.fixture
+def measured(bench, monkeypatch):
+    """main() with time_mode faked: the (model dtype, prompt length, new tokens, repeats)
+    of each call."""
+    calls = []
+
+    def time_mode(model, prompt, new_tokens, cuda_graph, repeats):
+        calls.append((next(model.parameters()).dtype, len(prompt), new_tokens, repeats))
+        return 12.5, [1] * new_tokens
+
+    monkeypatch.setattr(bench, "time_mode", time_mode)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_record_holds_the_settings_measured(bench, measured, tmp_path, dtype):
+    out = tmp_path / "b.json"
+    # 250 + 6 fills the debug model's max_seq_len (256) exactly: allowed.
+    assert bench.main(["--model", "debug", "--device", "cpu", "--dtype", dtype, "--prompt-len",
+                       "250", "--new-tokens", "6", "--repeats", "2", "--out", str(out)]) == 0
+    assert measured == [(getattr(torch, dtype), 250, 6, 2)]
+    record = json.loads(out.read_text())
+    assert (record["dtype"], record["prompt_len"], record["new_tokens"], record["repeats"]) == \
+        (dtype, 250, 6, 2)
+    assert record["results"] == {"eager": {"tokens_per_s": 12.5}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "must be >= 1"),
+    (["--out", __file__ + "/b.json"], f"{__file__!r} is a file, not a folder"),
+])
+def test_options_that_cannot_work_are_refused_before_measuring(bench, measured, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--model", "debug", "--device", "cpu", "--new-tokens", "2"] + argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err and measured == []
+
