@@ -31,7 +31,7 @@ import torch
 
 from torch.nn.attention import sdpa_kernel
 
-from ep_fp8.generate import _DECODING_ATTENTION, StepDecoder, generate, graph_problem
+from ep_fp8.generate import _DECODING_ATTENTION, StepDecoder, _device, generate, graph_problem
 from ep_fp8.model import PRESETS, KVCache, Transformer
 from ep_fp8.paths import output_path_problem
 
@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out: {problem}")
     if min(ns.prompt_len, ns.new_tokens, ns.repeats) < 1:
         parser.error("--prompt-len, --new-tokens and --repeats must be >= 1")
-    device = torch.device(ns.device)
+    try:
+        device = _device(ns.device)
+    except ValueError as e:
+        parser.error(str(e))
     args = PRESETS[ns.model]
     if ns.prompt_len + ns.new_tokens > args.max_seq_len:
         parser.error(f"--prompt-len + --new-tokens must fit the model's max_seq_len "

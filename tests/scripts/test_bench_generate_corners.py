@@ -74,3 +74,14 @@ def test_options_that_cannot_work_are_refused_before_measuring(bench, measured, 
         bench.main(["--model", "debug", "--device", "cpu", "--new-tokens", "2"] + argv)
     assert info.value.code == 2 and message in capsys.readouterr().err and measured == []
 
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "--device 'foo' is not a device: give cpu, cuda, cuda:N or auto"),
+    ("cuda", "--device cuda: this machine has no CUDA device"),
+])
+def test_a_device_this_machine_lacks_is_a_message(bench, measured, capsys, monkeypatch,
+                                                   device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--model", "debug", "--device", device, "--new-tokens", "2", "--prompt-len", "4"])
+    assert info.value.code == 2 and message in capsys.readouterr().err and measured == []
