@@ -17,6 +17,8 @@ def output_path_problem(path: str, *, folder: bool = False) -> str:
     """
     if "\0" in path:
         return "cannot be made: it holds a NUL character"
+    if not folder and path.endswith(os.sep):   # abspath would drop the slash: q/ -> q
+        return "cannot be written: it ends with a '/', which names a folder, not a file"
     target = os.path.abspath(path)
     if os.path.exists(target):
         if os.path.isdir(target) != folder:

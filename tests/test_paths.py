@@ -22,6 +22,10 @@ def test_a_path_under_a_file_or_of_the_other_kind_is_named(tmp_path):
     assert output_path_problem(str(tmp_path)) == "cannot be written: it is a folder, not a file"
     assert output_path_problem(str(tmp_path / "notes.md"), folder=True) == (
         "cannot be written: it is a file, not a folder")
+    # A file's name ending with '/' (not yet a folder): not a file with the slash dropped.
+    assert output_path_problem(str(tmp_path / "new") + "/") == (
+        "cannot be written: it ends with a '/', which names a folder, not a file")
+    assert output_path_problem(str(tmp_path / "new") + "/", folder=True) == ""
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
