@@ -81,12 +81,17 @@ def fsync_folder(folder: str) -> None:
 @contextlib.contextmanager
 def new_file(target: str, out: str, overwrite: bool):
     """Yields a binary file opened under a temporary name beside `target` (`out`: the name
-    given, for messages). When the block ends, the file is flushed to disk and given its
-    name by publish_file, and the folder synced; on an error or an interrupt in the block
-    (or in the publishing) the temporary file is removed and nothing appears at `target`.
-    Raises ValueError when the temporary file cannot be made, or as publish_file does;
-    OSError from writing it is the caller's to report."""
+    given, for messages), after making target's missing folders. When the block ends, the
+    file is flushed to disk and given its name by publish_file, and the folder synced; on
+    an error or an interrupt in the block (or in the publishing) the temporary file is
+    removed and nothing appears at `target`. Raises ValueError when the folder or the
+    temporary file cannot be made, or as publish_file does; OSError from writing it is the
+    caller's to report."""
     folder = os.path.dirname(target)
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output {out!r}: its folder cannot be made ({e.strerror or e})") from None
     tmp = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
     try:   # from the temporary file's creation on, its removal is certain
         try:

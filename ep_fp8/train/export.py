@@ -156,7 +156,6 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
             "step": step, **_tokenizer(cfg, tokenizer, progress),
             "checkpoint": os.path.abspath(path), "config": to_toml(cfg, resolve_model=True)}
     target = os.path.realpath(out)   # a symbolic link: its target is written
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     try:   # never over a file that appeared meanwhile (unless overwrite)
         with new_file(target, out, overwrite) as f:
             torch.save({**meta, "state_dict": weights}, f)

@@ -295,11 +295,6 @@ def write_token_file(pattern: str, source: str, tokenizer: str, out: str, field:
         return header | ({"jsonl_field": field} if source == "jsonl" else {}) | extra
 
     _header_bytes(describe(2**63, 2**63, "0" * 16), out)   # fits, whatever the counts: else now
-    folder = os.path.dirname(target)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"output {out!r}: its folder cannot be made ({e.strerror or e})") from None
     digest = hashlib.blake2b(digest_size=8)
     tokens = documents = 0
     start = last = time.monotonic()
