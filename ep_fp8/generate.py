@@ -42,8 +42,9 @@ class StepDecoder:
     captured once in a CUDA graph and each call replays it: one launch instead of several
     hundred, which is what an eager step of a small batch costs on the host. Without
     it the step runs eagerly (the same arithmetic). The returned logits live in the
-    graph's memory: read them before the next call. A call with the cache full is a
-    ValueError. Inference only: call under torch.no_grad.
+    graph's memory: read them before the next call. Inference only: call under
+    torch.no_grad. Raises ValueError when `cache` is not a KVCache of batch size 1, or
+    `capture` is asked off a CUDA device; a call, ValueError when the cache is full.
     """
 
     def __init__(self, model, cache, *, capture: bool) -> None:

@@ -97,7 +97,8 @@ class KVCache:
         return LayerCache(self, i)
 
     def at(self, position: torch.Tensor) -> "StepCache":
-        """This cache for one new position whose index the device holds (see StepCache)."""
+        """This cache for one new position whose index the device holds: a StepCache
+        (which see, for the errors)."""
         return StepCache(self, position)
 
 
@@ -152,6 +153,9 @@ class StepCache:
     logits equal those of `forward(tokens, cache=kv_cache)` with kv_cache.length ==
     position, up to rounding. The position's range is not checked (that would read the
     device): it must lie in [0, max_len), with positions below it written before.
+    Raises TypeError when `cache` is not a KVCache, ValueError when `position` is not a
+    0-d int64 tensor on its device; a forward with it, ValueError as KVCache.check_layout
+    does or when the tokens hold more than one position per sequence.
     """
 
     def __init__(self, cache: KVCache, position: torch.Tensor) -> None:

@@ -101,6 +101,8 @@ def test_a_step_decoder_is_refused_what_it_cannot_run():
     model = _model()
     with pytest.raises(ValueError, match="a KVCache of batch size 1"):
         StepDecoder(model, KVCache.for_model(model, 2), capture=False)
+    with pytest.raises(ValueError, match="a KVCache of batch size 1"):
+        StepDecoder(model, {}, capture=False)
     with pytest.raises(ValueError, match="needs the model on a CUDA device, not cpu"):
         StepDecoder(model, KVCache.for_model(model, 1), capture=True)
     cache = KVCache.for_model(model, 1, max_len=4)
