@@ -18,9 +18,13 @@ except ImportError:  # a torch build without distributed
 class GroupedExperts(nn.Module):
     """E SwiGLU experts: y = (silu(x w1^T) * (x w3^T)) w2^T, row groups given by offs.
 
-    Parameters w1, w3 (E, H, D) and w2 (E, D, H). With float8=True the three matmuls run
-    through ep_fp8.ops.scaled_grouped_mm (backend float8_backend, exact_scales as there);
-    else through its backend "bf16" (torch._grouped_mm in the activation dtype). Either way
+    Parameters w13 (E, 2 H, D), the gate weight w1 (E, H, D) stacked on the up weight w3
+    along its rows, and w2 (E, D, H). x goes through one grouped matmul with w13 (one
+    quantization of x, one GEMM of 2 H columns, and in backward one GEMM for x's gradient
+    rather than two and their sum), whose halves are SwiGLU's a and b
+    (ep_fp8.ops.swiglu_packed). With float8=True the two matmuls run through
+    ep_fp8.ops.scaled_grouped_mm (backend float8_backend, exact_scales as there); else
+    through its backend "bf16" (torch._grouped_mm in the activation dtype). Either way
     rows past offs[-1] come out zero, and so do their gradients. Under FSDP2/EP the weights
     are DTensors and their local shard (E_local experts) is used.
     """
@@ -46,13 +50,12 @@ class GroupedExperts(nn.Module):
             raise TypeError(f"exact_scales must be a bool, got {type(exact_scales).__name__}")
         self.dim, self.hidden_dim, self.n_experts = dim, hidden_dim, n_experts
         self.float8, self.float8_backend, self.exact_scales = float8, float8_backend, exact_scales
-        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
-        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.init_weights()
 
     def init_weights(self, init_std: float = 0.02) -> None:
-        for w in (self.w1, self.w2, self.w3):
+        for w in (self.w13, self.w2):
             nn.init.trunc_normal_(w, std=init_std)
 
     def forward(
@@ -67,8 +70,8 @@ class GroupedExperts(nn.Module):
         quantized; x is then the autograd handle (values unread, see scaled_grouped_mm).
         Raises ValueError/TypeError on shapes or dtypes that do not fit the weights.
         """
-        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
-        E_local = w1.shape[0]
+        w13, w2 = _local(self.w13), _local(self.w2)
+        E_local = w13.shape[0]
         if x_MD.dim() != 2 or x_MD.shape[1] != self.dim:
             raise ValueError(f"x must be (rows, {self.dim}), got shape {tuple(x_MD.shape)}")
         if offs.dtype != torch.int32:
@@ -83,15 +86,11 @@ class GroupedExperts(nn.Module):
             # One backend per layer from the static sizes only (no row count): with the size
             # rule of "auto", the row count each rank receives could make ranks and steps
             # disagree, and a float8 run would quietly be part bf16.
-            H = w1.shape[1]
-            up = ops.resolve_backend(self.float8_backend, x_MD.device, self.dim, H, G=E_local)
+            H = w2.shape[2]
+            up = ops.resolve_backend(self.float8_backend, x_MD.device, self.dim, 2 * H, G=E_local)
             down = ops.resolve_backend(self.float8_backend, x_MD.device, H, self.dim, G=E_local)
         else:
             up = down = "bf16"
-        if x_fp8 is None and up != "bf16":
-            # w1 and w3 read the same x: quantize its rows once for both (x stays the
-            # autograd handle). Not for backend="bf16": it would compute on float8 x.
-            x_fp8 = ops.quantize_rows(x_MD, self.exact_scales)
 
         def gmm(a, w, backend, a_fp8=None):
             # A float8 payload into bf16 experts (backend "bf16") is dequantized by the op.
@@ -100,8 +99,8 @@ class GroupedExperts(nn.Module):
                 exact_scales=self.exact_scales, x_fp8=a_fp8,
             )
 
-        # One pass each way, only a and b kept for backward (ep_fp8.ops.swiglu).
-        h = ops.swiglu(gmm(x_MD, w1, up, x_fp8), gmm(x_MD, w3, up, x_fp8))
+        # One pass each way, only x w13^T kept for backward (ep_fp8.ops.swiglu_packed).
+        h = ops.swiglu_packed(gmm(x_MD, w13, up, x_fp8))
         return gmm(h, w2, down)
 
 

@@ -56,7 +56,7 @@ def apply_compile(model: Transformer, backend: str) -> None:
 def _expert_placement(experts: GroupedExperts, dims: ParallelDims):
     """Shard(0) when the local experts split evenly over efsdp ranks; else Shard(1), which
     needs dim 1 of every weight to split evenly (FSDP2 pads only dim 0)."""
-    n_local = experts.w1.shape[0] // dims.ep          # DTensor shapes are global
+    n_local = experts.w13.shape[0] // dims.ep         # DTensor shapes are global
     if n_local % dims.efsdp == 0:
         return None
     if all(p.shape[1] % dims.efsdp == 0 for p in experts.parameters()):
