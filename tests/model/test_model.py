@@ -131,7 +131,7 @@ def test_init_scales_output_projections_by_depth_and_sets_norms_to_one():
     assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(out_std, rel=0.05)
     assert model.layers[1].moe.experts.w2.std().item() == pytest.approx(out_std, rel=0.05)
-    assert model.layers[1].moe.experts.w1.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[1].moe.experts.w13.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.equal(model.norm.weight, torch.ones(args.dim))
 
 

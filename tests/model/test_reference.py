@@ -55,6 +55,12 @@ def swiglu(x, w1, w2, w3):
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
+def _expert(p, pre, e):
+    """(w1, w2, w3) of routed expert e: w1 and w3 are the halves of w13's rows."""
+    w1, w3 = p[pre + "experts.w13"][e].chunk(2, dim=0)
+    return w1, p[pre + "experts.w2"][e], w3
+
+
 def moe(x, p, pre, args, bias):
     B, S, D = x.shape
     x = x.reshape(-1, D)
@@ -76,8 +82,7 @@ def moe(x, p, pre, args, bias):
     w = w * args.route_scale
     rows = []
     for t in range(x.shape[0]):
-        rows.append(sum(w[t, j] * swiglu(x[t], *(p[pre + f"experts.{n}"][idx[t, j]] for n in ("w1", "w2", "w3")))
-                        for j in range(args.top_k)))
+        rows.append(sum(w[t, j] * swiglu(x[t], *_expert(p, pre, idx[t, j])) for j in range(args.top_k)))
     y = torch.stack(rows)
     if args.n_shared_experts:
         y = y + swiglu(x, *(p[pre + f"shared_experts.{n}.weight"] for n in ("w1", "w2", "w3")))

@@ -60,7 +60,7 @@ def _expert_pair(ws, rank, float8=False):
     EL = E // ws
     local = GroupedExperts(D, H, EL, float8=float8, float8_backend=backend).to(DEVICE)
     with torch.no_grad():
-        for name in ("w1", "w2", "w3"):
+        for name in ("w13", "w2"):
             getattr(local, name).copy_(getattr(full, name)[rank * EL : (rank + 1) * EL])
     return full, local
 
@@ -90,7 +90,7 @@ def dispatch_scenario(kind, rank, ws, payload="bf16", dtype=None):
     EL = E // ws
     sl = slice(rank * EL, (rank + 1) * EL)
     out = {"y": _max_err(y, y_ref), "grad_x": _max_err(x.grad, x_ref.grad), "grad_w": _max_err(w.grad, w_ref.grad)}
-    for name in ("w1", "w2", "w3"):
+    for name in ("w13", "w2"):
         g = getattr(full, name).grad.clone()
         dist.all_reduce(g)  # the experts of rank r see every rank's tokens
         out[f"grad_{name}"] = _max_err(getattr(local, name).grad, g[sl])
@@ -132,7 +132,7 @@ def layer_scenario(rank, ws):
     ref = MoE(D, H, E, 2, n_shared_experts=1, score_func="sigmoid", aux_loss_coef=0.01).to(DEVICE, ACT_DTYPE)
     ep = copy.deepcopy(ref)
     mesh = init_device_mesh(DEVICE.type, (ws,))
-    for name in ("w1", "w2", "w3"):
+    for name in ("w13", "w2"):
         full = getattr(ref.experts, name).detach().clone()
         setattr(ep.experts, name, torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])))
     ep.dispatcher = AllToAllDispatcher(dist.group.WORLD, E)

@@ -25,9 +25,10 @@ def _grouped_input(gen, dtype=torch.float32):
 
 
 def _reference(experts, x, offs):
-    """float64 per-expert SwiGLU loop; also returns float64 leaves for gradients."""
-    ws = [w.detach().double().requires_grad_() for w in (experts.w1, experts.w2, experts.w3)]
-    w1, w2, w3 = ws
+    """float64 per-expert SwiGLU loop, w1 and w3 the halves of w13's rows; also returns
+    float64 leaves (w13, w2) for gradients."""
+    ws = [w.detach().double().requires_grad_() for w in (experts.w13, experts.w2)]
+    (w1, w3), w2 = ws[0].chunk(2, dim=1), ws[1]
     x64 = x.detach().double().requires_grad_()
     out, start = [], 0
     for e, end in enumerate(offs.tolist()):
@@ -38,17 +39,17 @@ def _reference(experts, x, offs):
 
 
 def _assert_float32_path_matches_float64(ex, x, offs, gen):
-    """Output, grad_x and the three weight gradients of float32 experts against _reference."""
+    """Output, grad_x and the two weight gradients of float32 experts against _reference."""
     x.requires_grad_()
     y = ex(x, offs)
     grad = torch.randn(y.shape, generator=gen)
     y.backward(grad)
-    y_ref, x64, (w1, w2, w3) = _reference(ex, x, offs)
+    y_ref, x64, (w13, w2) = _reference(ex, x, offs)
     y_ref.backward(grad.double())
     tol = dict(rtol=1e-4, atol=1e-6)  # float32 grouped matmuls against float64
     torch.testing.assert_close(y.double(), y_ref, **tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
-    for got, want in ((ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad), (ex.w3.grad, w3.grad)):
+    for got, want in ((ex.w13.grad, w13.grad), (ex.w2.grad, w2.grad)):
         torch.testing.assert_close(got.double(), want, **tol)
 
 
@@ -93,7 +94,7 @@ def test_no_rows_at_all_give_an_empty_output_and_zero_weight_gradients():
     y = ex(x, torch.zeros(E, dtype=torch.int32))
     y.sum().backward()   # an empty stride-0 gradient: must not trip the grouped matmul's backward
     assert y.shape == (0, D) and x.grad.shape == (0, D)
-    assert torch.equal(ex.w1.grad, torch.zeros_like(ex.w1))
+    assert torch.equal(ex.w13.grad, torch.zeros_like(ex.w13))
 
 
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
@@ -115,7 +116,7 @@ def test_rows_past_the_last_group_are_zero_with_zero_gradients(float8):
         y.backward(torch.randn(y.shape, generator=gen, dtype=torch.bfloat16))
     assert torch.equal(y[64:], torch.zeros_like(y[64:]))
     assert torch.equal(x.grad[64:], torch.zeros_like(x.grad[64:]))
-    for w in (ex.w1, ex.w2, ex.w3):
+    for w in (ex.w13, ex.w2):
         assert torch.isfinite(w.grad).all()
 
 
@@ -160,59 +161,44 @@ def test_prequantized_input_gives_the_same_result_as_quantizing_inside():
     y1 = ex(x1, offs)
     grad = torch.randn(y1.shape, generator=gen).to(torch.bfloat16)
     y1.backward(grad)
-    g1 = [w.grad.clone() for w in (ex.w1, ex.w2, ex.w3)]
+    g1 = [w.grad.clone() for w in (ex.w13, ex.w2)]
     ex.zero_grad()
     handle = torch.zeros((), dtype=torch.bfloat16).expand(x.shape).requires_grad_()
     y2 = ex(handle, offs, x_fp8=quantize_rows(x))
     y2.backward(grad)
     assert torch.equal(y1, y2)
     torch.testing.assert_close(handle.grad, x1.grad, rtol=0, atol=0)
-    for a, w in zip(g1, (ex.w1, ex.w2, ex.w3)):
+    for a, w in zip(g1, (ex.w13, ex.w2)):
         torch.testing.assert_close(w.grad, a, rtol=0, atol=0)
 
 
 @needs_fp8_ops
-@pytest.mark.parametrize("backend,shared", [("emulated", True), ("bf16", False)])
-def test_float8_experts_quantize_x_rows_once_for_w1_and_w3(monkeypatch, backend, shared):
+@pytest.mark.parametrize("float8,backend", [(True, "emulated"), (True, "bf16"), (False, "auto")])
+def test_x_goes_through_one_grouped_matmul_with_w1_and_w3_stacked(monkeypatch, float8, backend):
+    # One call on x with w13 (2 H columns: one quantization of x, one GEMM, one gradient
+    # for x), then one on h with w2; every call gets exact_scales and no pre-quantized rows.
     seen = []
     real = ep_fp8.ops.scaled_grouped_mm
 
-    def recording(a, w_t, offs, *args, x_fp8=None, **kw):
-        seen.append((a, x_fp8))
-        return real(a, w_t, offs, *args, x_fp8=x_fp8, **kw)
+    def recording(a, w_t, offs, *args, **kw):
+        seen.append((a, w_t, kw))
+        return real(a, w_t, offs, *args, **kw)
 
     monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
-    ex = _experts(float8=True, float8_backend=backend)
+    ex = _experts(float8=float8, float8_backend=backend, exact_scales=True)
     x, offs = _grouped_input(torch.Generator().manual_seed(6), dtype=torch.bfloat16)
-    ex(x, offs)
-    (a1, q1), (a3, q3), (_, q2) = seen  # w1, w3 on x, then w2 on h
-    assert a1 is x and a3 is x and q2 is None
-    if shared:  # one (data, scale) pair, the rows of x, passed to both calls
-        assert q1 is not None and q1 is q3
-        assert torch.equal(q1[0].float(), ep_fp8.ops.quantize_rows(x)[0].float())
-    else:  # the bf16 fallback keeps x in bf16
-        assert q1 is None and q3 is None
+    y = ex(x, offs)
+    (a_up, w_up, kw_up), (h, w_down, kw_down) = seen
+    assert a_up is x and torch.equal(w_up, ex.w13.to(x.dtype).transpose(-2, -1))
+    assert h.shape == (x.shape[0], H) and torch.equal(w_down, ex.w2.to(x.dtype).transpose(-2, -1))
+    for kw in (kw_up, kw_down):
+        assert kw["exact_scales"] is True and kw["x_fp8"] is None
+    # h is SwiGLU of the two halves of x w13^T: a from w1 (the first H rows), b from w3
+    up = real(x, ex.w13.to(x.dtype).transpose(-2, -1), offs, backend=kw_up["backend"], exact_scales=True)
+    a, b = up.float().chunk(2, dim=1)
+    torch.testing.assert_close(h.float(), torch.nn.functional.silu(a) * b, rtol=2**-7, atol=1e-6)
+    assert y.shape == x.shape
 
-
-
-@needs_fp8_ops
-@pytest.mark.parametrize("exact", [False, True])
-def test_exact_scales_reach_every_expert_matmul_and_the_shared_rows_of_x(monkeypatch, exact):
-    seen = []
-    real = ep_fp8.ops.scaled_grouped_mm
-
-    def recording(a, w_t, offs, *args, exact_scales=False, x_fp8=None, **kw):
-        seen.append((exact_scales, x_fp8))
-        return real(a, w_t, offs, *args, exact_scales=exact_scales, x_fp8=x_fp8, **kw)
-
-    monkeypatch.setattr(ep_fp8.ops, "scaled_grouped_mm", recording)
-    ex = _experts(float8=True, float8_backend="emulated", exact_scales=exact)
-    x, offs = _grouped_input(torch.Generator().manual_seed(7), dtype=torch.bfloat16)
-    ex(x, offs)
-    assert [flag for flag, _ in seen] == [exact] * 3  # w1, w3, w2
-    rows, scale = seen[0][1]
-    want_rows, want_scale = ep_fp8.ops.quantize_rows(x, exact)
-    assert torch.equal(rows.float(), want_rows.float()) and torch.equal(scale, want_scale)
 
 @needs_fp8_ops
 def test_float8_payload_into_bf16_experts_uses_the_dequantized_rows():
@@ -274,30 +260,31 @@ def test_float8_experts_pick_one_backend_from_static_sizes_not_the_row_count(mon
     ex = _experts(float8=True, float8_backend="auto")
     x, offs = _grouped_input(torch.Generator().manual_seed(7), dtype=torch.bfloat16)
     ex(x, offs)
-    D, H = ex.dim, ex.w1.shape[1]
-    assert sorted((b, K, N) for b, K, N, _, _ in asked) == sorted([("auto", D, H), ("auto", H, D)])
+    D, H = ex.dim, ex.w2.shape[2]
+    # x w13^T has 2 H columns: the rule sees the GEMM that runs.
+    assert sorted((b, K, N) for b, K, N, _, _ in asked) == sorted([("auto", D, 2 * H), ("auto", H, D)])
     # No row count given; the local expert count G, which is static, is.
-    assert all(rest == () and kw == {"G": ex.w1.shape[0]} for *_, rest, kw in asked)
-    assert used == ["emulated"] * 3  # resolved, never "auto" passed down
+    assert all(rest == () and kw == {"G": ex.w13.shape[0]} for *_, rest, kw in asked)
+    assert used == ["emulated"] * 2  # resolved, never "auto" passed down
 
 
 @needs_fp8_ops
 def test_each_expert_gemm_runs_its_own_backend_for_the_local_expert_count(monkeypatch):
     # Under expert parallelism a rank holds E / ep experts (the local shard of the DTensor
     # weights): the rule on groups (fewer than 1024 on "cuda") must see that count. And w2
-    # (H -> D) runs what was resolved for (H, D), not w1's (D -> H) answer.
+    # (H -> D) runs what was resolved for (H, D), not w13's (D -> 2 H) answer.
     asked = []
 
     def resolve(backend, device, K, N, *rest, G=None):
         asked.append(G)
-        return "emulated" if (K, N) == (D, H) else "bf16"
+        return "emulated" if (K, N) == (D, 2 * H) else "bf16"
 
     used = _record_backends(monkeypatch, resolve)
     ex = _experts(float8=True, float8_backend="auto")
-    for name in ("w1", "w2", "w3"):  # what a rank of ep = 2 holds: E / 2 experts
+    for name in ("w13", "w2"):  # what a rank of ep = 2 holds: E / 2 experts
         setattr(ex, name, torch.nn.Parameter(getattr(ex, name).detach()[:E // 2].clone()))
     x = torch.randn(32, D, generator=torch.Generator().manual_seed(8), dtype=torch.bfloat16)
     out = ex(x, torch.tensor([12, 32], dtype=torch.int32))
     assert asked == [E // 2, E // 2]
-    assert used == ["emulated", "emulated", "bf16"]
+    assert used == ["emulated", "bf16"]
     assert out.shape == (32, D) and torch.isfinite(out).all()

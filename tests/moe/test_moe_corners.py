@@ -112,7 +112,7 @@ def test_moe_with_route_norm_off_weights_experts_by_the_raw_scores():
     scores = (x64 @ p["router.gate.weight"].T).sigmoid()
     idx, _ = moe.router(x.reshape(-1, D))
     w = 1.5 * scores.gather(1, idx)
-    w1, w2, w3 = p["experts.w1"], p["experts.w2"], p["experts.w3"]
+    (w1, w3), w2 = p["experts.w13"].chunk(2, dim=1), p["experts.w2"]   # gate, up halves
     want = torch.stack([
         sum(w[t, j] * ((torch.nn.functional.silu(w1[e] @ x64[t]) * (w3[e] @ x64[t])) @ w2[e].T)
             for j, e in enumerate(idx[t].tolist()))

@@ -89,14 +89,15 @@ def test_experts_falling_back_to_bf16_compile_fullgraph_and_warn_in_eager(preten
 
     from ep_fp8.moe import GroupedExperts
 
-    experts = GroupedExperts(32, 24, 3, float8=True)   # H = 24: not a multiple of 16
+    experts = GroupedExperts(32, 20, 3, float8=True)   # H = 20: neither H nor 2 H a multiple of 16
     x, offs = torch.randn(40, 32), offsets([10, 0, 24])
     # Traced first, before any warning was given: torch.compile cannot trace warnings.warn.
     out = torch.compile(experts, fullgraph=True, backend="aot_eager")(x, offs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         eager = experts(x, offs)
-    assert any("K=32, N=24 are not both multiples of 16" in str(w.message) for w in caught)
+    for K, N in ((32, 40), (20, 32)):   # x w13^T, h w2^T
+        assert any(f"K={K}, N={N} are not both multiples of 16" in str(w.message) for w in caught)
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
 
 

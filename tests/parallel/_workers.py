@@ -183,7 +183,7 @@ def two_ranks(rank: int, world: int) -> dict:
     plain_params = dict(plain.named_parameters())
     out["meta_init.max_diff"] = max((full(p.data) - plain_params[n]).abs().max().item()
                                     for n, p in meta_model.named_parameters())
-    out["meta_init.expert_placements"] = str(meta_model.layers[1].moe.experts.w1.placements)
+    out["meta_init.expert_placements"] = str(meta_model.layers[1].moe.experts.w13.placements)
 
     # bf16 compute, float32 gradient reduction: every FSDP2 unit (the experts' too) says so.
     from torch.distributed.fsdp import FSDPModule
@@ -259,7 +259,7 @@ def four_ranks(rank: int, world: int) -> dict:
     ref_few = reference(world, few)
     step = parallel_step(rank, world, ParallelDims(world, ep=2), few)
     compare(out, "shard1", step, *ref_few)
-    out["shard1.placements"] = str(step[2].layers[1].moe.experts.w1.placements)
+    out["shard1.placements"] = str(step[2].layers[1].moe.experts.w13.placements)
     # Only the second slice of this mesh lists its ranks out of order: rank 0's own slice
     # is fine, yet it must refuse too, or it would wait for ranks 2 and 3 forever.
     from torch.distributed.device_mesh import DeviceMesh

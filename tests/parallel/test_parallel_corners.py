@@ -89,13 +89,15 @@ def test_empty_compile_backend_name_is_a_type_error():
 
 
 def test_expert_placement_uses_shard_1_only_when_every_weight_splits_on_dim_1():
-    """One local expert over efsdp=2 ranks: Shard(1) when H and D are even; FSDP2's padded
-    Shard(0) (None) as soon as one weight's dim 1 is odd; None when experts split evenly."""
+    """One local expert over efsdp=2 ranks: Shard(1) when dim 1 of w13 (2 H) and of w2 (D)
+    split evenly; FSDP2's padded Shard(0) (None) as soon as one does not; None when experts
+    split evenly."""
     dims = ParallelDims(world_size=4, ep=2)       # efsdp = 2
     assert _expert_placement(GroupedExperts(16, 32, 4), dims) is None      # 2 local experts
     place = _expert_placement(GroupedExperts(16, 32, 2), dims)             # 1 local expert
     assert place is not None and place(None) == Shard(1)
-    assert _expert_placement(GroupedExperts(16, 33, 2), dims) is None      # w1 dim 1 = H odd
+    assert _expert_placement(GroupedExperts(16, 33, 2), dims)(None) == Shard(1)  # 2 H = 66
+    assert _expert_placement(GroupedExperts(16, 33, 2), ParallelDims(world_size=8, ep=2)) is None
     assert _expert_placement(GroupedExperts(17, 32, 2), dims) is None      # w2 dim 1 = D odd
 
 
@@ -298,8 +300,8 @@ def test_apply_expert_parallel_checks_and_what_it_carries_over(one_rank):
     assert one_rank["ep.untouched"]
     assert one_rank["ep.apply"] == ""
     first, *rest = one_rank["ep.requires_grad"]
-    assert first == {"w1": True, "w3": True, "w2": False}
-    assert rest and all(r == {"w1": True, "w3": True, "w2": True} for r in rest)
+    assert first == {"w13": True, "w2": False}
+    assert rest and all(r == {"w13": True, "w2": True} for r in rest)
     assert one_rank["ep.dispatchers"] and \
         set(one_rank["ep.dispatchers"]) == {(True, "float8", True)}
     assert "already a DTensor" in one_rank["ep.again"]

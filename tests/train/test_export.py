@@ -63,7 +63,7 @@ def test_an_ep2_checkpoint_is_exported_whole_and_loads_into_a_plain_model(run, t
     assert written.keys() == reference.keys()
     for name, tensor in reference.items():   # the experts' EP shards reassembled, bit for bit
         assert torch.equal(written[name], tensor), name
-    assert written["layers.1.moe.experts.w1"].shape[0] == meta["model_args"]["n_experts"]
+    assert written["layers.1.moe.experts.w13"].shape[0] == meta["model_args"]["n_experts"]
 
     model, loaded = load_exported(str(tmp_path / "m.pt"))
     assert not model.training and loaded["step"] == 4
