@@ -31,6 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import empty as dtensor_empty
 
 from ep_fp8.parallel.agree import first_problem
 from ep_fp8.paths import fsync_folder
@@ -216,7 +218,7 @@ class Checkpointer:
         # The data state gained entries over time; a checkpoint without one loads without it.
         state["train"]["data"] = {k: v for k, v in state["train"]["data"].items()
                                   if f"train.data.{k}" in saved}
-        _load(path, state, "this model and optimizer", lambda: set_state_dict(
+        _load(path, state, saved, "this model and optimizer", lambda: set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]))
         scheduler.load_state_dict(state["train"]["scheduler"])
         _keep_hyperparameters(optimizer, scheduler, built)
@@ -242,7 +244,7 @@ def load_weights(path: str, model) -> int:
     state = {"model": get_model_state_dict(model), "train": {"step": 0}}
     saved = _agree(_saved_keys, path)
     _check_model_keys(path, saved, state["model"], "this model")
-    _load(path, state, "this model", lambda: set_model_state_dict(model, state["model"]))
+    _load(path, state, saved, "this model", lambda: set_model_state_dict(model, state["model"]))
     return int(state["train"]["step"])
 
 
@@ -251,8 +253,11 @@ def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str) 
     that `model_state` lacks (DCP loads the keys the model asks for and ignores the rest, so
     a checkpoint of a model with more layers or experts would load into a smaller one
     without a word), or lacks some of `model_state`'s (named here rather than in DCP's
-    words)."""
+    words). A checkpoint saved before the experts' w1 and w3 were one w13 parameter fits
+    (see _legacy_experts)."""
     held = {k[len("model."):] for k in saved if k.startswith("model.")}
+    for experts in _legacy_experts(saved, model_state):
+        held = held - {f"{experts}.w1", f"{experts}.w3"} | {f"{experts}.w13"}
     extra = sorted(held - set(model_state))
     missing = sorted(set(model_state) - held)
     for names, what in ((extra, "it holds model tensors this model does not have"),
@@ -262,12 +267,13 @@ def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str) 
             raise CheckpointMismatchError(f"{path} could not be loaded into {into}: {what}: {shown}")
 
 
-def _load(path: str, state: dict, into: str, apply) -> None:
-    """dcp.load of `state` from checkpoint `path`, then apply(); its failures raised as
+def _load(path: str, state: dict, saved: set[str], into: str, apply) -> None:
+    """dcp.load of `state` from checkpoint `path` (its keys `saved`; experts saved as w1 and
+    w3 load into w13, see _legacy_experts), then apply(); its failures raised as
     CheckpointDamagedError (a file missing or unreadable) or CheckpointMismatchError (naming
     `into`), and a Ctrl-C during it as KeyboardInterrupt."""
     try:
-        with _quiet_single_process():
+        with _quiet_single_process(), _fused_on_load(state, _legacy_experts(saved, state["model"])):
             dcp.load(state, checkpoint_id=path, no_dist=_single())
         apply()
     except (CheckpointException, ValueError, RuntimeError, KeyError, OSError) as e:
@@ -278,6 +284,77 @@ def _load(path: str, state: dict, into: str, apply) -> None:
             raise CheckpointDamagedError(f"{path} is damaged: {_first_failure(e)}") from None
         raise CheckpointMismatchError(f"{path} could not be loaded into {into}: "
                                       f"{_first_failure(e)}") from None
+
+
+def _legacy_experts(saved: set[str], model_state: dict) -> list[str]:
+    """The experts (FQN prefixes) saved before the experts' w1 and w3 were one w13
+    parameter: those whose `<prefix>.w13` (E, 2H, D) the model has while checkpoint keys
+    `saved` hold `<prefix>.w1` and `<prefix>.w3` (E, H, D) instead, and with them their
+    optimizer state. w13 is torch.cat([w1, w3], dim=1)."""
+    wanted = (k[:-len(".w13")] for k in model_state if k.endswith(".w13"))
+    return [p for p in wanted if f"model.{p}.w13" not in saved
+            and {f"model.{p}.w1", f"model.{p}.w3"} <= saved]
+
+
+@contextlib.contextmanager
+def _fused_on_load(state: dict, legacy: list[str]):
+    """Around a dcp.load of `state` from a checkpoint whose experts `legacy` hold w1 and w3
+    (_legacy_experts): the `<prefix>.w13` entries of the model and of the optimizer's
+    state give way to `<prefix>.w1` and `<prefix>.w3` entries of half the rows, which DCP
+    fills; after it, w13 is their concatenation again, in its own layout, and the
+    optimizer's param groups (loaded from the checkpoint) name it in their place."""
+    optim = state.get("optimizer", {"state": {}, "param_groups": []})
+    tables = []   # (a table, its keys in order, {prefix: its w13 entry})
+    for table in (state["model"], optim["state"]):
+        keys = list(table)
+        fused = {p: table.pop(f"{p}.w13") for p in legacy if f"{p}.w13" in table}
+        for p, like in fused.items():
+            table[f"{p}.w1"], table[f"{p}.w3"] = _half_rows(like), _half_rows(like)
+        tables.append((table, keys, fused))
+    yield
+    for table, keys, fused in tables:
+        for p, like in fused.items():
+            table[f"{p}.w13"] = _cat_rows(table.pop(f"{p}.w1"), table.pop(f"{p}.w3"), like)
+        ordered = {k: table[k] for k in keys}
+        table.clear()
+        table.update(ordered)
+    for group in optim["param_groups"]:
+        group["params"] = [n[:-3] + ".w13" if n[:-3] in legacy and n.endswith(".w1") else n
+                           for n in group["params"] if not (n[:-3] in legacy and n.endswith(".w3"))]
+
+
+def _half_rows(like):
+    """An empty `like` of half its rows (dim 1), a DTensor on its mesh and placements; for
+    an optimizer's state, its entries so (a scalar, AdamW's step, stays whole)."""
+    if isinstance(like, dict):
+        return {k: _half_rows(v) for k, v in like.items()}
+    if not isinstance(like, torch.Tensor):
+        return like
+    if like.dim() == 0:
+        return like.clone()
+    shape = (like.shape[0], like.shape[1] // 2, *like.shape[2:])
+    if isinstance(like, DTensor):
+        return dtensor_empty(shape, dtype=like.dtype, device_mesh=like.device_mesh,
+                             placements=like.placements)
+    return like.new_empty(shape)
+
+
+def _cat_rows(w1, w3, like):
+    """torch.cat([w1, w3], dim=1) in the layout of `like` (the w13 entry that _half_rows
+    halved): for DTensors a local concatenation when no placement splits the rows, else
+    one of the whole tensors, redistributed; a scalar is w1's."""
+    if isinstance(like, dict):
+        return {k: _cat_rows(w1[k], w3[k], v) for k, v in like.items()}
+    if not isinstance(like, torch.Tensor) or like.dim() == 0:
+        return w1
+    if not isinstance(like, DTensor):
+        return torch.cat([w1, w3], 1)
+    if not any(p.is_shard(1) for p in like.placements):
+        return DTensor.from_local(torch.cat([w1.to_local(), w3.to_local()], 1), like.device_mesh,
+                                  like.placements, run_check=False, shape=like.shape,
+                                  stride=like.stride())
+    return distribute_tensor(torch.cat([w1.full_tensor(), w3.full_tensor()], 1),
+                             like.device_mesh, like.placements)
 
 
 def _check_complete(path: str) -> None:

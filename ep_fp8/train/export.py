@@ -139,9 +139,10 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
     state = {"model": model.state_dict()}
     into = f"the model of {run!r}'s config.toml"
     try:
-        _check_model_keys(path, _saved_keys(path), state["model"], into)
+        saved = _saved_keys(path)
+        _check_model_keys(path, saved, state["model"], into)
         progress(f"[export] reading step {step} of {run!r} ({path})")
-        _load(path, state, into, lambda: None)   # a Ctrl-C or SIGTERM in it stays one
+        _load(path, state, saved, into, lambda: None)   # a Ctrl-C or SIGTERM in it stays one
     except CheckpointDamagedError as e:
         earlier = [s for s, _ in complete_checkpoints(os.path.dirname(path)) if s < step]
         hint = f"; --step {earlier[-1]} exports the one before it" if earlier else ""
