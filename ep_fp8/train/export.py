@@ -28,7 +28,7 @@ from ep_fp8.paths import new_file, output_path_problem
 from ep_fp8.train.prepare_data import StopOnSignals
 
 FORMAT = "ep_fp8.model"
-VERSION = 1
+VERSION = 2   # 1: the experts' w1 and w3 as two tensors (load_exported fuses them into w13)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -172,8 +172,9 @@ def export_model(run: str, out: str, step: int | None = None, dtype: str | None 
 def load_exported(path: str, device: str | torch.device = "cpu"):
     """(model, meta) from a file of export_model: an ep_fp8.model.Transformer in eval mode
     on `device` holding the exported weights (in their dtype), and the file's other
-    entries. Raises ValueError when the file is not such a file or its weights do not fit
-    its ModelArgs."""
+    entries. A file of version 1 (written before the experts' w1 and w3 were one w13
+    parameter) loads as well. Raises ValueError when the file is not such a file or its
+    weights do not fit its ModelArgs."""
     from ep_fp8.model import ModelArgs, Transformer
 
     try:
@@ -184,17 +185,20 @@ def load_exported(path: str, device: str | torch.device = "cpu"):
         data = None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a model file of python -m ep_fp8.train.export")
-    if data.get("version") != VERSION:
+    if data.get("version") not in (1, VERSION):
         raise ValueError(f"model file {path!r} has format version {data.get('version')!r}; "
-                         f"this ep_fp8 reads version {VERSION}: export it again")
+                         f"this ep_fp8 reads versions 1 and {VERSION}: export it again")
     try:
         args = ModelArgs(**data["model_args"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"model file {path!r}: its model_args are not valid ({e})") from None
     with torch.device("meta"):
         model = Transformer(args)
+    weights = data.pop("state_dict")
     try:   # the file's tensors become the parameters, in their dtype
-        model.load_state_dict(data.pop("state_dict"), assign=True)
+        if data["version"] == 1:
+            _fuse_w1_w3(weights, model.state_dict())
+        model.load_state_dict(weights, assign=True)
     except RuntimeError as e:
         raise ValueError(f"model file {path!r}: its weights do not fit its model_args ({e})") from None
     for module in model.modules():   # buffers not saved (routing counts) start at zero
@@ -202,6 +206,16 @@ def load_exported(path: str, device: str | torch.device = "cpu"):
             if buf.is_meta:
                 module.register_buffer(name, torch.zeros_like(buf, device="cpu"), persistent=False)
     return model.to(device).eval(), data
+
+
+def _fuse_w1_w3(weights: dict, wanted) -> None:
+    """Weights written before the experts' w1 and w3 were one w13 parameter (format
+    version 1), in place: each `<prefix>.w1` and `<prefix>.w3` where the model (its
+    state-dict keys `wanted`) has `<prefix>.w13` become torch.cat([w1, w3], dim=1)."""
+    for key in wanted:
+        p = key[:-len(".w13")]
+        if key.endswith(".w13") and key not in weights and {f"{p}.w1", f"{p}.w3"} <= weights.keys():
+            weights[key] = torch.cat([weights.pop(f"{p}.w1"), weights.pop(f"{p}.w3")], dim=1)
 
 
 def exported_tokenizer(meta: dict, given: str | None = None):

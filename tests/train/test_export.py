@@ -151,7 +151,7 @@ def test_a_model_file_that_does_not_add_up_is_refused(run, tmp_path):
     good = torch.load(tmp_path / "m.pt", weights_only=True)
     bad_weights = dict(good["state_dict"], **{"output.weight": torch.zeros(3, 3)})
     for name, change, message in (
-            ("v2", {"version": 2}, "has format version 2; this ep_fp8 reads version 1"),
+            ("v3", {"version": 3}, "has format version 3; this ep_fp8 reads versions 1 and 2"),
             ("args", {"model_args": dict(good["model_args"], n_heads=3)},
              "its model_args are not valid"),
             ("shape", {"state_dict": bad_weights}, "its weights do not fit its model_args")):

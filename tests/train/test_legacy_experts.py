@@ -1,7 +1,7 @@
 """Checkpoints and model files saved before the experts' w1 and w3 were one w13 parameter
 load as before: w13 = torch.cat([w1, w3], dim=1) in the model and in AdamW's moments, on
 one rank and on two (FSDP2 and expert parallelism, whose tensors are DTensors), by
-Checkpointer.load, load_weights and export_model."""
+Checkpointer.load, load_weights, export_model and load_exported (format version 1)."""
 
 import dataclasses
 import functools
@@ -155,14 +155,40 @@ def _old_run(tmp_path):
 
 def test_export_of_a_run_saved_with_w1_and_w3(tmp_path):
     run, model = _old_run(tmp_path)
-    export.export_model(str(run), str(tmp_path / "m.pt"), progress=lambda line: None)
+    meta = export.export_model(str(run), str(tmp_path / "m.pt"), progress=lambda line: None)
     written = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert written["version"] == meta["version"] == 2
     expected = model.state_dict()
     assert list(written["state_dict"]) == list(expected)   # in the model's order
     for key, value in expected.items():
         assert torch.equal(written["state_dict"][key], value), key
     loaded, _ = export.load_exported(str(tmp_path / "m.pt"))
     assert_same_weights(model, loaded)
+
+
+def test_load_exported_reads_a_version_1_file_of_w1_and_w3(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ARGS).eval()
+    weights = model.state_dict()
+    for p in EXPERTS:
+        weights[f"{p}.w1"], weights[f"{p}.w3"] = _halves(weights.pop(f"{p}.w13"))
+    file = {"format": export.FORMAT, "version": 1, "model_args": dataclasses.asdict(ARGS),
+            "step": 7, "tokenizer": None, "checkpoint": "/x/step-7", "config": "",
+            "state_dict": weights}
+    torch.save(file, tmp_path / "v1.pt")
+    loaded, meta = export.load_exported(str(tmp_path / "v1.pt"))
+    assert (meta["version"], meta["step"]) == (1, 7)
+    assert_same_weights(model, loaded)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    # w1 and w3 are version 1's only; a version-1 file without w3 does not fit
+    torch.save(dict(file, version=2), tmp_path / "v2.pt")
+    del weights[f"{EXPERTS[0]}.w3"]
+    torch.save(file, tmp_path / "no-w3.pt")
+    for name in ("v2", "no-w3"):
+        with pytest.raises(ValueError, match=rf"{name}\.pt'.*its weights do not fit its model_args"):
+            export.load_exported(str(tmp_path / f"{name}.pt"))
 
 
 # --- two gloo ranks: FSDP2 and expert parallelism, the weights and moments DTensors --------
