@@ -217,7 +217,7 @@ def format_markdown(summary: list[dict]) -> str:
         return "n/a" if value is None else format(value, spec)
 
     def rel(i, pct):
-        return "ref" if i == 0 else "n/a" if pct is None else f"{pct:+.2f}%"
+        return "ref" if i == 0 else "n/a" if pct is None or not math.isfinite(pct) else f"{pct:+.2f}%"
 
     first = summary[0]["label"].replace("|", "\\|")
     val = "val_loss" in summary[0]
@@ -243,6 +243,9 @@ def format_markdown(summary: list[dict]) -> str:
         note += (f" Val loss: on held-out data, at step {step}, the last that every run with "
                  f"validation was evaluated at." if step is not None else
                  " Val loss: on held-out data, each run's last (the runs share no evaluated step).")
+    if any(not math.isfinite(row["final_loss"]) for row in summary):
+        note += (" A final loss that is not finite (a run that diverged) is compared with "
+                 "none (n/a).")
     if any(not row["mfu"] for row in summary):
         note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
     if len({row["last_step"] for row in summary}) > 1:

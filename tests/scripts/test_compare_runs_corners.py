@@ -83,6 +83,20 @@ def test_a_first_val_loss_of_zero_gives_no_relative_difference(compare_runs, tmp
     assert parse_table(compare_runs.format_markdown(summary))[1][4:6] == ["0.5000", "n/a"]
 
 
+@pytest.mark.parametrize("diverged", ["a", "b"])
+def test_a_final_loss_that_is_not_finite_has_no_relative_difference(compare_runs, tmp_path, capsys,
+                                                                    diverged):
+    finite = [3.0, 2.5, 2.2, 2.1, 2.0]
+    nan = [3.0, 2.5, 2.2, float("nan"), float("nan")]
+    paths = two_runs(tmp_path, nan if diverged == "a" else finite, finite if diverged == "a" else nan)
+    assert compare_runs.main([*paths, "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    rows = parse_table(out)
+    assert rows[0 if diverged == "a" else 1][2] == "nan"
+    assert rows[1][3] == "n/a" and "nan%" not in out
+    assert "not finite" in out
+
+
 @pytest.mark.parametrize("with_val", [False, True])
 def test_every_table_line_has_as_many_cells_as_the_header(compare_runs, tmp_path, capsys, with_val):
     files = two_runs(tmp_path, [2.0, 1.5], [2.06, 1.53], val_a={2: 1.7} if with_val else None)
