@@ -203,13 +203,12 @@ class Checkpointer:
         Model and optimizer are resharded to the current layout. RNG states are restored
         when the world size matches the saved one (else the caller's seeding stands).
         The hyperparameters stay those `optimizer` and `scheduler` were built with (see
-        _keep_hyperparameters). Raises ValueError when `path` is not a complete
+        _schedule_from_config). Raises ValueError when `path` is not a complete
         checkpoint, CheckpointMismatchError (on every rank) when its tensors do not fit
         the model or optimizer (another size, a missing key, or model tensors the model
         does not have). Collective."""
         _check_complete(path)
         saved_world = _agree(_read_marker, path)
-        built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = self._state(model, optimizer, scheduler, loader, step=0)
         # DCP loads the keys the model asks for and ignores the rest: a checkpoint of a
         # model with more layers or experts would load into a smaller one without a word.
@@ -218,10 +217,15 @@ class Checkpointer:
         # The data state gained entries over time; a checkpoint without one loads without it.
         state["train"]["data"] = {k: v for k, v in state["train"]["data"].items()
                                   if f"train.data.{k}" in saved}
+        # The param groups stay the optimizer's own, not loaded: their hyperparameters come
+        # from the config (_schedule_from_config), and code that groups parameters otherwise
+        # than the code that saved (DCP would want as many groups) still loads the moments.
+        groups = state["optimizer"].pop("param_groups")
         _load(path, state, saved, "this model and optimizer", lambda: set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]))
+            model, optimizer, model_state_dict=state["model"],
+            optim_state_dict={**state["optimizer"], "param_groups": groups}))
         scheduler.load_state_dict(state["train"]["scheduler"])
-        _keep_hyperparameters(optimizer, scheduler, built)
+        _schedule_from_config(optimizer, scheduler)
         loader.load_state_dict(state["train"]["data"])
         rank, world = _rank_world()
         if saved_world == world:
@@ -301,9 +305,8 @@ def _fused_on_load(state: dict, legacy: list[str]):
     """Around a dcp.load of `state` from a checkpoint whose experts `legacy` hold w1 and w3
     (_legacy_experts): the `<prefix>.w13` entries of the model and of the optimizer's
     state give way to `<prefix>.w1` and `<prefix>.w3` entries of half the rows, which DCP
-    fills; after it, w13 is their concatenation again, in its own layout, and the
-    optimizer's param groups (loaded from the checkpoint) name it in their place."""
-    optim = state.get("optimizer", {"state": {}, "param_groups": []})
+    fills; after it, w13 is their concatenation again, in its own layout."""
+    optim = state.get("optimizer", {"state": {}})
     tables = []   # (a table, its keys in order, {prefix: its w13 entry})
     for table in (state["model"], optim["state"]):
         keys = list(table)
@@ -318,9 +321,6 @@ def _fused_on_load(state: dict, legacy: list[str]):
         ordered = {k: table[k] for k in keys}
         table.clear()
         table.update(ordered)
-    for group in optim["param_groups"]:
-        group["params"] = [n[:-3] + ".w13" if n[:-3] in legacy and n.endswith(".w1") else n
-                           for n in group["params"] if not (n[:-3] in legacy and n.endswith(".w3"))]
 
 
 def _half_rows(like):
@@ -442,15 +442,13 @@ def _first_failure(e: BaseException) -> str:
     return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
-def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:
-    """Put back the hyperparameters the optimizer was built with (`built`: each param
-    group's entries but its params), which loading its state overwrote with the saved
-    ones, and set each group's lr to what the schedule gives at the restored step. A
+def _schedule_from_config(optimizer, scheduler) -> None:
+    """Make the schedule loaded from a checkpoint follow the optimizer's own param groups,
+    which were built from the config and not loaded: its base lrs become the groups'
+    initial lrs, and each group's lr what the schedule gives at the restored step. A
     resumed run thus follows its config: a lowered [optimizer] lr, another weight decay or
     a longer [training] steps take effect from the first resumed step, while the moments,
     the step count and the schedule's position come from the checkpoint."""
-    for group, hyperparameters in zip(optimizer.param_groups, built):
-        group.update(hyperparameters)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)

@@ -13,9 +13,10 @@ from torch.distributed.tensor import DTensor
 
 def _mesh_key(p: torch.Tensor):
     # foreach kernels and norm reductions must not mix DTensors of different meshes or
-    # placements, so parameters are grouped by both.
+    # placements, so parameters are grouped by both. Meshes by equality: FSDP2 may give
+    # parameters of one module equal meshes as distinct objects (the experts' w13 and w2).
     if isinstance(p, DTensor):
-        return (id(p.device_mesh), tuple(p.placements))
+        return (p.device_mesh, tuple(p.placements))
     return None
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ep_fp8.train.checkpoint import MARKER, CheckpointDamagedError, Checkpointer, complete_checkpoints
 from ep_fp8.train.optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_factor
-from tests.train.test_checkpoint import make_state
+from tests.train.test_checkpoint import make_state, train_steps
 
 
 def _reference_factor(step, steps, warmup, floor):
@@ -52,6 +52,34 @@ def test_steps_past_the_end_of_the_run_stay_at_the_floor():
 
 
 # --- optimizer groups and clipping ------------------------------------------------------
+
+def _regrouped(state, split: bool):
+    """`state` with its optimizer rebuilt over the same parameters and hyperparameters in
+    other groups: with `split` each parameter its own group, else all in one group."""
+    model, opt, _, loader = state
+    params = [{"params": [p], "weight_decay": 0.1} for p in model.parameters()] if split else \
+        [{"params": list(model.parameters()), "weight_decay": 0.1}]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    return model, opt, build_scheduler(opt, steps=10, warmup_steps=2, min_lr_ratio=0.1), loader
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["more_groups", "fewer_groups"])
+def test_a_checkpoint_loads_into_an_optimizer_that_groups_the_parameters_otherwise(tmp_path, split):
+    # Code that groups parameters otherwise than the code that saved (two groups here:
+    # matrices decay, vectors do not) still gets each parameter's moments and step.
+    saved = make_state(0)
+    train_steps(saved, 3)
+    path = Checkpointer(str(tmp_path)).save(3, *saved)
+    restored = _regrouped(make_state(1), split)
+    assert len(restored[1].param_groups) != len(saved[1].param_groups)
+    assert Checkpointer(str(tmp_path)).load(path, *restored) == 3
+    for p, q in zip(saved[0].parameters(), restored[0].parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved[1].state[p][key], restored[1].state[q][key]), key
+    # each group keeps its own hyperparameters, and the lr the schedule gives at step 3
+    assert all(g["weight_decay"] == 0.1 for g in restored[1].param_groups)
+    assert {g["lr"] for g in restored[1].param_groups} == {saved[1].param_groups[0]["lr"]}
 
 def test_frozen_parameters_are_left_out_of_the_optimizer():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))

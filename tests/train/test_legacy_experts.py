@@ -255,7 +255,11 @@ def _two_ranks_worker(rank, world, folder):
         step = Checkpointer(folder).load(path, *restored)
         w13 = restored[0].state_dict()[f"{EXPERTS[0]}.w13"]
         groups = [o.state_dict()["param_groups"] for o in (saved[1], restored[1])]   # lr and all
+        experts = {id(p) for n, p in restored[0].named_parameters() if ".experts." in n}
         out[layout] = {"step": step, "layout": (len(w13.placements), any(p.is_shard(1) for p in w13.placements)),
+                       # w13 and w2 share a mesh (equal, if not one object) and placements
+                       "expert_groups": sum(any(id(p) in experts for p in g["params"])
+                                            for g in restored[1].param_groups),
                        "differ": _differences(_entries(*saved[:2]), _entries(*restored[:2])),
                        "same_groups": groups[0] == groups[1]}
         # training goes on as it would have
@@ -289,6 +293,7 @@ def test_two_ranks_resume_a_checkpoint_of_w1_and_w3_exactly(two_ranks, layout):
         got = result[layout]
         assert got["layout"] == LAYOUTS[layout][1]
         assert got["step"] == 2 and got["differ"] == [] and got["same_groups"], got
+        assert got["expert_groups"] == 1, got
         assert all(a == b for a, b in got["losses"]) and got["after"] == [], got
 
 
