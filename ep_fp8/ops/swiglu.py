@@ -17,6 +17,8 @@ arithmetic in torch ops) elsewhere; "triton" and "torch" force one (ep_fp8.ops.k
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -137,8 +139,8 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 
 def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
-    """t (..., c) as a contiguous (rows, c) tensor."""
-    return t.contiguous().view(-1, cols)
+    """t (..., c) as a contiguous (rows, c) tensor (rows counted, not inferred: c may be 0)."""
+    return t.contiguous().view(math.prod(t.shape[:-1]), cols)
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

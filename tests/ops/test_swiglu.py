@@ -51,10 +51,10 @@ def _check(a, b, g, backend, tol, packed=False):
 @pytest.mark.parametrize("packed", [False, True], ids=["two_tensors", "packed"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(37, 100), (3, 2048 + 5), (0, 16), (2, 5, 7)])
+@pytest.mark.parametrize("shape", [(37, 100), (3, 2048 + 5), (0, 16), (4, 0), (0,), (2, 5, 7)])
 def test_swiglu_and_its_gradients_match_float64(backend, dtype, shape, packed):
-    # (3, 2053): rows wider than one tile (1024 columns); (2, 5, 7): more than two dims,
-    # rows narrower than a tile (several rows per tile).
+    # (3, 2053): rows wider than one tile (1024 columns); (4, 0) and (0,): rows of no
+    # columns; (2, 5, 7): more than two dims, rows narrower than a tile (several rows per tile).
     gen = torch.Generator().manual_seed(sum(shape))
     # a spans silu's whole curve: its minimum near -1.28, the saturated tails
     a, b, g = (4 * torch.randn(shape, generator=gen) for _ in range(3))
