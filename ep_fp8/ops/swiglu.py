@@ -30,11 +30,21 @@ _MAX_COLS = 1024    # widest tile
 
 
 @triton.jit
+def _tile(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Tiles numbered along one grid axis (row tile major): a second axis would cap the
+    # column tiles at 65,535 (CUDA's grid y), rows of 67M elements.
+    pid = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(cols, BLOCK_C)
+    r = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, c
+
+
+@triton.jit
 def _swiglu_fwd_kernel(a_ptr, b_ptr, h_ptr, rows, cols, in_stride,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # a and b rows `in_stride` apart (a stride of 2 cols: the halves of one tensor); h dense.
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r, c = _tile(rows, cols, BLOCK_R, BLOCK_C)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     src = r[:, None] * in_stride + c[None, :]
     a = tl.load(a_ptr + src, mask=mask).to(tl.float32)
@@ -47,8 +57,7 @@ def _swiglu_fwd_kernel(a_ptr, b_ptr, h_ptr, rows, cols, in_stride,
 def _swiglu_bwd_kernel(g_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, rows, cols, in_stride,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # g dense; a, b and their gradients rows `in_stride` apart.
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r, c = _tile(rows, cols, BLOCK_R, BLOCK_C)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     src = r[:, None] * in_stride + c[None, :]
     g = tl.load(g_ptr + r[:, None] * cols + c[None, :], mask=mask).to(tl.float32)
@@ -66,7 +75,7 @@ def _launch(kernel, rows: int, cols: int, *args) -> None:
         return
     block_c = min(_MAX_COLS, triton.next_power_of_2(cols))
     block_r = _TILE // block_c
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
     kernel[grid](*args, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
 
 

@@ -142,3 +142,14 @@ def test_cuda_kernels_match_float64(dtype, packed):
     a, b, g = (4 * torch.randn(4096, 2816, generator=gen) for _ in range(3))
     tol = 1e-6 if dtype == torch.float32 else 2**-8  # round to nearest on the GPU
     _check(*(t.to(dtype).cuda() for t in (a, b, g)), "auto", tol, packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packed", [False, True], ids=["two_tensors", "packed"])
+def test_cuda_kernels_take_rows_of_more_than_65535_tiles(packed):
+    # 2^16 tiles of 1024 columns in one row: more than CUDA's 65,535 on a grid's y axis.
+    cols = 2**26 + 3
+    a, b, g = (4 * torch.randn(1, cols, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+               for i in range(3))
+    _check(a, b, g, "triton", 1e-6, packed)
