@@ -306,6 +306,8 @@ def _fused_on_load(state: dict, legacy: list[str]):
     (_legacy_experts): the `<prefix>.w13` entries of the model and of the optimizer's
     state give way to `<prefix>.w1` and `<prefix>.w3` entries of half the rows, which DCP
     fills; after it, w13 is their concatenation again, in its own layout."""
+    # Not restored if dcp.load raises: the caller then drops `state` (and rebuilding w13
+    # would run collectives that the other ranks may not reach).
     optim = state.get("optimizer", {"state": {}})
     tables = []   # (a table, its keys in order, {prefix: its w13 entry})
     for table in (state["model"], optim["state"]):
@@ -353,8 +355,9 @@ def _cat_rows(w1, w3, like):
         return DTensor.from_local(torch.cat([w1.to_local(), w3.to_local()], 1), like.device_mesh,
                                   like.placements, run_check=False, shape=like.shape,
                                   stride=like.stride())
+    # every rank holds the whole tensor: each keeps its piece, no scatter
     return distribute_tensor(torch.cat([w1.full_tensor(), w3.full_tensor()], 1),
-                             like.device_mesh, like.placements)
+                             like.device_mesh, like.placements, src_data_rank=None)
 
 
 def _check_complete(path: str) -> None:

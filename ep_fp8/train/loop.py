@@ -247,8 +247,8 @@ def _describe(cfg: Config, args, dims, device: torch.device, dtype: torch.dtype)
     total, active = param_counts(args)
     float8 = "off"
     if cfg.float8.enabled:
-        # The experts' first GEMM (D -> H); the others differ only in K and N.
-        backend = resolve_backend(cfg.float8.backend, device, args.dim, args.expert_hidden_dim,
+        # The experts' first GEMM (D -> 2H, w1 and w3 stacked); the other differs only in K and N.
+        backend = resolve_backend(cfg.float8.backend, device, args.dim, 2 * args.expert_hidden_dim,
                                   G=args.n_experts // max(dims.ep, 1) or None)
         float8 = f"on ({cfg.float8.backend}: {backend})"
     say(f"model {cfg.model.name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active "

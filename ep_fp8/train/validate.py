@@ -76,7 +76,7 @@ def _float8_backend(cfg: Config, args) -> None:
     ep = cfg.parallel.ep
     local = args.n_experts // ep if ep > 0 and args.n_experts else None
     try:
-        for K, N in ((args.dim, args.expert_hidden_dim), (args.expert_hidden_dim, args.dim)):
+        for K, N in ((args.dim, 2 * args.expert_hidden_dim), (args.expert_hidden_dim, args.dim)):
             resolve_backend("cuda", device, K, N, G=local)
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: [float8] backend = \"cuda\" with [model] dim = "

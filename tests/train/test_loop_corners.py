@@ -431,3 +431,21 @@ def test_a_held_out_path_with_validation_off_is_said_at_start_up(tmp_path, one_r
     assert "1 rank, ep=" in said
     _train(tmp_path, "--training.steps=1", name="plain")
     assert "computes no held-out loss" not in capsys.readouterr().out
+
+
+def test_the_start_up_line_names_the_backend_of_the_experts_first_gemm(monkeypatch, capsys, one_rank):
+    # x w13^T: D -> 2H (w1 and w3 stacked), which may resolve otherwise than D -> H would.
+    from ep_fp8.parallel import ParallelDims
+
+    asked = []
+
+    def resolve(backend, device, K, N, **kw):
+        asked.append((K, N))
+        return "picked"
+
+    monkeypatch.setattr("ep_fp8.ops.resolve_backend", resolve)
+    cfg = load_config(None, ["--model.name=debug", "--float8.enabled=true", "--parallel.ep=1"])
+    args = resolve_model_args(cfg)
+    loop._describe(cfg, args, ParallelDims(world_size=1, ep=1), torch.device("cpu"), torch.float32)
+    assert asked == [(args.dim, 2 * args.expert_hidden_dim)]
+    assert "float8 on (auto: picked)" in capsys.readouterr().out
