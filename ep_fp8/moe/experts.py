@@ -27,6 +27,9 @@ class GroupedExperts(nn.Module):
     through its backend "bf16" (torch._grouped_mm in the activation dtype). Either way
     rows past offs[-1] come out zero, and so do their gradients. Under FSDP2/EP the weights
     are DTensors and their local shard (E_local experts) is used.
+
+    `grad_scale` (1 unless set) multiplies the weights' gradients; parallelize_model sets
+    it to 1 / world size for experts that FSDP2 does not reduce (every expert on one rank).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class GroupedExperts(nn.Module):
         self.float8, self.float8_backend, self.exact_scales = float8, float8_backend, exact_scales
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.grad_scale = 1.0
         self.init_weights()
 
     def init_weights(self, init_std: float = 0.02) -> None:
@@ -71,6 +75,8 @@ class GroupedExperts(nn.Module):
         Raises ValueError/TypeError on shapes or dtypes that do not fit the weights.
         """
         w13, w2 = _local(self.w13), _local(self.w2)
+        if self.grad_scale != 1.0:
+            w13, w2 = _ScaleGrad.apply(w13, self.grad_scale), _ScaleGrad.apply(w2, self.grad_scale)
         E_local = w13.shape[0]
         if x_MD.dim() != 2 or x_MD.shape[1] != self.dim:
             raise ValueError(f"x must be (rows, {self.dim}), got shape {tuple(x_MD.shape)}")
@@ -123,6 +129,19 @@ class FeedForward(nn.Module):
         GroupedExperts)."""
         w1, w2, w3 = (lin.weight.to(x.dtype) for lin in (self.w1, self.w2, self.w3))
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity forward; backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, w, scale):
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:

@@ -288,3 +288,22 @@ def test_each_expert_gemm_runs_its_own_backend_for_the_local_expert_count(monkey
     assert asked == [E // 2, E // 2]
     assert used == ["emulated", "bf16"]
     assert out.shape == (32, D) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("float8", [False, True])
+def test_grad_scale_scales_the_weights_gradients_only(float8):
+    # parallelize_model sets it to 1 / world size where FSDP2 does not divide.
+    gen = torch.Generator().manual_seed(9)
+    x, offs = _grouped_input(gen)
+    grad = torch.randn(x.shape[0], D, generator=gen)
+    runs = []
+    for scale in (1.0, 0.25):
+        ex = _experts(float8=float8, float8_backend="emulated")
+        ex.grad_scale = scale
+        xs = x.clone().requires_grad_()
+        y = ex(xs, offs)
+        y.backward(grad)
+        runs.append((y, xs.grad, ex.w13.grad, ex.w2.grad))
+    (y1, gx1, g13_1, g2_1), (y4, gx4, g13_4, g2_4) = runs
+    assert torch.equal(y1, y4) and torch.equal(gx1, gx4)
+    assert torch.equal(g13_4, g13_1 * 0.25) and torch.equal(g2_4, g2_1 * 0.25)

@@ -129,6 +129,23 @@ def compare(out: dict, key: str, step, ref_loss: float, ref_grads: dict) -> None
     out[f"{key}.worst_parameter"] = worst_parameter(grads, ref_grads)
 
 
+def expert_param_groups(model) -> int:
+    """How many of build_optimizer's param groups hold expert weights."""
+    from ep_fp8.train.optim import build_optimizer
+
+    experts = {id(p) for n, p in model.named_parameters() if ".experts." in n}
+    groups = build_optimizer(model, 1e-3, (0.9, 0.95), 0.1, 1e-8).param_groups
+    return sum(any(id(p) in experts for p in g["params"]) for g in groups)
+
+
+def fsdp_cast_inputs(model) -> dict[str, bool]:
+    """{module name: whether its FSDP2 unit casts its forward inputs} of every FSDP2 unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return {n: m._get_fsdp_state()._mp_policy.cast_forward_inputs
+            for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+
+
 def two_ranks(rank: int, world: int) -> dict:
     out: dict = {}
     ref_loss, ref_grads = reference(world)
@@ -138,6 +155,8 @@ def two_ranks(rank: int, world: int) -> dict:
     compare(out, "ep2", base, ref_loss, ref_grads)
     out["none.a2a_fwd"], out["none.a2a_bwd"], out["none.mm_bwd"] = base[3]
     out["none.prefetch"] = forward_prefetch(base[2])
+    out["none.cast_inputs"] = fsdp_cast_inputs(base[2])
+    out["grad_scale"] = {m.grad_scale for m in base[2].modules() if hasattr(m, "grad_scale")}
 
     # A second parallelize_model on the same model is refused before it changes anything.
     forwards = [block.forward for block in base[2].layers]
@@ -253,6 +272,9 @@ def four_ranks(rank: int, world: int) -> dict:
                                ("ep4", ParallelDims(world, ep=4), "none")):
         step = parallel_step(rank, world, dims, ac_mode=ac_mode)
         compare(out, key, step, ref_loss, ref_grads)
+        out[f"{key}.prefetch"] = forward_prefetch(step[2])
+        out[f"{key}.cast_inputs"] = fsdp_cast_inputs(step[2])
+        out[f"{key}.expert_groups"] = expert_param_groups(step[2])
     # 2 experts over ep=2: one expert per EP rank cannot split over efsdp=2 ranks on dim 0,
     # so FSDP2 shards dim 1 instead.
     few = dataclasses.replace(ARGS, n_experts=2, top_k=1, route_norm=False)

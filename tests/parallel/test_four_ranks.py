@@ -33,6 +33,34 @@ def test_expert_gradients_reduce_on_gloo_whatever_the_backend_is_called(backend)
     assert out["ep2_efsdp2.loss_err"] < FP32_TOL and out["ep2_efsdp2.grad_err"] < FP32_TOL
 
 
+@pytest.mark.parametrize("layout", ["ep2_efsdp2", "ep2_efsdp2_ac"])
+def test_each_block_prefetches_the_next_and_its_experts_only_without_checkpointing(results, layout):
+    # A checkpointed block's recompute must issue the ops its forward did: the experts'
+    # all-gather stays inside it, so only the next block is named there.
+    n, dense = _workers.ARGS.n_layers, _workers.ARGS.n_dense_layers
+    expected = [[f"layers.{i}"] + ([f"layers.{i}.moe.experts"] if layout == "ep2_efsdp2" and i >= dense else [])
+                for i in range(1, n)]
+    assert results[f"{layout}.prefetch"] == expected + [[]]
+
+
+@pytest.mark.parametrize("layout", ["ep2_efsdp2", "hsdp2_ep2", "ep4"])
+def test_the_expert_weights_share_one_optimizer_group(results, layout):
+    # Same mesh and placements for w13 and w2, whether or not FSDP2 gave them one mesh object.
+    assert results[f"{layout}.expert_groups"] == 1
+
+
+def test_only_the_experts_unit_leaves_its_forward_inputs_uncast(results):
+    """Experts sharded by FSDP2 (efsdp = 2): blocks, embedding, head and root cast their
+    inputs to param_dtype; the experts' unit does not (a float8 payload must reach them as
+    it is)."""
+    cast = results["ep2_efsdp2.cast_inputs"]
+    experts = {n for n in cast if n.endswith(".moe.experts")}
+    assert experts and all(cast[n] is False for n in experts)
+    others = set(cast) - experts
+    assert {"", "tok_embeddings", "layers.0", "layers.1"} <= others
+    assert all(cast[n] is True for n in others)
+
+
 def test_a_mesh_with_one_slice_out_of_order_is_refused_on_every_rank(results):
     assert "another rank's ep_mesh lists its ranks in another order" in results["mesh_partly_reversed.error"]
 

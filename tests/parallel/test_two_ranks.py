@@ -43,17 +43,19 @@ def test_activation_checkpointing_never_repeats_an_all_to_all(results, mode):
 
 
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
-def test_each_block_prefetches_the_next_and_its_experts_only_without_checkpointing(results, mode):
-    # A checkpointed block's recompute must issue the ops its forward did: the experts'
-    # all-gather stays inside it, so only the next block is named there.
-    n, dense = _workers.ARGS.n_layers, _workers.ARGS.n_dense_layers
-    expected = []
-    for i in range(1, n):
-        units = [f"layers.{i}"]
-        if mode == "none" and i >= dense:
-            units.append(f"layers.{i}.moe.experts")
-        expected.append(units)
-    assert results[f"{mode}.prefetch"] == expected + [[]]
+def test_each_block_prefetches_the_next(results, mode):
+    # ep = 2 on 2 ranks: every expert on one rank, so the experts are no FSDP2 unit to
+    # prefetch (four ranks with efsdp = 2: tests/parallel/test_four_ranks.py).
+    n = _workers.ARGS.n_layers
+    assert results[f"{mode}.prefetch"] == [[f"layers.{i}"] for i in range(1, n)] + [[]]
+
+
+def test_experts_alone_on_their_ranks_are_outside_fsdp2_and_scale_their_gradients(results):
+    # FSDP2 would only copy them; their gradients are divided by the world size instead
+    # of by FSDP2 (the gradients themselves are checked against the single process above).
+    assert not any(name.endswith(".moe.experts") for name in results["none.cast_inputs"])
+    assert {"", "layers.0", "layers.1"} <= set(results["none.cast_inputs"])
+    assert results["grad_scale"] == {0.5}
 
 
 def test_full_checkpointing_recomputes_matmuls_and_selective_saves_them(results):

@@ -198,7 +198,7 @@ BASE = ["--training.steps=20", "--training.batch_size=4", "--training.seq_len=32
         "--model.n_layers=3"]
 # name: overrides, and the layout of the experts' weights and moments this gives on 2 ranks
 # (the dimensions of their mesh, whether their rows are split)
-LAYOUTS = {"ep2": (["--parallel.ep=2"], (2, False)),      # experts split over ep (then FSDP2)
+LAYOUTS = {"ep2": (["--parallel.ep=2"], (1, False)),      # experts split over ep, each on one rank
            "fsdp": (["--parallel.ep=1"], (1, False)),     # FSDP2 over the experts
            "rows": (["--parallel.ep=1", "--model.n_experts=3"], (1, True))}   # 3 experts: rows split
 
