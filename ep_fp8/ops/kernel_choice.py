@@ -4,9 +4,8 @@ kernel on CUDA tensors and the reference elsewhere; "triton" and "torch" force o
 
 from __future__ import annotations
 
-import os
-
 import torch
+from triton import knobs
 from triton.backends import backends
 from triton.runtime import driver
 
@@ -19,13 +18,19 @@ def check_kernel_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its interpreter: TRITON_INTERPRET read the way
+    Triton reads it ("1", "true", "on" or "yes" in any case; "0", "2", "false" are off)."""
+    return bool(knobs.runtime.interpret)
+
+
 def _can_launch_on_cpu_tensors() -> bool:
     # Triton's interpreter runs kernels on CPU tensors; so does a stand-in driver set
     # active by hand (tests/sm90_compile_worker.py compiles that way). The drivers of the
     # backends Triton registers (CUDA and HIP with triton 3.6-3.7) take device memory only,
     # and without any driver a launch fails with a RuntimeError: neither names the cause.
     # (A CPU backend registered as a Triton plugin would be refused here too.)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         return True
     try:
         active = driver.active

@@ -7,12 +7,14 @@ interpreter's rounding defect (see `to_fp8`); on a GPU the native cast is used.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from ep_fp8.ops.kernel_choice import interpreting
+
+# TRITON_INTERPRET read once at import, the way Triton reads it ("true" turns the interpreter
+# on as "1" does): the workaround in to_fp8 must be on whenever the interpreter runs.
+_INTERPRET = tl.constexpr(interpreting())
 _FP8_MAX = tl.constexpr(448.0)
 _AMAX_FLOOR = tl.constexpr(2.0**-100)
 # One program holds a whole row up to this many elements (amax, scale and cast from
