@@ -137,7 +137,7 @@ def test_one_row_past_offs_end_stays_out_of_the_last_groups_column_scales(sizes)
     assert same_bits(got[4], descale_r) and same_bits(got[3][:, :end], qT_r[:, :end])
 
 
-@pytest.mark.skipif(ON_CPU, reason="torch._grouped_mm rejects empty operands only on the GPU")
+@pytest.mark.skipif(ON_CPU, reason="empty inputs through the GPU GEMMs and kernels")
 @pytest.mark.parametrize("backend", ["bf16", "cuda", "auto"])
 def test_no_tokens_on_the_gpu_give_an_empty_output_and_zero_weight_grads(backend):
     if backend == "cuda" and not backends._has_scaled_grouped_mm("cuda", -1):
@@ -165,3 +165,43 @@ def test_scatter_rows_kernel_reads_a_column_major_source():
         want[idx[:, j]] = src
     for backend in ("triton", "torch"):
         assert torch.equal(scatter_rows_into(src, idx, fill, R * k + n_fill, backend=backend), want)
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inputs_without_grad"])
+def test_forward_without_grad_makes_only_the_forward_float8_copies(monkeypatch, grad_mode):
+    # docs/ops.md: a gradient nobody asks for is not computed, nor the float8 copy only it
+    # would need (the token-group copy of x, the weight's amax per (g, k)).
+    seen = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.append((name, args[2] if name == "weight_fwd" else None))
+            return fn(*args, **kwargs)
+        return wrapped
+    ref = backends._REF
+    monkeypatch.setattr(backends, "_REF", backends._Kernels(*[spy(n, f) for n, f in zip(ref._fields, ref)]))
+    gen = torch.Generator().manual_seed(7)
+    no_grad = grad_mode == "no_grad"  # inputs that want grads under no_grad, or inputs that want none
+    x = torch.randn(40, 32, generator=gen).requires_grad_(no_grad)
+    w_t = torch.randn(2, 32, 16, generator=gen).requires_grad_(no_grad)
+    with torch.set_grad_enabled(not no_grad):
+        out = scaled_grouped_mm(x, w_t, offsets([15, 20]), backend="emulated")
+    assert not out.requires_grad
+    assert ("rows", None) in seen and ("weight_fwd", False) in seen
+    assert not any(name in ("rows_cols_grouped", "cols_grouped") for name, _ in seen)
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 9], [32], [0, 0], [40, 30]])
+def test_zero_rows_past_end_kernel_zeroes_exactly_the_rows_past_offs_end(sizes):
+    # M = 70 rows over three 32-row blocks: offs[-1] inside a block, on a block boundary, at
+    # 0 and in the last, partial block.
+    from ep_fp8.ops import quant_kernels as K
+    from ep_fp8.ops import quant_ref as R
+
+    device = "cpu" if ON_CPU else "cuda"
+    out = (torch.rand(70, 130, generator=torch.Generator().manual_seed(8)) + 1).bfloat16().to(device)
+    offs = offsets(sizes, device)
+    want = R.zero_rows_past_end_ref(out, offs)
+    end = sum(sizes)
+    assert bool((want[end:] == 0).all()) and torch.equal(want[:end], out[:end])
+    assert torch.equal(K.zero_rows_past_end_triton(out.clone(), offs), want)
