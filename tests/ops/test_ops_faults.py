@@ -205,3 +205,28 @@ def test_zero_rows_past_end_kernel_zeroes_exactly_the_rows_past_offs_end(sizes):
     end = sum(sizes)
     assert bool((want[end:] == 0).all()) and torch.equal(want[:end], out[:end])
     assert torch.equal(K.zero_rows_past_end_triton(out.clone(), offs), want)
+
+
+@pytest.mark.parametrize("M, sizes", [(0, [0, 0, 0]), (0, [0]), (5, [0, 0])])
+def test_column_kernels_write_every_padded_column_of_every_group_with_no_rows(monkeypatch, M, sizes):
+    # No token rows at all: every group is one block of zero padding, the last of which ends
+    # at the host's upper bound P. Buffers come poisoned (NaN, -1), so a column the kernels
+    # leave unwritten shows.
+    from ep_fp8.ops import quant_kernels as K
+    from ep_fp8.ops import quant_ref as R
+
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(-1) if not t.dtype.is_floating_point else t.fill_(float("nan"))
+    device = "cpu" if ON_CPU else "cuda"
+    a = torch.randn(M, 40).bfloat16().to(device)
+    offs = offsets(sizes, device)
+    want = R.quantize_rows_cols_grouped_ref(a, offs)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = (K.quantize_cols_grouped_triton(a, offs), K.quantize_rows_cols_grouped_triton(a, offs)[3:])
+    for qT, descale, poffs in got:
+        assert torch.equal(poffs, want[5])
+        end = want[5][-1].item()
+        assert same_bits(descale, want[4]) and same_bits(qT[:, :end], want[3][:, :end])
