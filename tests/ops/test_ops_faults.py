@@ -230,3 +230,19 @@ def test_column_kernels_write_every_padded_column_of_every_group_with_no_rows(mo
         assert torch.equal(poffs, want[5])
         end = want[5][-1].item()
         assert same_bits(descale, want[4]) and same_bits(qT[:, :end], want[3][:, :end])
+
+
+def test_column_kernels_clamp_a_negative_group_end_to_zero_as_the_reference_does():
+    # docs/ops.md: the Triton kernels clamp offs into [0, M]. A first group "ending" at -3
+    # is empty, and the next one starts at row 0, not at -3.
+    from ep_fp8.ops import quant_kernels as K
+    from ep_fp8.ops import quant_ref as R
+
+    device = "cpu" if ON_CPU else "cuda"
+    a = torch.randn(16, 40, generator=torch.Generator().manual_seed(9)).bfloat16().to(device)
+    offs = torch.tensor([-3, 10, 14], dtype=torch.int32, device=device)
+    qT, descale, poffs = K.quantize_cols_grouped_triton(a, offs)
+    qT_r, descale_r, poffs_r = R.quantize_cols_grouped_ref(a, offs)
+    assert torch.equal(poffs, poffs_r) and same_bits(descale, descale_r)
+    end = poffs_r[-1].item()
+    assert same_bits(qT[:, :end], qT_r[:, :end])
