@@ -7,9 +7,9 @@ same as without this module.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ep_fp8.model.args import ModelArgs
+from ep_fp8.model.layers import sdpa
 
 
 class KVCache:
@@ -138,7 +138,7 @@ class LayerCache:
         else:               # new token i sees positions [0, start + i]
             mask = torch.ones(S, start + S, dtype=torch.bool, device=q_BSHd.device).tril(start)
             causal = False
-        return _sdpa(q_BSHd, k_all, v_all, mask, causal)
+        return sdpa(q_BSHd, k_all, v_all, mask, causal)
 
 
 class StepCache:
@@ -204,13 +204,4 @@ class StepLayerCache:
         k.index_copy_(1, index, k_B1Hd)
         v.index_copy_(1, index, v_B1Hd)
         mask = (torch.arange(k.shape[1], device=k.device) <= position).view(1, 1, 1, -1)
-        return _sdpa(q_B1Hd, k, v, mask, False)
-
-
-def _sdpa(q_BSHd, k_BLHd, v_BLHd, mask, causal) -> torch.Tensor:
-    """scaled_dot_product_attention on (B, S, heads, head_dim) layouts, kv heads shared
-    by n_heads / n_kv_heads query heads each (without repeating them in memory)."""
-    out = F.scaled_dot_product_attention(
-        q_BSHd.transpose(1, 2), k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2),
-        attn_mask=mask, is_causal=causal, enable_gqa=k_BLHd.shape[2] != q_BSHd.shape[2])
-    return out.transpose(1, 2)
+        return sdpa(q_B1Hd, k, v, mask, False)

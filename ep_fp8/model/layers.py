@@ -24,6 +24,18 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).type_as(x)
 
 
+def sdpa(q_BSHd: torch.Tensor, k_BLHd: torch.Tensor, v_BLHd: torch.Tensor,
+         mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """F.scaled_dot_product_attention on (B, S, heads, head_dim) layouts: q (B, S, n_heads,
+    head_dim) against k and v (B, L, n_kv_heads, head_dim), `mask` (broadcast to (B, heads,
+    S, L), True where attended) or `causal`; returns (B, S, n_heads, head_dim). Each kv
+    head serves n_heads / n_kv_heads query heads (enable_gqa: not repeated in memory)."""
+    out = F.scaled_dot_product_attention(
+        q_BSHd.transpose(1, 2), k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2),
+        attn_mask=mask, is_causal=causal, enable_gqa=k_BLHd.shape[2] != q_BSHd.shape[2])
+    return out.transpose(1, 2)
+
+
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
                  start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for positions [start, start + seq_len): cos, sin each
@@ -94,11 +106,5 @@ class Attention(nn.Module):
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
-        if cache is not None:
-            return self.wo(cache.attend(q, k, v).reshape(B, S, -1))
-        # SDPA wants (B, H, S, head_dim); enable_gqa lets it share each kv head across
-        # n_heads / n_kv_heads query heads without materialising repeated k and v.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        out = cache.attend(q, k, v) if cache is not None else sdpa(q, k, v, None, True)
+        return self.wo(out.reshape(B, S, -1))
