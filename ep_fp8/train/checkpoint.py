@@ -274,7 +274,7 @@ def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str) 
 def _load(path: str, state: dict, saved: set[str], into: str, apply) -> None:
     """dcp.load of `state` from checkpoint `path` (its keys `saved`; experts saved as w1 and
     w3 load into w13, see _legacy_experts), then apply(); its failures raised as
-    CheckpointDamagedError (a file missing or unreadable) or CheckpointMismatchError (naming
+    CheckpointDamagedError (a file missing, unreadable or cut short: _is_damage) or CheckpointMismatchError (naming
     `into`), and a Ctrl-C during it as KeyboardInterrupt."""
     try:
         with _quiet_single_process(), _fused_on_load(state, _legacy_experts(saved, state["model"])):
@@ -284,10 +284,20 @@ def _load(path: str, state: dict, saved: set[str], into: str, apply) -> None:
         failures = _failures(e) if isinstance(e, CheckpointException) else [e]
         if any(isinstance(failure, KeyboardInterrupt) for failure in failures):
             raise KeyboardInterrupt from None  # Ctrl-C during the load, not a misfit
-        if any(isinstance(failure, OSError) for failure in failures):   # a file missing
+        if any(_is_damage(failure) for failure in failures):   # a file missing or cut short
             raise CheckpointDamagedError(f"{path} is damaged: {_first_failure(e)}") from None
         raise CheckpointMismatchError(f"{path} could not be loaded into {into}: "
                                       f"{_first_failure(e)}") from None
+
+
+def _is_damage(failure: BaseException) -> bool:
+    """Whether `failure`, raised reading a checkpoint's shards, means that its files are
+    damaged rather than that its tensors do not fit: a file missing or unreadable (OSError),
+    cut short (EOFError, or torch's reader not finding the end of a tensor's archive) or
+    overwritten with other bytes (not a pickle, or a pickle of something else)."""
+    return (isinstance(failure, (OSError, EOFError, pickle.UnpicklingError))
+            or isinstance(failure, RuntimeError)
+            and str(failure).startswith("PytorchStreamReader failed"))
 
 
 def _legacy_experts(saved: set[str], model_state: dict) -> list[str]:
