@@ -15,8 +15,9 @@
   resume with the config the run was saved with), or code run by unpickling.
 - A list of exactly three missing tensors is named whole.
 - Export: a damaged newest checkpoint names the newest one before it; an unreadable
-  config.toml, and a model file that is a folder, are named as such; a blend whose first
-  token file is readable records its tokenizer without a warning.
+  config.toml, a model file that is a folder and a torch file of another kind are named
+  as such; a blend whose first token file is readable records its tokenizer without a
+  warning.
 - The optimizer gives parameters of another device mesh or placement, and plain tensors,
   param groups of their own.
 """
@@ -289,6 +290,13 @@ def test_a_run_whose_config_cannot_be_read_is_named(tmp_path):
 def test_a_model_file_that_is_a_folder_cannot_be_read(tmp_path):
     with pytest.raises(ValueError, match=r"model file '.*' cannot be read \(Is a directory\)"):
         load_exported(str(tmp_path))
+
+
+def test_a_torch_file_of_another_kind_is_not_a_model_file(tmp_path):
+    # A plain state dict, or torch's own conversion of a DCP checkpoint: a dict, no format.
+    torch.save({"model": {"w": torch.zeros(2)}, "version": 2}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a model file of python -m ep_fp8.train.export"):
+        load_exported(str(tmp_path / "other.pt"))
 
 
 def test_a_blend_whose_later_token_file_is_gone_records_the_first_ones_tokenizer(tmp_path):
