@@ -274,8 +274,8 @@ def _check_model_keys(path: str, saved: set[str], model_state: dict, into: str) 
 def _load(path: str, state: dict, saved: set[str], into: str, apply) -> None:
     """dcp.load of `state` from checkpoint `path` (its keys `saved`; experts saved as w1 and
     w3 load into w13, see _legacy_experts), then apply(); its failures raised as
-    CheckpointDamagedError (a file missing, unreadable or cut short: _is_damage) or CheckpointMismatchError (naming
-    `into`), and a Ctrl-C during it as KeyboardInterrupt."""
+    CheckpointDamagedError (a file missing, unreadable or cut short: _is_damage) or
+    CheckpointMismatchError (naming `into`), and a Ctrl-C during it as KeyboardInterrupt."""
     try:
         with _quiet_single_process(), _fused_on_load(state, _legacy_experts(saved, state["model"])):
             dcp.load(state, checkpoint_id=path, no_dist=_single())
