@@ -1,0 +1,113 @@
+"""Behaviours of the data pipeline (ep_fp8.train.data, token_file, prepare_data and
+tokenizer) that the other data tests leave open: the file fingerprint's tail, JSONL fields
+that are not strings and byte-order marks past the first line, ..."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from ep_fp8.train import data
+from ep_fp8.train.data import (TokenFileSource, _TokenWindows, file_fingerprint, token_dtype,
+                               tokenize_documents)
+from ep_fp8.train.token_file import write_token_file
+from ep_fp8.train.tokenizer import ByteTokenizer
+
+
+def test_the_file_fingerprint_reads_the_last_4_kib_of_a_long_file(tmp_path):
+    """Files of one size and the same first 8 KiB that differ only near their end are not
+    copies: the fingerprint's tail is the file's last 4 KiB, not the bytes after its head."""
+    g = torch.Generator().manual_seed(0)
+    body = bytes(torch.randint(97, 123, (20000,), generator=g, dtype=torch.uint8).tolist())
+    (tmp_path / "a.txt").write_bytes(body)
+    (tmp_path / "b.txt").write_bytes(body[:-10] + b"0123456789")
+    (tmp_path / "c.txt").write_bytes(body)
+    a, b, c = (file_fingerprint(str(tmp_path / n)) for n in ("a.txt", "b.txt", "c.txt"))
+    assert a != b and a == c
+
+
+def test_a_jsonl_field_that_is_not_a_string_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: field 'text' is not a string"):
+        TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0)
+
+
+def test_a_byte_order_mark_is_skipped_only_at_the_start_of_a_jsonl_file(tmp_path):
+    """A BOM opens a file (some editors write one); on a later line it is not JSON, and
+    the error names that line."""
+    path = tmp_path / "d.jsonl"
+    bom = b"\xef\xbb\xbf"
+    path.write_bytes(bom + b'{"text": "ab"}\n' + bom + b'{"text": "cd"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
+        TokenFileSource(str(path), "jsonl", "bytes", seq_len=1, seed=0)
+
+
+def test_the_first_tokens_hash_of_a_stream_in_parts_stops_at_its_first_tokens(monkeypatch):
+    """The fingerprint hashes the stream's first _FINGERPRINT_TOKENS tokens, counted across
+    its parts (shards): tokens past them, in a later part, do not change it."""
+    monkeypatch.setattr(data, "_FINGERPRINT_TOKENS", 4)
+    a = torch.arange(10, dtype=torch.int16)
+    b = a.clone()
+    b[6:] = 0
+    one = _TokenWindows([a[:3], a[3:]], "d", "x", seq_len=2, seed=0)
+    two = _TokenWindows([b[:3], b[3:]], "d", "x", seq_len=2, seed=0)
+    assert one.fingerprint == two.fingerprint
+    b[3] = 9   # the 4th token: inside the hashed head
+    assert _TokenWindows([b[:3], b[3:]], "d", "x", seq_len=2, seed=0).fingerprint != one.fingerprint
+
+
+def test_a_corpus_made_part_of_a_blend_after_drawing_takes_the_blend_order(tmp_path):
+    """as_blend_corpus gives the windows an order of their own even when the corpus has
+    already drawn (and cached) an epoch's order as a lone corpus."""
+    (tmp_path / "a.txt").write_text("abcdefghijklmnopqrstuvwxyz" * 8)
+    pattern = str(tmp_path / "*.txt")
+    used = TokenFileSource(pattern, "text", "bytes", seq_len=4, seed=0)
+    alone = used.get(list(range(used.n_windows)))
+    used.as_blend_corpus(1)
+    fresh = TokenFileSource(pattern, "text", "bytes", seq_len=4, seed=0)
+    fresh.as_blend_corpus(1)
+    n = fresh.n_windows
+    assert not torch.equal(fresh.get(list(range(n))), alone)
+    assert torch.equal(used.get(list(range(n))), fresh.get(list(range(n))))
+
+
+class _FailsOnBatches(ByteTokenizer):
+    """Encodes one document at a time, fails on a batch of several."""
+
+    def encode_tensors(self, docs, dtype):
+        if len(docs) > 1:
+            raise ValueError("cannot encode a batch")
+        return super().encode_tensors(docs, dtype)
+
+
+def test_a_batch_that_fails_although_each_document_encodes_is_an_error_not_dropped(tmp_path):
+    """When a batch of documents cannot be encoded but no single one fails, the error
+    stands: the batch's documents are not silently left out of the stream."""
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i}")
+    files = sorted(str(p) for p in tmp_path.glob("*.txt"))
+    with pytest.raises(ValueError, match="cannot encode a batch"):
+        list(tokenize_documents(files, "text", _FailsOnBatches(), "text", hashlib.blake2b()))
+
+
+def test_token_ids_up_to_32768_are_held_in_two_bytes():
+    """2 bytes per token up to a vocabulary of 32768 ids (0 .. 32767 fit int16), 4 above."""
+    assert token_dtype(257) == token_dtype(2**15) == torch.int16
+    assert token_dtype(2**15 + 1) == torch.int32
+
+
+def test_the_documents_hash_tells_the_same_bytes_cut_into_other_documents(tmp_path):
+    """A token file's documents' hash (header "hash", which the held-out checks and the
+    fingerprint use) counts where each document ends, not only the bytes read end to end."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("abcdefgh")
+    (tmp_path / "one" / "b.txt").write_text("ijklmnop")
+    (tmp_path / "two" / "a.txt").write_text("abcdefghi")
+    (tmp_path / "two" / "b.txt").write_text("jklmnop")
+    one, two = (write_token_file(str(tmp_path / d / "*.txt"), "text", "bytes",
+                                 str(tmp_path / f"{d}.tokens"), progress=lambda line: None)
+                for d in ("one", "two"))
+    assert one["tokens"] == two["tokens"] and one["hash"] != two["hash"]
