@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ep_fp8.train import data
-from ep_fp8.train.data import (TokenFileSource, _TokenWindows, file_fingerprint, token_dtype,
+from ep_fp8.train.data import (BLEND_BLOCK, BlendedSource, MarkovSource, TokenFileSource,
+                               _TokenWindows, blend_counts, file_fingerprint, token_dtype,
                                tokenize_documents)
 from ep_fp8.train.token_file import write_token_file
 from ep_fp8.train.tokenizer import ByteTokenizer
@@ -111,3 +112,25 @@ def test_the_documents_hash_tells_the_same_bytes_cut_into_other_documents(tmp_pa
                                  str(tmp_path / f"{d}.tokens"), progress=lambda line: None)
                 for d in ("one", "two"))
     assert one["tokens"] == two["tokens"] and one["hash"] != two["hash"]
+
+
+@pytest.mark.parametrize("weights, counts", [
+    ([5, 3, 2], [2048, 1229, 819]),         # quotas 2048, 1228.8, 819.2: the largest remainder
+    ([1, 1, 1], [1366, 1365, 1365]),        # three remainders of 1/3: the first on ties
+])
+def test_blend_counts_give_the_spare_samples_to_the_largest_remainders_first_on_ties(
+        weights, counts):
+    assert blend_counts(weights) == counts
+
+
+def test_each_corpus_of_an_uneven_blend_walks_its_samples_in_order_across_blocks():
+    """Over several blocks of a [3, 1] blend, the samples drawn from each corpus are its
+    samples 0, 1, 2, ... in order: none repeated, none skipped at a block's start."""
+    sources = [MarkovSource(16, 2, 4, seed=s) for s in (0, 1)]
+    blend = BlendedSource(sources, [3, 1], seed=5)
+    drawn = [[], []]
+    for g in range(3 * BLEND_BLOCK):
+        c, k = blend.locate(g)
+        drawn[c].append(k)
+    assert [len(d) for d in drawn] == [3 * n for n in blend.counts] == [9216, 3072]
+    assert drawn == [list(range(9216)), list(range(3072))]
