@@ -4,6 +4,8 @@ that are not strings and byte-order marks past the first line, ..."""
 
 import hashlib
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from ep_fp8.train.data import (BLEND_BLOCK, BlendedSource, MarkovSource, TokenFi
                                _TokenWindows, blend_counts, file_fingerprint, token_dtype,
                                tokenize_documents)
 from ep_fp8.train.token_file import write_token_file
-from ep_fp8.train.tokenizer import ByteTokenizer
+from ep_fp8.train.tokenizer import ByteTokenizer, load_tokenizer
+from tests.train.conftest import _WordTokenizer
 
 
 def test_the_file_fingerprint_reads_the_last_4_kib_of_a_long_file(tmp_path):
@@ -134,3 +137,35 @@ def test_each_corpus_of_an_uneven_blend_walks_its_samples_in_order_across_blocks
         drawn[c].append(k)
     assert [len(d) for d in drawn] == [3 * n for n in blend.counts] == [9216, 3072]
     assert drawn == [list(range(9216)), list(range(3072))]
+
+
+class _AddsStartToken(_WordTokenizer):
+    """A tokenizer.json with a post-processor: asked for special tokens, it opens every
+    text with <s> (id 0), as Llama's does."""
+
+    def encode(self, text, add_special_tokens=True):
+        out = super().encode(text)
+        return types.SimpleNamespace(ids=[0] * add_special_tokens + out.ids)
+
+    def encode_batch(self, texts, add_special_tokens=True):
+        return [self.encode(t, add_special_tokens) for t in texts]
+
+
+def test_a_tokenizer_json_adds_no_special_tokens_to_a_document(tmp_path, monkeypatch):
+    """Documents are encoded without the tokenizer's special tokens (a start token on each
+    document would be trained on as text), one at a time or in batches."""
+    monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=_AddsStartToken))
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"vocab": {"<s>": 0, "a": 1, "b": 2, "</s>": 3}}))
+    tok = load_tokenizer(str(path))
+    assert tok.encode("a b a") == [1, 2, 1]
+    assert tok.encode_tensor("b a", torch.int16).tolist() == [2, 1]
+    assert [t.tolist() for t in tok.encode_tensors(["a", "b b"], torch.int16)] == [[1], [2, 2]]
+
+
+def test_a_folder_given_as_tokenizer_is_named_as_no_tokenizer_file(tmp_path, monkeypatch):
+    """A folder (a model's, say) is not a tokenizer.json: the error says so, rather than
+    asking for the `tokenizers` package or reading the folder as a file."""
+    monkeypatch.setitem(sys.modules, "tokenizers", None)   # not installed: import fails
+    with pytest.raises(ValueError, match=f"tokenizer file '{tmp_path}' does not exist"):
+        load_tokenizer(str(tmp_path))
