@@ -12,11 +12,13 @@ import torch
 
 from ep_fp8.train import data
 from ep_fp8.train.data import (BLEND_BLOCK, BlendedSource, MarkovSource, TokenFileSource,
+                               build_source,
                                _TokenWindows, blend_counts, file_fingerprint, token_dtype,
                                tokenize_documents)
-from ep_fp8.train.token_file import write_token_file
+from ep_fp8.train.token_file import combined_header, write_token_file
 from ep_fp8.train.tokenizer import ByteTokenizer, load_tokenizer
 from tests.train.conftest import _WordTokenizer
+from tests.train.test_data_blend import _blend
 
 
 def test_the_file_fingerprint_reads_the_last_4_kib_of_a_long_file(tmp_path):
@@ -169,3 +171,44 @@ def test_a_folder_given_as_tokenizer_is_named_as_no_tokenizer_file(tmp_path, mon
     monkeypatch.setitem(sys.modules, "tokenizers", None)   # not installed: import fails
     with pytest.raises(ValueError, match=f"tokenizer file '{tmp_path}' does not exist"):
         load_tokenizer(str(tmp_path))
+
+
+def test_the_data_seed_sets_the_blend_s_interleaving(tmp_path):
+    """[data] seed shuffles the blend's blocks too: which corpus each sample comes from."""
+    def corpora(seed):
+        cfg = _blend(tmp_path, (1, 1))
+        cfg.data.seed = seed
+        source = build_source(cfg)
+        return [source.locate(g)[0] for g in range(256)]
+    assert corpora(1) != corpora(2) and corpora(1) == corpora(1)
+
+
+def test_a_blend_corpus_that_cannot_be_read_at_start_up_is_named_by_its_index(tmp_path):
+    """A corpus that passed the config's checks but holds too few tokens when the source
+    is built (its files changed meanwhile) is named as blend[i]."""
+    cfg = _blend(tmp_path, (1, 1))
+    for f in (tmp_path / "b").glob("*.txt"):
+        f.write_text("")
+    (tmp_path / "b" / "0.txt").write_text("bb")
+    with pytest.raises(ValueError, match=r"^blend\[1\]: data path .* holds 3 tokens, fewer than"):
+        build_source(cfg)
+
+
+def test_the_documents_hash_of_two_token_files_is_of_both():
+    """The documents' hash of token files read end to end is a hash of every file's, in
+    order: another second file is another corpus, even with as many tokens."""
+    first, second, other = ({"hash": h, "tokens": 10, "tokenizer": "bytes", "vocab_size": 257,
+                             "eos_id": 256, "dtype": "int16"} for h in ("a" * 16, "b" * 16, "c" * 16))
+    assert combined_header([first])["hash"] == first["hash"]
+    two = combined_header([first, second])
+    assert two["tokens"] == 20 and two["hash"] not in (first["hash"], second["hash"])
+    assert combined_header([first, other])["hash"] != two["hash"]
+    assert combined_header([second, first])["hash"] != two["hash"]
+
+
+def test_a_weight_just_below_one_block_sample_is_refused():
+    """A corpus whose quota is under 1 sample per block (here 4096/4097) is refused, not
+    drawn 0 or 1 times per block by rounding."""
+    with pytest.raises(ValueError, match=r"blend_weights\[1\] = 1 is below 1/4096"):
+        blend_counts([BLEND_BLOCK, 1])
+    assert blend_counts([BLEND_BLOCK - 1, 1]) == [BLEND_BLOCK - 1, 1]
