@@ -1,6 +1,12 @@
-"""Behaviours of the data pipeline (ep_fp8.train.data, token_file, prepare_data and
-tokenizer) that the other data tests leave open: the file fingerprint's tail, JSONL fields
-that are not strings and byte-order marks past the first line, ..."""
+"""Behaviours of the data pipeline (ep_fp8.train.data, token_file and tokenizer) that the
+other data tests leave open: the file fingerprint's tail; JSONL fields that are not strings
+and byte-order marks past the first line; the first-tokens hash of a stream in parts; a
+blend corpus's own order after drawing; a batch that fails to encode as a whole; int16
+tokens up to 32768 ids; the documents' hash of the same bytes cut elsewhere and of two
+token files; blend_counts' rounding and its refusal just under one sample per block; each
+corpus of an uneven blend walking its samples in order; the data seed in a blend's
+interleaving; a failing blend corpus named blend[i]; a tokenizer.json adding no special
+tokens; and a folder given as a tokenizer."""
 
 import hashlib
 import json
