@@ -35,7 +35,7 @@ from ep_fp8.train import checkpoint
 from ep_fp8.train.checkpoint import (MARKER, CheckpointDamagedError, CheckpointMismatchError, Checkpointer,
                                      CheckpointSaveError, complete_checkpoints, load_weights)
 from ep_fp8.train.data import DataLoader, MarkovSource
-from ep_fp8.train.export import _tokenizer, export_model, load_exported
+from ep_fp8.train.export import export_model, load_exported
 from tests.train.test_checkpoint import _fail_rng_file_save, make_state, train_steps
 from tests.train.test_export import _quiet
 from tests.train.test_export_corners import _fake_run
@@ -297,19 +297,6 @@ def test_a_torch_file_of_another_kind_is_not_a_model_file(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}, "version": 2}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a model file of python -m ep_fp8.train.export"):
         load_exported(str(tmp_path / "other.pt"))
-
-
-def test_a_blend_whose_later_token_file_is_gone_records_the_first_ones_tokenizer(tmp_path):
-    from ep_fp8.train.config import read_config
-    from ep_fp8.train.token_file import write_token_file
-
-    (tmp_path / "a.txt").write_text("some text " * 20)
-    write_token_file(str(tmp_path / "a.txt"), "text", "bytes", str(tmp_path / "a.tokens"),
-                     progress=_quiet)
-    blend = f'--data.blend=["{tmp_path / "a.tokens"}", "{tmp_path / "gone.tokens"}"]'
-    cfg = read_config(None, ["--data.source=tokens", blend, "--data.blend_weights=[1, 1]"])
-    said = []
-    assert _tokenizer(cfg, None, said.append) == {"tokenizer": "bytes"} and said == []
 
 
 

@@ -95,14 +95,15 @@ def test_a_tokenizer_json_is_recorded_by_absolute_path_with_its_own_eos(tmp_path
     assert (tok.eos_id, tok.encode("c a"), tok.decode([1, 3])) == (3, [2, 0], "b <stop>")
 
 
-def test_a_blend_whose_first_token_file_is_gone_takes_the_tokenizer_of_the_next(tmp_path):
+@pytest.mark.parametrize("blend", [["gone", "a"], ["a", "gone"]], ids=["first-gone", "later-gone"])
+def test_a_blend_with_a_token_file_gone_records_the_tokenizer_of_the_one_left(tmp_path, blend):
     from ep_fp8.train.token_file import write_token_file
 
     (tmp_path / "a.txt").write_text("some text " * 20)
     write_token_file(str(tmp_path / "a.txt"), "text", "bytes", str(tmp_path / "a.tokens"),
                      progress=_quiet)
-    blend = f'--data.blend=["{tmp_path / "gone.tokens"}", "{tmp_path / "a.tokens"}"]'
-    cfg = read_config(None, ["--data.source=tokens", blend, "--data.blend_weights=[1, 1]"])
+    paths = ", ".join(f'"{tmp_path / name}.tokens"' for name in blend)
+    cfg = read_config(None, ["--data.source=tokens", f"--data.blend=[{paths}]", "--data.blend_weights=[1, 1]"])
     said = []
     assert _tokenizer(cfg, None, said.append) == {"tokenizer": "bytes"} and said == []
 
