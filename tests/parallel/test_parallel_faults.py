@@ -1,0 +1,276 @@
+"""Behaviours of ep_fp8.parallel that the layout tests reach only through their numbers,
+checked here in one process (a "fake" process group of 8 ranks stands in for a job, so
+meshes and FSDP2 units of real layouts are built without spawning ranks):
+
+- the mesh layout: ep groups are blocks of consecutive ranks, efsdp groups stride over
+  them within a replica, and the flattened "dp_shard" / "dp" views are one replica / all
+  ranks, for several (dp_replicate, ep);
+- ParallelDims' error messages give the degree and the sizes they refer to, and
+  build_mesh refuses a process group larger than world_size;
+- the FSDP2 units parallelize_model builds per layout: the experts' mesh, gradient divide
+  factor and sum-then-divide switch (gloo), experts left outside FSDP2 only when alone on
+  their ranks (with grad_scale 1 / world size, and no unit holding their weights), the
+  expert placements on the "ep" mesh, the dispatcher's group, and explicit prefetch;
+- the expert placement rule counts local experts per EP rank (ep and efsdp differ);
+- apply_expert_parallel refuses an ep that does not divide n_experts before changing any
+  layer, and names the right MoE layer;
+- activation checkpointing: "full" recomputes matmuls in backward, "selective" does not,
+  and applying it puts the profiler annotation ops on torch's SAC ignore list.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint as torch_checkpoint
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ep_fp8.model import PRESETS, Transformer
+from ep_fp8.moe import GroupedExperts
+from ep_fp8.parallel import ParallelDims, parallelize_model, submesh
+from ep_fp8.parallel.checkpointing import apply_activation_checkpointing
+from ep_fp8.parallel.expert_parallel import apply_expert_parallel, moe_layers
+from ep_fp8.parallel.parallelize import _expert_placement, experts_alone_on_their_ranks
+
+WORLD = 8
+ARGS = dataclasses.replace(PRESETS["debug"], max_seq_len=32)   # 4 layers, 1 dense, 8 experts
+TINY = dataclasses.replace(PRESETS["debug"], dim=16, n_layers=2, vocab_size=32)
+
+
+@pytest.fixture(scope="module")
+def fake_world():
+    """A default process group of WORLD ranks in this process (this is rank 0): collectives
+    do nothing, but meshes, groups and FSDP2 units are built as in a real job."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    try:
+        yield WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks(mesh) -> list[int]:
+    return dist.get_process_group_ranks(mesh.get_group())
+
+
+# ---- the mesh ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dp_replicate, ep", [(1, 2), (1, 4), (2, 2), (2, 4), (1, 8), (4, 1)])
+def test_mesh_layout_and_rank_0s_groups(fake_world, dp_replicate, ep):
+    """Shape (R, dp_shard / ep, ep) over consecutive ranks; rank 0's ep group is ranks
+    0..ep-1, its efsdp group every ep-th rank of its replica, dp_shard its replica, dp all,
+    dp_replicate one rank per replica."""
+    dims = ParallelDims(WORLD, dp_replicate=dp_replicate, ep=ep)
+    mesh = dims.build_mesh("cpu")
+    shard = WORLD // dp_replicate
+    assert mesh.mesh_dim_names == ("dp_replicate", "efsdp", "ep")
+    assert mesh.mesh.tolist() == torch.arange(WORLD).reshape(dp_replicate, shard // ep, ep).tolist()
+    assert _ranks(submesh(mesh, "ep")) == list(range(ep))
+    assert _ranks(submesh(mesh, "efsdp")) == list(range(0, shard, ep))
+    assert _ranks(submesh(mesh, "dp_shard")) == list(range(shard))
+    assert _ranks(submesh(mesh, "dp")) == list(range(WORLD))
+    assert _ranks(submesh(mesh, "dp_replicate")) == list(range(0, WORLD, shard))
+
+
+def test_build_mesh_refuses_a_process_group_larger_than_world_size(fake_world):
+    with pytest.raises(ValueError, match=r"world_size \(4\) does not match the process "
+                                         r"group's size \(8\)"):
+        ParallelDims(4).build_mesh("cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(world_size=6, dp_replicate=4),
+     "parallel.dp_replicate (4) must divide the world size (6)"),
+    (dict(world_size=12, dp_replicate=2, ep=4),
+     "parallel.ep (4) must divide the world size (12) / parallel.dp_replicate (2) = 6"),
+])
+def test_degree_errors_give_the_degree_and_the_sizes(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        ParallelDims(**kwargs)
+    assert str(info.value) == message
+
+
+# ---- FSDP2 units per layout -------------------------------------------------------------
+
+def _parallelized(dims: ParallelDims, **kwargs) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    kwargs.setdefault("param_dtype", torch.float32)
+    return parallelize_model(model, dims, dims.build_mesh("cpu"), **kwargs)
+
+
+def _units(model) -> dict:
+    """name -> (mesh dim names, gradient divide factor, force sum reduction) per FSDP2 unit
+    that holds parameters."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                out[name] = (group.mesh_info.mesh.mesh_dim_names, group.gradient_divide_factor,
+                             group.force_sum_reduction_for_comms)
+    return out
+
+
+def _prefetch(model) -> list[list[str]]:
+    names = {id(m._get_fsdp_state()): n for n, m in model.named_modules()
+             if isinstance(m, FSDPModule)}
+    return [[names[id(s)] for s in block._get_fsdp_state()._states_to_forward_prefetch]
+            for block in model.layers]
+
+
+MOE_BLOCKS = [f"layers.{i}" for i in range(ARGS.n_dense_layers, ARGS.n_layers)]
+
+
+@pytest.mark.parametrize("dp_replicate, ep, expert_dims, force_sum", [
+    (1, 2, ("efsdp",), True),                         # efsdp 4: gloo sums, then divides
+    (2, 2, ("dp_replicate", "efsdp"), True),          # HSDP, efsdp 2
+    (2, 4, ("dp_replicate", "efsdp"), False),         # HSDP, efsdp 1: no reduce-scatter
+    (1, 1, ("efsdp",), False),                        # no EP: FSDP2's own average
+])
+def test_experts_unit_mesh_divide_factor_and_reduction(fake_world, dp_replicate, ep,
+                                                       expert_dims, force_sum):
+    """Experts shared by several ranks are their own FSDP2 unit over efsdp (x dp_replicate);
+    with ep > 1 it divides by the world size, and on gloo sums then divides where a
+    reduce-scatter runs (efsdp > 1). Dense units use dp_shard (x dp_replicate)."""
+    dims = ParallelDims(WORLD, dp_replicate=dp_replicate, ep=ep)
+    assert not experts_alone_on_their_ranks(dims)
+    model = _parallelized(dims)
+    units = _units(model)
+    dense_dims = ("dp_replicate", "dp_shard") if dp_replicate > 1 else ("dp_shard",)
+    for block in MOE_BLOCKS:
+        mesh_dims, factor, summed = units[f"{block}.moe.experts"]
+        assert mesh_dims == expert_dims
+        assert factor == (float(WORLD) if ep > 1 else None)
+        assert summed is force_sum
+        assert units[block][0] == dense_dims
+    assert units["tok_embeddings"][0] == dense_dims
+    assert all(b.moe.experts.grad_scale == 1.0 for b in model.layers if b.moe is not None)
+    # Each block prefetches the next and (no checkpointing) its experts, with ep > 1 only.
+    expected = [[f"layers.{i}", f"layers.{i}.moe.experts"] for i in range(1, ARGS.n_layers)] + [[]]
+    assert _prefetch(model) == (expected if ep > 1 else [[]] * ARGS.n_layers)
+
+
+def test_experts_alone_on_their_ranks_stay_outside_every_fsdp2_unit(fake_world):
+    """ep = world size: no unit holds the experts (they stay DTensors on the 1-D "ep" mesh),
+    their gradients are scaled by 1 / world size, and blocks prefetch only the next block."""
+    dims = ParallelDims(WORLD, ep=WORLD)
+    assert experts_alone_on_their_ranks(dims)
+    model = _parallelized(dims)
+    units = _units(model)
+    assert not any(name.endswith(".moe.experts") for name in units)
+    for moe in moe_layers(model):
+        assert moe.experts.grad_scale == 1.0 / WORLD
+        for name, param in moe.experts.named_parameters():
+            assert isinstance(param, DTensor), name
+            assert param.device_mesh.mesh_dim_names == ("ep",), name
+            assert param.placements == (Shard(0),), name
+        assert _ranks(submesh(dims.build_mesh("cpu"), "ep")) == \
+            dist.get_process_group_ranks(moe.dispatcher.group)
+    assert _prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
+
+
+@pytest.mark.parametrize("dp_replicate, ep, alone", [
+    (1, 1, False), (1, 8, True), (2, 4, False), (2, 2, False), (8, 1, False)])
+def test_experts_are_alone_only_without_replicas_and_efsdp_1(dp_replicate, ep, alone):
+    """With replicas an expert has copies on other ranks even when efsdp is 1."""
+    assert experts_alone_on_their_ranks(ParallelDims(WORLD, dp_replicate=dp_replicate, ep=ep)) \
+        is alone
+
+
+def test_with_ep_the_dispatcher_uses_the_ep_group_and_experts_shard_dim_0_on_ep(fake_world):
+    """HSDP 2 x EP 2 x efsdp 2: the all-to-all runs over rank 0's ep group (0, 1), not over
+    all ranks; expert weights are split on the expert dim over "ep", then FSDP2'd; with
+    activation checkpointing blocks prefetch only the next block."""
+    dims = ParallelDims(WORLD, dp_replicate=2, ep=2)
+    model = _parallelized(dims, ac_mode="full")
+    for moe in moe_layers(model):
+        assert dist.get_process_group_ranks(moe.dispatcher.group) == [0, 1]
+        w13 = moe.experts.w13
+        assert w13.device_mesh.mesh_dim_names == ("dp_replicate", "efsdp", "ep")
+        assert w13.placements[-1] == Shard(0) and w13.shape == (ARGS.n_experts,) + w13.shape[1:]
+    assert _prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
+
+
+def test_expert_placement_counts_local_experts_per_ep_rank():
+    """ep 4, efsdp 2 (8 ranks): 4 experts leave one per EP rank, which does not split over
+    2 efsdp ranks (Shard(1)); 8 experts leave two, which do (None: FSDP2's Shard(0))."""
+    dims = ParallelDims(WORLD, ep=4)
+    assert dims.efsdp == 2
+    place = _expert_placement(GroupedExperts(16, 32, 4), dims)
+    assert place is not None and place(None) == Shard(1)
+    assert _expert_placement(GroupedExperts(16, 32, 8), dims) is None
+
+
+# ---- apply_expert_parallel's checks -----------------------------------------------------
+
+def test_ep_not_dividing_n_experts_is_refused_before_any_layer_changes(fake_world):
+    dims = ParallelDims(WORLD, dp_replicate=2, ep=4)
+    ep_mesh = submesh(dims.build_mesh("cpu"), "ep")
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(ARGS, n_experts=6))
+    with pytest.raises(ValueError, match=r"parallel.ep \(4\) must divide model.n_experts \(6\)"):
+        apply_expert_parallel(model, ep_mesh)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    assert not any(type(m.dispatcher).__name__ == "AllToAllDispatcher" for m in moe_layers(model))
+
+
+def test_an_already_sharded_layer_is_named_by_its_moe_index(fake_world):
+    ep_mesh = submesh(ParallelDims(WORLD, ep=2).build_mesh("cpu"), "ep")
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    layers = moe_layers(model)
+    last = layers[-1].experts
+    last.w13 = torch.nn.Parameter(DTensor.from_local(last.w13.data, ep_mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=f"expert weight w13 of MoE layer {len(layers) - 1} is"):
+        apply_expert_parallel(model, ep_mesh)
+
+
+# ---- activation checkpointing -----------------------------------------------------------
+
+class _CountMatmuls(TorchDispatchMode):
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_full_recomputes_matmuls_in_backward_and_selective_keeps_them():
+    tokens = torch.randint(0, TINY.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for mode in ("none", "full", "selective"):
+        model = Transformer(TINY)
+        apply_activation_checkpointing(model.layers, mode)
+        loss = model(tokens).square().mean()
+        with _CountMatmuls() as count:
+            loss.backward()
+        counts[mode] = count.n
+    assert counts["none"] > 0
+    assert counts["full"] > counts["none"], counts
+    assert counts["selective"] == counts["none"], counts
+
+
+def test_applying_checkpointing_lets_profiler_annotations_pass_selective_checkpointing():
+    ignored = torch_checkpoint.SAC_IGNORED_OPS
+    annotations = {getattr(torch.ops.profiler, name).default for name in (
+        "_record_function_enter_new", "_record_function_exit")}
+    saved = set(ignored)
+    ignored.difference_update(annotations)
+    try:
+        apply_activation_checkpointing(Transformer(TINY).layers, "none")
+        assert not annotations & ignored   # "none" checkpoints nothing
+        apply_activation_checkpointing(Transformer(TINY).layers, "selective")
+        assert annotations <= ignored
+    finally:
+        ignored.clear()
+        ignored.update(saved)
