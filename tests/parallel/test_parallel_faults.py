@@ -12,8 +12,9 @@ meshes and FSDP2 units of real layouts are built without spawning ranks):
   their ranks (with grad_scale 1 / world size, and no unit holding their weights), the
   expert placements on the "ep" mesh, the dispatcher's group, and explicit prefetch;
 - the expert placement rule counts local experts per EP rank (ep and efsdp differ);
-- apply_expert_parallel refuses an ep that does not divide n_experts before changing any
-  layer, and names the right MoE layer;
+- apply_expert_parallel refuses, before changing any layer, an ep that does not divide
+  n_experts, a mesh whose ranks are in another order than its group's (on every rank,
+  when any rank finds it), and names the MoE layer already sharded;
 - activation checkpointing: "full" recomputes matmuls in backward, "selective" does not,
   and applying it puts the profiler annotation ops on torch's SAC ignore list.
 """
@@ -229,6 +230,41 @@ def test_an_already_sharded_layer_is_named_by_its_moe_index(fake_world):
     last.w13 = torch.nn.Parameter(DTensor.from_local(last.w13.data, ep_mesh, [Shard(0)]))
     with pytest.raises(ValueError, match=f"expert weight w13 of MoE layer {len(layers) - 1} is"):
         apply_expert_parallel(model, ep_mesh)
+
+
+def test_a_mesh_listing_its_ranks_in_another_order_than_its_group_is_refused(fake_world):
+    """Rank 0's ep mesh lists [1, 0] over the group {0, 1}: rank 0 would keep rank 1's
+    experts. Refused in its own words, before any layer changes."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    reversed_mesh = DeviceMesh("cpu", torch.tensor([1, 0]), mesh_dim_names=("ep",))
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    with pytest.raises(ValueError, match=r"ep_mesh lists ranks \[1, 0\], its process group \[0, 1\]"):
+        apply_expert_parallel(model, reversed_mesh)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def test_a_rank_whose_own_mesh_is_fine_still_raises_when_another_ranks_is_not(fake_world,
+                                                                              monkeypatch):
+    """The ranks agree (first_problem) on the rank-order check: rank 0 raises too when
+    another rank found a problem, instead of going on alone into the first all-to-all."""
+    from ep_fp8.parallel import expert_parallel
+
+    seen = []
+
+    def another_rank_failed(own: str) -> str:
+        seen.append(own)
+        return "ep_mesh lists ranks [3, 2], its process group [2, 3]: ..."
+
+    monkeypatch.setattr(expert_parallel, "first_problem", another_rank_failed)
+    ep_mesh = submesh(ParallelDims(WORLD, ep=2).build_mesh("cpu"), "ep")
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    with pytest.raises(ValueError, match="another rank's ep_mesh lists its ranks in another order"):
+        apply_expert_parallel(model, ep_mesh)
+    assert seen == [""]
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # ---- activation checkpointing -----------------------------------------------------------
