@@ -10,7 +10,10 @@ meshes and FSDP2 units of real layouts are built without spawning ranks):
 - the FSDP2 units parallelize_model builds per layout: the experts' mesh, gradient divide
   factor and sum-then-divide switch (gloo), experts left outside FSDP2 only when alone on
   their ranks (with grad_scale 1 / world size, and no unit holding their weights), the
-  expert placements on the "ep" mesh, the dispatcher's group, and explicit prefetch;
+  expert placements on the "ep" mesh (Shard(1) for one local expert), the dispatcher's
+  group, explicit prefetch, and which units cast their inputs;
+- parallelize_model refuses a mesh of another layout, a second call, and (on every rank)
+  an ep mesh whose order another rank found wrong;
 - the expert placement rule counts local experts per EP rank (ep and efsdp differ);
 - apply_expert_parallel refuses, before changing any layer, an ep that does not divide
   n_experts, a mesh whose ranks are in another order than its group's (on every rank,
@@ -196,6 +199,53 @@ def test_with_ep_the_dispatcher_uses_the_ep_group_and_experts_shard_dim_0_on_ep(
         assert w13.device_mesh.mesh_dim_names == ("dp_replicate", "efsdp", "ep")
         assert w13.placements[-1] == Shard(0) and w13.shape == (ARGS.n_experts,) + w13.shape[1:]
     assert _prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
+
+
+def test_only_the_experts_unit_leaves_its_inputs_uncast_and_one_expert_per_rank_shards_dim_1(
+        fake_world):
+    """ep 4 over 4 experts, efsdp 2: one local expert, split on dim 1 by FSDP2 (then on the
+    expert dim over "ep"); the experts' unit does not cast its inputs (a float8 payload
+    reaches them as it is), every other unit does."""
+    dims = ParallelDims(WORLD, ep=4)
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(ARGS, n_experts=4))
+    parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
+    for moe in moe_layers(model):
+        assert moe.experts.w13.placements == (Shard(1), Shard(0))
+    cast = {n: m._get_fsdp_state()._mp_policy.cast_forward_inputs
+            for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+    experts = {n for n in cast if n.endswith(".moe.experts")}
+    assert len(experts) == ARGS.n_layers - ARGS.n_dense_layers
+    assert not any(cast[n] for n in experts)
+    assert all(cast[n] for n in set(cast) - experts)
+
+
+def test_a_mesh_of_another_layout_and_a_second_call_are_refused(fake_world):
+    """A mesh built for ep 4 does not serve dims with ep 2 (gradients would be reduced over
+    the wrong groups); a parallelized model cannot be parallelized again."""
+    dims = ParallelDims(WORLD, ep=2)
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    with pytest.raises(ValueError, match=r"mesh has shape \(1, 2, 4\) .* need \(1, 4, 2\)"):
+        parallelize_model(model, dims, ParallelDims(WORLD, ep=4).build_mesh("cpu"))
+    parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
+    with pytest.raises(ValueError, match="already passed to parallelize_model"):
+        parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
+
+
+def test_parallelize_model_makes_the_ranks_agree_on_the_ep_mesh_order(fake_world, monkeypatch):
+    """With ep = 2 parallelize_model runs the collective rank-order check: another rank's
+    failure stops this rank too, before the model changes."""
+    from ep_fp8.parallel import expert_parallel
+
+    monkeypatch.setattr(expert_parallel, "first_problem", lambda own: "rank 3: reversed")
+    dims = ParallelDims(WORLD, ep=2)
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    with pytest.raises(ValueError, match="another rank's ep_mesh lists its ranks"):
+        parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    assert not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def test_expert_placement_counts_local_experts_per_ep_rank():
