@@ -160,6 +160,17 @@ def test_experts_unit_mesh_divide_factor_and_reduction(fake_world, dp_replicate,
     assert _prefetch(model) == (expected if ep > 1 else [[]] * ARGS.n_layers)
 
 
+def test_a_dense_next_block_is_prefetched_without_experts(fake_world):
+    """Two dense blocks first: block 0 names only block 1 (it has no experts), block 1
+    names block 2 and its experts."""
+    dims = ParallelDims(WORLD, ep=2)
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(ARGS, n_dense_layers=2))
+    parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
+    assert _prefetch(model) == [["layers.1"], ["layers.2", "layers.2.moe.experts"],
+                                ["layers.3", "layers.3.moe.experts"], []]
+
+
 def test_experts_alone_on_their_ranks_stay_outside_every_fsdp2_unit(fake_world):
     """ep = world size: no unit holds the experts (they stay DTensors on the 1-D "ep" mesh),
     their gradients are scaled by 1 / world size, and blocks prefetch only the next block."""
