@@ -11,7 +11,8 @@ meshes and FSDP2 units of real layouts are built without spawning ranks):
   factor and sum-then-divide switch (gloo), experts left outside FSDP2 only when alone on
   their ranks (with grad_scale 1 / world size, and no unit holding their weights), the
   expert placements on the "ep" mesh (Shard(1) for one local expert), the dispatcher's
-  group, explicit prefetch, and which units cast their inputs;
+  group, explicit prefetch, which units cast their inputs, and that every unit
+  computes in param_dtype and reduces in reduce_dtype;
 - parallelize_model refuses a mesh of another layout, a second call, and (on every rank)
   an ep mesh whose order another rank found wrong;
 - the expert placement rule counts local experts per EP rank (ep and efsdp differ);
@@ -229,6 +230,17 @@ def test_only_the_experts_unit_leaves_its_inputs_uncast_and_one_expert_per_rank_
     assert len(experts) == ARGS.n_layers - ARGS.n_dense_layers
     assert not any(cast[n] for n in experts)
     assert all(cast[n] for n in set(cast) - experts)
+
+
+def test_every_unit_computes_in_param_dtype_and_reduces_in_reduce_dtype(fake_world):
+    """bf16 compute with float32 gradient reduction reaches every FSDP2 unit, experts too."""
+    dims = ParallelDims(WORLD, ep=2)
+    model = _parallelized(dims, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policies = {n: m._get_fsdp_state()._mp_policy for n, m in model.named_modules()
+                if isinstance(m, FSDPModule)}
+    assert any(n.endswith(".moe.experts") for n in policies) and "layers.0" in policies
+    assert {(p.param_dtype, p.reduce_dtype) for p in policies.values()} == \
+        {(torch.bfloat16, torch.float32)}
 
 
 def test_a_mesh_of_another_layout_and_a_second_call_are_refused(fake_world):
