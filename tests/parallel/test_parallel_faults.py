@@ -13,8 +13,10 @@ meshes and FSDP2 units of real layouts are built without spawning ranks):
   expert placements on the "ep" mesh (Shard(1) for one local expert), the dispatcher's
   group, explicit prefetch, which units cast their inputs, and that every unit
   computes in param_dtype and reduces in reduce_dtype;
-- parallelize_model refuses a mesh of another layout, a second call, and (on every rank)
+- parallelize_model refuses a mesh of another layout or without the flattened "dp"
+  dim, a second call, and (on every rank)
   an ep mesh whose order another rank found wrong;
+- parallelize_model's dims must be a ParallelDims (TypeError otherwise);
 - the expert placement rule counts local experts per EP rank (ep and efsdp differ);
 - apply_expert_parallel refuses, before changing any layer, an ep that does not divide
   n_experts, a mesh whose ranks are in another order than its group's (on every rank,
@@ -256,6 +258,22 @@ def test_a_mesh_of_another_layout_and_a_second_call_are_refused(fake_world):
         parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
 
 
+def test_a_mesh_lacking_the_flattened_dp_dim_is_refused(fake_world):
+    """build_mesh adds both "dp_shard" and "dp" (all ranks); a mesh with only the first is
+    not one of its meshes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ep_fp8.parallel.dims import MESH_DIMS
+
+    dims = ParallelDims(WORLD, ep=2)
+    mesh = init_device_mesh("cpu", (1, 4, 2), mesh_dim_names=MESH_DIMS)
+    mesh["efsdp", "ep"]._flatten("dp_shard")
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    with pytest.raises(ValueError, match="mesh lacks the flattened 'dp_shard' and 'dp' dims"):
+        parallelize_model(model, dims, mesh)
+
+
 def test_parallelize_model_makes_the_ranks_agree_on_the_ep_mesh_order(fake_world, monkeypatch):
     """With ep = 2 parallelize_model runs the collective rank-order check: another rank's
     failure stops this rank too, before the model changes."""
@@ -383,3 +401,9 @@ def test_applying_checkpointing_lets_profiler_annotations_pass_selective_checkpo
     finally:
         ignored.clear()
         ignored.update(saved)
+
+
+@pytest.mark.parametrize("dims", [None, {"world_size": 2, "ep": 2}])
+def test_dims_other_than_parallel_dims_are_a_type_error(dims):
+    with pytest.raises(TypeError, match="dims must be ParallelDims, got"):
+        parallelize_model(Transformer(TINY), dims, None)
