@@ -10,13 +10,19 @@ the metrics records and the end-of-run summary (tokens/s per rank, MFU, memory, 
 imbalance, best losses, the peak table).
 """
 
-import dataclasses
+import json
 import os
 import re
+import types
 
 import pytest
+import torch
 
-from ep_fp8.train.config import SECTIONS, Config, section_fields
+from ep_fp8.train import metrics
+from ep_fp8.train.config import (SECTIONS, Config, ConfigError, load_config, read_config,
+                                 section_fields, to_toml)
+from ep_fp8.train.main import INTERRUPTED, USAGE, main, parse_cli
+from ep_fp8.train.metrics import MetricsLogger, format_line
 
 try:
     import tomllib
@@ -58,8 +64,6 @@ def test_every_default_is_the_one_docs_config_md_states():
 
 
 # --- types and overrides ---------------------------------------------------------------
-
-from ep_fp8.train.config import ConfigError, load_config, read_config, to_toml  # noqa: E402
 
 
 def _error(overrides, path=None, **kw):
@@ -153,14 +157,6 @@ def test_a_job_name_with_control_characters_is_written_as_toml_that_reads_back(t
 
 # --- metrics ---------------------------------------------------------------------------
 
-import json  # noqa: E402
-import types  # noqa: E402
-
-import torch  # noqa: E402
-
-from ep_fp8.train import metrics  # noqa: E402
-from ep_fp8.train.metrics import MetricsLogger, format_line  # noqa: E402
-
 
 def _logger(tmp_path, monkeypatch, **kw):
     clock = [0.0]
@@ -196,7 +192,7 @@ def test_records_and_summary_give_per_rank_throughput_mfu_and_imbalance(tmp_path
     assert first["mfu"] == pytest.approx(1e9 * 125.0 / 1e13)
     assert first["load_imbalance"] == pytest.approx(1.5) and second["load_imbalance"] == 4.0
     assert second["tokens_per_s"] == pytest.approx(2000.0) and second["time_s"] == 5.0
-    assert "mfu 1.2%" in lines[0] or "mfu" not in lines[0]
+    assert "tok/s 500 (125/rank)" in lines[0], lines[0]
     text = m.summary()
     # Steady throughput: the second window only (2000 tok/s, 500 per rank; MFU 5%).
     assert "throughput  2,000 tok/s  (500 per rank)  mfu 5.0% of 10 TFLOP/s bf16" in text, text
@@ -333,8 +329,6 @@ def test_without_jsonl_a_folder_named_metrics_jsonl_is_no_error(tmp_path):
 
 # --- the command line ----------------------------------------------------------------------
 
-from ep_fp8.train.main import INTERRUPTED, USAGE, main, parse_cli  # noqa: E402
-
 
 def test_a_bare_flag_before_another_override_is_an_error_not_its_value():
     with pytest.raises(ConfigError, match=r"'--float8.enabled' has no value"):
@@ -366,4 +360,47 @@ def test_a_missing_config_file_or_help_answer_without_starting(tmp_path, capsys)
     for flag in ("-h", "--help"):
         assert main([flag]) == 0
         assert USAGE in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outcome, code", [
+    ({"stopped": ""}, 0), ({"stopped": "stopped by SIGTERM after step 2"}, 0),
+    ({"stopped": "stopped by SIGINT after step 2"}, 130),
+    ("config", 2), ("nan", 1), ("interrupt", 130),
+])
+def test_main_exit_codes_follow_how_training_ended(tmp_path, monkeypatch, capsys, outcome, code):
+    from ep_fp8.train import loop
+    from ep_fp8.train import main as main_module
+
+    def train(cfg):
+        if outcome == "config":
+            raise ConfigError("bad data")
+        if outcome == "nan":
+            raise loop.NonFiniteLossError("loss is nan")
+        if outcome == "interrupt":
+            raise KeyboardInterrupt
+        return outcome
+
+    monkeypatch.setattr(loop, "train", train)
+    monkeypatch.setattr(loop, "say", lambda msg, stream=None: print(msg, file=stream))
+    monkeypatch.setattr(main_module, "init_distributed", lambda device_type: None)
+    monkeypatch.setattr(main_module.dist, "destroy_process_group", lambda: None)
     assert INTERRUPTED == 130
+    assert main(["--config", os.path.join(ROOT, "train_configs", "debug_model.toml"),
+                 f"--job.output_dir={tmp_path}", "--training.device=cpu"]) == code
+    err = capsys.readouterr().err
+    if outcome in ("config", "nan"):
+        assert {"config": "config error: bad data", "nan": "error: loss is nan"}[outcome] in err
+
+
+def test_a_token_file_needs_seq_len_plus_one_tokens(tmp_path):
+    from ep_fp8.train.token_file import write_token_file
+
+    (tmp_path / "a.txt").write_text("x" * 40)
+    out = str(tmp_path / "a.tokens")
+    tokens = write_token_file(str(tmp_path / "a.txt"), "text", "bytes", out,
+                              progress=lambda line: None)["tokens"]
+    base = ["--data.source=tokens", f"--data.path={out}", "--model.vocab_size=257",
+            f"--job.output_dir={tmp_path / 'out'}"]
+    load_config(None, base + [f"--training.seq_len={tokens - 1}"])
+    msg = _error(base + [f"--training.seq_len={tokens}"])
+    assert f"holds {tokens} tokens, fewer than [training] seq_len + 1 = {tokens + 1}" in msg, msg
