@@ -10,6 +10,7 @@ the metrics records and the end-of-run summary (tokens/s per rank, MFU, memory, 
 imbalance, best losses, the peak table).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -147,6 +148,15 @@ def test_errors_after_overrides_name_the_file_and_the_command_line(tmp_path):
     assert load_config(None).source == "<defaults>"
 
 
+def test_the_written_toml_keeps_the_model_preset_and_its_overrides(tmp_path):
+    cfg = read_config(None, ["--model.name=moe_1b", "--model.n_layers=2"])
+    path = tmp_path / "back.toml"
+    path.write_text(to_toml(cfg))
+    back = read_config(str(path))
+    assert back.model.name == "moe_1b" and back.model.overrides == {"n_layers": 2}
+    assert dataclasses.replace(back, source=cfg.source) == cfg
+
+
 def test_a_job_name_with_control_characters_is_written_as_toml_that_reads_back(tmp_path):
     cfg = read_config(None, ['--job.name="a\\u007fb\\u0001c\\td"'])
     assert cfg.job.name == "a\x7fb\x01c\td"
@@ -206,12 +216,15 @@ def test_records_and_summary_give_per_rank_throughput_mfu_and_imbalance(tmp_path
 
 def test_the_summary_names_the_best_validation_loss_and_the_gap_to_the_entropy(
         tmp_path, monkeypatch):
-    m, clock = _logger(tmp_path, monkeypatch, peak=0.0, steps=2, log_every=1)
+    printed = []
+    m, clock = _logger(tmp_path, monkeypatch, peak=0.0, steps=2, log_every=1,
+                       printer=printed.append)
     m.start("r", {}, resumed_step=0)
     for step in (1, 2):
         clock[0] = float(step)
         m.step(step, loss=2.0, grad_norm=1.0, lr=1e-3, load_imbalance=1.0)
         m.validation(step, {1: 1.5, 2: 1.75}[step])
+    assert printed[-1] == "step 2/2  val_loss 1.7500"
     text = m.summary(entropy=1.25)
     assert "validation  val_loss at step 2 1.7500  best 1.5000" in text, text
     assert "last loss is +0.7500 above it" in text, text
@@ -315,6 +328,14 @@ def test_more_blend_weights_than_blend_entries_is_an_error(tmp_path):
     assert "[data] blend_weights needs one weight per [data] blend entry: got 2 weight(s) for 1" in msg
 
 
+def test_data_path_and_blend_together_is_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    a = str(tmp_path / "a.txt")
+    msg = _error(["--data.source=text", f"--data.path={a}", f'--data.blend=["{a}"]',
+                  "--data.blend_weights=[1]", "--model.vocab_size=257"])
+    assert f"[data] path = {a!r} and [data] blend = [{a!r}] are both set" in msg, msg
+
+
 def test_without_run_folder_checks_an_unwritable_output_dir_passes(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -349,8 +370,15 @@ def test_check_reads_the_config_for_world_size_ranks_and_writes_nothing(tmp_path
     out = tmp_path / "out"
     path = tmp_path / "c.toml"
     path.write_text(f'[job]\noutput_dir = "{out}"\n[parallel]\ndp_replicate = 2\n')
+    from ep_fp8.train import main as main_module
+
+    def no_group(device_type):
+        raise AssertionError("--check started a process group")
+
+    monkeypatch.setattr(main_module, "init_distributed", no_group)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--check", "--config", str(path)]) == 0
+    assert main(["--config", str(path), "--check"]) == 0
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["--config", str(path), "--check"]) == 2
     assert "dp_replicate = 2 must divide the world size 3" in capsys.readouterr().err
