@@ -111,7 +111,7 @@ def _payload_bits_match(x, idx, exact_scales):
     same exact_scales) of the rows a bf16 payload delivers to the same grouped rows: the
     payload is quantized once, with the dispatcher's scale choice, and travels unchanged."""
     fp8 = AllToAllDispatcher(dist.group.WORLD, E, payload="float8", exact_scales=exact_scales)
-    hp = AllToAllDispatcher(dist.group.WORLD, E, payload="bf16")
+    hp = AllToAllDispatcher(None, E, payload="bf16")   # None: the default group, named or not
     with torch.no_grad():
         _, _, st = fp8.dispatch(x, idx)
         xg, _, st_hp = hp.dispatch(x, idx)
