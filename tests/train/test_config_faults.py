@@ -1,8 +1,7 @@
 """Config and metrics behaviours that a user sees but the other tests leave open.
 
-Covers: every default of every section equals the one docs/config.md states; the range
-checks at their exact boundaries (and non-finite values); bools and ints kept apart from
-floats and ints; list lengths of fixed-size keys; override parsing (values holding '=' or
+Covers: the range checks at their exact boundaries (and non-finite values); bools and
+ints kept apart from floats and ints; list lengths of fixed-size keys; override parsing (values holding '=' or
 '.', bare words for text keys, quoted numbers); the source named in errors; the TOML
 written for a run reading back; the checks across keys (world size, dp_replicate, ep,
 synthetic vocabulary, seq_len); `main`'s exit codes and `--check`; and the numbers in
@@ -13,55 +12,16 @@ imbalance, best losses, the peak table).
 import dataclasses
 import json
 import os
-import re
 import types
 
 import pytest
 import torch
 
 from ep_fp8.train import metrics
-from ep_fp8.train.config import (SECTIONS, Config, ConfigError, load_config, read_config,
-                                 section_fields, to_toml)
+from ep_fp8.train.config import ConfigError, load_config, read_config, to_toml
 from ep_fp8.train.main import INTERRUPTED, USAGE, main, parse_cli
 from ep_fp8.train.metrics import MetricsLogger, format_line
-
-try:
-    import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _documented_defaults():
-    """{(section, key): default} from the tables of docs/config.md."""
-    with open(os.path.join(ROOT, "docs", "config.md")) as f:
-        doc = f.read()
-    out = {}
-    for part in doc.split("\n## [")[1:]:
-        section = part.split("]", 1)[0]
-        for m in re.finditer(r"^\| `(\w+)` \| `([^`]*)` \|", part, re.M):
-            out[section, m.group(1)] = tomllib.loads(f"v = {m.group(2)}")["v"]
-    return out
-
-
-def test_every_default_is_the_one_docs_config_md_states():
-    documented = _documented_defaults()
-    cfg = Config()
-    wrong, missing = [], []
-    for section in SECTIONS:
-        for key in section_fields(section):
-            value = getattr(getattr(cfg, section), key)
-            if (section, key) not in documented:
-                missing.append(f"[{section}] {key}")
-                continue
-            want = documented[section, key]
-            got = list(value) if isinstance(value, tuple) else value
-            if got != want or type(got) is not type(want) and not (
-                    isinstance(got, float) and isinstance(want, int)):
-                wrong.append(f"[{section}] {key}: code {value!r}, docs {want!r}")
-    assert not missing, f"docs/config.md gives no default for {missing}"
-    assert not wrong, wrong
+from tests.train.test_config import ROOT
 
 
 # --- types and overrides ---------------------------------------------------------------

@@ -306,13 +306,17 @@ def _documented_defaults() -> dict:
 
 
 def test_the_defaults_are_the_ones_docs_config_md_states():
-    """Every section's default as docs/config.md's tables give it (a key left out of a
-    config keeps it, so a changed default changes users' runs silently)."""
+    """Every section's default as docs/config.md's tables give it, of the same TOML type
+    (an int documented for a float key aside: TOML reads 2 where the code holds 2.0); a key
+    left out of a config keeps it, so a changed default changes users' runs silently."""
     documented, actual = _documented_defaults(), to_dict(Config())   # [model]: its name only
     for section in SECTIONS:
         assert set(documented[section]) == set(actual[section]), section
         for key, value in documented[section].items():
-            assert actual[section][key] == value, (section, key, actual[section][key], value)
+            got = actual[section][key]
+            assert got == value, (section, key, got, value)
+            assert type(got) is type(value) or isinstance(got, float) and isinstance(value, int), \
+                (section, key, got, value)
 
 
 def test_override_values_that_toml_reads_otherwise_stay_text_for_text_keys():
