@@ -15,6 +15,7 @@ import torch
 
 from ep_fp8.moe import LocalDispatcher, MoE, Router
 from ep_fp8.moe.rows import gather_rows
+from tests.ops._helpers import saved_by
 
 B, S, D, H, E, K = 2, 6, 16, 32, 8, 2
 
@@ -177,19 +178,6 @@ def test_router_trains_when_the_routed_experts_are_frozen():
     torch.testing.assert_close(frozen.router.gate.weight.grad, moe.router.gate.weight.grad, rtol=1e-6, atol=0)
 
 
-def _saved_data_ptrs(fn):
-    """(fn's result, data_ptr of every tensor autograd saved for its backward)."""
-    ptrs = []
-
-    def pack(t):
-        ptrs.append(t.data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, ptrs
-
-
 def test_unweighted_gather_keeps_no_reference_to_its_rows_for_backward():
     """The rows are needed only for the weights' gradient: the unweighted gather (combine's
     regrouping under expert parallelism, on the largest activation of the layer) saves
@@ -197,11 +185,11 @@ def test_unweighted_gather_keeps_no_reference_to_its_rows_for_backward():
     gen = _gen(8)
     idx, fill = _layout(4, 1, 5, gen)
     rows = torch.randn(9, 6, generator=gen, requires_grad=True)
-    out, saved = _saved_data_ptrs(lambda: gather_rows(rows, idx, fill))
-    assert rows.data_ptr() not in saved
+    out, saved = saved_by(gather_rows, rows, idx, fill)
+    assert rows.data_ptr() not in [t.data_ptr() for t in saved]
     w = torch.rand(4, 1, generator=gen, requires_grad=True)
-    _, saved_w = _saved_data_ptrs(lambda: gather_rows(rows, idx, fill, w))
-    assert rows.data_ptr() in saved_w
+    _, saved_w = saved_by(gather_rows, rows, idx, fill, w)
+    assert rows.data_ptr() in [t.data_ptr() for t in saved_w]
     out.sum().backward()
     want = torch.zeros(9, 6).index_put_((idx.flatten(),), torch.ones(4, 6))
     assert torch.equal(rows.grad, want)

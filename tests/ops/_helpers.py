@@ -1,4 +1,4 @@
-"""Shared by the ops tests: float64 references and comparisons."""
+"""Shared by the ops tests (and others): float64 references, comparisons, what autograd saves."""
 
 import torch
 
@@ -39,3 +39,16 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.double(), ref.double()
     denom = ref.norm().item()
     return (a - ref).norm().item() / denom if denom else (a - ref).norm().item()
+
+
+def saved_by(fn, *args, **kw):
+    """(fn(*args, **kw), the tensors autograd saved for its backward, in order)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kw)
+    return out, saved

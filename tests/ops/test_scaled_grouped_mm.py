@@ -12,7 +12,7 @@ import torch
 
 from ep_fp8.ops import quant_ref as R
 from ep_fp8.ops import quantize_rows, resolve_backend, scaled_grouped_mm
-from tests.ops._helpers import grouped_mm_f64, offsets, rel_err
+from tests.ops._helpers import grouped_mm_f64, offsets, rel_err, saved_by
 
 E4M3_TOL = 0.06
 EXACT_TOL = 1e-5
@@ -206,9 +206,7 @@ def test_saved_for_backward_is_the_weight_itself_float8_copies_and_scales():
     x, w, w_t, offs, grad_out = _inputs(sizes, tail, K, N, torch.bfloat16, "gnk", seed=6)
     x.requires_grad_()
     w.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = scaled_grouped_mm(x, w.transpose(1, 2), offs, backend="emulated")
+    out, saved = saved_by(scaled_grouped_mm, x, w.transpose(1, 2), offs, backend="emulated")
     G = len(sizes)
     high = [t for t in saved if t.dtype == torch.bfloat16]
     # The weight, not a copy (under FSDP2 its storage is re-gathered for backward anyway);

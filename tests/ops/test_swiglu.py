@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ep_fp8.ops import swiglu, swiglu_packed
+from tests.ops._helpers import saved_by
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32: float32 arithmetic. bfloat16: one rounding of each output to bf16; the CPU
@@ -67,33 +68,20 @@ def test_non_contiguous_inputs_are_taken():
     _check(a.t(), b.t(), g.t(), "triton", TOL[torch.float32])
 
 
-def _saved_by(fn, *args, **kw):
-    """(fn's result, the tensors autograd saved for its backward)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kw)
-    return out, saved
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_only_a_and_b_are_kept_for_backward(backend):
     # Autograd on F.silu(a) * b keeps silu(a) too: one (rows, hidden) tensor more per layer.
     a, b = (torch.randn(8, 16, device=DEVICE, requires_grad=True) for _ in range(2))
-    _, saved = _saved_by(swiglu, a, b, backend=backend)
+    _, saved = saved_by(swiglu, a, b, backend=backend)
     assert sorted(t.data_ptr() for t in saved) == sorted((a.data_ptr(), b.data_ptr()))
-    _, saved = _saved_by(lambda: F.silu(a) * b)
+    _, saved = saved_by(lambda: F.silu(a) * b)
     assert len(saved) == 3  # what the fused op saves over
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_keeps_only_its_input_and_gives_one_gradient_tensor(backend):
     ab = torch.randn(8, 32, device=DEVICE, requires_grad=True)
-    h, saved = _saved_by(swiglu_packed, ab, backend=backend)
+    h, saved = saved_by(swiglu_packed, ab, backend=backend)
     assert [t.data_ptr() for t in saved] == [ab.data_ptr()] and h.shape == (8, 16)
     h.sum().backward()
     assert ab.grad.is_contiguous() and ab.grad.shape == ab.shape
