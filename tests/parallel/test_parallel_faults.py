@@ -41,6 +41,7 @@ from ep_fp8.parallel import ParallelDims, parallelize_model, submesh
 from ep_fp8.parallel.checkpointing import apply_activation_checkpointing
 from ep_fp8.parallel.expert_parallel import apply_expert_parallel, moe_layers
 from ep_fp8.parallel.parallelize import _expert_placement, experts_alone_on_their_ranks
+from tests.parallel._workers import forward_prefetch
 
 WORLD = 8
 ARGS = dataclasses.replace(PRESETS["debug"], max_seq_len=32)   # 4 layers, 1 dense, 8 experts
@@ -124,13 +125,6 @@ def _units(model) -> dict:
     return out
 
 
-def _prefetch(model) -> list[list[str]]:
-    names = {id(m._get_fsdp_state()): n for n, m in model.named_modules()
-             if isinstance(m, FSDPModule)}
-    return [[names[id(s)] for s in block._get_fsdp_state()._states_to_forward_prefetch]
-            for block in model.layers]
-
-
 MOE_BLOCKS = [f"layers.{i}" for i in range(ARGS.n_dense_layers, ARGS.n_layers)]
 
 
@@ -160,7 +154,7 @@ def test_experts_unit_mesh_divide_factor_and_reduction(fake_world, dp_replicate,
     assert all(b.moe.experts.grad_scale == 1.0 for b in model.layers if b.moe is not None)
     # Each block prefetches the next and (no checkpointing) its experts, with ep > 1 only.
     expected = [[f"layers.{i}", f"layers.{i}.moe.experts"] for i in range(1, ARGS.n_layers)] + [[]]
-    assert _prefetch(model) == (expected if ep > 1 else [[]] * ARGS.n_layers)
+    assert forward_prefetch(model) == (expected if ep > 1 else [[]] * ARGS.n_layers)
 
 
 def test_a_dense_next_block_is_prefetched_without_experts(fake_world):
@@ -170,7 +164,7 @@ def test_a_dense_next_block_is_prefetched_without_experts(fake_world):
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ARGS, n_dense_layers=2))
     parallelize_model(model, dims, dims.build_mesh("cpu"), param_dtype=torch.float32)
-    assert _prefetch(model) == [["layers.1"], ["layers.2", "layers.2.moe.experts"],
+    assert forward_prefetch(model) == [["layers.1"], ["layers.2", "layers.2.moe.experts"],
                                 ["layers.3", "layers.3.moe.experts"], []]
 
 
@@ -190,7 +184,7 @@ def test_experts_alone_on_their_ranks_stay_outside_every_fsdp2_unit(fake_world):
             assert param.placements == (Shard(0),), name
         assert _ranks(submesh(dims.build_mesh("cpu"), "ep")) == \
             dist.get_process_group_ranks(moe.dispatcher.group)
-    assert _prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
+    assert forward_prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
 
 
 @pytest.mark.parametrize("dp_replicate, ep, alone", [
@@ -212,7 +206,7 @@ def test_with_ep_the_dispatcher_uses_the_ep_group_and_experts_shard_dim_0_on_ep(
         w13 = moe.experts.w13
         assert w13.device_mesh.mesh_dim_names == ("dp_replicate", "efsdp", "ep")
         assert w13.placements[-1] == Shard(0) and w13.shape == (ARGS.n_experts,) + w13.shape[1:]
-    assert _prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
+    assert forward_prefetch(model) == [[f"layers.{i}"] for i in range(1, ARGS.n_layers)] + [[]]
 
 
 def test_only_the_experts_unit_leaves_its_inputs_uncast_and_one_expert_per_rank_shards_dim_1(
