@@ -1,18 +1,19 @@
 """Sample text from an exported model (python -m ep_fp8.train.export).
 
     python -m ep_fp8.generate model.pt --prompt "def fib(n):" [--max-new-tokens 200]
-        [--temperature 0.8] [--top-k 50] [--seed 0] [--device auto] [--no-cuda-graph]
+        [--temperature 0.8] [--top-k 50] [--samples 1] [--seed 0] [--device auto]
+        [--no-cuda-graph]
 
 Encodes the prompt with the tokenizer the run trained with (or --tokenizer), samples one
-token at a time and prints the prompt and its continuation; it stops early at the
-tokenizer's end-of-document token. A model trained on synthetic data has no tokenizer:
-give --prompt-ids 1,2,3 and read token ids back. The prompt runs through the model once
+token at a time and prints the prompt and its continuation; a continuation stops early at
+the tokenizer's end-of-document token. --samples N draws N continuations of the prompt
+at once, as one batch (generate_samples). A model trained on synthetic data has no
+tokenizer: give --prompt-ids 1,2,3 and read token ids back. The prompt runs through the model once
 and each new token then costs one position, with a key-value cache
 (ep_fp8.model.KVCache), as long as the context fits in max_seq_len tokens; on a GPU
 that step is one CUDA graph replay (StepDecoder). Past max_seq_len, each new token runs
-the model over the last max_seq_len tokens again (see generate). One
-sequence at a time, on the model as exported: fine for checking what a run learned, not
-a serving path.
+the model over the last max_seq_len tokens again (see generate). One prompt at a time,
+on the model as exported: fine for checking what a run learned, not a serving path.
 """
 
 from __future__ import annotations
@@ -33,36 +34,38 @@ _DECODING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 class StepDecoder:
     """One decoding step of `model` at a time, past the positions `cache` (a KVCache of
-    batch size 1) holds: `decoder(token)` returns the logits (vocab_size,) float32 of
-    `token` at position cache.length and advances cache.length by one.
+    B sequences) holds: `decoder(tokens)` takes each sequence's next token (an int when
+    B is 1, else a sequence of B ints) at position cache.length, returns their logits
+    (B, vocab_size) float32 and advances cache.length by one.
 
-    The token and the position go into tensors on the device and the step runs
-    `model(token, cache=cache.at(position))` (ep_fp8.model.StepCache): the same kernels
+    The tokens and the position go into tensors on the device and the step runs
+    `model(tokens, cache=cache.at(position))` (ep_fp8.model.StepCache): the same kernels
     on the same tensors at every position. With `capture` (CUDA only) that step is
     captured once in a CUDA graph and each call replays it: one launch instead of several
     hundred, which is what an eager step of a small batch costs on the host. Without
     it the step runs eagerly (the same arithmetic). The returned logits live in the
     graph's memory: read them before the next call. Inference only: call under
-    torch.no_grad. Raises ValueError when `cache` is not a KVCache of batch size 1, or
-    `capture` is asked off a CUDA device; a call, ValueError when the cache is full.
+    torch.no_grad. Raises ValueError when `cache` is not a KVCache, or `capture` is asked
+    off a CUDA device; a call, ValueError when the cache is full or the tokens are not
+    one per sequence.
     """
 
     def __init__(self, model, cache, *, capture: bool) -> None:
         from ep_fp8.model.cache import KVCache
 
-        if not isinstance(cache, KVCache) or cache.batch_size != 1:
-            raise ValueError("StepDecoder takes a KVCache of batch size 1")
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"StepDecoder takes a KVCache, got {type(cache).__name__}")
         if capture and cache.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the model on a CUDA device, not {cache.device}")
         self.model, self.cache, self.graph = model, cache, None
-        self.token = torch.zeros((1, 1), dtype=torch.int64, device=cache.device)
+        self.tokens = torch.zeros((cache.batch_size, 1), dtype=torch.int64, device=cache.device)
         self.position = torch.zeros((), dtype=torch.int64, device=cache.device)
         self.step = cache.at(self.position)
         if capture:
             self._capture()
 
     def _run(self) -> torch.Tensor:
-        return self.model(self.token, cache=self.step)[0, -1]
+        return self.model(self.tokens, cache=self.step)[:, -1]
 
     def _capture(self) -> None:
         # The warm-up and the capture write keys and values at the slot of position
@@ -79,11 +82,17 @@ class StepDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
 
-    def __call__(self, token: int) -> torch.Tensor:
+    def __call__(self, tokens: int | list[int]) -> torch.Tensor:
         if self.cache.length >= self.cache.max_len:
             raise ValueError(f"position {self.cache.length} is past the cache's size "
                              f"({self.cache.max_len} positions)")
-        self.token.fill_(token)
+        B = self.cache.batch_size
+        if isinstance(tokens, int) and B == 1:
+            self.tokens.fill_(tokens)
+        elif not isinstance(tokens, int) and len(tokens) == B:
+            self.tokens.copy_(torch.tensor(tokens, dtype=torch.int64).view(B, 1))
+        else:
+            raise ValueError(f"a step takes one token per sequence ({B}), got {tokens!r}")
         self.position.fill_(self.cache.length)
         if self.graph is None:
             logits = self._run()
@@ -141,7 +150,6 @@ def _step_decoder(model, cache, cuda_graph: bool) -> StepDecoder | None:
         return None
 
 
-@torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, allowed: int | None = None, stop: int | None = None,
              generator: torch.Generator | None = None, cuda_graph: bool = True) -> list[int]:
@@ -166,7 +174,23 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     With `cuda_graph`, where graph_problem() allows (a GPU; MoE layers in bf16 on SM90 or
     SM100), the one-position steps while the context fits run as one CUDA graph
     (StepDecoder), captured before the prompt's forward: the same logits up to rounding,
-    at a fraction of an eager step's host time."""
+    at a fraction of an eager step's host time. It is generate_samples() with one sample."""
+    return generate_samples(model, prompt, max_new_tokens, 1, temperature=temperature,
+                            top_k=top_k, allowed=allowed, stop=stop, generator=generator,
+                            cuda_graph=cuda_graph)[0]
+
+
+@torch.no_grad()
+def generate_samples(model, prompt: list[int], max_new_tokens: int, samples: int, *,
+                     temperature: float = 1.0, top_k: int = 0, allowed: int | None = None,
+                     stop: int | None = None, generator: torch.Generator | None = None,
+                     cuda_graph: bool = True) -> list[list[int]]:
+    """`samples` continuations of `prompt`, drawn as one batch of that many sequences, each
+    as generate() draws its one: from its own sequence's logits (the rows of a batch do not
+    mix in the model), one draw per sequence per step from `generator` (sample_next). A
+    sequence ends after `stop`; the batch runs until every sequence has ended or has
+    `max_new_tokens`. One sample is generate()'s continuation. Raises what generate()
+    raises, and ValueError when `samples` is not an int >= 1."""
     vocab, window = model.args.vocab_size, model.args.max_seq_len
     if not prompt:
         raise ValueError("the prompt holds no token")
@@ -177,52 +201,61 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
                          f"top_k ({top_k}) must be >= 0")
     if allowed is not None and not (isinstance(allowed, int) and allowed >= 1):
         raise ValueError(f"allowed must be None or an int >= 1, got {allowed!r}")
+    if not (isinstance(samples, int) and samples >= 1):
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     allowed = vocab if allowed is None else min(allowed, vocab)
     from ep_fp8.model.cache import KVCache
 
     device = next(model.parameters()).device
-    context = list(prompt[-window:])                    # the last `window` tokens
+    context = list(prompt[-window:])            # the last `window` tokens, alike in every sequence
     # Room for every position this call can reach, at most the window.
-    cache = KVCache.for_model(model, 1, max_len=min(window, len(context) + max_new_tokens))
-    pending = context                                   # what the cache has not seen yet
+    cache = KVCache.for_model(model, samples, max_len=min(window, len(context) + max_new_tokens))
+    pending = [context] * samples               # what the cache has not seen yet, per sequence
     steps = None        # runs the one-position steps while the context fits, if not None
     if max_new_tokens > 1 and len(context) < window:
         with sdpa_kernel(_DECODING_ATTENTION):
             steps = _step_decoder(model, cache, cuda_graph)
-    new: list[int] = []
+    drawn: list[list[int]] = [[] for _ in range(samples)]    # every sequence's tokens
+    ended = [False] * samples                   # drew `stop`: later draws are not kept
+    kept = [0] * samples                        # how many of drawn[i] are its continuation
     for _ in range(max_new_tokens):
         with sdpa_kernel(_DECODING_ATTENTION):
             if steps is not None and cache.length > 0:   # one position after cached ones
-                logits = steps(pending[0])
+                logits = steps([p[0] for p in pending])
             else:
-                ids = torch.tensor([pending], dtype=torch.int64, device=device)
-                logits = model(ids, cache=cache)[0, -1]
-        token = sample_next(logits, temperature, top_k, allowed, generator)
-        new.append(token)
-        if token == stop:
+                ids = torch.tensor(pending, dtype=torch.int64, device=device)
+                logits = model(ids, cache=cache)[:, -1]
+        tokens = sample_next(logits, temperature, top_k, allowed, generator)
+        for i, token in enumerate(tokens):
+            drawn[i].append(token)
+            if not ended[i]:
+                kept[i] += 1
+                ended[i] = token == stop
+        if all(ended):
             break
-        context = (context + [token])[-window:]
+        # An ended sequence goes on with the batch (its shape is fixed); its draws are dropped.
         if cache.length < window:
-            pending = [token]
+            pending = [[t] for t in tokens]
         else:                   # full: the window slides, every position moves
             cache.reset()
-            pending = context
-    return new
+            pending = [(context + d)[-window:] for d in drawn]
+    return [d[:k] for d, k in zip(drawn, kept)]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, allowed: int,
-                generator: torch.Generator | None = None) -> int:
-    """One token id drawn from the 1-D `logits`: ids below `allowed` only, then the `top_k`
-    largest of those (0: all; ties at the k-th value are kept), then softmax(logits /
-    `temperature`); `temperature` 0 takes the largest."""
-    logits = logits[:allowed].float()
+                generator: torch.Generator | None = None) -> int | list[int]:
+    """Token ids drawn from `logits`: an int from a 1-D (vocab,) tensor, one per row (a
+    list) from a (B, vocab) one. Ids below `allowed` only, then the `top_k` largest of
+    those (0: all; ties at the k-th value are kept), then softmax(logits / `temperature`);
+    `temperature` 0 takes the largest."""
+    logits = logits[..., :allowed].float()
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(-1).tolist()
     logits = logits / temperature
     if 0 < top_k < allowed:
-        kth = logits.topk(top_k).values[-1]
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1).tolist()
 
 
 def _device(name: str) -> torch.device:
@@ -257,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: the most likely token")
     parser.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="continuations to draw, as one batch (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     parser.add_argument("--no-cuda-graph", action="store_true",
@@ -265,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="'bytes' or a tokenizer.json (default: the run's)")
     ns = parser.parse_args(argv)
     try:
+        if ns.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {ns.samples}")
         device = _device(ns.device)
         model, meta = load_exported(ns.model, device)
         tok = exported_tokenizer(meta, ns.tokenizer)
@@ -287,17 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         if not ns.no_cuda_graph and device.type == "cuda" and (note := _graph_note(model, device)):
             print(note, file=sys.stderr)
         generator = torch.Generator(device=device).manual_seed(ns.seed)
-        new = generate(model, ids, ns.max_new_tokens, temperature=ns.temperature,
-                       top_k=ns.top_k, allowed=tok.vocab_size if tok else None,
-                       stop=tok.eos_id if tok else None, generator=generator,
-                       cuda_graph=not ns.no_cuda_graph)
+        drawn = generate_samples(model, ids, ns.max_new_tokens, ns.samples,
+                                 temperature=ns.temperature, top_k=ns.top_k,
+                                 allowed=tok.vocab_size if tok else None,
+                                 stop=tok.eos_id if tok else None, generator=generator,
+                                 cuda_graph=not ns.no_cuda_graph)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if tok is None:
-        print(",".join(map(str, ids + new)))
-    else:
-        print(tok.decode(ids + [t for t in new if t != tok.eos_id]))
+    for i, new in enumerate(drawn):
+        if ns.samples > 1:
+            print(f"--- sample {i + 1} of {ns.samples} ---")
+        if tok is None:
+            print(",".join(map(str, ids + new)))
+        else:
+            print(tok.decode(ids + [t for t in new if t != tok.eos_id]))
     return 0
 
 

@@ -7,7 +7,8 @@
 Builds the preset with random weights (seed 0) in --dtype on --device, then for each
 decoding mode draws --new-tokens greedy tokens after a prompt of --prompt-len random ids,
 --repeats times, and reports the median tokens per second of the whole call (the prompt's
-forward and, with the graph, its capture included). Modes: `graph` (generate's default on
+forward and, with the graph, its capture included); with --samples N each call draws N
+continuations as one batch (generate_samples) and the rate counts all of their tokens. Modes: `graph` (generate's default on
 a GPU: each one-position step one CUDA graph replay) and `eager` (cuda_graph=False: the
 same cached steps launched one kernel at a time); no `graph` where generate() would not
 capture the step (ep_fp8.generate.graph_problem: MoE layers outside bf16 on SM90 or
@@ -31,7 +32,7 @@ import torch
 
 from torch.nn.attention import sdpa_kernel
 
-from ep_fp8.generate import _DECODING_ATTENTION, StepDecoder, _device, generate, graph_problem
+from ep_fp8.generate import _DECODING_ATTENTION, StepDecoder, _device, generate_samples, graph_problem
 from ep_fp8.model import PRESETS, KVCache, Transformer
 from ep_fp8.paths import output_path_problem
 
@@ -44,20 +45,25 @@ def _sync(device: torch.device) -> None:
 
 
 def time_mode(model, prompt: list[int], new_tokens: int, cuda_graph: bool,
-              repeats: int) -> tuple[float, list[int]]:
-    """(median tokens/s of `repeats` calls after one warm-up call, the tokens drawn)."""
+              repeats: int, samples: int = 1) -> tuple[float, list[int]]:
+    """(median tokens/s of `repeats` calls after one warm-up call, counting the tokens of
+    all `samples` sequences, the first sequence's tokens)."""
     device = next(model.parameters()).device
-    tokens = generate(model, prompt, new_tokens, temperature=0, cuda_graph=cuda_graph)
+
+    def call():
+        return generate_samples(model, prompt, new_tokens, samples, temperature=0,
+                                cuda_graph=cuda_graph)
+    drawn = call()
     rates = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        again = generate(model, prompt, new_tokens, temperature=0, cuda_graph=cuda_graph)
+        again = call()
         _sync(device)
-        rates.append(len(again) / (time.perf_counter() - start))
-        if again != tokens:
+        rates.append(sum(map(len, again)) / (time.perf_counter() - start))
+        if again != drawn:
             raise RuntimeError("greedy decoding drew different tokens from one call to the next")
-    return statistics.median(rates), tokens
+    return statistics.median(rates), drawn[0]
 
 
 def decoding_modes(model, device: torch.device) -> tuple[dict[str, bool], str]:
@@ -86,7 +92,7 @@ def first_step_logits(model, prompt: list[int]) -> dict:
         model(ids, cache=eager)
         model(ids, cache=graphed)
         want = model(ids[:, -1:], cache=eager)[0, -1]
-        got = steps(prompt[-1])
+        got = steps(prompt[-1])[0]
     top2 = want.topk(2).values
     return {"max_abs_diff": float((got - want).abs().max()),
             "spread": float(want.max() - want.min()), "top2_gap": float(top2[0] - top2[1])}
@@ -100,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=1,
+                        help="sequences decoded together, as one batch")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     ns = parser.parse_args(argv)
     if ns.out and (problem := output_path_problem(ns.out)):
         parser.error(f"--out: {problem}")
-    if min(ns.prompt_len, ns.new_tokens, ns.repeats) < 1:
-        parser.error("--prompt-len, --new-tokens and --repeats must be >= 1")
+    if min(ns.prompt_len, ns.new_tokens, ns.repeats, ns.samples) < 1:
+        parser.error("--prompt-len, --new-tokens, --repeats and --samples must be >= 1")
     try:
         device = _device(ns.device)
     except ValueError as e:
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {skipped}", flush=True)
     results = {}
     for name, graph in modes.items():
-        rate, tokens = time_mode(model, prompt, ns.new_tokens, graph, ns.repeats)
+        rate, tokens = time_mode(model, prompt, ns.new_tokens, graph, ns.repeats, ns.samples)
         results[name] = {"tokens_per_s": rate, "tokens": tokens}
         print(f"{name:>6}: {rate:8.1f} tokens/s", flush=True)
     agree = len({tuple(r["tokens"]) for r in results.values()}) == 1
@@ -137,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(eager spread {first['spread']:.3g}, top-2 gap {first['top2_gap']:.3g})")
     record = {
         "model": ns.model, "dtype": ns.dtype, "prompt_len": ns.prompt_len,
-        "new_tokens": ns.new_tokens, "repeats": ns.repeats, "tokens_agree": agree,
+        "new_tokens": ns.new_tokens, "repeats": ns.repeats, "samples": ns.samples,
+        "tokens_agree": agree,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -99,9 +99,7 @@ def test_a_step_cache_that_does_not_fit_is_refused_naming_why():
 
 def test_a_step_decoder_is_refused_what_it_cannot_run():
     model = _model()
-    with pytest.raises(ValueError, match="a KVCache of batch size 1"):
-        StepDecoder(model, KVCache.for_model(model, 2), capture=False)
-    with pytest.raises(ValueError, match="a KVCache of batch size 1"):
+    with pytest.raises(ValueError, match="StepDecoder takes a KVCache, got dict"):
         StepDecoder(model, {}, capture=False)
     with pytest.raises(ValueError, match="needs the model on a CUDA device, not cpu"):
         StepDecoder(model, KVCache.for_model(model, 1), capture=True)
@@ -109,10 +107,37 @@ def test_a_step_decoder_is_refused_what_it_cannot_run():
     steps = StepDecoder(model, cache, capture=False)
     with torch.no_grad():
         model(_tokens(1, 3), cache=cache)
-        steps(5)
+        with pytest.raises(ValueError, match=r"one token per sequence \(1\), got \[5, 6\]"):
+            steps([5, 6])
+        assert cache.length == 3
+        assert steps([5]).shape == (1, TINY.vocab_size)
         with pytest.raises(ValueError, match=r"position 4 is past the cache's size \(4 positions\)"):
             steps(6)
     assert cache.length == 4
+    two = StepDecoder(model, KVCache.for_model(model, 2), capture=False)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"one token per sequence \(2\), got 5"):
+        two(5)                  # an int stands for the one sequence of a batch of one only
+
+
+def test_a_batch_step_decoder_gives_each_sequence_the_logits_of_its_own_cached_forward():
+    model = _model()
+    tokens = _tokens(3, 12, seed=11)
+    batch = KVCache.for_model(model, 3)
+    alone = [KVCache.for_model(model, 1) for _ in range(3)]
+    steps = StepDecoder(model, batch, capture=False)
+    with torch.no_grad():
+        model(tokens[:, :4], cache=batch)
+        for i, cache in enumerate(alone):
+            model(tokens[i:i + 1, :4], cache=cache)
+        for t in range(4, 12):
+            got = steps(tokens[:, t].tolist())
+            assert got.shape == (3, TINY.vocab_size)
+            for i, cache in enumerate(alone):
+                want = model(tokens[i:i + 1, t:t + 1], cache=cache)[0, -1]
+                torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)   # float32
+        assert batch.length == 12
+        # Not vacuous: the three sequences' logits differ.
+        assert (got[0] - got[1]).abs().max() > 1e-2 and (got[1] - got[2]).abs().max() > 1e-2
 
 
 def test_no_graph_is_captured_off_a_gpu():
@@ -195,7 +220,7 @@ def test_on_the_gpu_captured_steps_give_the_eager_cached_logits_and_tokens(args,
         model(tokens[:, :4], cache=graphed)
         for i in range(4, 16):
             want = model(tokens[:, i:i + 1], cache=eager)[0, -1]
-            got = steps(int(tokens[0, i])).clone()
+            got = steps(int(tokens[0, i]))[0].clone()
             torch.testing.assert_close(got, want, rtol=0, atol=atol)
         assert graphed.length == 16
     if dtype == torch.float32:

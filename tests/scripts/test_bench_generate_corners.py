@@ -24,15 +24,27 @@ def fake_clock(durations):
 
 
 def test_the_rate_is_the_median_of_the_calls_in_tokens_per_second(bench, monkeypatch):
-    monkeypatch.setattr(bench, "generate", lambda *a, **k: [7, 8, 9, 10])
+    monkeypatch.setattr(bench, "generate_samples", lambda *a, **k: [[7, 8, 9, 10]])
     monkeypatch.setattr(bench, "time", fake_clock([0.5, 2.0, 1.0]))
     rate, tokens = bench.time_mode(torch.nn.Linear(1, 1), [1, 2], 4, False, repeats=3)
     assert tokens == [7, 8, 9, 10] and rate == pytest.approx(4.0)   # of 8, 2 and 4 tokens/s
 
 
+def test_the_rate_of_a_batch_counts_every_samples_tokens(bench, monkeypatch):
+    asked = []
+
+    def fake(model, prompt, new_tokens, samples, **kwargs):
+        asked.append(samples)
+        return [[7, 8, 9], [7, 8, 9], [7, 8]]    # the third ended early
+    monkeypatch.setattr(bench, "generate_samples", fake)
+    monkeypatch.setattr(bench, "time", fake_clock([2.0]))
+    rate, tokens = bench.time_mode(torch.nn.Linear(1, 1), [1, 2], 3, False, repeats=1, samples=3)
+    assert asked == [3, 3] and tokens == [7, 8, 9] and rate == pytest.approx(4.0)   # 8 tokens in 2 s
+
+
 def test_calls_that_draw_other_tokens_are_an_error(bench, monkeypatch):
-    draws = iter([[1, 2], [1, 2], [1, 3]])
-    monkeypatch.setattr(bench, "generate", lambda *a, **k: next(draws))
+    draws = iter([[[1, 2]], [[1, 2]], [[1, 3]]])
+    monkeypatch.setattr(bench, "generate_samples", lambda *a, **k: next(draws))
     monkeypatch.setattr(bench, "time", fake_clock([1.0, 1.0]))
     with pytest.raises(RuntimeError, match="drew different tokens"):
         bench.time_mode(torch.nn.Linear(1, 1), [1, 2], 2, False, repeats=2)
@@ -44,8 +56,8 @@ def measured(bench, monkeypatch):
     of each call."""
     calls = []
 
-    def time_mode(model, prompt, new_tokens, cuda_graph, repeats):
-        calls.append((next(model.parameters()).dtype, len(prompt), new_tokens, repeats))
+    def time_mode(model, prompt, new_tokens, cuda_graph, repeats, samples):
+        calls.append((next(model.parameters()).dtype, len(prompt), new_tokens, repeats, samples))
         return 12.5, [1] * new_tokens
 
     monkeypatch.setattr(bench, "time_mode", time_mode)
@@ -57,16 +69,18 @@ def test_the_record_holds_the_settings_measured(bench, measured, tmp_path, dtype
     out = tmp_path / "b.json"
     # 250 + 6 fills the debug model's max_seq_len (256) exactly: allowed.
     assert bench.main(["--model", "debug", "--device", "cpu", "--dtype", dtype, "--prompt-len",
-                       "250", "--new-tokens", "6", "--repeats", "2", "--out", str(out)]) == 0
-    assert measured == [(getattr(torch, dtype), 250, 6, 2)]
+                       "250", "--new-tokens", "6", "--repeats", "2", "--samples", "4",
+                       "--out", str(out)]) == 0
+    assert measured == [(getattr(torch, dtype), 250, 6, 2, 4)]
     record = json.loads(out.read_text())
-    assert (record["dtype"], record["prompt_len"], record["new_tokens"], record["repeats"]) == \
-        (dtype, 250, 6, 2)
+    assert (record["dtype"], record["prompt_len"], record["new_tokens"], record["repeats"],
+            record["samples"]) == (dtype, 250, 6, 2, 4)
     assert record["results"] == {"eager": {"tokens_per_s": 12.5}}
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--repeats", "0"], "must be >= 1"),
+    (["--samples", "0"], "--repeats and --samples must be >= 1"),
     (["--out", __file__ + "/b.json"], f"{__file__!r} is a file, not a folder"),
 ])
 def test_options_that_cannot_work_are_refused_before_measuring(bench, measured, capsys, argv, message):

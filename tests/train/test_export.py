@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from ep_fp8.generate import generate, main as generate_main, sample_next
+from ep_fp8.generate import generate, generate_samples, main as generate_main, sample_next
 from ep_fp8.model import PRESETS, ModelArgs, Transformer
 from ep_fp8.train import export
 from ep_fp8.train.export import export_model, find_checkpoint, load_exported
@@ -389,6 +389,24 @@ def test_the_seed_fixes_the_sample_and_bad_settings_are_refused():
                             (dict(max_new_tokens=-1), "must be >= 0")):
         with pytest.raises(ValueError, match=message):
             generate(model, **{"prompt": [1], "max_new_tokens": 2, **kwargs})
+
+
+def test_the_command_line_prints_each_of_several_samples(run, tmp_path, capsys):
+    export_model(str(run), str(tmp_path / "m.pt"), progress=_quiet)
+    assert generate_main([str(tmp_path / "m.pt"), "--prompt", "def f(", "--max-new-tokens", "6",
+                          "--samples", "3", "--seed", "7", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    model, _ = load_exported(str(tmp_path / "m.pt"))
+    prompt = list(b"def f(")
+    drawn = generate_samples(model, prompt, 6, 3, temperature=0.8, top_k=50, allowed=257,
+                             stop=256, generator=torch.Generator().manual_seed(7))
+    assert printed == "".join(
+        f"--- sample {i + 1} of 3 ---\n"
+        + bytes(prompt + [t for t in new if t < 256]).decode("utf-8", "replace") + "\n"
+        for i, new in enumerate(drawn))
+    assert len(set(map(tuple, drawn))) > 1
+    assert generate_main([str(tmp_path / "m.pt"), "--prompt", "a", "--samples", "0"]) == 2
+    assert "--samples must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_the_command_line_continues_a_prompt_with_the_runs_tokenizer(run, tmp_path, capsys,
