@@ -8,8 +8,8 @@ Encodes the prompt with the tokenizer the run trained with (or --tokenizer), sam
 token at a time and prints the prompt and its continuation; a continuation stops early at
 the tokenizer's end-of-document token. --samples N draws N continuations of the prompt
 at once, as one batch (generate_samples). A model trained on synthetic data has no
-tokenizer: give --prompt-ids 1,2,3 and read token ids back. The prompt runs through the model once
-and each new token then costs one position, with a key-value cache
+tokenizer: give --prompt-ids 1,2,3 and read token ids back. The prompt runs through the
+model once and each new token then costs one position, with a key-value cache
 (ep_fp8.model.KVCache), as long as the context fits in max_seq_len tokens; on a GPU
 that step is one CUDA graph replay (StepDecoder). Past max_seq_len, each new token runs
 the model over the last max_seq_len tokens again (see generate). One prompt at a time,
