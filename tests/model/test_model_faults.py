@@ -19,8 +19,7 @@ from ep_fp8.model import PRESETS, RMSNorm, Transformer, param_counts
 from ep_fp8.model.init import init_weights_
 from ep_fp8.ops import swiglu, swiglu_packed
 from tests.model.test_model import TINY, _tokens
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._paths import ROOT
 
 
 def _scaled(model, factor=4.0):
@@ -164,7 +163,7 @@ def test_the_moe_1b_preset_is_the_model_of_the_recorded_runs():
     """docs/runs/*moe_1b*.jsonl begin with the config their run used: the moe_1b preset
     with the data's vocabulary."""
     preset = dataclasses.asdict(PRESETS["moe_1b"])
-    runs = sorted(glob.glob(os.path.join(REPO, "docs", "runs", "*moe_1b*.jsonl")))
+    runs = sorted(glob.glob(os.path.join(ROOT, "docs", "runs", "*moe_1b*.jsonl")))
     assert runs
     for path in runs:
         with open(path) as f:

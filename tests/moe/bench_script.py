@@ -2,9 +2,9 @@
 
 import importlib.util
 import sys
-from pathlib import Path
+from tests._paths import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_dispatch.py"
+SCRIPT = ROOT / "scripts" / "bench_dispatch.py"
 
 
 def load_bench_dispatch():

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from ep_fp8.ops import kernel_choice
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._paths import ROOT
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("0", False), ("false", False),
@@ -44,6 +43,6 @@ for exact in (False, True):
 def test_kernels_under_triton_interpret_true_match_the_reference_bit_for_bit():
     # The interpreter's own float8 cast rounds some values wrongly; the kernels' workaround
     # must be on for TRITON_INTERPRET=true as for TRITON_INTERPRET=1.
-    env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=_ROOT, CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

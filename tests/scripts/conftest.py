@@ -1,10 +1,10 @@
 import importlib.util
 import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from tests._paths import ROOT
+
+SCRIPTS = ROOT / "scripts"
 
 
 def load_script(name: str):

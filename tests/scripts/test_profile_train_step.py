@@ -1,18 +1,13 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_train_step.py"
+from tests._paths import ROOT
+from tests.scripts.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def prof():
-    spec = importlib.util.spec_from_file_location("profile_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_train_step")
 
 
 @pytest.mark.parametrize("name, category", [
@@ -60,7 +55,7 @@ def test_an_earlier_runs_checkpoints_do_not_stop_the_profiler(prof, capsys, tmp_
 
     (tmp_path / "debug_model" / "checkpoints" / "step-2").mkdir(parents=True)
     (tmp_path / "debug_model" / "checkpoints" / "step-2" / MARKER).write_text("{}")
-    config = str(SCRIPT.parents[1] / "train_configs" / "debug_model.toml")
+    config = str(ROOT / "train_configs" / "debug_model.toml")
     code = prof.main(["--config", config, f"--job.output_dir={tmp_path}", "--checkpoint.enabled=false",
                       "--training.device=cpu"])
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ from ep_fp8.train.checkpoint import (MARKER, CheckpointMismatchError, Checkpoint
                                      complete_checkpoints)
 from ep_fp8.train.data import DataLoader, MarkovSource
 from ep_fp8.train.optim import build_optimizer, build_scheduler, lr_factor
+from tests._paths import ROOT
 
 
 def make_state(seed):
@@ -352,7 +353,7 @@ def test_a_real_write_failure_inside_dcp_is_the_same_named_error(tmp_path):
     # The writes fail in the OS (a file-size limit: EFBIG), not in a patched function.
     script = textwrap.dedent(f"""
         import resource, signal, sys
-        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.dirname(__file__)))!r})
+        sys.path.insert(0, {str(ROOT)!r})
         import torch
         from ep_fp8.train.checkpoint import Checkpointer, CheckpointSaveError
         from ep_fp8.train.data import DataLoader, MarkovSource

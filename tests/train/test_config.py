@@ -15,8 +15,7 @@ from ep_fp8.train.config import (SECTIONS, Config, ConfigError, load_config, res
 from ep_fp8.train.checkpoint import MARKER
 from ep_fp8.train.loop import dispatch_payload
 from ep_fp8.train.main import main, parse_cli
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._paths import ROOT
 
 
 def write(tmp_path, text, name="run.toml"):

@@ -2,7 +2,6 @@
 windows; the config's checks; a blend through prepared token files, a resume and a run."""
 
 import math
-import pathlib
 import shutil
 from collections import Counter
 
@@ -14,6 +13,7 @@ from ep_fp8.train.config import ConfigError, load_config, read_config
 from ep_fp8.train.data import (BLEND_BLOCK, BlendedSource, DataLoader, TokenFileSource,
                                blend_counts, build_source)
 from ep_fp8.train.token_file import write_token_file
+from tests._paths import ROOT
 from tests.train import test_loop_corners
 from tests.train.test_token_file import _quiet
 
@@ -246,5 +246,5 @@ def test_a_run_trains_on_a_blend_and_its_config_file_reads_back(tmp_path, one_ra
 
 
 def test_the_blend_module_names_its_block_in_the_docs():
-    doc = (pathlib.Path(__file__).parents[2] / "docs" / "config.md").read_text()
+    doc = (ROOT / "docs" / "config.md").read_text()
     assert f"block g div {data.BLEND_BLOCK}" in doc and f"1/{data.BLEND_BLOCK}" in doc

@@ -11,13 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from ep_fp8.train.loop import _StopFlag
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests._paths import ROOT
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

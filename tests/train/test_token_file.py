@@ -13,8 +13,7 @@ from ep_fp8.train.config import ConfigError, load_config
 from ep_fp8.train.data import PreparedTokenSource, TokenFileSource
 from ep_fp8.train.prepare_data import main as prepare_main
 from ep_fp8.train.token_file import HEADER_BYTES, map_token_file, read_header, write_token_file
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._paths import ROOT
 
 
 def _corpus(folder, n=6, size=300):

@@ -19,8 +19,7 @@ from ep_fp8.train.data import PreparedTokenSource, list_files
 from ep_fp8.train.token_file import (HEADER_BYTES, inputs_id, read_header, read_token_files, shard_glob,
                                      shard_path, split_files, write_token_file)
 from tests.train.test_token_file import _config, _corpus, _quiet
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests._paths import ROOT
 
 
 def _shards(pattern, out, n, **kwargs):
@@ -184,7 +183,7 @@ def test_a_shard_header_that_does_not_add_up_is_refused(tmp_path):
 
 
 def test_the_command_line_writes_all_shards_on_workers(tmp_path, capfd, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     pattern = _corpus(tmp_path / "docs")
     out = str(tmp_path / "t.tokens")
     assert prepare_data.main(["--source", "text", "--path", pattern, "--out", out, "--shards", "2",
@@ -204,7 +203,7 @@ def test_the_command_line_writes_all_shards_on_workers(tmp_path, capfd, monkeypa
 
 def test_a_failing_shard_stops_the_command_line_and_leaves_the_complete_ones(tmp_path, capfd,
                                                                             monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "0.jsonl").write_text(json.dumps({"text": "x" * 100}) + "\n")

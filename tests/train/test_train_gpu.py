@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+from tests._paths import ROOT
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
 
 

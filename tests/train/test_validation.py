@@ -18,8 +18,8 @@ from ep_fp8.train.config import load_config
 from ep_fp8.train.data import MarkovSource, TokenFileSource
 from ep_fp8.train.loop import _held_out_problem, evaluate
 from ep_fp8.train.main import main
+from tests._paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ModelArgs(vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, n_dense_layers=1,
                  dense_hidden_dim=24, n_experts=4, top_k=2, expert_hidden_dim=8,
                  n_shared_experts=0, max_seq_len=16, aux_loss_coef=0.5)
