@@ -14,6 +14,7 @@ sequence, and with the same global batch it sees exactly the same batches.
 from __future__ import annotations
 
 import bisect
+import collections
 import glob
 import hashlib
 import itertools
@@ -419,33 +420,17 @@ def blend_counts(weights: list[float], block: int = BLEND_BLOCK) -> list[int]:
     return counts
 
 
-class BlendedSource:
-    """Several corpora (sources of their own) drawn in proportion to `weights`. Sample g of
-    the run lies in block g // BLEND_BLOCK; every block holds blend_counts(weights) samples
-    of each corpus, in an order shuffled by (seed, block), so a prefix of n samples holds
-    each corpus's share to within one block's rounding, and every global batch a mix. The
-    k-th sample drawn from corpus c is that corpus's own sample k: each corpus walks its
-    windows epoch after epoch (build_source gives each an order of its own), so one whose
-    weight exceeds its share of the tokens is repeated (more epochs of it) and one below it
-    is seen in part. `fingerprint` names the corpora's fingerprints, their counts per block
-    and the block rule. Raises ValueError when `sources` and `weights` differ in length or
-    are empty, or as blend_counts does; `get` and `locate` on a negative index."""
+class _BlendOrder:
+    """Which corpus each sample of a blend comes from, and which of that corpus's samples
+    it is: from sample `base` on, blocks of BLEND_BLOCK samples each holding `counts[c]`
+    samples of corpus c in an order shuffled by (seed, block), and corpus c's samples
+    numbered on from offsets[c] (the samples it gave before `base`, under other counts)."""
 
-    def __init__(self, sources: list, weights: list[float], seed: int):
-        if len(sources) != len(weights) or not sources:
-            raise ValueError(f"a blend needs one weight per corpus, got {len(sources)} "
-                             f"corpora and {len(weights)} weights")
-        self.sources, self.weights, self.seed = sources, list(weights), seed
-        self.counts = blend_counts(self.weights)
-        self.note = "\n".join(dict.fromkeys(s.note for s in sources if s.note))
-        tokenized = [s.seconds for s in sources if hasattr(s, "seconds")]   # text read at start-up
-        self.seconds = sum(tokenized) if tokenized else None
-        # The counts, not the weights, fix the samples ([3, 1] and [6, 2] draw alike).
-        parts = "; ".join(f"{n} per block: {s.fingerprint}" for n, s in zip(self.counts, sources))
-        self.fingerprint = (f"blend of {len(sources)} corpora, blocks of {BLEND_BLOCK} samples "
-                            f"(rng v{rng.VERSION}, seed {seed}): {parts}")
-        self._labels = torch.repeat_interleave(torch.arange(len(sources)), torch.tensor(self.counts))
-        self._first = torch.tensor(list(itertools.accumulate(self.counts, initial=0))[:-1])
+    def __init__(self, counts: list[int], seed: int, base: int = 0, offsets: list[int] | None = None):
+        self.counts, self.seed, self.base = counts, seed, base
+        self.offsets = [0] * len(counts) if offsets is None else list(offsets)
+        self._labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        self._first = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1])
         self._block, self._corpus, self._rank = -1, None, None
 
     def _place(self, block: int) -> None:
@@ -462,13 +447,62 @@ class BlendedSource:
         self._block, self._corpus, self._rank = block, corpus.tolist(), rank.tolist()
 
     def locate(self, index: int) -> tuple[int, int]:
+        if index < self.base:
+            raise ValueError(f"sample {index} precedes sample {self.base}, where the blend's "
+                             f"current counts begin")
+        block, pos = divmod(index - self.base, BLEND_BLOCK)
+        self._place(block)
+        c = self._corpus[pos]
+        return c, self.offsets[c] + block * self.counts[c] + self._rank[pos]
+
+    def drawn_before(self, index: int) -> list[int]:
+        """How many samples of each corpus samples 0 .. index - 1 hold (index >= base)."""
+        block, pos = divmod(index - self.base, BLEND_BLOCK)
+        self._place(block)
+        partial = collections.Counter(self._corpus[:pos])
+        return [o + block * n + partial[c] for c, (o, n) in enumerate(zip(self.offsets, self.counts))]
+
+
+class BlendedSource:
+    """Several corpora (sources of their own) drawn in proportion to `weights`. Sample g of
+    the run lies in block g // BLEND_BLOCK; every block holds blend_counts(weights) samples
+    of each corpus, in an order shuffled by (seed, block), so a prefix of n samples holds
+    each corpus's share to within one block's rounding, and every global batch a mix. The
+    k-th sample drawn from corpus c is that corpus's own sample k: each corpus walks its
+    windows epoch after epoch (build_source gives each an order of its own), so one whose
+    weight exceeds its share of the tokens is repeated (more epochs of it) and one below it
+    is seen in part. `fingerprint` names the corpora's fingerprints, their counts per block
+    and the block rule.
+
+    A run resumed with other weights (resume(): the same corpora, in the same order, and
+    seed) continues each corpus at its next sample: from the resumed position on, blocks of
+    the new counts begin (counted from that position), and corpus c's samples continue
+    from the number it gave before. `position_state()` holds what that needs.
+    Raises ValueError when `sources` and `weights` differ in length or are empty, or as
+    blend_counts does; `get` and `locate` on a negative index, or one before the position
+    where the current counts began."""
+
+    def __init__(self, sources: list, weights: list[float], seed: int):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(f"a blend needs one weight per corpus, got {len(sources)} "
+                             f"corpora and {len(weights)} weights")
+        self.sources, self.weights, self.seed = sources, list(weights), seed
+        self.counts = blend_counts(self.weights)
+        self.note = "\n".join(dict.fromkeys(s.note for s in sources if s.note))
+        tokenized = [s.seconds for s in sources if hasattr(s, "seconds")]   # text read at start-up
+        self.seconds = sum(tokenized) if tokenized else None
+        # The counts, not the weights, fix the samples ([3, 1] and [6, 2] draw alike).
+        parts = "; ".join(f"{n} per block: {s.fingerprint}" for n, s in zip(self.counts, sources))
+        self.fingerprint = (f"blend of {len(sources)} corpora, blocks of {BLEND_BLOCK} samples "
+                            f"(rng v{rng.VERSION}, seed {seed}): {parts}")
+        self._corpora = [f"rng v{rng.VERSION}, seed {seed}"] + [s.fingerprint for s in sources]
+        self._order = _BlendOrder(self.counts, seed)
+
+    def locate(self, index: int) -> tuple[int, int]:
         """(corpus, that corpus's sample index) of sample `index` (>= 0) of the run."""
         if index < 0:
             raise ValueError(f"sample index must be >= 0, got {index}")
-        block, pos = divmod(index, BLEND_BLOCK)
-        self._place(block)
-        c = self._corpus[pos]
-        return c, block * self.counts[c] + self._rank[pos]
+        return self._order.locate(index)
 
     def get(self, indices: list[int]) -> torch.Tensor:
         """Samples `indices` as a (len(indices), seq_len + 1) int64 tensor."""
@@ -481,6 +515,31 @@ class BlendedSource:
             if rows:
                 out[[row for row, _ in rows]] = source.get([k for _, k in rows])
         return out
+
+    def position_state(self) -> dict:
+        """The entries of a DataLoader's state that let resume() continue every corpus."""
+        o = self._order
+        return {"blend_corpora": list(self._corpora), "blend_counts": list(o.counts),
+                "blend_base": o.base, "blend_offsets": list(o.offsets)}
+
+    def resume(self, state: dict, samples_seen: int) -> str | None:
+        """Continue from `state` (a DataLoader's, saved with `samples_seen` samples drawn):
+        its blend position where it holds these corpora (returns '' for the same counts,
+        else a note that each corpus continues at its next sample); None, changing
+        nothing, where it holds no blend position (a checkpoint of another source or of
+        an earlier release) or another blend's."""
+        if state.get("blend_corpora") != self._corpora:
+            return None
+        saved = _BlendOrder(list(state["blend_counts"]), self.seed, int(state["blend_base"]),
+                            list(state["blend_offsets"]))
+        if saved.counts == self.counts:
+            self._order = saved
+            return ""
+        drawn = saved.drawn_before(samples_seen)
+        self._order = _BlendOrder(self.counts, self.seed, samples_seen, drawn)
+        return (f"[data] blend counts per block {saved.counts} -> {self.counts} from sample "
+                f"{samples_seen}: each corpus continues at its next sample (drawn so far: "
+                f"{drawn})")
 
 
 def _corpus(d, path: str, seq_len: int) -> TokenFileSource | PreparedTokenSource:
@@ -526,8 +585,10 @@ class DataLoader:
     """This rank's batches: rank r of `world` reads rows r*B .. (r+1)*B - 1 of every global
     batch of world * B samples. `state_dict()` / `load_state_dict()` carry the position
     (samples consumed globally), which is all a resumed run needs, and the source's
-    fingerprint: after loading a position saved with other data (files, seq_len or seed),
-    `resume_note` says so, since the position then continues another sample order."""
+    fingerprint (for a blend also its position_state): after loading a position saved with
+    other data (files, seq_len or seed), `resume_note` says so, since the position then
+    continues another sample order; a blend resumed with other weights continues each
+    corpus at its next sample and says that instead (BlendedSource.resume)."""
 
     def __init__(self, source, batch_size: int, rank: int, world: int):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
@@ -559,12 +620,20 @@ class DataLoader:
             rows = tokens_NL1[j * B:(j + 1) * B]
             self._ready.append((rows[:, :-1], rows[:, 1:]))
 
-    def state_dict(self) -> dict[str, int | str]:
-        return {"samples_seen": self.samples_seen, "source": self.source.fingerprint}
+    def state_dict(self) -> dict:
+        state = {"samples_seen": self.samples_seen, "source": self.source.fingerprint}
+        if isinstance(self.source, BlendedSource):
+            state.update(self.source.position_state())
+        return state
 
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self._ready.clear()
         self.samples_seen = int(state["samples_seen"])
+        if isinstance(self.source, BlendedSource):
+            note = self.source.resume(state, self.samples_seen)
+            if note is not None:
+                self.resume_note = note
+                return
         saved = state.get("source", self.source.fingerprint)   # absent from older checkpoints
         same = (self.source.fingerprint, getattr(self.source, "earlier_fingerprint", None))
         self.resume_note = "" if saved in same else (

@@ -147,7 +147,69 @@ def test_the_fingerprint_changes_with_the_counts_and_a_resume_says_so(tmp_path):
     same, other = DataLoader(a, 4, 0, 1), DataLoader(b, 4, 0, 1)
     same.load_state_dict(run.state_dict())
     other.load_state_dict(run.state_dict())
-    assert same.resume_note == "" and "differs from the checkpoint's" in other.resume_note
+    assert same.resume_note == ""
+    first4 = Counter(a.locate(i)[0] for i in range(4))
+    assert other.resume_note == ("[data] blend counts per block [3072, 1024] -> [2048, 2048] from "
+                                 "sample 4: each corpus continues at its next sample (drawn so "
+                                 f"far: {[first4[0], first4[1]]})")
+    # A checkpoint of a release that saved no blend position: the note of other data.
+    older = DataLoader(build_source(_blend(tmp_path, weights=(1, 1))), 4, 0, 1)
+    older.load_state_dict({k: v for k, v in run.state_dict().items() if not k.startswith("blend_")})
+    assert "differs from the checkpoint's" in older.resume_note
+
+
+def _corpus_draws(source, start, stop, drawn):
+    """Appends to drawn[c] the index within corpus c of each of samples start .. stop - 1."""
+    for i in range(start, stop):
+        c, k = source.locate(i)
+        drawn[c].append(k)
+
+
+def test_a_blend_resumed_with_other_weights_continues_every_corpus_at_its_next_sample(tmp_path):
+    """Weights changed at a resume (twice, mid-block): no corpus repeats or skips a sample,
+    each block from the resumed position on holds the new counts, and resuming with the
+    same weights again continues exactly as the run that went on."""
+    first = build_source(_blend(tmp_path, weights=(3, 1, 1), letters="abc"))
+    run = DataLoader(first, 8, 0, 1)
+    s1, s2 = BLEND_BLOCK + 1000, 3 * BLEND_BLOCK + 777
+    drawn = {0: [], 1: [], 2: []}
+    _corpus_draws(first, 0, s1, drawn)
+    run.samples_seen = s1
+    second = build_source(_blend(tmp_path, weights=(1, 2, 5), letters="abc"))
+    resumed = DataLoader(second, 8, 0, 1)
+    resumed.load_state_dict(run.state_dict())
+    assert "-> [512, 1024, 2560] from sample 5096: each corpus continues" in resumed.resume_note
+    _corpus_draws(second, s1, s2, drawn)
+    with pytest.raises(ValueError, match="sample 5095 precedes sample 5096, where the blend's "
+                                         "current counts begin"):
+        second.locate(s1 - 1)
+    blocks = [Counter(second.locate(s1 + b * BLEND_BLOCK + i)[0] for i in range(BLEND_BLOCK))
+              for b in range(2)]
+    assert all([blk[c] for c in range(3)] == [512, 1024, 2560] for blk in blocks)
+    resumed.samples_seen = s2
+    third = build_source(_blend(tmp_path, weights=(1, 1, 1), letters="abc"))
+    again = DataLoader(third, 8, 0, 1)
+    again.load_state_dict(resumed.state_dict())
+    _corpus_draws(third, s2, s2 + 2 * BLEND_BLOCK, drawn)
+    for c in range(3):
+        assert drawn[c] == list(range(len(drawn[c]))), c    # none repeated, none skipped
+    # The same weights resumed once more: the continuation of the run that went on.
+    twin = DataLoader(build_source(_blend(tmp_path, weights=(1, 1, 1), letters="abc")), 8, 0, 1)
+    again.samples_seen = s2 + 5000
+    twin.load_state_dict(again.state_dict())
+    assert twin.resume_note == ""
+    later = range(s2 + 5000, s2 + 5000 + 300)
+    assert [twin.source.locate(i) for i in later] == [third.locate(i) for i in later]
+    assert torch.equal(twin.next()[0], again.next()[0])
+
+
+def test_a_blend_of_other_corpora_resumes_with_the_note_of_other_data(tmp_path):
+    run = DataLoader(build_source(_blend(tmp_path, weights=(3, 1), letters="ab")), 4, 0, 1)
+    run.next()
+    other = DataLoader(build_source(_blend(tmp_path, weights=(3, 1), letters="ac")), 4, 0, 1)
+    other.load_state_dict(run.state_dict())
+    assert "differs from the checkpoint's" in other.resume_note
+    assert other.source.locate(0) == run.source.locate(0)    # the position kept, counts from 0
 
 
 def test_a_blend_of_token_files_gives_the_samples_of_the_same_blend_of_text(tmp_path):
@@ -224,8 +286,9 @@ def test_held_out_files_of_any_corpus_of_the_blend_are_refused(tmp_path):
 
 
 def test_a_run_trains_on_a_blend_and_its_config_file_reads_back(tmp_path, one_rank, monkeypatch, capsys):
-    """A short run on a blend writes a config.toml that loads to the same blend, and a
-    resume of it continues without a note about the data."""
+    """A short run on a blend writes a config.toml that loads to the same blend, a resume
+    of it continues without a note about the data, and one with other weights says that
+    each corpus continues."""
     drawn = []
     real_get = BlendedSource.get
     monkeypatch.setattr(BlendedSource, "get", lambda self, idx: drawn.extend(idx) or real_get(self, idx))
@@ -243,6 +306,13 @@ def test_a_run_trains_on_a_blend_and_its_config_file_reads_back(tmp_path, one_ra
     assert "resumed from step 2" in said and "differs from the checkpoint" not in said
     assert out["step"] == 3 and out["records"][-1]["step"] == 3
     assert math.isfinite(out["records"][-1]["loss"])
+    # Other weights: the blend's position went through the checkpoint and each corpus goes on.
+    reweighted = [o if not o.startswith("--data.blend_weights") else "--data.blend_weights=[1, 3]"
+                  for o in blend]
+    out = test_loop_corners._train(tmp_path, "--training.steps=4", *reweighted)
+    said = "".join(capsys.readouterr())
+    assert "-> [1024, 3072] from sample" in said and "each corpus continues at its next sample" in said
+    assert "differs from the checkpoint" not in said and out["step"] == 4
 
 
 def test_the_blend_module_names_its_block_in_the_docs():
