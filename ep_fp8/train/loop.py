@@ -301,11 +301,12 @@ class StepResult(typing.NamedTuple):
 
 
 def loop_step(cfg: Config, model, loader: DataLoader, optimizer, scheduler, device: torch.device,
-              group=None, stop_signal: str | None = None) -> StepResult:
+              group=None, stop_signal=None) -> StepResult:
     """One step of the training loop: train_step, the routers' bias update, then one small
     all-reduce over `group` (None: one rank) of the loss and of each rank's stop flag
-    (`stop_signal`: "SIGTERM", "SIGINT" or None), so that all ranks stop after the same
-    step even when only some were signalled. Reads the loss, gradient norm, flags and the
+    (`stop_signal`: "SIGTERM", "SIGINT" or None, or a function returning one, called after
+    the step's work is issued, so that a signal received while it ran counts for it), so
+    that all ranks stop after the same step even when only some were signalled. Reads the loss, gradient norm, flags and the
     routers' imbalances on the host in one read: the loop's one sync per step; before it,
     draws the next step's batches (DataLoader.prefetch)."""
     from ep_fp8.moe import balance_routers
@@ -313,6 +314,8 @@ def loop_step(cfg: Config, model, loader: DataLoader, optimizer, scheduler, devi
     t = cfg.training
     loss, grad_norm, lr = train_step(model, loader, optimizer, scheduler, t.grad_accum, t.max_norm, device)
     imbalance_L = balance_routers(model, cfg.router.bias_update_rate, group=group)
+    if callable(stop_signal):
+        stop_signal = stop_signal()
     # Filled on the device: torch.tensor(..., device=cuda), like flags[i] = 1, copies from
     # host memory and waits for the whole step, so the data below was drawn with the GPU
     # idle (3% of moe_1b's step on one H200).
@@ -503,7 +506,7 @@ def train(cfg: Config) -> dict:
         while step < t.steps and not stopped:
             step += 1
             loss_avg, norm, lr, imbalance, n_term, n_int = loop_step(
-                cfg, model, loader, optimizer, scheduler, device, dp_group, stop.name)
+                cfg, model, loader, optimizer, scheduler, device, dp_group, lambda: stop.name)
             if not (math.isfinite(loss_avg) and math.isfinite(norm)):
                 # A non-finite gradient has already reached the weights: stop here, with
                 # the step logged (the curve shows where it diverged).
@@ -528,6 +531,11 @@ def train(cfg: Config) -> dict:
                     val_loss = evaluate(model, val_source, t.batch_size, v.batches, device,
                                         dp_group)
                 metrics.validation(step, val_loss)
+        if stop.name and not stopped:
+            # Received too late for the last step's flags (while its results were awaited,
+            # saved or evaluated): the run is complete, but it was asked to stop, and says
+            # so (after a Ctrl-C, main's exit status tells a calling script to stop too).
+            stopped = f"stopped by {stop.name} after step {step}"
     if stopped and not cfg.checkpoint.enabled:
         stopped += " (checkpoint.enabled = false: nothing saved)"
     entropy = source.entropy if isinstance(source, MarkovSource) else None

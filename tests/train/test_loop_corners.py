@@ -125,24 +125,71 @@ def test_a_fresh_run_moves_an_earlier_runs_config_metrics_and_tensorboard_aside(
 
 def test_a_stop_by_signal_with_checkpoints_off_says_nothing_was_saved(tmp_path, one_rank,
                                                                       monkeypatch):
-    """A SIGTERM during step 2 stops the run after step 3 (the flag is read at the next
-    step's all-reduce); that step is logged though log_every is 100, and the reason says
-    that nothing was saved."""
+    """A SIGTERM just before step 2 stops the run after step 2; that step is logged though
+    log_every is 100, and the reason says that nothing was saved."""
     real, calls = loop.loop_step, []
 
-    def signalled_during_step_2(*args, **kwargs):
+    def signalled_before_step_2(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)   # _StopFlag's handler takes it
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "loop_step", signalled_during_step_2)
+    monkeypatch.setattr(loop, "loop_step", signalled_before_step_2)
     out = _train(tmp_path, "--training.steps=6", "--metrics.log_every=100")
-    assert out["step"] == 3
-    assert out["stopped"] == ("stopped by SIGTERM after step 3 "
+    assert out["step"] == 2
+    assert out["stopped"] == ("stopped by SIGTERM after step 2 "
                               "(checkpoint.enabled = false: nothing saved)")
-    assert [r["step"] for r in out["records"]] == [3]
+    assert [r["step"] for r in out["records"]] == [2]
     assert out["checkpoint"] is None and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _signal_in_train_step(monkeypatch, sig, at_call):
+    """Sends `sig` to this process inside train_step's call number `at_call`, after its
+    work: a signal that arrives while a step computes."""
+    real, calls = loop.train_step, []
+
+    def signalled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), sig)
+        return result
+    monkeypatch.setattr(loop, "train_step", signalled)
+
+
+def test_a_signal_while_a_step_computes_stops_the_run_after_that_step(tmp_path, one_rank,
+                                                                       monkeypatch):
+    _signal_in_train_step(monkeypatch, signal.SIGTERM, at_call=2)
+    out = _train(tmp_path, "--training.steps=10", "--checkpoint.enabled=true",
+                 "--checkpoint.interval=100")
+    assert out["step"] == 2 and out["stopped"] == "stopped by SIGTERM after step 2"
+    ckpts = str(tmp_path / "run" / "checkpoints")
+    assert [step for step, _ in complete_checkpoints(ckpts)] == [2]
+
+
+def test_a_signal_during_the_last_step_counts_for_it(tmp_path, one_rank, monkeypatch):
+    _signal_in_train_step(monkeypatch, signal.SIGINT, at_call=3)
+    out = _train(tmp_path, "--training.steps=3", "--checkpoint.enabled=true",
+                 "--checkpoint.interval=100")
+    assert out["step"] == 3 and out["stopped"] == "stopped by SIGINT after step 3"
+    assert out["checkpoint"].endswith("step-3")
+
+
+def test_a_signal_after_the_last_steps_flags_is_still_reported(tmp_path, one_rank, monkeypatch):
+    """A Ctrl-C that arrives after the last step's flags were shared (here: during its
+    checkpoint) is reported all the same, so that main answers 130 and a calling script
+    stops."""
+    real_save = loop.Checkpointer.save
+
+    def signalled_save(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(self, *args, **kwargs)
+    monkeypatch.setattr(loop.Checkpointer, "save", signalled_save)
+    out = _train(tmp_path, "--training.steps=2", "--checkpoint.enabled=true",
+                 "--checkpoint.interval=100")
+    assert out["step"] == 2 and out["stopped"] == "stopped by SIGINT after step 2"
+    assert out["checkpoint"].endswith("step-2")
 
 
 def test_a_nonfinite_gradient_norm_with_a_finite_loss_stops_the_run(tmp_path, one_rank,
