@@ -473,6 +473,10 @@ def train(cfg: Config) -> dict:
     elif initial := os.path.expanduser(cfg.checkpoint.initial_load):
         try:
             from_step = load_weights(initial, model)
+        except CheckpointDamagedError as e:   # a CheckpointMismatchError: caught before it
+            raise ConfigError(
+                f"{cfg.source}: [checkpoint] initial_load: {e}. Give another complete "
+                f"checkpoint (a step-N folder of a run)") from None
         except CheckpointMismatchError as e:   # raised on every rank alike
             raise ConfigError(
                 f"{cfg.source}: [checkpoint] initial_load: {e}. The model this config builds must "

@@ -500,3 +500,18 @@ def test_the_start_up_line_names_the_backend_of_the_experts_first_gemm(monkeypat
     loop._describe(cfg, args, ParallelDims(world_size=1, ep=1), torch.device("cpu"), torch.float32)
     assert asked == [(args.dim, 2 * args.expert_hidden_dim)]
     assert "float8 on (auto: picked)" in capsys.readouterr().out
+
+
+def test_a_damaged_initial_load_is_named_damaged_without_the_model_size_hint(tmp_path, one_rank):
+    _train(tmp_path, "--training.steps=2", "--checkpoint.enabled=true", "--checkpoint.interval=2",
+           name="source")
+    step = tmp_path / "source" / "checkpoints" / "step-2"
+    shard = next(p for p in step.iterdir() if p.suffix == ".distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ConfigError) as info:
+        _train(tmp_path, "--training.steps=2", f"--checkpoint.initial_load={step}", name="next")
+    message = str(info.value)
+    assert "initial_load: " in message and "is damaged" in message
+    assert message.endswith("Give another complete checkpoint (a step-N folder of a run)")
+    assert "must have the sizes" not in message
