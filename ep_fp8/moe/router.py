@@ -99,7 +99,12 @@ class Router(nn.Module):
         self.init_weights()
 
     def init_weights(self, init_std: float = 0.02) -> None:
+        """The gate's weights drawn anew, and the balancing state (bias, counts) zeroed:
+        after to_empty() the buffers hold whatever memory they were given."""
         nn.init.trunc_normal_(self.gate.weight, std=init_std)
+        with torch.no_grad():
+            self.expert_bias.zero_()
+            self.tokens_per_expert.zero_()
 
     def _apply(self, fn, recurse=True):
         # The balancing state stays float32 when the module is cast (model.to(bf16) would
@@ -183,7 +188,7 @@ class Router(nn.Module):
         probs_BSE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(n_seqs, S, E)
         with torch.no_grad():
             idx_B = topk_idx.reshape(n_seqs, S * k)
-            counts_BE = torch.zeros(n_seqs, E, device=scores_TE.device).scatter_add_(
+            counts_BE = torch.zeros(n_seqs, E, dtype=torch.float32, device=scores_TE.device).scatter_add_(
                 1, idx_B, torch.ones_like(idx_B, dtype=torch.float32)
             )
             f_BE = counts_BE * (E / (k * S))
@@ -250,9 +255,9 @@ def balance_routers(model: nn.Module, rate: float, group=None) -> torch.Tensor:
     """update_router_biases without its host read: returns each Router's imbalance
     (max / mean count) as a (layers,) float32 tensor on the routers' device, empty for a
     model without routers, for a caller that reads it with its own values. Raises
-    ValueError for rate < 0."""
-    if rate < 0:
-        raise ValueError(f"rate must be >= 0, got {rate}")
+    ValueError for a rate that is not finite and >= 0."""
+    if not (math.isfinite(rate) and rate >= 0):
+        raise ValueError(f"rate must be finite and >= 0, got {rate}")
     routers = [m for m in model.modules() if isinstance(m, Router)]
     if not routers:
         return torch.zeros(0)

@@ -203,7 +203,8 @@ def scatter_rows_into(
 ) -> torch.Tensor:
     """(R, D) rows -> (n_out, D): out[idx[r, j]] = src[r] for all j, out[fill_idx] = fill_value.
 
-    Any dtype (uint8 float8 payloads too); src may have a row stride other than D.
+    Any dtype that torch can index_fill_ (float8 payloads travel as .view(torch.uint8));
+    src may have a row stride other than D.
     Not differentiable (moe.rows wraps it).
     """
     out = src_RD.new_empty((n_out, src_RD.shape[1]))

@@ -113,8 +113,41 @@ def test_balance_routers_updates_alike_and_returns_the_imbalances_unread():
     for r, t in zip(model, twin):
         assert torch.equal(r.expert_bias, t.expert_bias) and not r.tokens_per_expert.any()
     assert balance_routers(torch.nn.Linear(2, 2), rate=0.01).numel() == 0
-    with pytest.raises(ValueError, match="rate must be >= 0, got -0.5"):
-        balance_routers(model, rate=-0.5)
+    bias = [r.expert_bias.clone() for r in model]
+    for rate in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"rate must be finite and >= 0, got {rate}"):
+            balance_routers(model, rate=rate)
+    assert all(torch.equal(r.expert_bias, b) for r, b in zip(model, bias))   # nothing moved
+
+
+def test_init_weights_zeroes_the_balancing_state_of_a_module_built_on_meta():
+    """to_empty() gives the buffers whatever memory was there: the layer's own
+    init_weights must leave bias and counts at zero (the Transformer's does too)."""
+    from ep_fp8.moe import MoE
+
+    with torch.device("meta"):
+        layer = MoE(D, 32, E, 2)
+    layer.to_empty(device="cpu")
+    layer.router.expert_bias.fill_(4.4e30)              # what such memory may hold
+    layer.router.tokens_per_expert.fill_(7.0)
+    layer.init_weights()
+    assert not layer.router.expert_bias.any() and not layer.router.tokens_per_expert.any()
+    assert layer.router.gate.weight.abs().max() < 0.1   # and the gate drawn
+
+
+def test_the_aux_loss_is_float32_arithmetic_whatever_the_default_dtype():
+    torch.manual_seed(0)
+    r = Router(D, E, 2, aux_loss_coef=0.01)
+    scores = torch.rand(12, E)
+    idx = scores.topk(2, dim=-1).indices
+    want = r.aux_loss(scores, idx, 2)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = r.aux_loss(scores, idx, 2)
+    finally:
+        torch.set_default_dtype(before)
+    assert torch.equal(got, want)
 
 
 def test_update_router_biases_leaves_bias_alone_without_rate_or_when_disabled():
