@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ep_fp8 import rng
 from ep_fp8.parallel.agree import first_difference, first_problem
+from ep_fp8.paths import new_file
 from ep_fp8.train.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpointer,
                                      load_weights)
 from ep_fp8.train.config import (Config, ConfigError, checkpoint_dir, resolve_model_args, run_dir,
@@ -233,9 +234,10 @@ def _save_and_print_config(cfg: Config) -> None:
     if dist.get_rank() != 0:
         return
     text = to_toml(cfg, resolve_model=True)
-    os.makedirs(run_dir(cfg), exist_ok=True)
-    with open(os.path.join(run_dir(cfg), "config.toml"), "w") as f:
-        f.write(text)
+    path = os.path.join(run_dir(cfg), "config.toml")
+    # Whole or not at all: a resume rewrites it, and export and later resumes read it.
+    with new_file(path, path, overwrite=True) as f:
+        f.write(text.encode())
     print_or_mute(f"config ({cfg.source}), resolved:\n{text}")
 
 
