@@ -43,7 +43,8 @@ def separate_forward(experts: GroupedExperts, w1, w3, x, offs):
     x_fp8 = ops.quantize_rows(x) if backend != "bf16" else None
 
     def gmm(a, w, a_fp8=None):
-        return ops.scaled_grouped_mm(a, w.to(x.dtype).transpose(-2, -1), offs, backend=backend, x_fp8=a_fp8)
+        w = w if w.dtype == torch.float32 else w.to(x.dtype)   # as GroupedExperts passes them
+        return ops.scaled_grouped_mm(a, w.transpose(-2, -1), offs, backend=backend, x_fp8=a_fp8)
 
     h = ops.swiglu(gmm(x, w1, x_fp8), gmm(x, w3, x_fp8))
     return gmm(h, experts.w2)

@@ -100,8 +100,11 @@ class GroupedExperts(nn.Module):
 
         def gmm(a, w, backend, a_fp8=None):
             # A float8 payload into bf16 experts (backend "bf16") is dequantized by the op.
+            # A float32 weight (experts outside FSDP2) goes in uncast: the float8 backends
+            # quantize it as it is, so no bf16 copy of it is made and kept for backward.
+            w = w if w.dtype == torch.float32 else w.to(dtype)
             return ops.scaled_grouped_mm(
-                a, w.to(dtype).transpose(-2, -1), offs, backend=backend,
+                a, w.transpose(-2, -1), offs, backend=backend,
                 exact_scales=self.exact_scales, x_fp8=a_fp8,
             )
 

@@ -20,6 +20,9 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
         x: (M, K) bfloat16 or float32, any strides.
         w_t: (G, K, N), x's dtype, any strides (an expert weight stored (G, N, K) is
             passed as w.transpose(-2, -1); its gradient then comes in that layout too).
+            With bfloat16 x it may be float32 (a master weight, not cast first): the
+            float8 backends quantize it as it is, the bf16 backend casts it to bfloat16;
+            its gradient is float32.
         offs: (G,) int32 cumulative group ends on x's device: non-decreasing, offs[-1] <= M
             (not checked: that would read the device). Empty groups are allowed.
         out_dtype: bfloat16 or float32; None means x's dtype.
@@ -34,8 +37,9 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
         (M, N) in out_dtype.
 
     Raises:
-        TypeError: a dtype is wrong (x, w_t not bfloat16/float32 or not alike, offs not
-            int32, x_fp8 not float8/float32, out_dtype).
+        TypeError: a dtype is wrong (x, w_t not bfloat16/float32 or not alike but for
+            float32 w_t with bfloat16 x, offs not int32, x_fp8 not float8/float32,
+            out_dtype).
         ValueError: a shape, length or device does not fit, or backend="cuda" cannot run
             here (no SM90/SM100 GPU, K or N not a multiple of 16, 1024 groups or more).
     """
@@ -47,6 +51,7 @@ def scaled_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, ou
     x_data, x_scale = x_fp8 if x_fp8 is not None else (None, None)
     eager = not torch.compiler.is_compiling()  # eager: skip the custom-op dispatch (host time)
     if chosen == "bf16":
+        w_t = w_t.to(x.dtype)   # a float32 master weight: its cast (differentiable)
         if eager:
             return hp_ops.EagerGroupedMMHP.apply(x, w_t, offs, x_data, x_scale, out_dtype, note)
         return torch.ops.ep_fp8.grouped_mm_hp_fwd(x, w_t, offs, x_data, x_scale, out_dtype, note)

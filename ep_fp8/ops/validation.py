@@ -55,8 +55,9 @@ def check_grouped_mm_args(x, w_t, offs, out_dtype, x_fp8, exact_scales) -> None:
         raise ValueError(f"w_t must be 3-D (G, K, N), got shape {tuple(w_t.shape)}")
     if offs.dim() != 1:
         raise ValueError(f"offs must be 1-D (G,), got shape {tuple(offs.shape)}")
-    if w_t.dtype != x.dtype:
-        raise TypeError(f"w_t must have x's dtype {x.dtype}, got {w_t.dtype}")
+    if w_t.dtype != x.dtype and not (w_t.dtype == torch.float32 and x.dtype == torch.bfloat16):
+        raise TypeError(f"w_t must have x's dtype {x.dtype} (or be float32 with bfloat16 x), "
+                        f"got {w_t.dtype}")
     if offs.dtype != torch.int32:
         raise TypeError(f"offs must be int32, got {offs.dtype}")
     if out_dtype is not None and out_dtype not in HIGH_PRECISION:

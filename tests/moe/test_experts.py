@@ -189,12 +189,13 @@ def test_x_goes_through_one_grouped_matmul_with_w1_and_w3_stacked(monkeypatch, f
     x, offs = _grouped_input(torch.Generator().manual_seed(6), dtype=torch.bfloat16)
     y = ex(x, offs)
     (a_up, w_up, kw_up), (h, w_down, kw_down) = seen
-    assert a_up is x and torch.equal(w_up, ex.w13.to(x.dtype).transpose(-2, -1))
-    assert h.shape == (x.shape[0], H) and torch.equal(w_down, ex.w2.to(x.dtype).transpose(-2, -1))
+    # float32 weights go in as they are (the op casts them for its bf16 backend)
+    assert a_up is x and torch.equal(w_up, ex.w13.transpose(-2, -1)) and w_up.dtype == torch.float32
+    assert h.shape == (x.shape[0], H) and torch.equal(w_down, ex.w2.transpose(-2, -1))
     for kw in (kw_up, kw_down):
         assert kw["exact_scales"] is True and kw["x_fp8"] is None
     # h is SwiGLU of the two halves of x w13^T: a from w1 (the first H rows), b from w3
-    up = real(x, ex.w13.to(x.dtype).transpose(-2, -1), offs, backend=kw_up["backend"], exact_scales=True)
+    up = real(x, ex.w13.transpose(-2, -1), offs, backend=kw_up["backend"], exact_scales=True)
     a, b = up.float().chunk(2, dim=1)
     torch.testing.assert_close(h.float(), torch.nn.functional.silu(a) * b, rtol=2**-7, atol=1e-6)
     assert y.shape == x.shape
@@ -307,3 +308,29 @@ def test_grad_scale_scales_the_weights_gradients_only(float8):
     (y1, gx1, g13_1, g2_1), (y4, gx4, g13_4, g2_4) = runs
     assert torch.equal(y1, y4) and torch.equal(gx1, gx4)
     assert torch.equal(g13_4, g13_1 * 0.25) and torch.equal(g2_4, g2_1 * 0.25)
+
+
+@needs_fp8_ops
+@pytest.mark.parametrize("float8", [True, False])
+def test_float32_weights_keep_no_bf16_copy_for_backward_on_the_float8_path(float8):
+    """Experts outside FSDP2 hold float32 weights and take bf16 rows: the float8 path
+    quantizes the weights as they are and saves them, not a bf16 cast of each (1.9 GiB on
+    moe_1b); the bf16 path still casts them, and keeps the casts."""
+    from tests.ops._helpers import saved_by
+
+    gen = torch.Generator().manual_seed(4)
+    ex = _experts(float8=float8, float8_backend="emulated")
+    x, offs = _grouped_input(gen, dtype=torch.bfloat16)
+    y, saved = saved_by(ex, x.requires_grad_(), offs)
+    big = [t for t in saved if t.dim() == 3 and t.dtype in (torch.bfloat16, torch.float32)]
+    params = {p.untyped_storage().data_ptr() for p in ex.parameters()}
+    if float8:
+        assert {t.untyped_storage().data_ptr() for t in big} == params
+        assert all(t.dtype == torch.float32 for t in big)
+    else:
+        assert any(t.dtype == torch.bfloat16 for t in big)    # the casts, as before
+    y.float().sum().backward()
+    assert ex.w13.grad.dtype == ex.w2.grad.dtype == torch.float32
+    y_ref, _, _ = _reference(ex, x, offs)
+    rel = (y.double() - y_ref).norm() / y_ref.norm()
+    assert rel < (0.1 if float8 else 2e-2)   # as test_float8_path_is_close_to_float64 and the bf16 test

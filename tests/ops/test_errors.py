@@ -36,7 +36,10 @@ BAD = {  # name: (exception, words the message must contain, kwargs replacing th
     "x_int": (TypeError, "x must be torch.bfloat16 or torch.float32", dict(x=torch.ones(40, 32, dtype=torch.int32))),
     "x_fp16": (TypeError, "x must be torch.bfloat16 or torch.float32, got torch.float16",
                dict(x=torch.randn(40, 32, dtype=torch.float16))),
-    "w_dtype": (TypeError, "w_t must have x's dtype", dict(w_t=torch.randn(2, 32, 48))),
+    "w_dtype": (TypeError, "w_t must have x's dtype torch.bfloat16 (or be float32 with bfloat16 x), "
+                "got torch.float64", dict(w_t=torch.randn(2, 32, 48, dtype=torch.float64))),
+    "w_bf16_x_fp32": (TypeError, "w_t must have x's dtype torch.float32", dict(
+        x=torch.randn(40, 32), w_t=torch.randn(2, 32, 48, dtype=torch.bfloat16))),
     "offs_int64": (TypeError, "offs must be int32, got torch.int64", dict(offs=torch.tensor([10, 30]))),
     "out_dtype": (TypeError, "out_dtype", dict(out_dtype=torch.float16)),
     "k_mismatch": (ValueError, "K mismatch", dict(w_t=torch.randn(2, 16, 48, dtype=torch.bfloat16))),

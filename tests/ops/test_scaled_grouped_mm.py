@@ -313,3 +313,43 @@ def test_grad_of_a_gnk_weight_keeps_its_layout_with_no_tokens(backend):
     (gw_t,) = torch.autograd.grad(out, w_t, torch.zeros(0, 32))
     assert gw_t.shape == (2, 16, 32) and bool((gw_t == 0).all())
     assert gw_t.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["emulated", "bf16"])
+def test_a_float32_master_weight_with_bf16_x_matches_float64_with_a_float32_gradient(backend):
+    """w_t float32 with x bfloat16 (experts whose weights FSDP2 does not cast): the float8
+    backend quantizes the float32 weight as it is, the bf16 backend casts it; the weight's
+    gradient comes back float32, x's and the output bf16."""
+    sizes, tail, K, N = SHAPES["uneven_with_empty"]
+    x, _, _, offs, grad_out = _inputs(sizes, tail, K, N, torch.bfloat16, "gnk", seed=9)
+    w = torch.randn(len(sizes), N, K, generator=torch.Generator().manual_seed(10))   # float32
+    out, gx, gw = _run(x, w, _w_t_of("gnk"), offs, grad_out, backend=backend)
+    assert (out.dtype, gx.dtype, gw.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    ref_out, ref_gx, ref_gw = grouped_mm_f64(x, w.transpose(1, 2), offs, grad_out)
+    tol = E4M3_TOL if backend == "emulated" else BF16_TOL
+    assert rel_err(out, ref_out) < tol and rel_err(gx, ref_gx) < tol and rel_err(gw, ref_gw) < tol
+    if backend == "bf16":   # the cast, then torch._grouped_mm: bit for bit the bf16 weight's
+        bf = _run(x, w.bfloat16(), _w_t_of("gnk"), offs, grad_out, backend="bf16")
+        assert torch.equal(out, bf[0]) and torch.equal(gx, bf[1])
+        assert torch.equal(gw, bf[2].float())
+
+
+def test_a_float32_master_weight_is_quantized_as_it_is_and_saved_without_a_copy():
+    """The float8 path's forward is float64 math on the quantization of the float32 weight
+    itself (not of a bf16 rounding of it), and it keeps that weight, not a bf16 copy, for
+    backward: no high-precision tensor but the weight is saved."""
+    sizes, tail, K, N = SHAPES["uneven_with_empty"]
+    x, _, _, offs, grad_out = _inputs(sizes, tail, K, N, torch.bfloat16, "gnk", seed=11)
+    w = torch.randn(len(sizes), N, K, generator=torch.Generator().manual_seed(12)).requires_grad_()
+    out, saved = saved_by(scaled_grouped_mm, x.requires_grad_(), w.transpose(1, 2), offs,
+                          backend="emulated")
+    high = [t for t in saved if t.dtype in (torch.bfloat16, torch.float32) and t.numel() == w.numel()]
+    assert len(high) == 1 and high[0].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    q_fwd, d_fwd, _, _ = R.quantize_weight_ref(w.detach().transpose(1, 2), False)
+    w_fwd = (q_fwd.double() * d_fwd.double()[:, :, None]).transpose(1, 2)
+    q, _, d = R.quantize_rows_ref(x.detach(), False)
+    want = grouped_mm_f64((q.double() * d.double()[:, None]), w_fwd, offs)
+    assert rel_err(out, want) < BF16_TOL   # only the output's bf16 rounding
+    # Not vacuous: quantizing the bf16 rounding instead differs somewhere.
+    q_bf, _, _, _ = R.quantize_weight_ref(w.detach().bfloat16().transpose(1, 2), False)
+    assert not torch.equal(q_bf.view(torch.uint8), q_fwd.view(torch.uint8))
