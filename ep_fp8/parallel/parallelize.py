@@ -73,11 +73,12 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mesh: DeviceMesh,
     world size) no rank shares an expert's weights or gradient, and FSDP2 over the experts
     would only copy their weights into and out of a one-rank all-gather in forward and again
     in backward, and their gradients through a one-rank reduce-scatter (about 3% of a
-    moe_1b step on one H200). The experts then stay outside FSDP2: they cast their float32
-    weights to the activation dtype in forward (the cast is kept for backward, as an
-    unsharded weight that is not resharded after forward would be: about 1.9 GiB more
-    for moe_1b), and their gradients are scaled by 1 / world size, as FSDP2 would have
-    divided them (GroupedExperts.grad_scale; experts_alone_on_their_ranks).
+    moe_1b step on one H200). The experts then stay outside FSDP2: float8 experts quantize
+    their float32 weights directly, bf16 experts cast them to the activation dtype in
+    forward (the cast is kept for backward, as an unsharded weight that is not resharded
+    after forward would be: about 1.9 GiB more for moe_1b), and their gradients are scaled
+    by 1 / world size, as FSDP2 would have divided them (GroupedExperts.grad_scale;
+    experts_alone_on_their_ranks).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # The experts' inputs arrive in the activation dtype already, and a float8 payload

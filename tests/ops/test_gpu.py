@@ -66,6 +66,30 @@ def test_cuda_backend_matches_emulated_forward_and_grads(case, exact):
     assert bool((cuda[0][end:] == 0).all()) and bool((cuda[1][end:] == 0).all())
 
 
+def test_cuda_backend_float32_weight_with_bf16_x_matches_emulated_and_keeps_no_copy():
+    """A float32 master weight with bf16 rows (experts outside FSDP2): the cuda backend's
+    float8 operands are the emulated backend's (so its results match), the weight's
+    gradient is float32, and backward keeps the weight itself, no bf16 copy of it."""
+    from ep_fp8.ops import quant_ref as R
+    from ep_fp8.ops.quant_kernels import quantize_weight_fwd_triton
+    from tests.ops._helpers import saved_by
+
+    x, _, offs, grad_out = _inputs(*SIZES["uneven"])
+    w = _inputs(*SIZES["uneven"], seed=1, dtype=torch.float32)[1]
+    cuda = _fwd_bwd(x, w, offs, grad_out, backend="cuda")
+    emulated = _fwd_bwd(x, w, offs, grad_out, backend="emulated")
+    assert [t.dtype for t in cuda] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    for name, c, e in zip(("out", "grad_x", "grad_w"), cuda, emulated):
+        assert c.dtype == e.dtype and rel_err(c.cpu(), e.cpu()) < CUDA_VS_EMULATED_TOL, name
+    q, d = quantize_weight_fwd_triton(w.transpose(1, 2), False)[:2]
+    q_ref, d_ref = R.quantize_weight_ref(w.transpose(1, 2).cpu(), False)[:2]
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(d.cpu(), d_ref)
+    wl = w.detach().requires_grad_()
+    _, saved = saved_by(scaled_grouped_mm, x.requires_grad_(), wl.transpose(1, 2), offs, backend="cuda")
+    big = [t for t in saved if t.dim() == 3 and t.dtype in (torch.bfloat16, torch.float32)]
+    assert len(big) == 1 and big[0].untyped_storage().data_ptr() == wl.untyped_storage().data_ptr()
+
+
 def test_cuda_backend_float32_inputs_and_output():
     x, w, offs, grad_out = _inputs(*SIZES["uneven"], dtype=torch.float32)
     out, gx, gw = _fwd_bwd(x, w, offs, grad_out, backend="cuda")
