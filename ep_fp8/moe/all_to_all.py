@@ -69,6 +69,8 @@ class AllToAllDispatcher:
     def __init__(self, group, n_experts: int, payload: str = "bf16", *, exact_scales: bool = False):
         if payload not in DISPATCH_PAYLOADS:
             raise ValueError(f"payload must be one of {DISPATCH_PAYLOADS}, got {payload!r}")
+        if not isinstance(exact_scales, bool):   # else quantize_rows refuses it mid-dispatch
+            raise TypeError(f"exact_scales must be a bool, got {type(exact_scales).__name__}")
         group = dist.group.WORLD if group is None else group   # the collectives need it named
         ep = dist.get_world_size(group)
         check_ep_divides(ep, n_experts)

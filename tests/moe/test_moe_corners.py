@@ -55,10 +55,13 @@ def test_check_ep_divides_rejects_sizes_below_one_and_non_divisors(ep, n_experts
 
 
 def test_all_to_all_dispatcher_rejects_an_unknown_payload_before_using_the_group():
-    """An unknown payload raises the ValueError listing the choices, checked before the
-    process group is looked at (so also without one)."""
+    """An unknown payload raises the ValueError listing the choices, and a non-bool
+    exact_scales a TypeError, checked before the process group is looked at (so also
+    without one), not in the middle of a dispatch."""
     with pytest.raises(ValueError, match=r"payload must be one of \('bf16', 'float8'\), got 'fp16'"):
         AllToAllDispatcher(None, E, payload="fp16")
+    with pytest.raises(TypeError, match="exact_scales must be a bool, got int"):
+        AllToAllDispatcher(None, E, payload="float8", exact_scales=1)
 
 
 def test_grouped_experts_reject_zero_experts_and_zero_dim():
