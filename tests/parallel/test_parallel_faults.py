@@ -11,12 +11,14 @@ meshes and FSDP2 units of real layouts are built without spawning ranks):
   factor and sum-then-divide switch (gloo), experts left outside FSDP2 only when alone on
   their ranks (with grad_scale 1 / world size, and no unit holding their weights), the
   expert placements on the "ep" mesh (Shard(1) for one local expert), the dispatcher's
-  group, explicit prefetch, which units cast their inputs, and that every unit
-  computes in param_dtype and reduces in reduce_dtype;
+  group, explicit prefetch, which units cast their inputs, that every unit
+  computes in param_dtype and reduces in reduce_dtype, and that [norm, output] is one
+  unit, the only one kept unsharded after forward;
 - parallelize_model refuses a mesh of another layout or without the flattened "dp"
   dim, a second call, and (on every rank)
   an ep mesh whose order another rank found wrong;
-- parallelize_model's dims must be a ParallelDims (TypeError otherwise);
+- parallelize_model's dims must be a ParallelDims (TypeError otherwise); without expert
+  parallelism any floating-point reduce_dtype is accepted;
 - the expert placement rule counts local experts per EP rank (ep and efsdp differ);
 - apply_expert_parallel refuses, before changing any layer, an ep that does not divide
   n_experts, a mesh whose ranks are in another order than its group's (on every rank,
@@ -237,6 +239,31 @@ def test_every_unit_computes_in_param_dtype_and_reduces_in_reduce_dtype(fake_wor
     assert any(n.endswith(".moe.experts") for n in policies) and "layers.0" in policies
     assert {(p.param_dtype, p.reduce_dtype) for p in policies.values()} == \
         {(torch.bfloat16, torch.float32)}
+
+
+def test_norm_and_output_are_one_unit_and_the_only_one_kept_unsharded_after_forward(fake_world):
+    """[norm, output] is one FSDP2 unit (one all-gather) that stays unsharded after forward
+    (backward starts with it); every other unit holding parameters, the embedding's and
+    the experts' included, reshards after forward."""
+    model = _parallelized(ParallelDims(WORLD, ep=2))
+    head = model.norm._get_fsdp_state()
+    assert model.output._get_fsdp_state() is head
+    assert {id(p.sharded_param) for p in head._fsdp_param_group.fsdp_params} == \
+        {id(model.norm.weight), id(model.output.weight)}
+    reshards = {n: m._get_fsdp_state()._fsdp_param_group._reshard_after_forward
+                for n, m in model.named_modules()
+                if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group is not None}
+    assert {"tok_embeddings", "layers.0", f"{MOE_BLOCKS[0]}.moe.experts"} <= set(reshards)
+    assert {n for n, r in reshards.items() if not r} == {"norm", "output"}
+
+
+def test_without_expert_parallelism_any_floating_reduce_dtype_is_accepted(fake_world):
+    """The float32 / bfloat16 restriction is for ep > 1 only (FSDP2's own average is right
+    without expert parallelism): ep = 1 reduces in float16 as asked."""
+    model = _parallelized(ParallelDims(WORLD, ep=1), reduce_dtype=torch.float16)
+    reduce = {m._get_fsdp_state()._mp_policy.reduce_dtype for m in model.modules()
+              if isinstance(m, FSDPModule)}
+    assert reduce == {torch.float16}
 
 
 def test_a_mesh_of_another_layout_and_a_second_call_are_refused(fake_world):
