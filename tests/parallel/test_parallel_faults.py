@@ -19,6 +19,7 @@ meshes and FSDP2 units of real layouts are built without spawning ranks):
   an ep mesh whose order another rank found wrong;
 - parallelize_model's dims must be a ParallelDims (TypeError otherwise); without expert
   parallelism any floating-point reduce_dtype is accepted;
+- apply_compile hands its backend to torch.compile for every submodule it compiles;
 - the expert placement rule counts local experts per EP rank (ep and efsdp differ);
 - apply_expert_parallel refuses, before changing any layer, an ep that does not divide
   n_experts, a mesh whose ranks are in another order than its group's (on every rank,
@@ -422,6 +423,33 @@ def test_applying_checkpointing_lets_profiler_annotations_pass_selective_checkpo
     finally:
         ignored.clear()
         ignored.update(saved)
+
+
+def test_apply_compile_compiles_with_the_backend_it_is_given():
+    """The backend reaches torch.compile (not its default, inductor) for every compiled
+    submodule, the shared experts and the rest of a block alike: each hands its graph to
+    it."""
+    from ep_fp8.parallel.parallelize import apply_compile
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = Transformer(TINY)
+    apply_compile(model, recording)
+    dense_block, moe_block = model.layers[0], model.layers[1]
+    x = torch.randn(1, 8, TINY.dim, generator=torch.Generator().manual_seed(0))
+    try:
+        for module in (dense_block.attention_norm, dense_block.feed_forward,
+                       moe_block.moe.shared_experts):
+            before = len(graphs)
+            module(x)
+            assert len(graphs) > before, module
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dims", [None, {"world_size": 2, "ep": 2}])
