@@ -186,12 +186,9 @@ def test_compiled_attention_receives_the_rotary_tables_instead_of_computing_them
     # Inside a compiled graph inductor evaluates cos and sin again for every element of q
     # and k (10x slower rope on an H200): the tables must come in from the eager block.
     from ep_fp8.parallel.parallelize import apply_compile
-    graphs = []
+    from tests.ops._helpers import graph_recorder
 
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    recording_backend, graphs = graph_recorder()
     torch._dynamo.reset()
     model = Transformer(TINY)
     eager = model(_tokens(2, 9, TINY.vocab_size))

@@ -52,3 +52,14 @@ def saved_by(fn, *args, **kw):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args, **kw)
     return out, saved
+
+
+def graph_recorder():
+    """(backend, graphs): a torch.compile backend that appends each graph it is handed to
+    `graphs` and runs it as traced (no inductor)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs

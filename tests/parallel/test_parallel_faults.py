@@ -430,13 +430,9 @@ def test_apply_compile_compiles_with_the_backend_it_is_given():
     submodule, the shared experts and the rest of a block alike: each hands its graph to
     it."""
     from ep_fp8.parallel.parallelize import apply_compile
+    from tests.ops._helpers import graph_recorder
 
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    recording, graphs = graph_recorder()
     torch._dynamo.reset()
     model = Transformer(TINY)
     apply_compile(model, recording)
