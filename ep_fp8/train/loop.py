@@ -542,9 +542,11 @@ def train(cfg: Config) -> dict:
             # saved or evaluated): the run is complete, but it was asked to stop, and says
             # so (after a Ctrl-C, main's exit status tells a calling script to stop too).
             stopped = f"stopped by {stop.name} after step {step}"
-    if stopped and not cfg.checkpoint.enabled:
-        stopped += " (checkpoint.enabled = false: nothing saved)"
-    entropy = source.entropy if isinstance(source, MarkovSource) else None
-    say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
+        if stopped and not cfg.checkpoint.enabled:
+            stopped += " (checkpoint.enabled = false: nothing saved)"
+        entropy = source.entropy if isinstance(source, MarkovSource) else None
+        # Still under the stop flag: a Ctrl-C now is not a KeyboardInterrupt, which main
+        # would report as one before training started.
+        say(metrics.summary(stopped=stopped, entropy=entropy, checkpoint=last_ckpt))
     return {"step": step, "records": metrics.records, "validation": metrics.val_records,
             "stopped": stopped, "checkpoint": last_ckpt}

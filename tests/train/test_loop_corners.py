@@ -515,3 +515,18 @@ def test_a_damaged_initial_load_is_named_damaged_without_the_model_size_hint(tmp
     assert "initial_load: " in message and "is damaged" in message
     assert message.endswith("Give another complete checkpoint (a step-N folder of a run)")
     assert "must have the sizes" not in message
+
+
+def test_a_ctrl_c_while_the_summary_is_written_is_no_keyboard_interrupt(tmp_path, one_rank,
+                                                                        monkeypatch):
+    """The run is done and saved: a Ctrl-C then must not surface as a KeyboardInterrupt,
+    which main reports as one before training started ("nothing saved")."""
+    real = metrics_module.MetricsLogger.summary
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(metrics_module.MetricsLogger, "summary", interrupted)
+    out = _train(tmp_path, "--training.steps=2", "--checkpoint.enabled=true",
+                 "--checkpoint.interval=100")
+    assert out["step"] == 2 and out["checkpoint"].endswith("step-2")
