@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes writing shards at once (default: one per core, at "
                              "most --shards)")
     args = parser.parse_args(argv)
+    # Every use of --out below (the shards' names read back, the identity before and after)
+    # must name the file written, which is expanded: a quoted or --out=~/... keeps its ~.
+    args.out = os.path.expanduser(args.out)
     if args.source != "jsonl" and args.jsonl_field != "text":
         parser.error("--jsonl-field is read only with --source jsonl")
     if args.shards < 1:

@@ -128,9 +128,11 @@ def read_token_files(pattern: str) -> tuple[list[str], list[dict]]:
 
 def check_token_files(pattern: str, paths: list[str], headers: list[dict]) -> None:
     """Checks that the token files `paths` (of `pattern`), with their `headers`, make one
-    stream: one tokenizer vocabulary (vocab_size, end-of-document id and dtype alike), and
-    every corpus that a shard names present whole, each of its shards exactly once. Raises
-    ValueError naming the files and what is wrong."""
+    stream: one tokenizer vocabulary (vocab_size, end-of-document id and dtype alike),
+    every corpus that a shard names present whole, each of its shards exactly once, and no
+    input files prepared twice (one corpus as a whole file and as shards, or in two shard
+    counts: every document would be read twice). Raises ValueError naming the files and
+    what is wrong."""
     first = headers[0]
     for path, h in zip(paths, headers):
         if (h["vocab_size"], h["eos_id"], h["dtype"]) != (first["vocab_size"], first["eos_id"],
@@ -165,6 +167,17 @@ def check_token_files(pattern: str, paths: list[str], headers: list[dict]) -> No
         raise ValueError(f"token files of {pattern!r}: {len(missing)} of the {shards} shards of "
                          f"corpus {corpus} ({one!r} is one) are missing: shard(s) {listed}. "
                          f"{advice}")
+    # Every corpus whole: now no input files may have been prepared twice.
+    cuts: dict[str, tuple[str, str]] = {}   # inputs -> (its preparation, a file of it)
+    for path, h in zip(paths, headers):
+        if not h.get("inputs"):   # absent in files of earlier releases
+            continue
+        cut, first_path = cuts.setdefault(h["inputs"], (h.get("corpus", path), path))
+        if cut != h.get("corpus", path):
+            raise ValueError(
+                f"token files of {pattern!r}: {first_path!r} and {path!r} were prepared from the "
+                f"same input files (as one file and as shards, or in other shard counts): the "
+                f"stream would hold every document twice. Keep one preparation")
 
 
 def combined_header(headers: list[dict]) -> dict:

@@ -106,10 +106,11 @@ def configured_eos(path: str) -> str | None:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | JsonTokenizer:
-    """`spec` is "bytes" or the path of a tokenizer.json. Raises ValueError for a missing
+    """`spec` is "bytes" or the path of a tokenizer.json (~ expanded). Raises ValueError for a missing
     or unreadable file or a missing `tokenizers` package."""
     if spec == "bytes":
         return ByteTokenizer()
-    if not os.path.isfile(spec):
+    path = os.path.expanduser(spec)   # ~ as in [data] path and output_dir
+    if not os.path.isfile(path):
         raise ValueError(f"tokenizer file {spec!r} does not exist (or use \"bytes\")")
-    return JsonTokenizer(spec)
+    return JsonTokenizer(path)

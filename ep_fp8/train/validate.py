@@ -165,6 +165,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"it is read only with source = \"jsonl\"")
     files: list[list[str]] = []   # each corpus's files
     hashes: list[dict[str, str]] = []   # each corpus's {token file: documents' hash}
+    inputs: list[set[str]] = []   # each token corpus's headers' `inputs` (what it was prepared from)
     if d.source == "tokens":
         _check(d.tokenizer == "bytes", cfg,
                f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
@@ -173,6 +174,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
         for i, path in enumerate(d.paths):
             where = _corpus_name(d, i)
             paths, headers = _token_files(cfg, f"[data] blend[{i}]:" if d.blend else "[data]", path)
+            inputs.append({h["inputs"] for h in headers if h.get("inputs")})
             header = combined_header(headers)
             files.append(paths)
             hashes.append({p: h["hash"] for p, h in zip(paths, headers) if h["tokens"]})
@@ -207,6 +209,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
                    f"in one corpus of a blend only (raise that corpus's weight instead)")
     if len(files) > 1:
         _no_copies_across_corpora(cfg, files, hashes)
+        _no_corpus_prepared_twice(cfg, inputs)
     _check(vocab <= vocab_size, cfg,
            f"[data] {name} has {vocab} tokens, more than the model's vocab_size = "
            f"{vocab_size} ([model] vocab_size)")
@@ -226,6 +229,21 @@ def _copies(files: list[str], prints: dict, originals: dict) -> tuple[list[tuple
     copies = [(p, originals[key]) for p, key in prints.items() if key in originals]
     total = sum(os.path.getsize(p) for p in files)
     return copies, sum(os.path.getsize(p) for p, _ in copies) / max(1, total)
+
+
+def _no_corpus_prepared_twice(cfg: Config, inputs: list[set[str]]) -> None:
+    """ConfigError when two token corpora of the blend were prepared from the same input
+    files (their headers' `inputs`; one as a whole file and one as shards, or in two shard
+    counts): every document would be in both."""
+    first: dict[str, int] = {}
+    for i, ids in enumerate(inputs):
+        for one in ids:
+            j = first.setdefault(one, i)
+            _check(j == i, cfg,
+                   f"{_corpus_name(cfg.data, i)} and {_corpus_name(cfg.data, j)} were prepared "
+                   f"from the same input files (one as a whole file, the other as shards, or in "
+                   f"other shard counts): a document may be in one corpus of a blend only (raise "
+                   f"that corpus's weight instead)")
 
 
 def _no_copies_across_corpora(cfg: Config, files: list[list[str]],

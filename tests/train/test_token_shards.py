@@ -144,6 +144,46 @@ def test_a_held_out_shard_with_the_documents_of_a_training_shard_is_a_config_err
             "--validation.enabled=true", f"--validation.path={held}")
 
 
+def test_one_corpus_prepared_twice_is_refused_in_one_glob_and_across_a_blend(tmp_path):
+    """A whole file and the shards of the same inputs (the getting-started flow with one
+    --out), or two shard counts, or a copy of a token file: read together they would hold
+    every document twice; so would a blend of two such cuts."""
+    import shutil
+
+    pattern = _corpus(tmp_path / "docs", n=4)
+    whole = str(tmp_path / "t.tokens")
+    write_token_file(pattern, "text", "bytes", whole, progress=_quiet)
+    _shards(pattern, whole, 2)
+    assert len(read_token_files(str(tmp_path / "t-*.tokens"))[0]) == 2   # the shards alone: fine
+    with pytest.raises(ValueError, match=r"were prepared from the same input files \(as one file "
+                                         r"and as shards, or in other shard counts\): the stream "
+                                         r"would hold every document twice"):
+        read_token_files(str(tmp_path / "t*.tokens"))
+    with pytest.raises(ConfigError, match=r"\[data\] blend\[1\] '.*-of-00002.tokens' and \[data\] "
+                                          r"blend\[0\] '.*t.tokens' were prepared from the same "
+                                          r"input files"):
+        _config(tmp_path, "--data.source=tokens",
+                f'--data.blend=["{whole}", "{tmp_path / "t-*-of-00002.tokens"}"]',
+                "--data.blend_weights=[1, 1]")
+    (tmp_path / "copy").mkdir()
+    shutil.copy(whole, tmp_path / "copy" / "a.tokens")
+    shutil.copy(whole, tmp_path / "copy" / "b.tokens")
+    with pytest.raises(ValueError, match="prepared from the same input files"):
+        read_token_files(str(tmp_path / "copy" / "*.tokens"))
+
+
+def test_the_command_line_expands_a_tilde_in_out(tmp_path, capfd, monkeypatch):
+    """--out=~/... (the shell leaves that ~ alone): every shard is written under the home
+    folder, and the run ends with its summary, not a failure to read them back."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pattern = _corpus(tmp_path / "docs")
+    assert prepare_data.main(["--source", "text", "--path", pattern, "--out=~/o/t.tokens",
+                              "--shards", "2", "--workers", "1"]) == 0
+    assert "all 2 shards complete" in capfd.readouterr().out
+    assert sorted(os.listdir(tmp_path / "o")) == [f"t-{i:05d}-of-00002.tokens" for i in range(2)]
+
+
 def test_a_complete_shard_is_kept_and_anything_else_there_is_refused(tmp_path):
     pattern = _corpus(tmp_path / "docs")
     out = str(tmp_path / "t.tokens")
