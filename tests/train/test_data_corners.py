@@ -385,3 +385,15 @@ def test_the_fingerprint_tells_tokenizers_that_give_as_many_tokens_apart(tmp_pat
     assert "[data] differs from the checkpoint's" in loader.resume_note
     loader.load_state_dict({"samples_seen": 4, "source": second.earlier_fingerprint})
     assert loader.resume_note == ""
+
+
+def test_a_tokenizer_path_takes_a_tilde_as_data_paths_do(tmp_path, monkeypatch):
+    from ep_fp8.train import tokenizer as tokenizer_module
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok.json").write_text("{}")
+    opened = []
+    monkeypatch.setattr(tokenizer_module, "JsonTokenizer", lambda path: opened.append(path) or path)
+    assert tokenizer_module.load_tokenizer("~/tok.json") == str(tmp_path / "tok.json")
+    with pytest.raises(ValueError, match=r"tokenizer file '~/missing.json' does not exist"):
+        tokenizer_module.load_tokenizer("~/missing.json")
