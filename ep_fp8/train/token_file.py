@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -240,18 +241,35 @@ def _plan(pattern: str, source: str, tokenizer: str, out: str, field: str, overw
     return _Plan(out, target, files, inputs, extra, tag, None)
 
 
+def _glob_match(path: str, pattern: str) -> bool:
+    """Whether glob.glob(`pattern`, recursive=True) would list `path` (both absolute), were
+    it there: name by name, `**` standing for any number of folders (none included) and
+    each other name matched by fnmatch, whose `*`, `?` and `[...]` then stay within that
+    name. Unlike glob, a `*` also matches names that begin with a dot: it errs towards yes."""
+    names, parts = path.strip(os.sep).split(os.sep), pattern.strip(os.sep).split(os.sep)
+
+    @functools.cache
+    def match(i: int, j: int) -> bool:
+        if j == len(parts):
+            return i == len(names)
+        if parts[j] == "**":
+            return any(match(k, j + 1) for k in range(i, len(names) + 1))
+        return i < len(names) and fnmatch.fnmatchcase(names[i], parts[j]) and match(i + 1, j + 1)
+    return match(0, 0)
+
+
 def _matches(paths: list[str], pattern: str) -> bool:
     """Whether a file at one of `paths` (absolute) would be one of list_files(pattern)'s,
-    were it there. fnmatch's `*` also crosses folders, as `**` does: it errs towards yes.
-    The pattern's folders before its first wildcard are also tried with their symbolic
-    links resolved, as `paths` may name the output's real folder."""
+    were it there (_glob_match). The pattern's folders before its first wildcard are also
+    tried with their symbolic links resolved, as `paths` may name the output's real
+    folder."""
     pattern = os.path.abspath(os.path.expanduser(pattern))
     head, rest = pattern, ""
     while any(c in head for c in "*?["):
         head, part = os.path.split(head)
         rest = os.path.join(part, rest) if rest else part
     patterns = {pattern, os.path.join(os.path.realpath(head), rest) if rest else os.path.realpath(head)}
-    return any(fnmatch.fnmatchcase(path, p) for path in paths for p in patterns)
+    return any(_glob_match(path, p) for path in paths for p in patterns)
 
 
 def check_shards(pattern: str, source: str, tokenizer: str, out: str, field: str,

@@ -384,3 +384,32 @@ def test_a_shard_the_glob_would_read_through_a_linked_input_folder_is_refused(tm
     assert code == 2 and "would match --path" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "docs")) == [f"{i}.txt" for i in range(6)] + ["empty.txt"]
     assert not token_file._matches([str(tmp_path / "docs" / "t.tokens")], pattern)
+
+
+@pytest.mark.parametrize("pattern", ["data/*", "data/*.txt", "data/**/*.txt", "data/**", "**/*.tokens",
+                                     "data/*/*", "data/[ab]*", "data/sub/**/x?.txt", "*/sub/*"])
+def test_the_output_check_matches_as_the_glob_lists(tmp_path, pattern):
+    """_glob_match says yes for exactly the files glob.glob(recursive=True) lists: `*` stays
+    within a name, `**` crosses folders (none included)."""
+    import glob
+
+    names = ["data/a.txt", "data/b.tokens", "data/sub/x1.txt", "data/sub/deep/x2.txt",
+             "data/sub/deep/t.tokens", "other/sub/c.txt", "top.tokens"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    full = os.path.join(str(tmp_path), pattern)
+    listed = {p for p in glob.glob(full, recursive=True) if os.path.isfile(p)}
+    for name in names:
+        path = str(tmp_path / name)
+        assert token_file._glob_match(path, full) == (path in listed), (pattern, name)
+
+
+def test_a_shard_output_in_a_folder_the_glob_does_not_reach_is_accepted(tmp_path):
+    pattern = _corpus(tmp_path / "docs").replace("*.txt", "*")   # docs/*: not docs/tok/...
+    out = str(tmp_path / "docs" / "tok" / "t.tokens")
+    _shards(pattern, out, 2)
+    assert len(read_token_files(str(tmp_path / "docs" / "tok" / "t-*.tokens"))[0]) == 2
+    with pytest.raises(ValueError, match="would match --path"):   # docs/t...: it would
+        write_token_file(pattern, "text", "bytes", str(tmp_path / "docs" / "t.tokens"),
+                         progress=_quiet, shard=(0, 2))
