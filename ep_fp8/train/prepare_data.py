@@ -11,7 +11,7 @@ same tokenizer.
 
 A large corpus can be prepared in shards: `--shards 16` cuts the sorted files into 16
 contiguous runs of about equal bytes and writes data/train-00000-of-00016.tokens and so
-on, on `--workers` processes of this machine (default: one per core, at most 16), or one
+on, on `--workers` processes of this machine (default: one per core it may use, at most 16), or one
 shard per job with `--shard I` (a SLURM array over many machines, which is what shards are
 for: on one machine a single process was at least as fast, docs/getting_started.md). Train
 on them with `path = "data/train-*-of-00016.tokens"`: read in order, the shards hold the
@@ -32,6 +32,15 @@ import time
 from ep_fp8.train.data import file_identity
 from ep_fp8.train.token_file import (check_shards, read_header, shard_glob, shard_path,
                                      write_token_file)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a SLURM allocation or taskset may give fewer
+    than the machine has), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):   # no affinity on this platform
+        return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write only this shard (0 .. --shards - 1), e.g. one per job of "
                              "an array; default: all of them")
     parser.add_argument("--workers", type=int, default=None,
-                        help="processes writing shards at once (default: one per core, at "
+                        help="processes writing shards at once (default: one per usable core, at "
                              "most --shards)")
     args = parser.parse_args(argv)
     # Every use of --out below (the shards' names read back, the identity before and after)
@@ -107,13 +116,14 @@ def _all_shards(args, argv: list[str]) -> int:
         print(f"prepare_data: {e}", file=sys.stderr)
         return 2
     pending = [i for i in range(n) if i not in kept]
-    workers = min(args.workers or os.cpu_count() or 1, max(len(pending), 1))
+    cores = _usable_cores()
+    workers = min(args.workers or cores, max(len(pending), 1))
     env = dict(os.environ)
     # torch's and a tokenizer.json's thread pools, one each per process: share the cores
     # among the workers (with a pool of every core in each, they would spin against each
     # other).
     for pool in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
-        env.setdefault(pool, str(max(1, (os.cpu_count() or 1) // workers)))
+        env.setdefault(pool, str(max(1, cores // workers)))
     command = [sys.executable, "-m", "ep_fp8.train.prepare_data", *argv]
     print(f"[prepare] {n} shards of {args.path!r}: {len(kept)} already complete, "
           f"{len(pending)} to write" + (f" on {workers} worker(s)" if pending else ""), flush=True)

@@ -449,3 +449,15 @@ def test_inputs_key_names_the_files_by_content_source_and_field(tmp_path):
         f.seek(0, os.SEEK_END)
         f.write(b"x")
     assert ident != inputs_id(files, "text", "text")
+
+
+def test_the_default_worker_count_is_the_cores_this_process_may_use(tmp_path, capfd, monkeypatch):
+    """Under taskset or a SLURM allocation smaller than the machine, one worker per core
+    the process may run on, not per core of the machine."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    pattern = _corpus(tmp_path / "docs")
+    assert prepare_data.main(["--source", "text", "--path", pattern,
+                              "--out", str(tmp_path / "t.tokens"), "--shards", "2"]) == 0
+    assert "2 to write on 1 worker(s)" in capfd.readouterr().out
