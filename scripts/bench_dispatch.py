@@ -250,9 +250,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.top_k > args.experts:
         p.error(f"--top-k ({args.top_k}) exceeds --experts ({args.experts})")
-    bad = set(args.payloads.split(",")) - {"bf16", "float8"}
+    payloads = args.payloads.split(",")
+    bad = set(payloads) - {"bf16", "float8"}
     if bad:
         p.error(f"unknown payloads {sorted(bad)}; choose from bf16, float8")
+    args.payloads = ",".join(dict.fromkeys(payloads))   # each once: one row per payload
     if problem := output_path_problem(args.out):
         p.error(f"--out {args.out!r} {problem}")
     return args

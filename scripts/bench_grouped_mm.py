@@ -318,7 +318,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       file=sys.stderr)
             else:
                 shapes.append(shape)
-        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        args.methods = list(dict.fromkeys(methods))   # each once: records are keyed by method too
+        if len(args.methods) < len(methods):
+            print(f"note: --methods names {', '.join(m for m in args.methods if methods.count(m) > 1)} "
+                  f"more than once; timing each once", file=sys.stderr)
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown or not args.methods:
             raise ValueError(f"--methods: unknown {unknown}, choose from {','.join(METHODS)}")

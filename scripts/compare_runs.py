@@ -246,8 +246,10 @@ def format_markdown(summary: list[dict]) -> str:
     if any(not math.isfinite(row["final_loss"]) for row in summary):
         note += (" A final loss that is not finite (a run that diverged) is compared with "
                  "none (n/a).")
-    if any(not row["mfu"] for row in summary):
+    if any(row["mfu"] == 0 for row in summary):
         note += " MFU n/a: the run knew no peak FLOP/s for its device (it logs 0)."
+    if any(row["mfu"] is None for row in summary):
+        note += " MFU n/a: not in the metrics file."
     if len({row["last_step"] for row in summary}) > 1:
         note += (" The runs end at different steps, so their final losses are not taken at the "
                  "same point of training.")
@@ -280,19 +282,27 @@ def plot(runs: list[Run], out: Path, smooth: int = 1) -> None:
     plt = _pyplot()
     fig, (ax_loss, ax_rel) = plt.subplots(2, 1, sharex=True, figsize=(9, 7),
                                           gridspec_kw={"height_ratios": [2, 1]})
+    # Legend entries by hand: matplotlib leaves out a line whose label begins with "_".
+    legends: dict = {ax_loss: ([], []), ax_rel: ([], [])}
+
+    def line(ax, *args, label, **kwargs):
+        handles, labels = legends[ax]
+        handles.append(ax.plot(*args, label=label, **kwargs)[0])
+        labels.append(label)
+
     for i, run in enumerate(runs):
         steps = [r["step"] for r in run.records]
-        ax_loss.plot(steps, moving_average([r["loss"] for r in run.records], smooth),
-                     color=f"C{i}", label=run.label, linewidth=1.2)
+        line(ax_loss, steps, moving_average([r["loss"] for r in run.records], smooth),
+             color=f"C{i}", label=run.label, linewidth=1.2)
         if run.val_records:
-            ax_loss.plot([r["step"] for r in run.val_records],
-                         [r["val_loss"] for r in run.val_records], color=f"C{i}",
-                         linestyle="--", marker="o", markersize=3, linewidth=1.0,
-                         label=f"{run.label} (val)")
+            line(ax_loss, [r["step"] for r in run.val_records],
+                 [r["val_loss"] for r in run.val_records], color=f"C{i}",
+                 linestyle="--", marker="o", markersize=3, linewidth=1.0,
+                 label=f"{run.label} (val)")
         if i > 0:
             rel_steps, rel = relative_difference(runs[0].records, run.records)
-            ax_rel.plot(rel_steps, moving_average([100.0 * d for d in rel], smooth),
-                        color=f"C{i}", label=f"{run.label} vs {runs[0].label}", linewidth=1.2)
+            line(ax_rel, rel_steps, moving_average([100.0 * d for d in rel], smooth),
+                 color=f"C{i}", label=f"{run.label} vs {runs[0].label}", linewidth=1.2)
     ax_rel.axhline(0.0, color="C0", linewidth=0.8)
     smoothing = f" (moving average over {smooth} logged steps)" if smooth > 1 else ""
     held_out = "; dashed: held-out val_loss" if any(run.val_records for run in runs) else ""
@@ -302,7 +312,7 @@ def plot(runs: list[Run], out: Path, smooth: int = 1) -> None:
     ax_rel.set_xlabel("step")
     for ax in (ax_loss, ax_rel):
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(*legends[ax])
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def summarize_gpu_samples(lines: list[str]) -> dict | None:
         rows.append((sm, sm_max, power, limit, reasons))
     if not rows:
         return None
-    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    median = statistics.median
     return {"n": len(rows), "sm_mhz_median": median([r[0] for r in rows]),
             "sm_mhz_min": min(r[0] for r in rows), "sm_mhz_max_rated": rows[0][1],
             "power_w_median": median([r[2] for r in rows]), "power_limit_w": rows[0][3],

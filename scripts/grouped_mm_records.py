@@ -102,8 +102,10 @@ def add_ratios(records: list[dict]) -> list[dict]:
 
 def geomeans(records: list[dict], shapes=LARGE_SHAPES) -> list[dict]:
     """Per (groups, method): the geometric mean of each ratio in RATIO_KEYS over the
-    records whose shape is in `shapes`, and n_shapes, how many such records there are.
-    A ratio is None where no record has it. Records must already carry add_ratios' keys."""
+    records whose shape is in `shapes` and that have it, `n_<key>` how many those are, and
+    n_shapes how many have any ratio (a shape whose run failed or was skipped has none and
+    is not counted). A ratio is None where no record has it. Records must already carry
+    add_ratios' keys."""
     shapes = {tuple(s) for s in shapes}
     keys = []  # (groups, method) in first-seen order
     for r in records:
@@ -113,10 +115,12 @@ def geomeans(records: list[dict], shapes=LARGE_SHAPES) -> list[dict]:
     for groups, method in keys:
         rows = [r for r in records if tuple(r["shape"]) in shapes
                 and r["groups"] == groups and r["method"] == method]
-        entry = {"groups": groups, "method": method, "n_shapes": len(rows)}
+        entry = {"groups": groups, "method": method}
         for key in RATIO_KEYS:
             vals = [r[key] for r in rows if r.get(key) is not None]
             entry[key] = math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+            entry[f"n_{key}"] = len(vals)
+        entry["n_shapes"] = sum(any(r.get(k) is not None for k in RATIO_KEYS) for r in rows)
         out.append(entry)
     return out
 
@@ -165,7 +169,8 @@ def format_table(records: list[dict], summaries: list[dict] | None = None) -> st
                       "fwd x torchao", "f+b x torchao"]
         sum_rows = [[s["groups"], s["method"], str(s["n_shapes"])]
                     + [fmt(s[k], ".3f") for k in RATIO_KEYS] for s in summaries]
-        text += ("\n\nGeometric means over those of the large shapes that were run ('shapes': how many) of "
+        text += ("\n\nGeometric means over those of the large shapes that have each ratio ('shapes': "
+                 "how many ran) of "
                  + "; ".join(",".join(map(str, s)) for s in LARGE_SHAPES) + "\n"
                  + render(sum_header + [""], [r + [""] for r in sum_rows], 2))
     return text

@@ -202,7 +202,7 @@ def _each_shape(shapes, backend, what):
 
     for M, G, K, N in shapes:
         inputs = _inputs(M, G, K, N)
-        chosen = resolve_backend(backend, inputs[0].device, K, N, M)
+        chosen = resolve_backend(backend, inputs[0].device, K, N, M, G)   # as the op decides
         print(f"shape {M},{G},{K},{N} backend {backend} (runs {chosen}): {what}")
         yield (M, G, K, N), chosen, inputs, _steps(scaled_grouped_mm, *inputs, backend)
         del inputs

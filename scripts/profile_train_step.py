@@ -36,6 +36,7 @@ import contextlib
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -160,6 +161,24 @@ def timed_host_reads(waits: list[float]):
         torch.Tensor.tolist = tolist
 
 
+def host_wait_line(waits_ms: list[float], wall_ms: float) -> str:
+    """--host's sentence on the host's wait at each step's read (`waits_ms`, unprofiled
+    steps) against the unprofiled wall time per step: the GPU was behind the host when
+    the median wait is 5% of a step or more, else the host set the pace."""
+    waits = sorted(waits_ms)
+    mid = statistics.median(waits)
+    line = (f"unprofiled, the host waited {mid:.1f} ms (median; {waits[0]:.1f} to "
+            f"{waits[-1]:.1f}) at each step's read for the GPU to finish: ")
+    if mid >= 0.05 * wall_ms:
+        line += "the GPU was still behind the host when each step ended, so the GPU bounds the step."
+    else:
+        line += ("the GPU had caught up by then, so the host (launching kernels, drawing data) "
+                 "bounds the step.")
+    return line + (" The profiled kernel times above ran at the clocks of a GPU the profiler "
+                   "slows down: on a power-capped GPU those are higher than in unprofiled "
+                   "steps, so wall minus busy overstates the idle time.")
+
+
 def host_report(step, events, steps: int, wall_ms: float, read_waits: list[float], top: int,
                 show: bool = True) -> None:
     """Prints (if `show`) where a step's host time goes (see --host in the module
@@ -178,12 +197,7 @@ def host_report(step, events, steps: int, wall_ms: float, read_waits: list[float
         f"{sum(g for g, _, _ in gaps) / 1e3 / steps:.1f} ms/step:")
     say(format_gaps(gaps, steps))
     if read_waits:
-        waits_ms = sorted(1e3 * w for w in read_waits)
-        say(f"unprofiled, the host waited {waits_ms[len(waits_ms) // 2]:.1f} ms (median; "
-            f"{waits_ms[0]:.1f} to {waits_ms[-1]:.1f}) at each step's read for the GPU to finish: "
-            f"the GPU was still behind the host when each step ended. The profiled kernel times "
-            f"above ran at the clocks of a GPU the profiler slows down: on a power-capped GPU those "
-            f"are higher than in unprofiled steps, so wall minus busy overstates the idle time.")
+        say(host_wait_line([1e3 * w for w in read_waits], wall_ms))
 
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

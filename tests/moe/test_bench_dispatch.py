@@ -84,6 +84,10 @@ def _recording(dispatcher_cls, leaves, w_grads):
     return Recording
 
 
+def test_a_payload_given_twice_is_measured_once(bench):
+    assert bench.parse_args(["--payloads", "float8,bf16,float8"]).payloads == "float8,bf16"
+
+
 def _small_inputs(bench, argv=()):
     args = bench.parse_args(["--quick", "--tokens", "16", "--dim", "32", *argv])
     x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).bfloat16()

@@ -304,6 +304,14 @@ def test_a_shape_given_twice_runs_once(bench, capsys):
     assert "--shape 4096,32,2048,768 was given twice" in capsys.readouterr().err
 
 
+def test_a_method_given_twice_is_timed_once(bench, capsys):
+    # Each (shape, groups, method) is one record: a second entry doubled its rounds and its
+    # row, and geomeans counted it twice.
+    args = bench.parse_args(["--methods", "bf16,ep_fp8, bf16", "--shape", "4096,32,2048,768"])
+    assert args.methods == ["bf16", "ep_fp8"]
+    assert "--methods names bf16 more than once; timing each once" in capsys.readouterr().err
+
+
 def test_parse_args_defaults_and_quick(bench):
     args = bench.parse_args([])
     assert args.shapes == bench.DEFAULT_SHAPES and args.group_modes == ("uniform", "uneven")

@@ -175,3 +175,22 @@ def test_without_matplotlib_the_message_says_how_to_install_it(compare_runs, tmp
     assert compare_runs.main(files + ["--out", str(tmp_path / "p.png")]) == 2
     assert "matplotlib, which is not installed: pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_labels_beginning_with_an_underscore_still_reach_the_legends(compare_runs, tmp_path, drawn):
+    files = two_runs(tmp_path, [3.0, 2.0, 1.0], [3.1, 2.1, 1.1])
+    assert compare_runs.main(files + ["--labels", "_base,_fp8", "--out", str(tmp_path / "p.png")]) == 0
+    ax_loss, ax_rel = drawn[0].axes
+    assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == ["_base", "_fp8"]
+    assert [t.get_text() for t in ax_rel.get_legend().get_texts()] == ["_fp8 vs _base"]
+
+
+def test_mfu_missing_from_the_files_is_not_blamed_on_an_unknown_peak(compare_runs, tmp_path):
+    steps = [1, 2]
+    for name in ("a", "b"):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.write(json.dumps({"run": {"name": name}}) + "\n")
+            f.writelines(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in steps)
+    runs = compare_runs.load_runs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], None)
+    table = compare_runs.format_markdown(compare_runs.summarize(runs))
+    assert "MFU n/a: not in the metrics file." in table and "knew no peak" not in table

@@ -85,3 +85,9 @@ def test_close_ends_a_running_sampler_and_kills_one_that_stays(gpu_monitor, tmp_
     monitor.proc = FakeProc(running, stubborn)
     monitor.close()
     assert monitor.proc.calls == calls
+
+
+def test_medians_of_an_even_number_of_samples_are_the_mean_of_the_middle_two(gpu_monitor):
+    lines = ["1000 MHz, 1980 MHz, 300 W, 700 W, 0x0", "2000 MHz, 1980 MHz, 700 W, 700 W, 0x0"]
+    summary = gpu_monitor.summarize_gpu_samples(lines)
+    assert summary["sm_mhz_median"] == 1500 and summary["power_w_median"] == 500

@@ -47,3 +47,21 @@ def test_geomeans_count_the_large_shapes_that_were_run(bench, bench_records):
     assert s["fwd_x_bf16"] == pytest.approx(
         (find(records, bench.DEFAULT_SHAPES[0], "uniform", "ep_fp8")["fwd_x_bf16"]
          * find(records, bench.DEFAULT_SHAPES[1], "uniform", "ep_fp8")["fwd_x_bf16"]) ** 0.5)
+
+
+def test_a_shape_whose_run_failed_is_not_counted_in_its_geomean(bench, bench_records):
+    """ep_fp8 failed on the fourth large shape: its geomeans cover three shapes, and the
+    count says three; bf16 ran all four."""
+    raw = fake_records(bench, bench.DEFAULT_SHAPES[:4], seed=5)
+    failed = bench.DEFAULT_SHAPES[3]
+    for r in raw:
+        if tuple(r["shape"]) == tuple(failed) and r["method"] == "ep_fp8":
+            r.update(status="error", fwd_ms=None, fwd_bwd_ms=None)
+    summaries = bench_records.geomeans(bench_records.add_ratios(raw))
+    s = next(x for x in summaries if x["groups"] == "uniform" and x["method"] == "ep_fp8")
+    assert s["n_shapes"] == s["n_fwd_bwd_x_bf16"] == 3
+    assert next(x for x in summaries if x["method"] == "bf16")["n_shapes"] == 4
+    row = next(line for line in bench_records.format_table(bench_records.add_ratios(raw), summaries)
+               .splitlines() if line.startswith("uniform") and " ep_fp8 " in f" {line} "
+               and len(line.split()) <= 8)
+    assert row.split()[2] == "3"

@@ -110,3 +110,12 @@ def test_kernel_events_keep_gpu_work_and_leave_out_gpu_side_annotations(prof):
               SimpleNamespace(name="ProfilerStep", device_type=cuda, is_user_annotation=True)]
     kept = prof.kernel_events(SimpleNamespace(events=lambda: events))
     assert [e.name for e in kept] == ["nvjet_gemm", "Memcpy DtoD (Device -> Device)"]
+
+
+def test_the_host_wait_line_says_which_side_bounds_the_step(prof):
+    gpu_bound = prof.host_wait_line([10.0, 20.0, 30.0, 40.0], wall_ms=150.0)
+    assert "waited 25.0 ms (median; 10.0 to 40.0)" in gpu_bound
+    assert "the GPU was still behind the host when each step ended" in gpu_bound
+    host_bound = prof.host_wait_line([0.001, 0.002, 0.001], wall_ms=150.0)
+    assert "the host (launching kernels, drawing data) bounds the step" in host_bound
+    assert "still behind" not in host_bound
