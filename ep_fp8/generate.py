@@ -19,6 +19,7 @@ on the model as exported: fine for checking what a run learned, not a serving pa
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 
@@ -196,9 +197,9 @@ def generate_samples(model, prompt: list[int], max_new_tokens: int, samples: int
         raise ValueError("the prompt holds no token")
     if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
         raise ValueError(f"prompt ids must be ints in [0, {vocab}), got {prompt[:8]}...")
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
+    if max_new_tokens < 0 or not (math.isfinite(temperature) and temperature >= 0) or top_k < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}), temperature ({temperature}) and "
-                         f"top_k ({top_k}) must be >= 0")
+                         f"top_k ({top_k}) must be >= 0 (and the temperature finite)")
     if allowed is not None and not (isinstance(allowed, int) and allowed >= 1):
         raise ValueError(f"allowed must be None or an int >= 1, got {allowed!r}")
     if not (isinstance(samples, int) and samples >= 1):
@@ -251,10 +252,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, allowed: i
     logits = logits[..., :allowed].float()
     if temperature == 0:
         return logits.argmax(-1).tolist()
-    logits = logits / temperature
-    if 0 < top_k < allowed:
+    if 0 < top_k < allowed:   # cut before scaling: a huge temperature would flatten the ranks
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # From the largest: a tiny temperature then sends the others to -inf (greedy), not to nan.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1).tolist()
 
 
@@ -304,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--samples must be >= 1, got {ns.samples}")
         device = _device(ns.device)
         model, meta = load_exported(ns.model, device)
-        tok = exported_tokenizer(meta, ns.tokenizer)
+        try:
+            tok = exported_tokenizer(meta, ns.tokenizer)
+        except ValueError as e:
+            if ns.prompt is not None or ns.tokenizer is not None:
+                raise ValueError(f"{ns.model!r}: {e}; give --tokenizer PATH, or sample token "
+                                 f"ids with --prompt-ids") from None
+            print(f"note: {e}: printing token ids", file=sys.stderr)   # ids need no tokenizer
+            tok = None
         spec = ns.tokenizer or meta.get("tokenizer")
         if ns.prompt is not None:
             if tok is None:

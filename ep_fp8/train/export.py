@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -228,6 +229,11 @@ def exported_tokenizer(meta: dict, given: str | None = None):
         return load_tokenizer(given)
     if meta.get("tokenizer_json") is None:
         return load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
+    try:   # named here, not by the temporary path below
+        importlib.import_module("tokenizers")
+    except ImportError:
+        raise ValueError("the model file embeds its tokenizer.json, which needs the 'tokenizers' "
+                         "package (pip install tokenizers)") from None
     with tempfile.TemporaryDirectory() as folder:   # as written: tokenizer.json + its eos
         with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(meta["tokenizer_json"])

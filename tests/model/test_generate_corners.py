@@ -94,3 +94,19 @@ def test_greedy_choice_keeps_to_the_allowed_ids():
     free = generate(model, [3, 1, 4], 12, temperature=0)
     assert max(free) >= 8   # unrestricted, the chain takes ids the restriction removes
     assert max(generate(model, [3, 1, 4], 12, temperature=0, allowed=8)) < 8
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_finite_and_non_negative_is_refused(temperature):
+    with pytest.raises(ValueError, match=r"must be >= 0 \(and the temperature finite\)"):
+        generate(_model(), [3, 1], 4, temperature=temperature)
+
+
+def test_a_tiny_temperature_draws_the_largest_and_top_k_cuts_before_scaling():
+    """Logits divided by 1e-39 overflowed to inf and softmax gave nan; and a huge
+    temperature flattened them before the top-k cut, which then kept every id."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1e-39, 0, 4, g)) == {0}
+    assert set(sample_next(logits, 1e30, 1, 4, g)) == {0}     # top_k 1: only the largest
+    assert set(sample_next(logits, 1e30, 2, 4, g)) == {0, 1}  # and a flat draw among the two

@@ -200,6 +200,37 @@ def test_generate_from_a_file_without_a_tokenizer_prints_the_prompt_ids_and_the_
     assert "records no tokenizer" in err and "give --prompt-ids, or --tokenizer" in err
 
 
+def test_generate_prints_ids_when_the_files_tokenizer_cannot_be_loaded_here(tmp_path, capsys):
+    """A file that names a tokenizer this machine lacks (or embeds one without the
+    tokenizers package): --prompt-ids still samples and prints ids, with a note; --prompt,
+    which needs it, and an explicit --tokenizer that fails are errors naming what to do."""
+    _fake_run(tmp_path / "run")
+    export_model(str(tmp_path / "run"), str(tmp_path / "m.pt"), progress=_quiet)
+    data = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save(dict(data, tokenizer="/nonexistent/tokenizer.json"), tmp_path / "gone.pt")
+    path = str(tmp_path / "gone.pt")
+    assert generate_main([path, "--prompt-ids", "5,7,9", "--temperature", "0",
+                          "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ",".join(map(str, [5, 7, 9] + _sample(path, [5, 7, 9], 0, 0, n=4))) + "\n"
+    assert "note: tokenizer file '/nonexistent/tokenizer.json' does not exist" in captured.err
+    assert "printing token ids" in captured.err
+    assert generate_main([path, "--prompt", "hi", "--device", "cpu"]) == 2
+    assert "give --tokenizer PATH, or sample token ids with --prompt-ids" in capsys.readouterr().err
+    assert generate_main([path, "--prompt-ids", "5", "--tokenizer", "/nope.json",
+                          "--device", "cpu"]) == 2
+    capsys.readouterr()
+
+
+def test_an_embedded_tokenizer_without_its_package_is_named_as_such(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)   # import tokenizers: ImportError
+    with pytest.raises(ValueError, match=r"^the model file embeds its tokenizer.json, which needs "
+                                         r"the 'tokenizers' package \(pip install tokenizers\)$"):
+        exported_tokenizer({"tokenizer": "/gone/tokenizer.json", "tokenizer_json": "{}"})
+
+
 # ---- writing the output file (ep_fp8.paths) -----------------------------------------------
 
 def _fsync_log(monkeypatch):
