@@ -81,6 +81,20 @@ def test_slurm_script_refuses_a_loopback_rendezvous_address_on_several_nodes(tmp
                 f"--config train_configs/moe_16b.toml --training.device=cpu --training.steps=5 --job.name=a b") in line, line
 
 
+@pytest.mark.parametrize("answer, endpoint", [
+    ("fe80::1 10.0.0.5", "10.0.0.5:29500"),           # IPv4 preferred where there are several
+    ("2001:db8::7", "[2001:db8::7]:29500"),           # IPv6 only: in brackets before the port
+])
+def test_slurm_script_takes_an_ipv4_address_and_brackets_an_ipv6_one(tmp_path, answer, endpoint):
+    env = _fake_slurm(tmp_path, answer)
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_multinode.slurm"), "--training.device=cpu",
+                           "--training.steps=5"], env={**env, "SLURM_GPUS_ON_NODE": "4"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    started = [line for line in proc.stdout.splitlines() if line.startswith("TORCHRUN")]
+    assert len(started) == 2 and all(f"--rdzv_endpoint={endpoint} " in line for line in started)
+
+
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/out", "tests", "bnech"], "unknown stage 'bnech' (tests, bench, train, ep)"),
     (["{tmp}/a_file", "tests"], "cannot make the output folder '{tmp}/a_file'"),
