@@ -123,19 +123,28 @@ def test_a_fresh_run_moves_an_earlier_runs_config_metrics_and_tensorboard_aside(
     assert not (run / "tb").exists()
 
 
+def _signal_during(monkeypatch, owner, name, sig, at_call=1, after=False):
+    """Wraps `owner`.`name` (a function or method) so that its call number `at_call` sends
+    `sig` to this process (_StopFlag's handler takes it), before the call runs or, with
+    `after`, once it has: a signal that arrives at that moment of the run."""
+    real, calls = getattr(owner, name), []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call and not after:
+            os.kill(os.getpid(), sig)
+        result = real(*args, **kwargs)
+        if len(calls) == at_call and after:
+            os.kill(os.getpid(), sig)
+        return result
+    monkeypatch.setattr(owner, name, signalled)
+
+
 def test_a_stop_by_signal_with_checkpoints_off_says_nothing_was_saved(tmp_path, one_rank,
                                                                       monkeypatch):
     """A SIGTERM just before step 2 stops the run after step 2; that step is logged though
     log_every is 100, and the reason says that nothing was saved."""
-    real, calls = loop.loop_step, []
-
-    def signalled_before_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)   # _StopFlag's handler takes it
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "loop_step", signalled_before_step_2)
+    _signal_during(monkeypatch, loop, "loop_step", signal.SIGTERM, at_call=2)
     out = _train(tmp_path, "--training.steps=6", "--metrics.log_every=100")
     assert out["step"] == 2
     assert out["stopped"] == ("stopped by SIGTERM after step 2 "
@@ -144,23 +153,9 @@ def test_a_stop_by_signal_with_checkpoints_off_says_nothing_was_saved(tmp_path, 
     assert out["checkpoint"] is None and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def _signal_in_train_step(monkeypatch, sig, at_call):
-    """Sends `sig` to this process inside train_step's call number `at_call`, after its
-    work: a signal that arrives while a step computes."""
-    real, calls = loop.train_step, []
-
-    def signalled(*args, **kwargs):
-        result = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == at_call:
-            os.kill(os.getpid(), sig)
-        return result
-    monkeypatch.setattr(loop, "train_step", signalled)
-
-
 def test_a_signal_while_a_step_computes_stops_the_run_after_that_step(tmp_path, one_rank,
                                                                        monkeypatch):
-    _signal_in_train_step(monkeypatch, signal.SIGTERM, at_call=2)
+    _signal_during(monkeypatch, loop, "train_step", signal.SIGTERM, at_call=2, after=True)
     out = _train(tmp_path, "--training.steps=10", "--checkpoint.enabled=true",
                  "--checkpoint.interval=100")
     assert out["step"] == 2 and out["stopped"] == "stopped by SIGTERM after step 2"
@@ -169,7 +164,7 @@ def test_a_signal_while_a_step_computes_stops_the_run_after_that_step(tmp_path, 
 
 
 def test_a_signal_during_the_last_step_counts_for_it(tmp_path, one_rank, monkeypatch):
-    _signal_in_train_step(monkeypatch, signal.SIGINT, at_call=3)
+    _signal_during(monkeypatch, loop, "train_step", signal.SIGINT, at_call=3, after=True)
     out = _train(tmp_path, "--training.steps=3", "--checkpoint.enabled=true",
                  "--checkpoint.interval=100")
     assert out["step"] == 3 and out["stopped"] == "stopped by SIGINT after step 3"
@@ -180,12 +175,7 @@ def test_a_signal_after_the_last_steps_flags_is_still_reported(tmp_path, one_ran
     """A Ctrl-C that arrives after the last step's flags were shared (here: during its
     checkpoint) is reported all the same, so that main answers 130 and a calling script
     stops."""
-    real_save = loop.Checkpointer.save
-
-    def signalled_save(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_save(self, *args, **kwargs)
-    monkeypatch.setattr(loop.Checkpointer, "save", signalled_save)
+    _signal_during(monkeypatch, loop.Checkpointer, "save", signal.SIGINT)
     out = _train(tmp_path, "--training.steps=2", "--checkpoint.enabled=true",
                  "--checkpoint.interval=100")
     assert out["step"] == 2 and out["stopped"] == "stopped by SIGINT after step 2"
@@ -521,12 +511,7 @@ def test_a_ctrl_c_while_the_summary_is_written_is_no_keyboard_interrupt(tmp_path
                                                                         monkeypatch):
     """The run is done and saved: a Ctrl-C then must not surface as a KeyboardInterrupt,
     which main reports as one before training started ("nothing saved")."""
-    real = metrics_module.MetricsLogger.summary
-
-    def interrupted(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(metrics_module.MetricsLogger, "summary", interrupted)
+    _signal_during(monkeypatch, metrics_module.MetricsLogger, "summary", signal.SIGINT)
     out = _train(tmp_path, "--training.steps=2", "--checkpoint.enabled=true",
                  "--checkpoint.interval=100")
     assert out["step"] == 2 and out["checkpoint"].endswith("step-2")
