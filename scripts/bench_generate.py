@@ -8,12 +8,12 @@ Builds the preset with random weights (seed 0) in --dtype on --device, then for 
 decoding mode draws --new-tokens greedy tokens after a prompt of --prompt-len random ids,
 --repeats times, and reports the median tokens per second of the whole call (the prompt's
 forward and, with the graph, its capture included); with --samples N each call draws N
-continuations as one batch (generate_samples) and the rate counts all of their tokens. Modes: `graph` (generate's default on
-a GPU: each one-position step one CUDA graph replay) and `eager` (cuda_graph=False: the
-same cached steps launched one kernel at a time); no `graph` where generate() would not
-capture the step (ep_fp8.generate.graph_problem: MoE layers outside bf16 on SM90 or
-SM100), which the output says. Whether both modes drew the same tokens
-is reported, with the first step's logits by both (random weights leave the logits close
+continuations as one batch (generate_samples) and the rate counts all of their tokens.
+Modes: `graph` (generate's default on a GPU: each one-position step one CUDA graph
+replay) and `eager` (cuda_graph=False: the same cached steps launched one kernel at a
+time); no `graph` where generate() would not capture the step
+(ep_fp8.generate.graph_problem: MoE layers outside bf16 on SM90 or SM100), which the
+output says. Whether both modes drew the same tokens is reported, with the first step's logits by both (random weights leave the logits close
 enough for the kernels' rounding to swap greedy choices). Prints a table and writes JSON
 with the device, torch version and date.
 """

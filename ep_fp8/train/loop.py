@@ -308,9 +308,10 @@ def loop_step(cfg: Config, model, loader: DataLoader, optimizer, scheduler, devi
     all-reduce over `group` (None: one rank) of the loss and of each rank's stop flag
     (`stop_signal`: "SIGTERM", "SIGINT" or None, or a function returning one, called after
     the step's work is issued, so that a signal received while it ran counts for it), so
-    that all ranks stop after the same step even when only some were signalled. Reads the loss, gradient norm, flags and the
-    routers' imbalances on the host in one read: the loop's one sync per step; before it,
-    draws the next step's batches (DataLoader.prefetch)."""
+    that all ranks stop after the same step even when only some were signalled. Reads the
+    loss, gradient norm, flags and the routers' imbalances on the host in one read: the
+    loop's one sync per step; before it, draws the next step's batches
+    (DataLoader.prefetch)."""
     from ep_fp8.moe import balance_routers
 
     t = cfg.training

@@ -11,9 +11,10 @@ same tokenizer.
 
 A large corpus can be prepared in shards: `--shards 16` cuts the sorted files into 16
 contiguous runs of about equal bytes and writes data/train-00000-of-00016.tokens and so
-on, on `--workers` processes of this machine (default: one per core it may use, at most 16), or one
-shard per job with `--shard I` (a SLURM array over many machines, which is what shards are
-for: on one machine a single process was at least as fast, docs/getting_started.md). Train
+on, on `--workers` processes of this machine (default: one per core it may use, at most
+16), or one shard per job with `--shard I` (a SLURM array over many machines, which is
+what shards are for: on one machine a single process was at least as fast,
+docs/getting_started.md). Train
 on them with `path = "data/train-*-of-00016.tokens"`: read in order, the shards hold the
 tokens that one file would, and a run refuses a glob that misses one. Run again after a
 stop, it keeps the shards that are complete and prepares the others.

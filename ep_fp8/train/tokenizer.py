@@ -106,8 +106,8 @@ def configured_eos(path: str) -> str | None:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | JsonTokenizer:
-    """`spec` is "bytes" or the path of a tokenizer.json (~ expanded). Raises ValueError for a missing
-    or unreadable file or a missing `tokenizers` package."""
+    """`spec` is "bytes" or the path of a tokenizer.json (~ expanded). Raises ValueError
+    for a missing or unreadable file or a missing `tokenizers` package."""
     if spec == "bytes":
         return ByteTokenizer()
     path = os.path.expanduser(spec)   # ~ as in [data] path and output_dir

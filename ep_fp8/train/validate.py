@@ -165,7 +165,7 @@ def _data(cfg: Config, vocab_size: int) -> None:
            f"it is read only with source = \"jsonl\"")
     files: list[list[str]] = []   # each corpus's files
     hashes: list[dict[str, str]] = []   # each corpus's {token file: documents' hash}
-    inputs: list[set[str]] = []   # each token corpus's headers' `inputs` (what it was prepared from)
+    inputs: list[set[str]] = []   # each token corpus's headers' `inputs` (its input files)
     if d.source == "tokens":
         _check(d.tokenizer == "bytes", cfg,
                f"[data] tokenizer = {d.tokenizer!r} is set, but [data] source = \"tokens\" "
